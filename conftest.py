@@ -1,0 +1,65 @@
+"""Shared test fixtures: real TinyStories text, tokenized with the project's GPT-2 encoding."""
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_TINYSTORIES = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'tinystories'
+
+
+def tinystories_documents(limit=None):
+    """Stories from the shared sample files, in order (a line holding only <|endoftext|> separates them)."""
+    docs = []
+    for path in sorted(SHARED_TINYSTORIES.glob('*.txt')):
+        text = path.read_text(encoding='utf-8')
+        docs += [d.strip() for d in text.split('\n<|endoftext|>\n') if d.strip() and d.strip() != '<|endoftext|>']
+        if limit is not None and len(docs) >= limit:
+            return docs[:limit]
+    return docs
+
+
+@pytest.fixture(scope='session')
+def story_batch():
+    """make(n, length): n windows of real text, each an <|endoftext|> followed by the start of a story."""
+    from prepare import get_encoding
+    enc = get_encoding()
+    docs = tinystories_documents(limit=64)
+
+    def make(n, length):
+        rows = []
+        for doc in docs:
+            ids = [enc.eot_token] + enc.encode_ordinary(doc)
+            if len(ids) >= length:
+                rows.append(ids[:length])
+            if len(rows) == n:
+                return torch.tensor(rows)
+        raise AssertionError(f"not enough stories of {length} tokens")
+    return make
+
+
+def compact_vocab(batch):
+    """Renumber the ids of a batch densely (0..K-1, order kept) so vocabulary-sized layers stay small in tests;
+    the text is unchanged, only its ids. Returns (batch, K, inverse map)."""
+    uniq, inv = torch.unique(batch, return_inverse=True)
+    return inv, len(uniq), uniq
+
+
+def train_steps(model, batch, steps, lr=3e-3, seed=0):
+    """Plain AdamW on one fixed batch; returns (first loss, mean of the last 10 losses)."""
+    torch.manual_seed(seed)
+    opt = model.configure_optimizers(0.0, lr, (0.9, 0.99), 'cpu')
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses[0], sum(losses[-10:]) / 10
+
+
+def best_match(samples, references):
+    """For each sample, the largest fraction of positions equal to one of the reference rows."""
+    return (samples[:, None, :] == references[None, :, :]).float().mean(-1).max(1).values
