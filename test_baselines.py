@@ -1,0 +1,172 @@
+"""The baselines: masked diffusion (`mask`, MDLM) and the autoregressive model (`ar`)."""
+import math
+
+import pytest
+import torch
+
+from conftest import best_match, compact_vocab, train_steps
+from model import ModelConfig, build_model
+from test_model import TOY_ENTROPY, TOY_SEQS, toy_bound, toy_model
+
+
+def tiny(model_type, vocab=100, **kw):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(model_type=model_type, vocab_size=vocab, block_size=16, n_layer=2, n_head=2,
+                                   n_embd=32, **kw))
+
+
+# ---------------------------------------------------------------- ar
+
+def trained_ar():
+    m = tiny('ar')
+    train_steps(m, torch.randint(0, 100, (8, 17)), 20, lr=1e-2)
+    return m.eval()
+
+
+def test_ar_is_causal():
+    m = trained_ar()
+    idx = torch.randint(0, 100, (1, 16))
+    changed = idx.clone()
+    changed[0, 9] = (idx[0, 9] + 1) % 100
+    a, b = m.logits(idx), m.logits(changed)
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6)      # positions before j do not see token j
+    assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-4)  # positions from j on do
+
+
+def test_kv_cache_greedy_decoding_equals_recomputing_everything():
+    m = trained_ar()
+    prompt = torch.tensor([[5, 17, 3]])
+    fixed = torch.full((2, 16), -1)
+    fixed[:, :3] = prompt
+    cached = m.sample(2, 16, fixed=fixed, temperature=0.0)
+    seq = torch.cat([torch.full((2, 1), m.bos_id), prompt.expand(2, 3)], 1)
+    with torch.no_grad():
+        while seq.shape[1] < 17:
+            seq = torch.cat([seq, m.logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq[:, 1:])
+    assert m.nfe == 13
+
+
+def test_ar_nll_equals_direct_computation():
+    m = trained_ar()
+    idx = torch.randint(0, 100, (3, 17))
+    direct = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(16):  # one position at a time, from the prefix alone
+            logp = m.logits(idx[:, :j + 1])[:, -1].double().log_softmax(-1)
+            direct -= logp.gather(1, idx[:, j + 1:j + 2]).squeeze(1)
+    assert torch.allclose(m.nll(idx), direct / 16 / math.log(2), atol=1e-5)
+
+
+def test_ar_rejects_infilling_and_steps():
+    m = tiny('ar').eval()
+    fixed = torch.full((1, 16), -1)
+    fixed[0, 5] = 3
+    with pytest.raises(ValueError, match='prefix prompts only'):
+        m.sample(1, 16, fixed=fixed)
+    with pytest.raises(ValueError, match='steps'):
+        m.sample(1, 16, steps=10)
+
+
+def test_ar_top_k_one_is_greedy_and_top_p_keeps_the_head():
+    m = trained_ar()
+    greedy = m.sample(2, 16, temperature=0.0)
+    assert torch.equal(m.sample(2, 16, top_k=1, generator=torch.Generator().manual_seed(3)), greedy)
+    assert torch.equal(m.sample(2, 16, top_p=1e-9, generator=torch.Generator().manual_seed(4)), greedy)
+
+
+# ---------------------------------------------------------------- mask
+
+def test_mask_sampler_keeps_revealed_tokens_and_ends_unmasked():
+    m = tiny('mask').eval()
+    train_steps(m, torch.randint(0, 100, (8, 16)), 5, lr=1e-2)
+    states = []
+    step = m.step
+    m.step = lambda *a: states.append(step(*a)) or states[-1]
+    fixed = torch.full((1, 16), -1)
+    fixed[0, [0, 7, 15]] = torch.tensor([1, 2, 3])
+    out = m.sample(4, 16, steps=10, fixed=fixed, generator=torch.Generator().manual_seed(0))
+    prev = torch.where(fixed >= 0, fixed, m.mask_id).expand(4, 16)
+    for st in states:
+        z = st['z']
+        revealed = prev != m.mask_id
+        assert torch.equal(z[revealed], prev[revealed])  # nothing once revealed ever changes
+        assert (z != m.mask_id).sum() >= revealed.sum()
+        prev = z
+    assert (prev != m.mask_id).all() and torch.equal(prev, out)
+    assert (out[:, [0, 7, 15]] == torch.tensor([1, 2, 3])).all()
+    assert (out < 100).all()  # SUBS: never [MASK] nor a padding id
+
+
+def test_mask_never_predicts_mask_or_padding():
+    m = tiny('mask')
+    assert m.log_probs(torch.full((1, 16), m.mask_id), None).shape[-1] == 100  # only the real vocabulary
+
+
+def test_mask_cached_sampler_matches_uncached_with_fewer_evaluations():
+    m = tiny('mask').eval()
+    a = m.sample(2, 16, steps=200, generator=torch.Generator().manual_seed(0), cached=True)
+    nfe_cached = m.nfe
+    b = m.sample(2, 16, steps=200, generator=torch.Generator().manual_seed(0), cached=False)
+    assert torch.equal(a, b)
+    assert m.nfe == 200 and nfe_cached <= 32  # at most one evaluation per revealed token (2 x 16), plus none
+
+
+def test_mask_time_conditioned_sampler_does_not_cache():
+    m = tiny('mask', time_cond=True).eval()
+    m.sample(1, 16, steps=50, generator=torch.Generator().manual_seed(0))
+    assert m.nfe == 50
+
+
+@pytest.mark.parametrize('schedule', ['loglinear', 'cosine'])
+def test_mask_elbo_estimators_agree(schedule):
+    """nll() integrates t out analytically (subset-size form); forward() is MDLM's 1/t-weighted loss.
+    Both estimate the same continuous-time ELBO, so their means agree within the Monte Carlo error."""
+    m = tiny('mask', vocab=8, mask_schedule=schedule)
+    train_steps(m, TOY_SEQS.repeat(1, 4), 30, lr=1e-2)
+    rows = TOY_SEQS.repeat(64, 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        t_form = torch.stack([m(rows) for _ in range(200)]).double() / math.log(2)  # bits/token
+    sub = torch.cat([m.nll(rows, torch.Generator().manual_seed(i)) for i in range(20)])
+    se = math.sqrt(t_form.var() / len(t_form) + sub.var() / len(sub))
+    assert abs(t_form.mean() - sub.mean()) < 4 * se + 0.01, (t_form.mean(), sub.mean(), se)
+
+
+def test_mask_elbo_is_not_below_entropy_and_ar_nll_approaches_it():
+    mask = toy_model('mask', 400)
+    bound, se = toy_bound(mask)
+    assert TOY_ENTROPY - 3 * se <= bound < 1.5, (bound, se)
+    ar = toy_model('ar', 300)
+    rows = torch.cat([torch.full((4, 1), 7), TOY_SEQS], 1)
+    exact = ar.nll(rows).mean().item()
+    assert exact >= TOY_ENTROPY - 1e-3  # an exact NLL of the true distribution cannot beat its entropy ...
+    assert exact < TOY_ENTROPY + 0.05   # ... and a trained model gets close to it
+
+
+@pytest.fixture(scope='module')
+def real_text(story_batch):
+    batch, K, _ = compact_vocab(story_batch(4, 25))
+    return batch, K
+
+
+def test_mask_overfits_real_text_and_samples_it_back(real_text):
+    batch, K = real_text
+    m = build_model(ModelConfig(model_type='mask', vocab_size=K, block_size=24, n_layer=2, n_head=2, n_embd=64))
+    first, last = train_steps(m, batch[:, :24], 600)
+    assert last < first / 5, (first, last)
+    out = m.sample(8, 24, steps=24, generator=torch.Generator().manual_seed(0))
+    assert best_match(out, batch[:, :24]).mean() > 0.8
+
+
+def test_ar_overfits_real_text_and_generates_it_back(real_text):
+    batch, K = real_text  # each row starts with <|endoftext|>, renumbered; make it the model's BOS (last id)
+    eot = batch[0, 0].item()
+    swap = torch.arange(K)
+    swap[eot], swap[K - 1] = K - 1, eot
+    batch = swap[batch]
+    m = build_model(ModelConfig(model_type='ar', vocab_size=K, block_size=24, n_layer=2, n_head=2, n_embd=64))
+    first, last = train_steps(m, batch, 300)
+    assert last < first / 10, (first, last)
+    out = m.sample(8, 24, generator=torch.Generator().manual_seed(0))
+    assert best_match(out, batch[:, 1:]).mean() > 0.9

