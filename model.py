@@ -12,6 +12,7 @@ t = 1..T, for the Gaussian and bit families (abar_0 = 1 is the clean data) and c
 for `mask`; the network always sees t normalised to [0, 1]. Likelihoods are reported in bits per token.
 """
 
+import functools
 import math
 import os
 import tempfile
@@ -229,18 +230,58 @@ def init_weights(module, n_layer):
 # Randomness: float64 draws (the precision of categorical sampling changes the result, see MDLM sec. 4.2)
 
 def rand(shape, generator, device):
-    """Uniform [0, 1) in float64, drawn on the generator's device, then moved to `device`."""
-    gdev = generator.device if generator is not None else torch.device('cpu')
+    """Uniform [0, 1) in float64, drawn on the generator's device (a seeded CPU generator gives the same
+    numbers on any device), else directly on `device` (no host-to-device copy in the training loop)."""
+    gdev = generator.device if generator is not None else torch.device(device)
     return torch.rand(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
 
 
 def randn(shape, generator, device):
-    gdev = generator.device if generator is not None else torch.device('cpu')
+    gdev = generator.device if generator is not None else torch.device(device)
     return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
 
 
+def on_device(table, device, _cache={}):
+    """A float64 schedule table on `device`, copied once per (table, device) rather than at every call."""
+    key = (id(table), str(device))
+    if key not in _cache or _cache[key][0] is not table:
+        _cache[key] = (table, table.to(device))
+    return _cache[key][1]
+
+
+def in_eval_mode(method):
+    """Run a method with the module in eval mode (no dropout), restoring the previous mode afterwards."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        was_training = self.training
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+    return wrapper
+
+
+def exact(method):
+    """For nll(): no gradients, eval mode, and no autocast. The Gaussian bounds multiply every error in the x0
+    estimate by SNR/2 (~1e4 near t = 1), so bf16 rounding alone would add bits per token."""
+    @functools.wraps(method)
+    @in_eval_mode
+    def wrapper(self, idx, *args, **kwargs):
+        with torch.no_grad(), torch.autocast(idx.device.type, enabled=False):
+            return method(self, idx, *args, **kwargs)
+    return wrapper
+
+
+def check_draw_options(temperature, top_k, top_p):
+    if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: expected temperature >= 0 "
+                         f"(0 = argmax), top_k >= 0 (0 = off) and 0 < top_p <= 1")
+
+
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
-    """Temperature, then keep the top_k largest logits and the smallest set with mass >= top_p."""
+    """Temperature, then keep the top_k largest logits (ties at the k-th value are kept) and the smallest set
+    of most likely tokens whose mass reaches top_p."""
     logits = logits.double() / max(temperature, 1e-8)
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -258,6 +299,7 @@ def draw_categorical(logits, generator, temperature=1.0, top_k=0, top_p=1.0, chu
 
     Rows are processed in chunks so a large batch never holds an (N, V) float64 matrix at once.
     """
+    check_draw_options(temperature, top_k, top_p)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for i in range(0, logits.shape[0], chunk):
         rows = logits[i:i + chunk]
@@ -267,7 +309,7 @@ def draw_categorical(logits, generator, temperature=1.0, top_k=0, top_p=1.0, chu
         probs = filter_logits(rows, temperature, top_k, top_p).softmax(-1)
         u = rand((rows.shape[0], 1), generator, rows.device)
         cdf = probs.cumsum(-1)
-        idx = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+        idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
         out[i:i + chunk] = idx.clamp_max(rows.shape[1] - 1)
     return out
 
@@ -296,7 +338,9 @@ def abar_schedule(name, T):
 class GaussianDiffusion:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 0..T, and everything derived from it.
 
-    Holds the schedule in float64; `at(arr, t, x)` gathers per-sample coefficients shaped to broadcast on x.
+    Holds the schedule in float64; `at(t, x)` gathers abar_t per sample, in float64, shaped to broadcast on x.
+    Coefficients are formed in float64 and cast to x's dtype only at the end (1 - abar_1 ~ 1e-3 must not be
+    rounded away).
     """
 
     def __init__(self, abar):
@@ -304,20 +348,20 @@ class GaussianDiffusion:
         self.T = len(abar) - 1
 
     def at(self, t, x):
-        return self.abar.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return on_device(self.abar, x.device)[t].view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
         """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
         a = self.at(t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return a.sqrt().to(x0.dtype) * x0 + (1 - a).sqrt().to(x0.dtype) * noise
 
     def x0_from_eps(self, x_t, t, eps):
         a = self.at(t, x_t)
-        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        return (x_t - (1 - a).sqrt().to(x_t.dtype) * eps) * a.rsqrt().to(x_t.dtype)
 
     def eps_from_x0(self, x_t, t, x0):
         a = self.at(t, x_t)
-        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return (x_t - a.sqrt().to(x_t.dtype) * x0) * (1 - a).rsqrt().to(x_t.dtype)
 
     def q_posterior(self, x0, x_t, t, s):
         """Mean and variance of q(x_s | x_t, x_0) for any s < t (s = t - 1 is DDPM's posterior).
@@ -325,11 +369,12 @@ class GaussianDiffusion:
         With abar_{t|s} = abar_t / abar_s:  var = (1 - abar_s)(1 - abar_{t|s}) / (1 - abar_t),
         mean = sqrt(abar_s)(1 - abar_{t|s}) / (1 - abar_t) x_0 + sqrt(abar_{t|s})(1 - abar_s) / (1 - abar_t) x_t.
         """
-        a_t, a_s = self.at(t, x_t).double(), self.at(s, x_t).double()
+        a_t, a_s = self.at(t, x_t), self.at(s, x_t)
         a_ts = a_t / a_s
-        mean = (a_s.sqrt() * (1 - a_ts) * x0.double() + a_ts.sqrt() * (1 - a_s) * x_t.double()) / (1 - a_t)
+        c0 = (a_s.sqrt() * (1 - a_ts) / (1 - a_t)).to(x_t.dtype)
+        ct = (a_ts.sqrt() * (1 - a_s) / (1 - a_t)).to(x_t.dtype)
         var = (1 - a_s) * (1 - a_ts) / (1 - a_t)
-        return mean.to(x_t.dtype), var.to(x_t.dtype)
+        return c0 * x0 + ct * x_t, var.to(x_t.dtype)
 
     def ddpm_step(self, x0_hat, x_t, t, s, noise):
         """Ancestral step: x_s ~ q(x_s | x_t, x_0 = x0_hat)."""
@@ -345,19 +390,21 @@ class GaussianDiffusion:
         a_t, a_s = self.at(t, x_t), self.at(s, x_t)
         eps = self.eps_from_x0(x_t, t, x0_hat)
         sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
-        return a_s.sqrt() * x0_hat + (1 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+        c_eps = (1 - a_s - sigma ** 2).clamp(min=0).sqrt()
+        dt = x_t.dtype
+        return a_s.sqrt().to(dt) * x0_hat + c_eps.to(dt) * eps + sigma.to(dt) * noise
 
     def prior_kl(self, x0):
-        """KL(q(x_T | x_0) || N(0, I)) per element, in nats."""
-        a = self.at(torch.full((x0.shape[0],), self.T, device=x0.device, dtype=torch.long), x0).double()
-        return 0.5 * (a * x0.double() ** 2 + (1 - a) - 1 - torch.log1p(-a))
+        """KL(q(x_T | x_0) || N(0, I)) per element, in nats, in x0's dtype (coefficients in float64)."""
+        a = self.abar[self.T].item()
+        return 0.5 * (a * x0 ** 2 + (1 - a) - 1 - math.log1p(-a))
 
     def kl_step(self, x0, x0_hat, t):
         """KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) per element, in nats, where p is the posterior at
         x0_hat with the same variance: ||mu(x0) - mu(x0_hat)||^2 / (2 var) and mu is linear in x0 with
         coefficient c = sqrt(abar_{t-1}) (1 - abar_t/abar_{t-1}) / (1 - abar_t), so KL = c^2 (x0 - x0_hat)^2 / (2 var).
         """
-        a_t, a_s = self.at(t, x0).double(), self.at(t - 1, x0).double()
+        a_t, a_s = self.at(t, x0), self.at(t - 1, x0)
         c = a_s.sqrt() * (1 - a_t / a_s) / (1 - a_t)
         var = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
         return c ** 2 * (x0.double() - x0_hat.double()) ** 2 / (2 * var)
@@ -431,6 +478,7 @@ class DiffusionLM(nn.Module):
         return {**self.sample_options, **options}
 
     @torch.no_grad()
+    @in_eval_mode
     def sample(self, num_samples, length, steps=None, fixed=None, generator=None, callback=None, **options):
         """Generate `num_samples` sequences of `length` tokens.
 
@@ -480,11 +528,18 @@ def valid_id_logprobs(bit_logits, vocab_size):
 
     log p(id) = sum_k log sigmoid(+-logit_k) (sign from bit k of id), renormalised over the valid ids, so
     the mass the bits put on the invalid codes vocab_size..65535 is removed rather than silently lost.
+    With log sigmoid(l) - log sigmoid(-l) = l this is sum_k log sigmoid(-l_k) + code . l: one matmul, in float64
+    (autocast leaves float64 alone; bf16 would blur ids that differ in one low bit).
     """
-    codes = ids_to_bits(torch.arange(vocab_size, device=bit_logits.device)).to(torch.float32)  # (V, 16)
-    lp1, lp0 = F.logsigmoid(bit_logits.float()), F.logsigmoid(-bit_logits.float())
-    logp = lp1 @ codes.t() + lp0 @ (1 - codes).t()
+    codes = valid_codes(vocab_size, bit_logits.device)  # (V, 16) float64
+    logits = bit_logits.double()
+    logp = F.logsigmoid(-logits).sum(-1, keepdim=True) + logits @ codes.t()
     return logp.log_softmax(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def valid_codes(vocab_size, device):
+    return ids_to_bits(torch.arange(vocab_size, device=device)).double()
 
 
 def bit_token_nll(bit_logits, idx, vocab_size, chunk=1024):
@@ -513,7 +568,7 @@ class GaussianLM(DiffusionLM):
 
     A subclass defines: clean(idx) -> x0 (B, L, D); predict(x_t, t, x0_sc, cond) -> (x0_hat, out) where out is
     the raw head output; round_tokens(x0_hat, out) -> ids; decoder_nll(x0_hat, out, idx) -> nats (B, L);
-    denoising_loss(out, x0, noise, idx) -> scalar.
+    denoising_loss(out, x0, noise, idx, x0_hat) -> scalar.
     """
     def __init__(self, config):
         super().__init__(config)
@@ -547,7 +602,7 @@ class GaussianLM(DiffusionLM):
         return None
 
     # -- likelihood
-    @torch.no_grad()
+    @exact
     def nll(self, idx, generator=None):
         """Discrete-time variational bound in bits per token, one unbiased estimate per sequence:
 
@@ -555,11 +610,14 @@ class GaussianLM(DiffusionLM):
                      + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w) a deterministic function of the tokens.
         The prior KL is exact; the sum over t is (T - 1) times the term at one uniform t in {2..T} (unbiased);
         the decoder term uses one draw of x_1. The standard error comes from the spread over sequences.
+        With self-conditioning, p(x_{t-1} | x_t) uses the two-pass estimate x0(x_t, x0(x_t, 0)), a function of x_t
+        alone, so this bounds a Markov model; the sampler instead feeds the previous step's estimate, and it
+        rounds instead of drawing from p(w | x_1): the bound is for the model, not for the sampler's output.
         """
         B, L = idx.shape
         device = idx.device
         x0 = self.clean(idx)
-        prior = self.diffusion.prior_kl(x0).sum((1, 2))
+        prior = self.diffusion.prior_kl(x0.double()).sum((1, 2))
         t = 2 + (rand((B,), generator, device) * (self.config.T - 1)).floor().long().clamp(max=self.config.T - 2)
         x_t = self.diffusion.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
         x0_hat = self.denoise(x_t, t)[0]
@@ -668,9 +726,13 @@ class EmbedDiffusion(GaussianLM):
         return x0_hat.clamp(-lim, lim), out
 
     def rounding_logits(self, x):
-        """logit_v = -||x - E_v||^2 over the real vocabulary (padding rows are never a token)."""
-        E = self.tok_emb.weight[:self.config.vocab_size]
-        return 2 * x @ E.t() - (E * E).sum(-1) - (x * x).sum(-1, keepdim=True)
+        """logit_v = -||x - E_v||^2 + ||x||^2 = 2 x.E_v - ||E_v||^2 over the real vocabulary (padding rows are
+        never a token). ||x||^2 is the same for every v, so dropping it changes neither the softmax nor the
+        argmax. In fp32 with autocast off: in bf16 the cancellation between terms of size ~D costs ~0.5 logits."""
+        with torch.autocast(x.device.type, enabled=False):
+            E = self.tok_emb.weight[:self.config.vocab_size].float()
+            flat = torch.addmm(-(E * E).sum(-1), x.float().reshape(-1, x.shape[-1]), E.t(), alpha=2)
+        return flat.view(*x.shape[:-1], -1)
 
     def training_condition(self, idx):
         """With cfg_drop > 0: condition on a random-length prefix (up to half the sequence), dropped with
@@ -770,7 +832,7 @@ class BitDiffusion(DiffusionLM):
 
     def stay_prob(self, t, s, like):
         """P(bit unchanged from time s to time t) = (1 + abar_t / abar_s) / 2, shaped to broadcast on `like`."""
-        abar = self.abar.to(like.device)
+        abar = on_device(self.abar, like.device)
         return ((1 + abar[t] / abar[s]) / 2).view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, b0, t, generator=None):
@@ -803,7 +865,7 @@ class BitDiffusion(DiffusionLM):
         logits = self.predict(self.q_sample(b0, t), t)
         return F.binary_cross_entropy_with_logits(logits.float(), b0)
 
-    @torch.no_grad()
+    @exact
     def nll(self, idx, generator=None):
         """Variational bound in bits per token with exact per-bit KL terms:
 
@@ -852,8 +914,11 @@ class BitDiffusion(DiffusionLM):
         return bit_decode(state['logits'], self.config.vocab_size)
 
     def final_tokens(self, state, generator, opts):
-        # at s = 0 the posterior is the model's p(b_0 | b_1): draw the id from the valid-id distribution
-        return bit_decode(state['logits'], self.config.vocab_size, generator, opts['temperature'])
+        # at s = 0 the posterior is the model's p(b_0 | b_1): draw the id from the valid-id distribution, with the
+        # temperature on the bit logits as in the earlier steps (0: the most likely valid id)
+        tau = opts['temperature']
+        logits = state['logits'] / tau if tau > 0 else state['logits']
+        return bit_decode(logits, self.config.vocab_size, generator, 1.0 if tau > 0 else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -907,7 +972,7 @@ class MaskedDiffusion(DiffusionLM):
         nll = -self.log_probs(z, t).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         return (self.loss_weight(t)[:, None] * nll * masked).sum() / (B * L)
 
-    @torch.no_grad()
+    @exact
     def nll(self, idx, generator=None):
         """The continuous-time ELBO in bits per token, one unbiased draw per sequence.
 
@@ -926,9 +991,9 @@ class MaskedDiffusion(DiffusionLM):
         masked = keys.argsort(1).argsort(1) < m[:, None]  # a uniform subset of m positions
         t = None
         if self.config.time_cond:
-            gdev = generator.device if generator is not None else torch.device('cpu')
-            g1 = torch._standard_gamma(m.double().to(gdev))  # Beta(m, L-m+1) as a ratio of gammas
-            g2 = torch._standard_gamma((L - m + 1).double().to(gdev))
+            gdev = generator.device if generator is not None else device
+            g1 = torch._standard_gamma(m.double().to(gdev), generator=generator)  # Beta(m, L-m+1) from gammas
+            g2 = torch._standard_gamma((L - m + 1).double().to(gdev), generator=generator)
             t = self.time_of_mask_rate((g1 / (g1 + g2)).to(device)).float()
         z = torch.where(masked, self.mask_id, idx)
         nll = -self.log_probs(z, t).gather(-1, idx.unsqueeze(-1)).squeeze(-1).double()
@@ -995,7 +1060,7 @@ class AutoregressiveLM(DiffusionLM):
         logits = self.logits(idx[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
-    @torch.no_grad()
+    @exact
     def nll(self, idx, generator=None):
         """Exact NLL of idx[:, 1:] given its prefix, in bits per token."""
         logp = self.logits(idx[:, :-1]).float().log_softmax(-1)
