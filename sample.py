@@ -1,0 +1,388 @@
+"""
+Generate text from a checkpoint of any model family (embed | bits | analog | mask | ar).
+
+    python sample.py --out_dir=out-embed-cpu
+    python sample.py --out_dir=out-embed-cpu --num_samples=8 --steps=200 --seed=7
+    python sample.py --out_dir=out-mask-cpu --prompt="Once upon a time" --temperature=0.8 --show_steps=8
+    python sample.py --out_dir=out-mask-cpu --prompt="Once upon a time [...] happily ever after."
+    python sample.py --out_dir=out-embed-cpu --trajectory_png=out-embed-cpu/trajectory.png --out_file=samples.jsonl
+
+Settings are the globals below; config files and --key=value override them (see configurator.py).
+
+Prompts and infilling. `prompt` (or the text of `prompt_file`) is a template read from the start of the sample:
+  - text is tokenized with GPT-2's BPE and fixed: the sample holds exactly those tokens at those positions;
+    the literal string <|endoftext|> stands for the document separator (id 50256), the way samples print it,
+    so `--prompt="<|endoftext|>Once upon a time"` starts a new story as the training documents do (`ar`
+    always reads an <|endoftext|> before position 0 already, so there a plain "Once upon a time" does that);
+  - `[...]` is a gap to fill: all `[...]` gaps share the positions that are left up to `length` evenly;
+  - `[...N]` is a gap of exactly N tokens;
+  - without any `[...]`, the positions after the template are free (a plain prompt is a prefix).
+  Spaces just before a gap or a free tail are dropped: GPT-2's BPE attaches a space to the word after it, so
+  the generated word brings its own (" happily" after a gap keeps its space). Text segments are tokenized
+  separately, so each keeps exactly its own tokens. `ar` generates left to right: prefixes only.
+
+Options of a family (sampler, eta, clamp, guidance_scale, td, temperature, top_k, top_p, cached) are passed
+to model.sample only when set here, and only the ones the family has (model.sample_options); setting one the
+family lacks is an error, so a knob never silently does nothing. Unset ones take the family's defaults.
+
+Output. Each sample prints as text, with <|endoftext|> left visible where one document ends and the next
+begins. show_steps=K prints the first sample's current best guess at K evenly spaced steps ('_' where there is
+no guess yet, e.g. positions `ar` has not reached); trajectory_png draws the first sample over (up to 200
+evenly spaced) steps x positions: settled (already the final token), not yet, no guess, fixed by the prompt.
+out_file gets JSON lines {sample, text, tokens, settings}. Randomness comes from one CPU generator seeded
+with `seed`, so a seed gives the same samples on any device, for the same batch_size.
+"""
+
+import json
+import os
+import re
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from model import load_checkpoint
+from prepare import PrepareError, get_encoding
+
+# -----------------------------------------------------------------------------------------------------
+# config globals; every one may be overridden by a config file or --key=value
+out_dir = 'out'                 # directory holding ckpt.pt (or the path of a checkpoint file)
+use_ema = True                  # sample with the EMA weights when the checkpoint has them
+num_samples = 4                 # sequences to generate
+batch_size = 0                  # sequences per model.sample call; 0 -> all at once (the seed's stream depends on it)
+length = 0                      # tokens per sample, 1..block_size; 0 -> block_size
+steps = 0                       # denoising steps; unset -> the family's default (ar: one per generated token)
+seed = 1337                     # the same seed gives the same samples (CPU generator, so on any device)
+prompt = ''                     # template: fixed text, [...] gaps, [...N] gaps of N tokens (see above)
+prompt_file = ''                # read the template from this file instead (a final newline is dropped)
+# options of the families; each is passed only when set, and only to a family that has it
+sampler = 'ddim'                # embed/analog: ddim | ddpm
+eta = 0.0                       # embed/analog: DDIM noise (0 deterministic, 1 ~ DDPM)
+clamp = False                   # embed/analog: snap each x0 estimate to the nearest token (clamping trick)
+guidance_scale = 1.0            # embed trained with cfg_drop > 0: classifier-free guidance weight
+td = 0.0                        # analog: asymmetric time intervals (step further than the grid time)
+temperature = 1.0               # bits/mask/ar: temperature of the categorical draws (mask/ar: 0 = argmax)
+top_k = 0                       # mask/ar: keep only the k most likely tokens; 0 = all
+top_p = 1.0                     # mask/ar: nucleus sampling mass; 1 = all
+cached = True                   # mask: skip the network when no token changed since its last call
+# output
+show_steps = 0                  # print the first sample at this many evenly spaced steps
+trajectory_png = ''             # draw the first sample's trajectory (settled / not, per step and position) here
+out_file = ''                   # write the samples as JSON lines {text, tokens, settings} here
+# system
+device = 'auto'                 # 'auto' (cuda if available, else cpu) | 'cpu' | 'cuda' | 'cuda:1'
+dtype = 'auto'                  # 'auto' | 'float32' | 'bfloat16' | 'float16': autocast as in train.py
+_config_keys = [k for k, v in list(globals().items())
+                if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
+_FAMILY_OPTIONS = ('sampler', 'eta', 'clamp', 'guidance_scale', 'td', 'temperature', 'top_k', 'top_p', 'cached')
+# -----------------------------------------------------------------------------------------------------
+
+EOT_STR = '<|endoftext|>'
+MARKER = re.compile(r'\[\.\.\.(\d*)\]')  # [...] or [...N]
+MAX_TRAJECTORY_ROWS = 200               # rows of the trajectory picture (evenly spaced steps)
+
+
+def evenly(n, k):
+    """k evenly spaced indices of 0..n-1 (all of them when k >= n), always with the last one."""
+    if k <= 0:
+        return set()
+    if k == 1 or n == 1:
+        return {n - 1}
+    k = min(k, n)
+    return {round(j * (n - 1) / (k - 1)) for j in range(k)}
+
+
+def fail(msg):
+    raise SystemExit(f"sample.py: {msg}")
+
+
+class _Recorder(dict):
+    """The settings dict handed to configure(): it records which keys a config file or --key=value assigned,
+    so an option set explicitly (even to its default value) is known to be wanted."""
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.assigned = set()
+
+    def __setitem__(self, key, value):
+        self.assigned.add(key)
+        super().__setitem__(key, value)
+
+
+# -----------------------------------------------------------------------------------------------------
+# text <-> tokens
+
+def encode(enc, text):
+    """GPT-2 ids of `text`, with the literal <|endoftext|> as the separator id and everything else ordinary."""
+    ids = []
+    for i, piece in enumerate(text.split(EOT_STR)):
+        if i:
+            ids.append(enc.eot_token)
+        ids += enc.encode_ordinary(piece)
+    return ids
+
+
+def decode(enc, ids, hole='_'):
+    """Text of a list of ids. -1 (no guess yet) shows as `hole`; an id the tokenizer lacks as <|id|>.
+    The separator 50256 shows as <|endoftext|>, the way encode() reads it back."""
+    out, run = [], []
+    for t in list(ids) + [None]:
+        if t is not None and 0 <= t < enc.n_vocab:
+            run.append(t)
+            continue
+        if run:
+            out.append(enc.decode(run))
+            run = []
+        if t is not None:
+            out.append(hole if t < 0 else f'<|{t}|>')
+    return ''.join(out)
+
+
+def build_fixed(template, length, enc):
+    """The `fixed` row for model.sample: a list of `length` ids, -1 at the positions to generate.
+
+    See the module docstring for the template syntax. Raises ValueError when it does not fit in `length`.
+    """
+    markers = list(MARKER.finditer(template))
+    flexible = sum(1 for m in markers if not m.group(1))
+    parts, pos = [], 0  # ('text', ids) | ('gap', N or None)
+    for m in markers:
+        parts.append(('text', encode(enc, template[pos:m.start()].rstrip(' '))))
+        n = int(m.group(1)) if m.group(1) else None
+        if n == 0:
+            raise ValueError(f"'{m.group(0)}' is a gap of 0 tokens; write [...N] with N >= 1, or [...]")
+        parts.append(('gap', n))
+        pos = m.end()
+    tail = template[pos:]
+    parts.append(('text', encode(enc, tail if flexible else tail.rstrip(' '))))
+
+    needed = sum(len(x) for kind, x in parts if kind == 'text') + sum(x for kind, x in parts if kind == 'gap' and x)
+    free = length - needed
+    if free < 0:
+        raise ValueError(f"the prompt needs {needed} tokens (its text plus [...N] gaps) but length={length}; "
+                         f"shorten it or raise length (at most the model's block_size)")
+    if free < flexible:
+        raise ValueError(f"the prompt leaves {free} free position(s) for its {flexible} [...] gap(s) "
+                         f"(length={length}); shorten it or raise length")
+    share, extra = divmod(free, flexible) if flexible else (0, 0)
+    row, k = [], 0
+    for kind, x in parts:
+        if kind == 'text':
+            row += x
+        else:
+            n = x if x is not None else share + (k < extra)
+            k += x is None
+            row += [-1] * n
+    row += [-1] * (length - len(row))  # the free tail after a plain prompt
+    if -1 not in row:
+        raise ValueError(f"the prompt fills all length={length} positions: nothing left to generate")
+    return row
+
+
+# -----------------------------------------------------------------------------------------------------
+# output
+
+def write_atomic(path, write):
+    """write(tmp_path) into a temp file beside `path`, then rename: readers never see a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_trajectory(path, recorded, final, fixed, title):
+    """One row per recorded step (top = first), one cell per position, coloured by the state of the token there.
+
+    recorded: list of (step number, row of ids with -1 for no guess); final, fixed: the sample and its fixed row.
+    """
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    rows = torch.stack([r for _, r in recorded])
+    state = torch.where(rows == final, 2, 1)          # 2: already the final token, 1: not yet
+    state[rows < 0] = 0                                # no guess yet (ar before it reaches the position)
+    state[:, fixed >= 0] = 3                           # given by the prompt, never sampled
+    labels = ['no guess yet', 'differs from the final token', 'settled: equals the final token', 'fixed (prompt)']
+    colors = ['#e0e0e0', '#f28e2b', '#4e79a7', '#2b2b2b']
+    S, L = state.shape
+    width, height = min(16.0, 4 + L / 12), min(10.0, 3.5 + S / 25)
+    fig, ax = plt.subplots(figsize=(width, height))
+    ax.imshow(state.numpy(), cmap=ListedColormap(colors), vmin=0, vmax=3, aspect='auto', interpolation='nearest')
+    ticks = sorted({round(i * (S - 1) / 7) for i in range(8)}) if S > 1 else [0]
+    ax.set_yticks(ticks, [str(recorded[i][0]) for i in ticks])
+    ax.set_ylabel('after step (top: first step)')
+    ax.set_xlabel('position in the sample')
+    ax.set_title(title, fontsize=10)
+    fig.legend(handles=[Patch(color=c, label=t) for c, t in zip(colors, labels)], loc='lower center', ncol=2,
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / height, 1, 1))  # the bottom 0.6 inch holds the legend
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    settings = _Recorder({k: globals()[k] for k in _config_keys})
+    defaults = dict(settings)
+    c = configure(settings, argv, keys=_config_keys, prog='sample.py')
+    explicit = settings.assigned | {k for k in _config_keys if c[k] != defaults[k]}
+
+    # -- checks that need no model
+    if c['num_samples'] < 1:
+        fail(f"num_samples={c['num_samples']}, expected >= 1")
+    for key in ('batch_size', 'show_steps', 'length'):
+        if c[key] < 0:
+            fail(f"{key}={c[key]}, expected >= 0")
+    if c['prompt'] and c['prompt_file']:
+        fail("set prompt or prompt_file, not both")
+    if c['dtype'] not in ('auto', 'float32', 'bfloat16', 'float16'):
+        fail(f"dtype={c['dtype']!r}, expected 'auto', 'float32', 'bfloat16' or 'float16'")
+    if c['device'] == 'auto':
+        c['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device_type = 'cuda' if c['device'].startswith('cuda') else c['device'].split(':')[0]
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        fail(f"device={c['device']!r} but torch.cuda.is_available() is False; use --device=cpu")
+    if c['dtype'] == 'auto':
+        c['dtype'] = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' \
+            else 'float32'
+    if c['dtype'] == 'float16' and device_type != 'cuda':
+        fail(f"dtype='float16' is for CUDA; on {device_type} use bfloat16 or float32")
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if c['dtype'] == 'float32' else \
+        torch.autocast(device_type=device_type, dtype=getattr(torch, c['dtype']))
+
+    # -- the model, and the options it takes
+    try:
+        model, ckpt = load_checkpoint(c['out_dir'], device=c['device'], use_ema=c['use_ema'])
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"cannot load a checkpoint from out_dir={c['out_dir']!r}: {e}")
+    mtype = model.config.model_type
+    block_size = model.config.block_size
+    tokenizer = (ckpt.get('meta') or {}).get('tokenizer', 'gpt2')
+    if tokenizer != 'gpt2':
+        fail(f"the checkpoint was trained on tokenizer={tokenizer!r} data; sample.py decodes GPT-2 BPE only")
+    options = {k: c[k] for k in _FAMILY_OPTIONS if k in explicit}
+    lacking = sorted(set(options) - set(model.sample_options))
+    if lacking:
+        fail(f"model_type={mtype!r} has no option {', '.join(lacking)}; its options are "
+             f"{', '.join(sorted(model.sample_options)) or '(none)'} (unset the others)")
+    steps_arg = c['steps'] if 'steps' in explicit else None
+    length_ = c['length'] or block_size
+    if not 1 <= length_ <= block_size:
+        fail(f"length={length_}, expected 1..block_size={block_size} (0 means block_size)")
+
+    # -- the prompt / template
+    try:
+        enc = get_encoding()
+    except PrepareError as e:
+        fail(str(e))
+    template = c['prompt']
+    if c['prompt_file']:
+        try:
+            with open(c['prompt_file'], encoding='utf-8') as f:
+                template = f.read().removesuffix('\n')
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read prompt_file={c['prompt_file']!r}: {e}")
+    try:
+        fixed_row = build_fixed(template, length_, enc)
+    except ValueError as e:
+        fail(str(e))
+    fixed = torch.tensor([fixed_row], dtype=torch.long)
+
+    weights = 'EMA' if c['use_ema'] and ckpt.get('ema') is not None else 'raw'
+    print(f"{mtype} model, {model.get_num_params() / 1e6:.2f}M parameters, {weights} weights, "
+          f"iter {ckpt.get('iter_num', '?')}, from {c['out_dir']}")
+    shown_steps = steps_arg if steps_arg is not None else \
+        (f"{model.default_steps} (default)" if model.default_steps else "family default")
+    all_options = {**model.sample_options, **options}
+    print(f"sampling {c['num_samples']} x {length_} tokens, steps={shown_steps}, options {all_options} "
+          f"(set here: {sorted(options) or 'none'}), seed={c['seed']}, {c['device']} {c['dtype']}")
+
+    # -- the trajectory of the first sample (recorded only when asked: the callback costs a decode per step)
+    recorded, marks = [], {}
+
+    def callback(i, n, tokens):
+        if not marks:
+            marks['show'] = evenly(n, c['show_steps'])
+            marks['png'] = evenly(n, MAX_TRAJECTORY_ROWS) if c['trajectory_png'] else set()
+        if i in marks['png']:
+            recorded.append((i + 1, tokens[0].to('cpu', copy=True)))
+        if i in marks['show']:
+            print(f"---------- sample 1 after step {i + 1}/{n} ----------")
+            print(decode(enc, tokens[0].tolist()))
+
+    want_trajectory = c['show_steps'] > 0 or bool(c['trajectory_png'])
+    generator = torch.Generator('cpu').manual_seed(c['seed'])
+    torch.manual_seed(c['seed'])  # anything a family draws without the generator
+    bs = c['batch_size'] or c['num_samples']
+    samples, nfe = [], 0
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, c['num_samples'], bs):
+            n = min(bs, c['num_samples'] - start)
+            with ctx:
+                out = model.sample(n, length_, steps=steps_arg, fixed=fixed, generator=generator,
+                                   callback=callback if want_trajectory and start == 0 else None, **options)
+            nfe += model.nfe
+            samples.append(out.cpu())
+    except ValueError as e:
+        fail(str(e))
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    samples = torch.cat(samples)
+
+    # -- print, save, report
+    settings_out = {'out_dir': c['out_dir'], 'model_type': mtype, 'iter_num': ckpt.get('iter_num'),
+                    'weights': weights, 'length': length_, 'steps': steps_arg if steps_arg is not None else
+                    model.default_steps, 'options': all_options, 'seed': c['seed'],
+                    'batch_size': bs, 'prompt': template, 'device': c['device'], 'dtype': c['dtype']}
+    records = []
+    for i, row in enumerate(samples.tolist()):
+        text = decode(enc, row)
+        print(f"================ sample {i + 1}/{len(samples)} ================")
+        print(text)
+        records.append({'sample': i, 'text': text, 'tokens': row, 'settings': settings_out})
+    print("=" * 50)
+    if c['out_file']:
+        def write_jsonl(tmp):
+            with open(tmp, 'w', encoding='utf-8') as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + '\n')
+        write_atomic(c['out_file'], write_jsonl)
+        print(f"wrote {len(records)} samples to {c['out_file']}")
+    if c['trajectory_png'] and recorded:
+        final, n = samples[0], recorded[-1][0]
+        when = n  # the first recorded step from which every position holds its final token
+        for step, r in reversed(recorded):
+            if not (r == final).all():
+                break
+            when = step
+        title = (f"{mtype}: how sample 1 forms over {n} steps ({length_} positions)\n"
+                 f"every token is final from step {when} on")
+        plot_trajectory(c['trajectory_png'], recorded, final, fixed[0], title)
+        print(f"wrote the trajectory of sample 1 ({len(recorded)} of {n} steps) to {c['trajectory_png']}")
+    generated = int((fixed[0] < 0).sum()) * len(samples)
+    print(f"sampling speed: {generated} generated tokens in {dt:.2f} s = {generated / dt:.1f} tokens/s; "
+          f"{nfe} network evaluations" + (f" over {-(-len(samples) // bs)} calls of up to {bs} samples"
+                                           if bs < len(samples) else "") +
+          (" (timed with the trajectory recording)" if want_trajectory else ""))
+    return records
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,186 @@
+"""sample.py: the template syntax, and the CLI on tiny checkpoints trained here on real TinyStories text."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from model import ModelConfig, build_model, save_checkpoint
+from prepare import EOT, get_encoding
+from sample import build_fixed, decode, encode, evenly
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, T=100, embed_dim=32)
+PROMPT = '<|endoftext|>Once upon a time'
+LEFT, RIGHT = 'Once upon a time, there was a little', ' They played together all day.'
+
+
+# ---------------------------------------------------------------- the template (no model needed)
+
+@pytest.fixture(scope='module')
+def enc():
+    return get_encoding()
+
+
+def test_prompt_is_a_prefix_and_the_separator_is_read_back(enc):
+    row = build_fixed(PROMPT + ' ', 12, enc)  # the space before the free tail is dropped
+    ids = [EOT] + enc.encode_ordinary('Once upon a time')
+    assert row == ids + [-1] * (12 - len(ids))
+    assert decode(enc, ids + [-1, -1]) == PROMPT + '__'
+    assert encode(enc, decode(enc, ids)) == ids
+
+
+def test_gaps_share_the_free_positions_and_exact_gaps_keep_their_size(enc):
+    a, b, c = (enc.encode_ordinary(s) for s in ('A cat', ' sat', ' down.'))
+    row = build_fixed('A cat [...] sat [...3] down.[...]', 20, enc)
+    free = 20 - len(a) - len(b) - len(c) - 3
+    first, last = free - free // 2, free // 2  # divided evenly, the remainder to the first gaps
+    assert row == a + [-1] * first + b + [-1] * 3 + c + [-1] * last
+    # only [...N] gaps: the positions after the template stay free
+    row = build_fixed('A cat[...2] sat', 10, enc)
+    assert row == a + [-1, -1] + b + [-1] * (10 - len(a) - 2 - len(b))
+
+
+@pytest.mark.parametrize('template, length, message', [
+    ('Once upon a time there was a girl', 4, 'needs'),
+    ('A [...] b [...] c', 4, 'free position'),
+    ('A [...0] b', 8, '0 tokens'),
+    ('Once', 1, 'nothing left to generate'),
+])
+def test_templates_that_do_not_fit_are_errors(enc, template, length, message):
+    with pytest.raises(ValueError, match=message):
+        build_fixed(template, length, enc)
+
+
+def test_evenly_spaced_steps():
+    assert evenly(9, 3) == {0, 4, 8} and evenly(10, 1) == {9} and evenly(4, 9) == {0, 1, 2, 3}
+    assert evenly(5, 0) == set()
+
+
+# ---------------------------------------------------------------- tiny checkpoints on real text
+
+def train_checkpoint(out_dir, model_type, windows, iters):
+    """A few AdamW steps on minibatches of real story windows, saved as train.py would save it."""
+    torch.manual_seed(0)
+    config = ModelConfig(model_type=model_type, **TINY)
+    model = build_model(config)
+    data = windows[:, :config.block_size + model.extra_tokens]
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), 'cpu')
+    g = torch.Generator().manual_seed(0)
+    for _ in range(iters):
+        loss = model(data[torch.randint(len(data), (8,), generator=g)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), {
+        'model_args': asdict(config), 'model': model.state_dict(), 'ema': None, 'optimizer': opt.state_dict(),
+        'iter_num': iters, 'best_val_loss': loss.item(), 'config': {'model_type': model_type, **TINY},
+        'meta': {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': EOT}})
+    return str(out_dir)
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory, story_batch):
+    windows = story_batch(48, TINY['block_size'] + 1)  # <|endoftext|> + the start of a story
+    root = tmp_path_factory.mktemp('ckpts')
+    return {'embed': train_checkpoint(root / 'embed', 'embed', windows, 40),
+            'mask': train_checkpoint(root / 'mask', 'mask', windows, 15),
+            'ar': train_checkpoint(root / 'ar', 'ar', windows, 15)}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, 'sample.py', *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def sample_ok(tmp_path, name, *args):
+    """Run the CLI, expect success, return (stdout, the records of its out_file)."""
+    out_file = tmp_path / f'{name}.jsonl'
+    p = run_cli(*args, f'--out_file={out_file}')
+    assert p.returncode == 0, p.stdout + p.stderr
+    with open(out_file, encoding='utf-8') as f:
+        return p.stdout, [json.loads(line) for line in f]
+
+
+def test_embed_prompt_count_trajectory_and_seed(ckpts, tmp_path, enc):
+    png = tmp_path / 'traj.png'
+    common = [f'--out_dir={ckpts["embed"]}', '--num_samples=3', '--steps=20', f'--prompt={PROMPT}']
+    out, recs = sample_ok(tmp_path, 'a', *common, '--seed=1', '--show_steps=3', f'--trajectory_png={png}')
+    assert len(recs) == 3 and out.count('================ sample ') == 3
+    ids = [EOT] + enc.encode_ordinary('Once upon a time')
+    for r in recs:
+        assert r['tokens'][:len(ids)] == ids and len(r['tokens']) == TINY['block_size']
+        assert r['text'].startswith(PROMPT) and r['text'] == decode(enc, r['tokens'])
+        assert r['settings']['model_type'] == 'embed' and r['settings']['steps'] == 20
+    assert out.count('sample 1 after step') == 3 and 'after step 20/20' in out
+    assert 'tokens/s' in out and '21 network evaluations' in out  # self-conditioning: 2 at the first step
+    # the trajectory: a real PNG of a sensible size that matplotlib reads back
+    data = png.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.image
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    assert not list(tmp_path.glob('.*.tmp'))  # atomic writes leave no temp files behind
+    # the same seed gives the same samples (whatever is printed along the way), another seed others
+    _, again = sample_ok(tmp_path, 'b', *common, '--seed=1')
+    _, other = sample_ok(tmp_path, 'c', *common, '--seed=2')
+    assert [r['tokens'] for r in again] == [r['tokens'] for r in recs]
+    assert [r['tokens'] for r in other] != [r['tokens'] for r in recs]
+
+
+def test_embed_infilling_keeps_both_sides(ckpts, tmp_path, enc):
+    out, recs = sample_ok(tmp_path, 'fill', f'--out_dir={ckpts["embed"]}', '--num_samples=2', '--steps=10',
+                          f'--prompt={LEFT} [...] {RIGHT.strip()}')
+    left, right = enc.encode_ordinary(LEFT), enc.encode_ordinary(RIGHT)
+    for r in recs:
+        assert r['tokens'][:len(left)] == left and r['tokens'][-len(right):] == right
+        assert r['text'].startswith(LEFT) and r['text'].endswith(RIGHT)
+
+
+def test_mask_family_with_prompt_infilling_and_options(ckpts, tmp_path, enc):
+    png = tmp_path / 'mask.png'
+    out, recs = sample_ok(tmp_path, 'mask', f'--out_dir={ckpts["mask"]}', '--num_samples=2', '--steps=16',
+                          '--temperature=0.9', '--top_k=50', f'--prompt={LEFT}[...4]{RIGHT}',
+                          f'--trajectory_png={png}')
+    left, right = enc.encode_ordinary(LEFT), enc.encode_ordinary(RIGHT)
+    for r in recs:
+        toks = r['tokens']
+        assert toks[:len(left)] == left and toks[len(left) + 4:len(left) + 4 + len(right)] == right
+        assert r['settings']['options']['top_k'] == 50 and r['settings']['options']['cached'] is True
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_ar_family_prompt_and_prefix_only(ckpts, tmp_path, enc):
+    png = tmp_path / 'ar.png'
+    out, recs = sample_ok(tmp_path, 'ar', f'--out_dir={ckpts["ar"]}', '--num_samples=2', '--length=20',
+                          '--prompt=Once upon a time', '--top_p=0.9', '--show_steps=2', f'--trajectory_png={png}')
+    ids = enc.encode_ordinary('Once upon a time')
+    assert len(recs) == 2 and all(r['tokens'][:len(ids)] == ids and len(r['tokens']) == 20 for r in recs)
+    assert '_' * 15 in out  # after step 1 of 16, the later positions have no guess yet
+    assert png.is_file()
+    p = run_cli(f'--out_dir={ckpts["ar"]}', '--prompt=Once [...] time')
+    assert p.returncode != 0 and 'prefix prompts only' in p.stderr and 'Traceback' not in p.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--out_dir={tmp}/nothing'], 'no checkpoint'),
+    (['--prompt=' + 'Once upon a time there was a little girl. ' * 4], 'but length=32'),
+    (['--steps=5000'], 'steps=5000 out of range'),
+    (['--steps=0'], 'steps=0 out of range'),
+    (['--temperature=1.0'], "no option temperature; its options are clamp, eta, guidance_scale, sampler"),
+    (['--length=33'], 'length=33, expected 1..block_size=32'),
+    (['--temprature=0.5'], "did you mean 'temperature'"),
+])
+def test_bad_input_is_a_clear_error(ckpts, tmp_path, args, message):
+    args = [a.replace('{tmp}', str(tmp_path)) for a in args]
+    if not any(a.startswith('--out_dir') for a in args):
+        args = [f'--out_dir={ckpts["embed"]}'] + args
+    p = run_cli(*args)
+    assert p.returncode != 0
+    assert message in p.stderr and p.stderr.strip().splitlines()[-1].startswith('sample.py: ')
+    assert 'Traceback' not in p.stderr and '================ sample' not in p.stdout
