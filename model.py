@@ -394,6 +394,12 @@ class GaussianDiffusion:
         dt = x_t.dtype
         return a_s.sqrt().to(dt) * x0_hat + c_eps.to(dt) * eps + sigma.to(dt) * noise
 
+    def t_proposal(self):
+        """q(t) for t = 2..T (index t - 2): half uniform, half proportional to log SNR_{t-1} - log SNR_t."""
+        log_snr = torch.log(self.abar[1:]) - torch.log1p(-self.abar[1:])  # t = 1..T
+        drop = (log_snr[:-1] - log_snr[1:]).clamp(min=0)
+        return 0.5 * drop / drop.sum() + 0.5 / (self.T - 1)
+
     def prior_kl(self, x0):
         """KL(q(x_T | x_0) || N(0, I)) per element, in nats, in x0's dtype (coefficients in float64)."""
         a = self.abar[self.T].item()
@@ -443,9 +449,13 @@ class DiffusionLM(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if n not in skip)
 
     def flops_per_token(self):
-        """6N for the matmuls (forward + backward) plus 12 L d T for attention scores and values."""
+        """6N for the matmuls (forward + backward) plus 12 L d T for attention scores and values. The
+        conditioning path (time MLP, adaLN modulations) runs once per sequence, so it counts 1/block_size."""
         c = self.config
-        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        per_seq = sum(p.numel() for n, p in self.named_parameters()
+                      if any(k in n for k in ('t_embedder', 'adaLN_modulation', 'final_modulation', 'c_const')))
+        per_tok = self.get_num_params() - per_seq
+        return 6 * per_tok + 6 * per_seq / c.block_size + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (measured for the device, passed in)."""
@@ -608,8 +618,10 @@ class GaussianLM(DiffusionLM):
 
         -log p(w) <= E_q[-log p(w | x_1)] + sum_{t=2}^T E_q KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
                      + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w) a deterministic function of the tokens.
-        The prior KL is exact; the sum over t is (T - 1) times the term at one uniform t in {2..T} (unbiased);
-        the decoder term uses one draw of x_1. The standard error comes from the spread over sequences.
+        The prior KL is exact; the sum over t is estimated without bias by importance sampling one t per
+        sequence, KL_t / q(t), with q(t) half uniform on {2..T} and half proportional to the drop in log-SNR
+        over step t: a trained model's KL_t ~ (SNR_{t-1} - SNR_t) * mmse_t ~ that drop, so the weights stay
+        bounded where a uniform t would rarely hit the huge terms near t = 1; the decoder term uses one draw of x_1. The standard error comes from the spread over sequences.
         With self-conditioning, p(x_{t-1} | x_t) uses the two-pass estimate x0(x_t, x0(x_t, 0)), a function of x_t
         alone, so this bounds a Markov model; the sampler instead feeds the previous step's estimate, and it
         rounds instead of drawing from p(w | x_1): the bound is for the model, not for the sampler's output.
@@ -618,10 +630,11 @@ class GaussianLM(DiffusionLM):
         device = idx.device
         x0 = self.clean(idx)
         prior = self.diffusion.prior_kl(x0.double()).sum((1, 2))
-        t = 2 + (rand((B,), generator, device) * (self.config.T - 1)).floor().long().clamp(max=self.config.T - 2)
+        q = self.diffusion.t_proposal()
+        t = 2 + torch.multinomial(q, B, replacement=True, generator=generator).to(device)
         x_t = self.diffusion.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
         x0_hat = self.denoise(x_t, t)[0]
-        diffusion = (self.config.T - 1) * self.diffusion.kl_step(x0, x0_hat, t).sum((1, 2))
+        diffusion = self.diffusion.kl_step(x0, x0_hat, t).sum((1, 2)) / q.to(device)[t - 2]
         one = torch.ones(B, dtype=torch.long, device=device)
         x_1 = self.diffusion.q_sample(x0, one, randn(x0.shape, generator, device).to(x0.dtype))
         decoder = self.decoder_nll(*self.denoise(x_1, one), idx).sum(1)

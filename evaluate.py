@@ -1,0 +1,399 @@
+"""
+Compare trained checkpoints of every family on one yardstick: likelihood, sample quality, diversity, speed.
+
+    python evaluate.py config/eval_steps.py
+    python evaluate.py --ckpts="['out-ar-cpu','out-mask-cpu']" --judge=out-ar-cpu --steps="[10,100]"
+
+For each checkpoint in `ckpts`:
+  likelihood  bits per token on the test split, over deterministic non-overlapping windows (stride block_size,
+              window block_size + model.extra_tokens, so every family of a block size scores the same windows):
+              exact for `ar`, the family's variational bound otherwise (a Monte Carlo estimate, one draw per
+              window per mc_samples). Reported: the mean over windows, its standard error (std / sqrt(n) across
+              windows, which includes the Monte Carlo noise), the tokens used, and the perplexity 2 ** bits.
+  samples     num_samples unconditional samples of sample_length tokens at each number of steps in `steps`
+              (ar has no such knob: it runs once, one step per token, and is reported with steps = length).
+              For each (checkpoint, steps) row:
+                gen-PPL   2 ** (mean bits/token of the samples under the judge, an `ar` checkpoint, which reads
+                          each sample after an <|endoftext|>): how plausible the text is to a fixed reader;
+                entropy   unigram entropy of each sample, H = -sum_v p_v log2 p_v with p_v the frequency of token
+                          v within that sample, averaged over samples: low entropy means repetitive text, which
+                          also lowers gen-PPL, so the two are read together;
+                dist-n    distinct-n, the number of unique n-grams over the number of n-grams, pooled over all
+                          samples of the row (n-grams never cross from one sample into the next), n = 1, 2, 3;
+                rep-4     repetition rate: the fraction of a sample's 4-grams (at positions i) that already
+                          occurred at an earlier position j < i of the same sample, averaged over samples;
+                NFE, tok/s  network evaluations per sample (per batched sampler call, averaged over the calls)
+                          and sampled tokens per second.
+  A reference row, `test text`, scores num_samples windows of held-out text the same way.
+
+Writes out_dir/results.json and out_dir/eval.png (gen-PPL and entropy against steps, one line per checkpoint),
+and prints a markdown table, one row per checkpoint and step count. The judge scoring its own family's samples
+(the `ar` row when judge is also in ckpts) measures that model's own entropy rate; prefer a separate judge.
+"""
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from model import load_checkpoint
+import prepare
+from prepare import TokenWindows, get_encoding
+from sample import write_atomic  # temp file + rename
+
+# -----------------------------------------------------------------------------------------------------
+# config globals; a config file (config/eval_*.py) or --key=value overrides them
+ckpts = ['out-ar-cpu', 'out-embed-cpu', 'out-bits-cpu', 'out-analog-cpu', 'out-mask-cpu']  # out_dirs or ckpt.pt files
+judge = 'out-ar-cpu'        # an `ar` checkpoint that scores the samples (gen-PPL); '' skips gen-PPL
+out_dir = 'eval'            # results.json and eval.png go here
+data_dir = ''               # '' -> each checkpoint's own data_dir (from its training config)
+split = 'test'              # the split the likelihood is measured on
+max_windows = 0             # cap on likelihood windows per checkpoint (the first ones); 0 = the whole split
+mc_samples = 1              # Monte Carlo draws of the bound per window, averaged (more = smaller standard error)
+eval_batch_size = 32        # windows per forward pass (likelihood and judge)
+num_samples = 16            # samples per (checkpoint, steps) row
+sample_batch_size = 16      # samples per sampler call
+sample_length = 0           # tokens per sample; 0 -> the smallest block_size among the checkpoints and the judge
+steps = [10, 100, 1000]     # numbers of sampling steps (values a family cannot take are skipped with a note)
+use_ema = True              # evaluate the EMA weights when a checkpoint has them
+seed = 1337                 # one seed for every row: the same noise for every checkpoint and step count
+device = 'auto'             # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = 'float32'           # network precision while sampling (autocast); likelihoods always run in fp32 (model.nll)
+plot = True                 # draw out_dir/eval.png
+_config_keys = [k for k, v in list(globals().items())
+                if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
+# -----------------------------------------------------------------------------------------------------
+
+
+def fail(msg):
+    raise SystemExit(f"evaluate.py: {msg}")
+
+
+# ---- diversity metrics: pure functions of a LongTensor (N, L) of token ids
+
+def unigram_entropy(samples):
+    """Entropy in bits of the token frequencies within each sample: a tensor (N,) (float64)."""
+    out = []
+    for row in samples.tolist():
+        n = len(row)
+        out.append(-sum(c / n * math.log2(c / n) for c in Counter(row).values()) if n else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ngrams(row, n):
+    return [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+
+
+def distinct_n(samples, n):
+    """Unique n-grams / n-grams, pooled over the samples (no n-gram crosses two samples); None if there are none."""
+    grams = [g for row in samples.tolist() for g in ngrams(row, n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repetition_rate(samples, n=4):
+    """Mean over samples of the fraction of a sample's n-grams that already occurred earlier in that sample."""
+    rates = []
+    for row in samples.tolist():
+        grams = ngrams(row, n)
+        if grams:
+            seen, repeats = set(), 0
+            for g in grams:
+                repeats += g in seen
+                seen.add(g)
+            rates.append(repeats / len(grams))
+    return sum(rates) / len(rates) if rates else None
+
+
+def perplexity(bits):
+    """2 ** bits per token, or None where that overflows a float (a model far from trained)."""
+    return 2 ** bits if bits < 1000 else None
+
+
+def mean_se(x):
+    """Mean and standard error (std with Bessel's correction / sqrt(n)) of a 1-D float tensor."""
+    x = x.double()
+    se = (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else None  # undefined for one value
+    return x.mean().item(), se
+
+
+@torch.no_grad()
+def generative_bits(judge_model, samples, batch_size, bos=prepare.EOT):
+    """Bits per token of each sample under an `ar` judge, which reads <|endoftext|> (`bos`, the end-of-text id
+    of the judge's data) and then the sample, exactly as it read each document in training: a tensor (N,)."""
+    out = []
+    for i in range(0, samples.shape[0], batch_size):
+        x = samples[i:i + batch_size].to(next(judge_model.parameters()).device)
+        first = torch.full((x.shape[0], 1), bos, dtype=torch.long, device=x.device)
+        out.append(judge_model.nll(torch.cat([first, x], 1)).cpu())
+    return torch.cat(out)
+
+
+def text_metrics(samples, judge_model, batch_size, bos=prepare.EOT):
+    """gen-PPL, entropy and diversity of a batch of samples (N, L), as a dict of plain floats."""
+    row = {}
+    if judge_model is not None:
+        row['gen_bits'], row['gen_bits_se'] = mean_se(generative_bits(judge_model, samples, batch_size, bos))
+        row['gen_ppl'] = perplexity(row['gen_bits'])
+    row['entropy'], row['entropy_se'] = mean_se(unigram_entropy(samples))
+    for n in (1, 2, 3):
+        row[f'distinct_{n}'] = distinct_n(samples, n)
+    row['rep_4'] = repetition_rate(samples, 4)
+    return row
+
+
+# ---- likelihood on held-out windows
+
+@torch.no_grad()
+def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen):
+    """Mean bits/token (exact for ar, the bound otherwise) over the split's non-overlapping windows."""
+    bs = model.config.block_size
+    windows = TokenWindows(data_dir, split, bs + model.extra_tokens, vocab_size=model.config.vocab_size)
+    # count windows as an `ar` model of this block size would (one token longer), so the same windows are
+    # scored whichever the family: ar's targets are the window's last block_size tokens, the others' its first
+    n = TokenWindows(data_dir, split, bs + 1).num_eval_windows(bs)
+    n = min(n, max_windows) if max_windows > 0 else n
+    device = next(model.parameters()).device
+    per_window = []
+    for start in range(0, n, batch_size):
+        x = windows.eval_batch(start, min(batch_size, n - start), bs).to(device)
+        est = torch.stack([model.nll(x, generator=gen).double() for _ in range(mc)]).mean(0)
+        per_window.append(est.cpu())
+    per_window = torch.cat(per_window)
+    bits, se = mean_se(per_window)
+    return {'bits': bits, 'bits_se': se, 'ppl': perplexity(bits), 'windows': n, 'tokens': n * bs,
+            'mc_samples': mc, 'exact': model.config.model_type == 'ar'}
+
+
+# ---- sampling
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def sample_row(model, n, length, steps_, batch_size, seed_, device_, ctx):
+    """n samples with `steps_` steps (None for ar): (tokens (n, length) on CPU, mean NFE per call, seconds).
+
+    NFE counts batched network calls, so it is also the NFE per sample; it can differ between calls where
+    the sampler skips the network (mask's cache), hence the mean."""
+    gen = torch.Generator(device=device_).manual_seed(seed_)
+    out, nfes, seconds = [], [], 0.0
+    for i in range(0, n, batch_size):
+        sync(device_)
+        t0 = time.perf_counter()
+        with ctx:
+            x = model.sample(min(batch_size, n - i), length, steps=steps_, generator=gen)
+        sync(device_)
+        seconds += time.perf_counter() - t0
+        out.append(x.cpu())
+        nfes.append(model.nfe)
+    return torch.cat(out), sum(nfes) / len(nfes), seconds
+
+
+def checkpoint_name(path):
+    path = os.path.normpath(path)
+    return os.path.basename(os.path.dirname(path)) if path.endswith('.pt') else os.path.basename(path)
+
+
+def checkpoint_data_dir(ckpt, override):
+    if override:
+        return override
+    cfg = ckpt.get('config') or {}
+    return cfg.get('data_dir') or os.path.join('data', cfg.get('dataset', 'tinystories'))
+
+
+# ---- outputs
+
+def fmt(v, spec='.3f'):
+    return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def fmt_ppl(v):
+    return '-' if v is None else f"{v:.1f}" if v < 1e5 else f"{v:.2e}"
+
+
+def markdown_table(results):
+    head = ['model', 'family', 'test bits/tok', 'test PPL', 'steps', 'NFE', 'tok/s', 'gen-PPL', 'entropy',
+            'dist-1', 'dist-2', 'dist-3', 'rep-4']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in results['rows']:
+        lk = results['likelihood'].get(r['name'])
+        bits = '-' if lk is None else f"{lk['bits']:.3f} (exact)" if lk['exact'] else \
+            f"{lk['bits']:.3f} ± {fmt(lk['bits_se'])} (bound)"
+        cells = [r['name'], r['family'], bits, fmt_ppl(lk and lk['ppl']), fmt(r['steps'], 'd'), fmt(r['nfe'], '.0f'),
+                 fmt(r['tokens_per_s'], ',.0f'), fmt_ppl(r.get('gen_ppl')), fmt(r['entropy'], '.2f'),
+                 fmt(r['distinct_1']), fmt(r['distinct_2']), fmt(r['distinct_3']), fmt(r['rep_4'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def write_json(path, obj):
+    """obj as indented JSON, written atomically (strict JSON: a NaN or inf is an error, not a silent token)."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(json.dumps(obj, indent=2, allow_nan=False, default=str) + '\n')
+    write_atomic(path, write)
+
+
+def draw_plot(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [('gen_ppl', f"gen-PPL under {results['judge_name'] or 'no judge'}"),
+              ('entropy', 'unigram entropy (bits)')]
+    names = list(dict.fromkeys(r['name'] for r in results['rows'] if r['family'] != 'data'))
+    for ax, (key, title) in zip(axes, panels):
+        for name in names:
+            rows = [r for r in results['rows'] if r['name'] == name and r.get(key) is not None]
+            if rows:
+                family = rows[0]['family'] + (', steps = length' if rows[0]['family'] == 'ar' else '')
+                ax.plot([r['steps'] for r in rows], [r[key] for r in rows], marker='o', label=f"{name} ({family})")
+        for r in results['rows']:
+            if r['family'] == 'data' and r.get(key) is not None:
+                ax.axhline(r[key], color='gray', linestyle='--', label='test text')
+        ax.set_xscale('log')
+        ticks = sorted({r['steps'] for r in results['rows'] if r['steps'] is not None})
+        ax.set_xticks(ticks, [str(t) for t in ticks])  # the step counts themselves, not powers of ten
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if key == 'gen_ppl':
+            ax.set_yscale('log')
+        ax.set_xlabel('sampling steps')
+        ax.set_title(title)
+        ax.grid(True, which='both', alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{results['num_samples']} samples of {results['sample_length']} tokens per point")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+    plt.close(fig)
+
+
+# ---- the whole job
+
+def main(argv=None):
+    c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, prog='evaluate.py')
+    if not c['ckpts']:
+        fail("ckpts is empty: give the checkpoints to compare, e.g. --ckpts=\"['out-ar-cpu','out-mask-cpu']\"")
+    for key in ('eval_batch_size', 'num_samples', 'sample_batch_size', 'mc_samples'):
+        if c[key] < 1:
+            fail(f"{key}={c[key]}, expected >= 1")
+    bad = [s for s in c['steps'] if not isinstance(s, int) or s < 1]
+    if bad or not c['steps']:
+        fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
+    if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
+        fail(f"dtype={c['dtype']!r}, expected 'float32', 'bfloat16' or 'float16'")
+    dev = c['device'] if c['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device_type = torch.device(dev).type
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        fail(f"device={dev!r} but CUDA is not available; use --device=cpu")
+    ctx = nullcontext() if c['dtype'] == 'float32' else \
+        torch.autocast(device_type, dtype=getattr(torch, c['dtype']))
+
+    def load(path):
+        try:
+            return load_checkpoint(path, device=dev, use_ema=c['use_ema'])
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            fail(f"cannot load checkpoint {path!r}: {e}")
+
+    judge_model, bos = None, prepare.EOT
+    if c['judge']:
+        judge_model, judge_ckpt = load(c['judge'])
+        bos = (judge_ckpt.get('meta') or {}).get('eot_token', prepare.EOT)
+        del judge_ckpt
+        if judge_model.config.model_type != 'ar':
+            fail(f"judge={c['judge']!r} is a {judge_model.config.model_type!r} model; the judge must be an 'ar' "
+                 "checkpoint (its likelihood is exact)")
+    # load every checkpoint up front (a typo fails before hours of work), keeping only the configs
+    heads = {}
+    for path in c['ckpts']:
+        model, ckpt = load(path)
+        heads[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir']), ckpt.get('iter_num'))
+        if judge_model is not None and model.config.vocab_size != judge_model.config.vocab_size:
+            fail(f"{path} has vocab_size={model.config.vocab_size} but the judge {c['judge']} has "
+                 f"{judge_model.config.vocab_size}: they must share the tokenizer")
+        del model, ckpt
+    limits = [cfg.block_size for cfg, _, _ in heads.values()] + ([judge_model.config.block_size] if judge_model else [])
+    length = c['sample_length'] or min(limits)
+    if length > min(limits):
+        fail(f"sample_length={length} exceeds the smallest block_size ({min(limits)}) among the checkpoints "
+             "and the judge")
+
+    enc = get_encoding()
+    results = {'config': c, 'device': dev, 'judge': c['judge'],
+               'judge_name': checkpoint_name(c['judge']) if c['judge'] else '',
+               'sample_length': length, 'num_samples': c['num_samples'], 'likelihood': {}, 'models': {},
+               'rows': [], 'skipped': []}
+
+    def add_row(name, family, path, steps_, nfe, seconds, samples):
+        row = {'name': name, 'family': family, 'ckpt': path, 'steps': steps_, 'nfe': nfe,
+               'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
+               **text_metrics(samples, judge_model, c['eval_batch_size'], bos),
+               'example': enc.decode(samples[0].tolist())}
+        results['rows'].append(row)
+        print(f"{name} steps={steps_}: NFE {fmt(nfe, '.0f')}, {fmt(row['tokens_per_s'], ',.0f')} tok/s, "
+              f"gen-PPL {fmt_ppl(row.get('gen_ppl'))}, entropy {row['entropy']:.2f}, rep-4 {fmt(row['rep_4'])}")
+
+    # the reference: held-out text itself, scored like the samples (from the first checkpoint's data)
+    ref_dir = next(iter(heads.values()))[1]
+    try:
+        ref = TokenWindows(ref_dir, c['split'], length)
+    except (OSError, ValueError) as e:
+        fail(f"data for checkpoint {c['ckpts'][0]!r} ({ref_dir!r}): {e}")
+    ref_n = min(c['num_samples'], ref.num_eval_windows(length))
+    add_row('test text', 'data', ref_dir, None, None, None, ref.eval_batch(0, ref_n, length))
+
+    for path in c['ckpts']:
+        # short names (the out_dir), unless two checkpoints would share one
+        unique = sum(checkpoint_name(p) == checkpoint_name(path) for p in c['ckpts']) == 1
+        name = checkpoint_name(path) if unique else path
+        model, ckpt = load(path)
+        cfg, ddir, iter_num = heads[path]
+        results['models'][name] = {'ckpt': path, 'model_type': cfg.model_type, 'model_args': ckpt['model_args'],
+                                   'iter_num': iter_num, 'params': model.get_num_params(), 'data_dir': ddir}
+        del ckpt
+        print(f"{name}: {cfg.model_type}, {model.get_num_params() / 1e6:.2f}M parameters, iteration {iter_num}")
+        # likelihood
+        gen = torch.Generator(device=dev).manual_seed(c['seed'])
+        try:
+            lk = likelihood(model, ddir, c['split'], c['max_windows'], c['eval_batch_size'], c['mc_samples'], gen)
+        except (OSError, ValueError) as e:
+            fail(f"likelihood of {path!r} on {ddir!r}: {e}")
+        results['likelihood'][name] = lk
+        print(f"{name}: {lk['bits']:.4f} ± {fmt(lk['bits_se'], '.4f')} bits/token "
+              f"({'exact' if lk['exact'] else 'bound'}, {lk['tokens']:,} {c['split']} tokens), "
+              f"PPL {fmt_ppl(lk['ppl'])}")
+        # samples: ar once (steps is the length), the others at every step count they accept
+        grid = [None] if cfg.model_type == 'ar' else c['steps']
+        warm = None if cfg.model_type == 'ar' else 1
+        sample_row(model, 1, length, warm, 1, c['seed'], dev, ctx)  # warm-up: first-call costs are not speed
+        for s in grid:
+            if s is not None and s > model.max_steps:
+                note = f"{name}: steps={s} skipped ({cfg.model_type} takes at most {model.max_steps})"
+                results['skipped'].append(note)
+                print(note)
+                continue
+            samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
+                                               c['seed'], dev, ctx)
+            add_row(name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples)
+        del model
+
+    os.makedirs(c['out_dir'], exist_ok=True)
+    write_json(os.path.join(c['out_dir'], 'results.json'), results)
+    if c['plot']:
+        draw_plot(results, os.path.join(c['out_dir'], 'eval.png'))
+    table = markdown_table(results)
+    print()
+    print(table)
+    print(f"\nwrote {os.path.join(c['out_dir'], 'results.json')}" + (' and eval.png' if c['plot'] else ''))
+    return results
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,166 @@
+"""evaluate.py and bench.py end to end on tiny checkpoints of real text, and the metrics against hand counts."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tinystories_documents, train_steps
+from evaluate import distinct_n, generative_bits, repetition_rate, unigram_entropy
+from model import build_model, load_checkpoint, save_checkpoint
+from prepare import TokenWindows, load_meta, prepare
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """The models here are tiny: one thread each, as OpenMP's hand-offs between threads would cost more than
+    the work (and stall badly when the cores are shared with other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(script, *args, timeout=120):
+    """Run a CLI of the repo in a subprocess (the way a user would); returns its stdout, fails with its stderr."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    assert p.returncode == 0, f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def compact_prepared(data_dir):
+    """Renumber the ids of a prepared dataset densely (order kept, so <|endoftext|>, the largest GPT-2 id, becomes
+    the last one) and rewrite meta.json to match: the same text and format with a vocabulary of a few thousand,
+    so the vocabulary-sized layers of the tiny models cost little. Returns the new meta."""
+    meta = load_meta(data_dir)
+    arrays = {s: np.fromfile(os.path.join(data_dir, f'{s}.bin'), dtype=meta['dtype']) for s in meta['splits']}
+    uniq = np.unique(np.concatenate(list(arrays.values())))
+    assert uniq[-1] == meta['eot_token']
+    for s, a in arrays.items():
+        np.searchsorted(uniq, a).astype(meta['dtype']).tofile(os.path.join(data_dir, f'{s}.bin'))
+    meta.update(vocab_size=len(uniq), eot_token=len(uniq) - 1, special_tokens={'<|endoftext|>': len(uniq) - 1})
+    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return meta
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """Real stories prepared by prepare.py (ids compacted), and tiny checkpoints of three families saved as
+    train.py saves them. The `ar` judge is trained on 16 fixed training windows: text it knows well."""
+    root = tmp_path_factory.mktemp('evaluate')
+    text = root / 'stories.txt'
+    text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=240)), encoding='utf-8')
+    data_dir = str(root / 'data')
+    prepare(input=str(text), out_dir=data_dir, val_frac=0.1, test_frac=0.1, num_proc=1)
+    meta = compact_prepared(data_dir)
+    tiny = {**TINY, 'vocab_size': meta['vocab_size']}
+    train = TokenWindows(data_dir, 'train', tiny['block_size'] + 1)
+    known = train.eval_batch(0, 16, tiny['block_size'])
+    ckpts = {}
+    for family, iters in (('ar', 80), ('mask', 15), ('embed', 15)):
+        torch.manual_seed(0)
+        model = build_model({**tiny, 'model_type': family})
+        batch = known if family == 'ar' else known[:, :tiny['block_size']]
+        train_steps(model, batch, iters, lr=1e-2)
+        path = str(root / f'out-{family}')
+        save_checkpoint(os.path.join(path, 'ckpt.pt'), {
+            'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(), 'ema': None,
+            'optimizer': {}, 'iter_num': iters, 'best_val_loss': 0.0,
+            'config': {'data_dir': data_dir, 'model_type': family}, 'meta': meta})
+        ckpts[family] = path
+    return {'root': root, 'data_dir': data_dir, 'ckpts': ckpts, 'known': known, 'eot': meta['eot_token']}
+
+
+def test_metrics_match_hand_counts():
+    x = torch.tensor([[5, 5, 5, 5], [1, 2, 3, 4]])
+    # entropy: [5,5,5,5] has one type (0 bits); [1,2,3,4] four equally frequent ones (log2 4 = 2 bits)
+    assert unigram_entropy(x).tolist() == [0.0, 2.0]
+    # [1,1,2,3]: p = (1/2, 1/4, 1/4) -> 1/2 + 2 * 1/4 * 2 = 1.5 bits
+    assert unigram_entropy(torch.tensor([[1, 1, 2, 3]])).item() == pytest.approx(1.5)
+    # distinct-n pooled over both samples: unigrams {5,1,2,3,4} of 8; bigrams (5,5) x3 + 3 distinct of 6;
+    # trigrams (5,5,5) x2 + (1,2,3), (2,3,4) -> 3 of 4. No n-gram runs across the two samples: (5,1) never counts
+    assert distinct_n(x, 1) == pytest.approx(5 / 8)
+    assert distinct_n(x, 2) == pytest.approx(4 / 6)
+    assert distinct_n(x, 3) == pytest.approx(3 / 4)
+    assert distinct_n(torch.tensor([[1, 2]]), 3) is None
+    # repetition: [1,2,3,1,2,3,1,2] has bigrams 12 23 31 12* 23* 31* 12* -> 4 of 7 seen before
+    assert repetition_rate(torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]]), 2) == pytest.approx(4 / 7)
+    # 4-grams: [5,5,5,5,5] -> (5555) twice, the second a repeat: 1/2; [1..5] none: 0; mean over samples 1/4
+    assert repetition_rate(torch.tensor([[5, 5, 5, 5, 5], [1, 2, 3, 4, 5]])) == pytest.approx(0.25)
+
+
+def test_judge_prefers_its_training_text_to_shuffled_tokens(tiny_run):
+    judge, _ = load_checkpoint(tiny_run['ckpts']['ar'])
+    text = tiny_run['known'][:, 1:]  # the judge adds the <|endoftext|> itself
+    g = torch.Generator().manual_seed(0)
+    shuffled = text.flatten()[torch.randperm(text.numel(), generator=g)].view_as(text)  # same unigram counts
+    eot = tiny_run['eot']  # the compacted <|endoftext|>
+    own, mixed = generative_bits(judge, text, 8, bos=eot), generative_bits(judge, shuffled, 8, bos=eot)
+    assert own.shape == (16,) and own.dtype == torch.float64
+    assert 2 ** own.mean() < 0.5 * 2 ** mixed.mean(), (2 ** own.mean(), 2 ** mixed.mean())
+    # the judge's score is its exact NLL: the same number model.nll gives on <|endoftext|> + text
+    assert torch.allclose(own, judge.nll(torch.cat([torch.full((16, 1), eot), text], 1)))
+
+
+def test_evaluate_end_to_end(tiny_run):
+    ck, out = tiny_run['ckpts'], str(tiny_run['root'] / 'eval')
+    stdout = run('evaluate.py', f"--ckpts={[ck['ar'], ck['mask'], ck['embed']]!r}", f"--judge={ck['ar']}",
+                 f"--data_dir={tiny_run['data_dir']}", f"--out_dir={out}", '--num_samples=4', '--sample_batch_size=2',
+                 '--steps=[2, 8, 60]', '--max_windows=6', '--mc_samples=2', '--device=cpu')
+    res = json.load(open(os.path.join(out, 'results.json')))
+    assert os.path.getsize(os.path.join(out, 'eval.png')) > 1000
+    lk = res['likelihood']
+    assert set(lk) == {'out-ar', 'out-mask', 'out-embed'}
+    for name, v in lk.items():
+        assert v['windows'] == 6 and v['tokens'] == 6 * 32 and v['ppl'] == pytest.approx(2 ** v['bits'])
+        assert v['exact'] == (name == 'out-ar') and v['bits'] > 0 and v['bits_se'] >= 0
+    rows = {(r['name'], r['steps']): r for r in res['rows']}
+    # ar once, with steps = the length; embed (T=50) cannot take 60 steps and says so; mask takes all three
+    assert ('out-ar', 32) in rows and rows[('out-ar', 32)]['nfe'] == 32
+    assert {s for n, s in rows if n == 'out-mask'} == {2, 8, 60}
+    assert {s for n, s in rows if n == 'out-embed'} == {2, 8} and any('60' in n for n in res['skipped'])
+    assert rows[('out-embed', 8)]['nfe'] == 9  # self-conditioning: the first step evaluates the network twice
+    assert ('test text', None) in rows
+    for r in res['rows']:
+        assert r['gen_ppl'] == pytest.approx(2 ** r['gen_bits']) and 0 <= r['entropy'] <= math.log2(32)
+        assert 0 < r['distinct_1'] <= 1 and 0 <= r['rep_4'] <= 1 and isinstance(r['example'], str)
+    # the table: a header, a rule, one line per row
+    table = [line for line in stdout.splitlines() if line.startswith('|')]
+    assert len(table) == 2 + len(res['rows']) and 'gen-PPL' in table[0]
+
+
+def test_evaluate_rejects_a_non_ar_judge(tiny_run):
+    p = subprocess.run([sys.executable, 'evaluate.py', f"--ckpts=['{tiny_run['ckpts']['mask']}']",
+                        f"--judge={tiny_run['ckpts']['mask']}", '--device=cpu'],
+                       cwd=HERE, capture_output=True, text=True, timeout=60, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 1 and "judge must be an 'ar'" in p.stderr
+
+
+def test_bench_end_to_end(tmp_path):
+    text = tmp_path / 'text.txt'
+    text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=60)), encoding='utf-8')
+    out = tmp_path / 'bench.json'
+    stdout = run('bench.py', "--families=['ar','mask','bits']", '--n_layer=1', '--n_head=2', '--n_embd=32',
+                 '--block_size=16', '--batch_size=2', '--vocab_size=512', '--iters=2', '--warmup=1', '--sample_steps=4',
+                 '--cache_steps=20', '--peak_seconds=0.05', f'--prepare_text={text}', '--device=cpu',
+                 f'--json={out}')
+    res = json.load(open(out))
+    assert set(res['peak_flops']) == {'float32', 'bfloat16'} and all(v > 0 for v in res['peak_flops'].values())
+    rows = {(r['family'], r['dtype']): r for r in res['train']}
+    assert set(rows) == {(f, d) for f in ('ar', 'mask', 'bits') for d in ('float32', 'bfloat16')}
+    for r in rows.values():
+        assert r['ms_per_iter'] > 0 and r['tokens_per_s'] > 0 and 0 < r['mfu'] and r['sample_tokens_per_s'] > 0
+    assert res['mask_cache']['uncached_nfe'] == 20 and res['mask_cache']['cached_nfe'] <= 20
+    assert res['prepare']['tokens'] == res['prepare']['raw_tokens'] > 0 and res['prepare']['ratio'] > 0
+    assert 'MFU' in stdout and '| ar ' in stdout
