@@ -41,10 +41,9 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from model import load_checkpoint
+from model import load_checkpoint, write_atomic
 import prepare
 from prepare import TokenWindows, get_encoding
-from sample import write_atomic  # temp file + rename
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; a config file (config/eval_*.py) or --key=value overrides them

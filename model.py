@@ -16,7 +16,7 @@ import functools
 import math
 import os
 import tempfile
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -1134,19 +1134,25 @@ def build_model(config):
     return FAMILIES[config.model_type](config)
 
 
-def save_checkpoint(path, ckpt):
-    """torch.save to a temp file in the same directory, then rename: a crash never leaves a partial ckpt."""
+def write_atomic(path, write):
+    """write(tmp_path) into a temp file beside `path`, then rename: readers never see a partial file, and a
+    crash leaves the previous version intact. Used for checkpoints, samples, results and plots."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     os.close(fd)
     try:
-        torch.save(ckpt, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save, atomically (see write_atomic)."""
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def load_checkpoint(path, device='cpu', use_ema=True):

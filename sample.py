@@ -34,16 +34,14 @@ with `seed`, so a seed gives the same samples on any device, for the same batch_
 """
 
 import json
-import os
 import re
-import tempfile
 import time
 from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
-from model import load_checkpoint
+from model import load_checkpoint, write_atomic
 from prepare import PrepareError, get_encoding
 
 # -----------------------------------------------------------------------------------------------------
@@ -182,21 +180,6 @@ def build_fixed(template, length, enc):
 
 # -----------------------------------------------------------------------------------------------------
 # output
-
-def write_atomic(path, write):
-    """write(tmp_path) into a temp file beside `path`, then rename: readers never see a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def plot_trajectory(path, recorded, final, fixed, title):
     """One row per recorded step (top = first), one cell per position, coloured by the state of the token there.
