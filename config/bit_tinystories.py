@@ -1,0 +1,6 @@
+# The `bits` family (bit-flip diffusion over the 16 bits of each id) at GPU scale on TinyStories.
+#   torchrun --standalone --nproc_per_node=8 train.py config/bit_tinystories.py
+from config.tinystories_common import *  # backbone, token budget and system settings of the GPU configs
+
+out_dir = 'out-bit-tinystories'
+model_type = 'bits'

@@ -1,0 +1,31 @@
+# Shared by every config/*_cpu.py: one small backbone and one token budget on the TinyStories sample, so the
+# families compare like for like on two otherwise idle CPU cores (measured: embed ~0.26 s/iter, mask and ar
+# ~0.35, bits and analog < 0.05; so 7-10 minutes for embed/mask/ar). Each *_cpu.py imports this, then sets
+# its family. Prepare the data once:  python prepare.py --input=../shared/data/tinystories
+dataset = 'tinystories'
+
+# backbone: 4 DiT blocks of width 128 over 64-token windows. With GPT-2's 50,257-token vocabulary, most of
+# a CPU step goes to vocabulary-sized outputs, not to the blocks: hence the small batch below
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 64
+dropout = 0.0
+
+# token budget: batch_size x block_size x max_iters = 8 x 64 x 1500 = 768k tokens (0.8 epochs of the sample)
+batch_size = 8
+gradient_accumulation_steps = 1
+max_iters = 1500
+learning_rate = 1e-3    # a small model tolerates a high peak rate
+warmup_iters = 50
+weight_decay = 0.0      # as DiT: the diffusion models here are trained without weight decay
+grad_clip = 1.0
+ema_decay = 0.0         # a short run: the raw weights are the ones to look at
+
+eval_interval = 100
+eval_iters = 10         # 10 x 8 windows of 64 tokens per split: ~5k tokens, a third of the val split
+log_interval = 10
+
+device = 'cpu'
+dtype = 'float32'       # bf16 autocast runs on CPU too, but was no faster here (the step is memory bound)
+compile = False

@@ -1,0 +1,511 @@
+"""
+Train any model family of model.py (embed | bits | analog | mask | ar) on the token streams prepare.py writes.
+
+One process (CPU or one GPU):
+    python train.py config/embed_cpu.py
+    python train.py config/embed_cpu.py --batch_size=16 --dtype=bfloat16 --compile=True
+DDP on one node (NCCL on GPUs, gloo on CPU):
+    torchrun --standalone --nproc_per_node=8 train.py config/dit_tinystories.py
+    torchrun --standalone --nproc_per_node=2 train.py config/embed_cpu.py --device=cpu
+Continue a run (same schedule, optimizer, EMA and data stream), or only evaluate its checkpoint:
+    python train.py config/embed_cpu.py --init_from=resume
+    python train.py config/embed_cpu.py --init_from=resume --eval_only=True
+
+Settings are the globals below; config files and --key=value override them (see configurator.py).
+Derived settings (data_dir, lr_decay_iters, min_lr, device, dtype) are filled in after the overrides.
+iter_num counts optimizer steps done: a checkpoint written at iter_num N holds the weights after N steps.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from prepare import TokenWindows, load_meta
+
+# -----------------------------------------------------------------------------------------------------
+# config globals; every one may be overridden by a config file or --key=value
+# I/O
+out_dir = 'out'                 # checkpoint (ckpt.pt) and TensorBoard events (tb/) go here
+eval_interval = 250             # evaluate (and maybe checkpoint) every this many iterations
+log_interval = 10               # print / log training stats every this many iterations
+eval_iters = 20                 # batches per split in each evaluation (the same windows every time)
+eval_only = False               # evaluate the checkpoint in out_dir and exit (needs init_from='resume')
+always_save_checkpoint = False  # checkpoint at every evaluation, not only when the val loss improves
+init_from = 'scratch'           # 'scratch' (fresh weights) | 'resume' (continue from out_dir/ckpt.pt)
+# logging
+tensorboard_log = True          # TensorBoard scalars under out_dir/tb (rank 0 only)
+wandb_log = False               # Weights & Biases (imported only when True)
+wandb_project = 'diffusion-lm'
+wandb_run_name = 'run'
+# data
+dataset = 'tinystories'         # data/<dataset>/ as written by prepare.py
+data_dir = ''                   # '' -> data/<dataset>; else an explicit directory with {train,val}.bin + meta.json
+batch_size = 32                 # sequences per micro-batch per process
+gradient_accumulation_steps = 1 # micro-batches per optimizer step, in total over all DDP ranks
+# model: the same names and defaults as model.ModelConfig (see there for what each does)
+model_type = 'embed'            # embed | bits | analog | mask | ar
+vocab_size = 50257              # must be >= the data's vocab_size (meta.json)
+block_size = 256                # tokens per training sequence (ar reads block_size + 1 per window)
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.0
+bias = True
+rotary = False                  # rotary position embedding instead of a learned absolute one
+T = 1000                        # diffusion steps (embed, bits, analog)
+noise_schedule = 'cosine'       # linear | cosine | sqrt
+predict = 'x0'                  # embed: eps | x0
+embed_dim = 64                  # embed: width of the diffused embedding
+self_cond = True                # embed / analog: self-conditioning
+cfg_drop = 0.0                  # embed: >0 trains a prompt channel for classifier-free guidance
+analog_scale = 1.0              # analog: bits map to -scale / +scale
+mask_schedule = 'loglinear'     # mask: loglinear | cosine
+time_cond = False               # mask: condition the network on t
+# optimizer (AdamW; weight decay on matrices only, see model.configure_optimizers)
+learning_rate = 6e-4            # peak learning rate
+max_iters = 5000                # total optimizer steps
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                 # clip the global gradient norm at this value; 0 disables
+# learning-rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True                 # False keeps learning_rate constant (no warmup either)
+warmup_iters = 100
+lr_decay_iters = -1             # -1 -> max_iters
+min_lr = -1.0                   # -1 -> learning_rate / 10
+ema_decay = 0.0                 # EMA of the weights (e.g. 0.9999 as in DiT); 0 disables
+# system
+device = 'auto'                 # 'auto' (cuda if available, else cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = 'auto'                  # 'auto' | 'float32' | 'bfloat16' | 'float16' (see derived settings below)
+compile = False                 # torch.compile the model
+seed = 1337                     # weights init, data stream and diffusion noise
+backend = 'auto'                # DDP backend: 'auto' (nccl on cuda, gloo on cpu) | 'nccl' | 'gloo'
+peak_flops = 0.0                # peak FLOP/s per device for MFU; 0 -> measure with a matmul probe at start
+_config_keys = [k for k, v in list(globals().items())
+                if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
+# -----------------------------------------------------------------------------------------------------
+
+_EVAL_SEED = 0xE7A1  # the eval windows and noise do not depend on `seed`, so runs with different seeds compare
+
+
+def measure_peak_flops(device, dtype, seconds=0.5):
+    """Achievable dense-matmul FLOP/s of one device in `dtype` (a torch.dtype or its name), by timing square
+    matmuls for about `seconds`. MFU against this is the fraction of what this machine really does in the
+    best case, not of a datasheet number (which a CPU or a throttled GPU never reaches)."""
+    device = torch.device(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    n = 8192 if device.type == 'cuda' else 1024  # big enough to be compute bound, small enough to be quick
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):  # warm up kernels / thread pools
+        a @ b
+    sync()
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(4):
+            a @ b
+        done += 4
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return 2 * n ** 3 * done / elapsed
+
+
+def resolve_device(device, dtype, prog='train.py'):
+    """Concrete (device, device_type, dtype) for the 'auto' settings, with checks; shared by the scripts.
+
+    device 'auto': cuda if available, else cpu. dtype 'auto': on CUDA bf16 where the GPU has it (no loss
+    scaling needed), else fp16 (train.py adds a GradScaler); on CPU fp32, since bf16 autocast is available
+    on request but on CPUs it often saves little or nothing (it was slower than fp32 on the 2-core dev box).
+    """
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"{prog}: dtype={dtype!r}, expected 'auto', 'float32', 'bfloat16' or 'float16'")
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"{prog}: device={device!r} but torch.cuda.is_available() is False; use --device=cpu")
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    if dtype == 'float16' and device_type != 'cuda':
+        raise SystemExit(f"{prog}: dtype='float16' needs CUDA (loss scaling); on {device_type} use bfloat16 or float32")
+    return device, device_type, dtype
+
+
+def get_lr(it, cfg):
+    """Linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg['decay_lr']:
+        return cfg['learning_rate']
+    if it < cfg['warmup_iters']:
+        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
+    if it >= cfg['lr_decay_iters']:
+        return cfg['min_lr']
+    ratio = (it - cfg['warmup_iters']) / (cfg['lr_decay_iters'] - cfg['warmup_iters'])
+    return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
+
+
+def stream_seed(*parts):
+    """A well-mixed 63-bit seed from integers, so (seed, rank, step) streams never collide or correlate."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0]) >> 1
+
+
+def fingerprint(tensors):
+    """Short hash of the exact bytes of some tensors: equal iff bitwise equal (used to compare DDP ranks)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fail(msg):
+    raise SystemExit(f"train.py: {msg}")
+
+
+def main(argv=None):
+    # -------------------------------------------------------------------------------------------------
+    # configuration: overrides, then derived settings and checks
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # launched by torchrun
+    rank = int(os.environ.get('RANK', 0)) if ddp else 0
+    # a copy of the defaults, so main() can run twice in one process (tests) with different arguments
+    c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, verbose=rank == 0,
+                  prog='train.py')
+
+    if c['init_from'] not in ('scratch', 'resume'):
+        fail(f"init_from={c['init_from']!r}, expected 'scratch' or 'resume'")
+    if c['eval_only'] and c['init_from'] != 'resume':
+        fail("eval_only=True evaluates the checkpoint in out_dir: also set --init_from=resume")
+    if c['backend'] not in ('auto', 'nccl', 'gloo'):
+        fail(f"backend={c['backend']!r}, expected 'auto', 'nccl' or 'gloo'")
+    for key in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'):
+        if c[key] < 1:
+            fail(f"{key}={c[key]}, expected >= 1")
+    for key in ('max_iters', 'warmup_iters', 'seed'):
+        if c[key] < 0:
+            fail(f"{key}={c[key]}, expected >= 0")
+    if not 0.0 <= c['ema_decay'] < 1.0:
+        fail(f"ema_decay={c['ema_decay']}, expected in [0, 1) (0 disables the EMA)")
+    if c['learning_rate'] <= 0 or c['grad_clip'] < 0 or c['peak_flops'] < 0:
+        fail("learning_rate must be > 0, grad_clip and peak_flops >= 0")
+
+    c['data_dir'] = c['data_dir'] or os.path.join('data', c['dataset'])
+    if c['lr_decay_iters'] < 0:
+        c['lr_decay_iters'] = c['max_iters']
+    if c['min_lr'] < 0:
+        c['min_lr'] = c['learning_rate'] / 10
+    c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'])
+
+    # -------------------------------------------------------------------------------------------------
+    # processes: DDP when launched by torchrun; every rank trains on its own windows, rank 0 logs and writes
+    world_size, local_rank = 1, 0
+    if ddp:
+        world_size, local_rank = int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
+        if device_type == 'cuda':
+            c['device'] = f'cuda:{local_rank}'
+            torch.cuda.set_device(c['device'])
+        be = c['backend'] if c['backend'] != 'auto' else ('nccl' if device_type == 'cuda' else 'gloo')
+        dist.init_process_group(backend=be)
+        if c['gradient_accumulation_steps'] % world_size:
+            dist.destroy_process_group()
+            fail(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible by the "
+                 f"number of DDP ranks ({world_size}): it counts micro-batches over all ranks")
+    try:
+        return _train(c, ddp, rank, world_size, device_type)
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(c, ddp, rank, world_size, device_type):
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    device = c['device']
+    ga_steps = c['gradient_accumulation_steps'] // world_size  # micro-batches per rank per step
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls in TF32: ~8x faster, ample for training
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = getattr(torch, c['dtype'])
+    ctx = nullcontext() if c['dtype'] == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
+
+    # -------------------------------------------------------------------------------------------------
+    # data: meta.json is checked first, so a missing or foreign directory fails before any model is built
+    if not os.path.isdir(c['data_dir']):
+        fail(f"data_dir {c['data_dir']!r} does not exist; write it with prepare.py "
+             f"(e.g. python prepare.py --input=... ) or set --dataset / --data_dir")
+    try:
+        meta = load_meta(c['data_dir'])
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"data_dir {c['data_dir']!r}: {e}")
+
+    # -------------------------------------------------------------------------------------------------
+    # model: fresh, or rebuilt from the checkpoint by the shared loader
+    model_keys = [f.name for f in dataclasses.fields(ModelConfig)]
+    missing = [k for k in model_keys if k not in c]
+    if missing:
+        fail(f"ModelConfig fields {missing} have no config global in train.py")
+    model_args = {k: c[k] for k in model_keys}
+    ckpt = None
+    if c['init_from'] == 'resume':
+        if not os.path.isfile(ckpt_path):
+            fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
+        model, ckpt = load_checkpoint(ckpt_path, device='cpu', use_ema=False)
+        for k, v in ckpt['model_args'].items():
+            if k in c and c[k] != v:
+                log(f"resume: {k}={v!r} from the checkpoint (the config says {c[k]!r})")
+            c[k] = v
+        model_args = dict(ckpt['model_args'])
+        old = ckpt.get('meta') or {}
+        for k in ('tokenizer', 'vocab_size', 'eot_token'):
+            if k in old and k in meta and old[k] != meta[k]:
+                fail(f"the checkpoint was trained on data with {k}={old[k]!r} but {c['data_dir']}/meta.json "
+                     f"says {meta[k]!r}")
+    else:
+        torch.manual_seed(c['seed'])  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        try:
+            model = build_model(ModelConfig(**model_args))
+        except (ValueError, TypeError) as e:
+            fail(f"invalid model configuration: {e}")
+    model.to(device)
+    raw_model = model
+    window = c['block_size'] + raw_model.extra_tokens
+    tokens_per_iter = c['batch_size'] * c['block_size'] * ga_steps * world_size
+
+    try:
+        train_data = TokenWindows(c['data_dir'], 'train', window, vocab_size=c['vocab_size'])
+        val_data = TokenWindows(c['data_dir'], 'val', window, vocab_size=c['vocab_size'])
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"data_dir {c['data_dir']!r} does not fit the model (block_size={c['block_size']}, "
+             f"window={window}, vocab_size={c['vocab_size']}): {e}")
+
+    def to_device(x):
+        if device_type == 'cuda':
+            return x.pin_memory().to(device, non_blocking=True)
+        return x.to(device)
+
+    def get_batch(loader, step, seed, r):
+        return to_device(loader.random_batch(c['batch_size'], step=step, seed=seed, rank=r))
+
+    # -------------------------------------------------------------------------------------------------
+    # optimizer, loss scaling, EMA, compile, DDP
+    optimizer = raw_model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
+                                               device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=c['dtype'] == 'float16')
+    ema = None
+    if c['ema_decay'] > 0:
+        ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
+    iter_num, best_val_loss, last_saved = 0, float('inf'), None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        if ema is not None:
+            if ckpt.get('ema') is not None:
+                ema.load_state_dict(ckpt['ema'])
+            else:
+                log("resume: the checkpoint has no EMA; the EMA starts from the current weights")
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        last_saved = iter_num
+        changed = {k: v for k, v in (ckpt.get('config') or {}).items()
+                   if k in c and c[k] != v and k not in ('init_from', 'eval_only')}
+        if changed:
+            log("resume: settings that differ from the checkpoint's run: " +
+                ", ".join(f"{k}={c[k]!r} (was {v!r})" for k, v in changed.items()))
+        del ckpt  # free the host copy of the weights and optimizer state
+    start_iter = iter_num
+
+    model = raw_model
+    if c['compile']:
+        log("compiling the model with torch.compile ...")
+        model = torch.compile(raw_model)
+    eval_model = model  # (compiled if asked) without the DDP wrapper: evaluation needs no gradient sync
+    if ddp:
+        model = DDP(model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
+
+    # -------------------------------------------------------------------------------------------------
+    # logging
+    log(f"model_type={c['model_type']}: {raw_model.get_num_params() / 1e6:.2f}M parameters (non-embedding), "
+        f"device={device}, dtype={c['dtype']}, compile={c['compile']}, ranks={world_size}")
+    split_tokens = {k: v.get('tokens') for k, v in meta.get('splits', {}).items()}
+    log(f"data: {c['data_dir']}: {split_tokens} tokens, "
+        f"window {window}; {tokens_per_iter:,} tokens per iteration "
+        f"({world_size} ranks x {ga_steps} micro-batches x {c['batch_size']} x {c['block_size']})")
+    peak = c['peak_flops']
+    if master and peak == 0 and not c['eval_only']:
+        peak = measure_peak_flops(device, ptdtype)
+        log(f"measured peak {peak / 1e12:.3f} TFLOP/s ({c['dtype']} matmul on {device}) for MFU")
+    writer = wandb = None
+    if master and not c['eval_only']:
+        os.makedirs(c['out_dir'], exist_ok=True)
+        if c['tensorboard_log']:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step drops events a killed run logged after its last checkpoint
+            writer = SummaryWriter(os.path.join(c['out_dir'], 'tb'), purge_step=iter_num if iter_num else None)
+        if c['wandb_log']:
+            import wandb
+            wandb.init(project=c['wandb_project'], name=c['wandb_run_name'], config=c)
+
+    def scalars(d, step):
+        if writer is not None:
+            for k, v in d.items():
+                writer.add_scalar(k, v, step)
+        if wandb is not None:
+            wandb.log(d, step=step)
+
+    # -------------------------------------------------------------------------------------------------
+    # evaluation: the same windows and the same noise every time, so successive numbers are comparable;
+    # the eval batches are shared out over the ranks and the sums all-reduced
+    @torch.no_grad()
+    def estimate_loss():
+        out = {}
+        jobs = [('train', train_data, eval_model), ('val', val_data, eval_model)]
+        if ema is not None:
+            jobs.append(('val_ema', val_data, ema))
+        for name, loader, m in jobs:
+            m.eval()
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for k in range(rank, c['eval_iters'], world_size):
+                X = get_batch(loader, k, _EVAL_SEED, 0)
+                torch.manual_seed(stream_seed(_EVAL_SEED, k))
+                with ctx:
+                    total += m(X).double()
+            if ddp:
+                dist.all_reduce(total)
+            out[name] = total.item() / c['eval_iters']
+        model.train()
+        return out
+
+    def save(iter_num):
+        ckpt = {
+            'model_args': model_args,
+            'model': raw_model.state_dict(),
+            'ema': ema.state_dict() if ema is not None else None,
+            'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict(),
+            'iter_num': iter_num,
+            'best_val_loss': best_val_loss,
+            'config': dict(c),
+            'meta': meta,
+        }
+        save_checkpoint(ckpt_path, ckpt)
+
+    if ddp:
+        # a safety check: every rank must draw its own windows, else DDP only repeats work
+        first = get_batch(train_data, iter_num * ga_steps, c['seed'], rank)
+        prints = [None] * world_size
+        dist.all_gather_object(prints, fingerprint([first]))
+        log(f"ddp: {world_size} ranks, first micro-batch fingerprints {prints}")
+        if len(set(prints)) != world_size:
+            fail("DDP ranks drew identical training windows; TokenWindows.random_batch must depend on rank")
+
+    # -------------------------------------------------------------------------------------------------
+    # training loop
+    model.train()
+    t_last, iters_timed = time.time(), 0
+    while True:
+        lr = get_lr(iter_num, c)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+
+        # evaluate at every eval_interval and at the end; a resumed run already evaluated its first iteration
+        resumed_here = c['init_from'] == 'resume' and iter_num == start_iter
+        if c['eval_only'] or ((iter_num % c['eval_interval'] == 0 or iter_num == c['max_iters'])
+                              and not resumed_here):
+            losses = estimate_loss()
+            ema_part = f", val (EMA) {losses['val_ema']:.4f}" if 'val_ema' in losses else ""
+            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_part}")
+            if c['eval_only']:
+                break
+            scalars({f'eval/{k}_loss': v for k, v in losses.items()}, iter_num)
+            # the checkpoint is judged by the weights that sampling will use: the EMA's, when there is one
+            score = losses.get('val_ema', losses['val'])
+            if iter_num > 0 and (score < best_val_loss or c['always_save_checkpoint']):
+                best_val_loss = min(best_val_loss, score)
+                if master:
+                    save(iter_num)
+                    log(f"saved {ckpt_path} (iteration {iter_num})")
+                last_saved = iter_num
+            t_last, iters_timed = time.time(), 0  # evaluation time is not training time
+        if iter_num >= c['max_iters']:
+            break
+
+        # one optimizer step: ga_steps micro-batches on this rank, gradients averaged over ranks at the last.
+        # The diffusion noise and times are a pure function of (seed, rank, iter_num), and the windows of
+        # (seed, rank, global micro-step), so a resumed run continues both streams exactly.
+        torch.manual_seed(stream_seed(c['seed'], rank, iter_num))
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(ga_steps):
+            X = get_batch(train_data, iter_num * ga_steps + micro_step, c['seed'], rank)
+            if ddp:
+                model.require_backward_grad_sync = micro_step == ga_steps - 1
+            with ctx:
+                loss = model(X) / ga_steps
+            loss_sum += loss.detach().float()
+            scaler.scale(loss).backward()
+        if ddp:
+            dist.all_reduce(loss_sum)  # the mean over ranks: all ranks agree on it, and so stop together
+            loss_sum /= world_size
+        lossf = loss_sum.item()
+        if not math.isfinite(lossf):
+            where = f"iteration {last_saved}" if last_saved is not None else "none written yet"
+            fail(f"non-finite loss ({lossf}) at iteration {iter_num}; stopping. {ckpt_path} is left as it was "
+                 f"(last checkpoint: {where})")
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                   c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            # EMA warmup: the decay ramps up so that short runs get a useful average too
+            d = min(c['ema_decay'], (1 + iter_num) / (10 + iter_num))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), raw_model.parameters()):
+                    e.lerp_(p.detach(), 1.0 - d)
+                for e, b in zip(ema.buffers(), raw_model.buffers()):
+                    e.copy_(b)
+        iter_num += 1
+        iters_timed += 1
+
+        if iter_num % c['log_interval'] == 0 and master:
+            dt = (time.time() - t_last) / iters_timed
+            mfu = raw_model.estimate_mfu(c['batch_size'] * ga_steps, dt, peak) if peak > 0 else 0.0
+            gn = grad_norm.item()
+            log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, grad norm {gn:.3f}")
+            scalars({'train/loss': lossf, 'train/lr': lr, 'train/grad_norm': gn, 'perf/ms_per_iter': dt * 1000,
+                     'perf/tokens_per_s': tokens_per_iter / dt, 'perf/mfu': mfu}, iter_num)
+            t_last, iters_timed = time.time(), 0
+
+    if ddp and not c['eval_only']:
+        # a safety check: DDP must leave every rank with bitwise identical weights
+        prints = [None] * world_size
+        dist.all_gather_object(prints, fingerprint(raw_model.state_dict().values()))
+        log(f"ddp: final weight fingerprints {prints}" +
+            (" (identical on all ranks)" if len(set(prints)) == 1 else " DIFFER"))
+        if len(set(prints)) != 1:
+            fail("DDP ranks ended with different weights")
+    if writer is not None:
+        writer.close()
+    if wandb is not None:
+        wandb.finish()
+    return best_val_loss
+
+
+if __name__ == '__main__':
+    main()
