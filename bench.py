@@ -27,7 +27,6 @@ import re
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -35,7 +34,7 @@ from configurator import configure
 from evaluate import write_json
 from model import build_model
 from prepare import DEFAULTS as PREPARE_DEFAULTS, TokenWindows, find_text_files, get_encoding, prepare
-from train import measure_peak_flops
+from train import autocast_context, measure_peak_flops, resolve_device
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; --key=value overrides them
@@ -72,11 +71,6 @@ def fail(msg):
 def sync(dev):
     if torch.device(dev).type == 'cuda':
         torch.cuda.synchronize(dev)
-
-
-def autocast(device_type, dtype):
-    """The context the network runs under: nothing for float32, else autocast to `dtype` (train.py's ctx)."""
-    return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
 def timed(fn, dev):
@@ -220,15 +214,8 @@ def main(argv=None):
     for key in ('iters', 'batch_size', 'block_size'):
         if c[key] < 1:
             fail(f"{key}={c[key]}, expected >= 1")
-    dev = c['device'] if c['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    device_type = torch.device(dev).type
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        fail(f"device={dev!r} but CUDA is not available; use --device=cpu")
-    if 'float16' in c['dtypes'] and device_type != 'cuda':
-        fail("float16 autocast is for CUDA; on CPU use float32 and bfloat16")
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: "float32" training runs TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
+    for d in c['dtypes']:
+        dev, device_type, _ = resolve_device(c['device'], d, prog='bench.py')
     if c['threads'] > 0:
         torch.set_num_threads(c['threads'])
     torch.manual_seed(c['seed'])
@@ -250,7 +237,7 @@ def main(argv=None):
     shape = {k: c[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')}
     for family in c['families']:
         for d in c['dtypes']:
-            ctx = autocast(device_type, d)
+            ctx = autocast_context(device_type, d)
             torch.manual_seed(c['seed'])
             try:
                 model = build_model({**shape, 'model_type': family}).to(dev)
@@ -279,7 +266,7 @@ def main(argv=None):
     if c['cache_steps'] > 0 and 'mask' in c['families']:
         torch.manual_seed(c['seed'])
         model = build_model({**shape, 'model_type': 'mask'}).to(dev)
-        ctx = autocast(device_type, c['dtypes'][0])
+        ctx = autocast_context(device_type, c['dtypes'][0])
         t_on, n_on = bench_sampling(model, c, dev, ctx, 1, c['block_size'], c['cache_steps'], cached=True)
         t_off, n_off = bench_sampling(model, c, dev, ctx, 1, c['block_size'], c['cache_steps'], cached=False)
         res['mask_cache'] = {'steps': c['cache_steps'], 'length': c['block_size'], 'dtype': c['dtypes'][0],

@@ -36,7 +36,6 @@ import math
 import os
 import time
 from collections import Counter
-from contextlib import nullcontext
 
 import torch
 
@@ -44,6 +43,7 @@ from configurator import configure
 from model import load_checkpoint, write_atomic
 import prepare
 from prepare import TokenWindows, get_encoding
+from train import autocast_context, resolve_device
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; a config file (config/eval_*.py) or --key=value overrides them
@@ -286,14 +286,8 @@ def main(argv=None):
     bad = [s for s in c['steps'] if not isinstance(s, int) or s < 1]
     if bad or not c['steps']:
         fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
-    if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
-        fail(f"dtype={c['dtype']!r}, expected 'float32', 'bfloat16' or 'float16'")
-    dev = c['device'] if c['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    device_type = torch.device(dev).type
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        fail(f"device={dev!r} but CUDA is not available; use --device=cpu")
-    ctx = nullcontext() if c['dtype'] == 'float32' else \
-        torch.autocast(device_type, dtype=getattr(torch, c['dtype']))
+    dev, device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='evaluate.py')
+    ctx = autocast_context(device_type, c['dtype'])
 
     def load(path):
         try:

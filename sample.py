@@ -36,13 +36,13 @@ with `seed`, so a seed gives the same samples on any device, for the same batch_
 import json
 import re
 import time
-from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
 from model import load_checkpoint, write_atomic
 from prepare import PrepareError, get_encoding
+from train import autocast_context, resolve_device
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -230,23 +230,8 @@ def main(argv=None):
             fail(f"{key}={c[key]}, expected >= 0")
     if c['prompt'] and c['prompt_file']:
         fail("set prompt or prompt_file, not both")
-    if c['dtype'] not in ('auto', 'float32', 'bfloat16', 'float16'):
-        fail(f"dtype={c['dtype']!r}, expected 'auto', 'float32', 'bfloat16' or 'float16'")
-    if c['device'] == 'auto':
-        c['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device_type = 'cuda' if c['device'].startswith('cuda') else c['device'].split(':')[0]
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        fail(f"device={c['device']!r} but torch.cuda.is_available() is False; use --device=cpu")
-    if c['dtype'] == 'auto':
-        c['dtype'] = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' \
-            else 'float32'
-    if c['dtype'] == 'float16' and device_type != 'cuda':
-        fail(f"dtype='float16' is for CUDA; on {device_type} use bfloat16 or float32")
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ctx = nullcontext() if c['dtype'] == 'float32' else \
-        torch.autocast(device_type=device_type, dtype=getattr(torch, c['dtype']))
+    c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='sample.py')
+    ctx = autocast_context(device_type, c['dtype'])
 
     # -- the model, and the options it takes
     try:
