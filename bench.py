@@ -31,10 +31,9 @@ import time
 import torch
 
 from configurator import configure
-from evaluate import write_json
 from model import build_model
 from prepare import DEFAULTS as PREPARE_DEFAULTS, TokenWindows, find_text_files, get_encoding, prepare
-from train import autocast_context, measure_peak_flops, resolve_device
+from util import autocast_context, measure_peak_flops, resolve_device, sync, write_json
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; --key=value overrides them
@@ -56,7 +55,8 @@ prepare_procs = 0           # prepare.py's processes; 0 = all cores (its default
 peak_seconds = 1.0          # duration of each matmul peak probe
 device = 'auto'             # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
 threads = 0                 # CPU threads for torch (torch.set_num_threads); 0 = torch's default (all cores)
-compile = False             # torch.compile the model for training
+compile = False             # also time each family's training step under torch.compile (beside eager)
+compile_mode = 'default'    # torch.compile mode (see train.py)
 seed = 1337
 json = ''                   # write the results to this path ('' = only print)
 _config_keys = [k for k, v in list(globals().items())
@@ -66,11 +66,6 @@ _config_keys = [k for k, v in list(globals().items())
 
 def fail(msg):
     raise SystemExit(f"bench.py: {msg}")
-
-
-def sync(dev):
-    if torch.device(dev).type == 'cuda':
-        torch.cuda.synchronize(dev)
 
 
 def timed(fn, dev):
@@ -89,11 +84,12 @@ def make_batches(c, window, n):
     return [torch.randint(0, c['vocab_size'], (c['batch_size'], window), generator=g) for _ in range(n)]
 
 
-def bench_training(model, c, dev, ctx):
-    """Median seconds of one optimizer step (forward, backward, AdamW) after c['warmup'] untimed ones."""
+def bench_training(model, c, dev, ctx, compiled=False):
+    """(median seconds of one optimizer step (forward, backward, AdamW) after c['warmup'] untimed ones, seconds
+    of the first step: with compiled=True that one includes the compilation)."""
     device_type = torch.device(dev).type
     opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type)
-    run = torch.compile(model) if c['compile'] else model
+    run = torch.compile(model, mode=c['compile_mode']) if compiled else model
     batches = [x.to(dev) for x in make_batches(c, c['block_size'] + model.extra_tokens, 4)]
     model.train()
     times = []
@@ -107,9 +103,11 @@ def bench_training(model, c, dev, ctx):
             opt.step()
             opt.zero_grad(set_to_none=True)
         dt, _ = timed(step, dev)
+        if i == 0:
+            first = dt
         if i >= c['warmup']:
             times.append(dt)
-    return statistics.median(times)
+    return statistics.median(times), first
 
 
 @torch.no_grad()
@@ -161,11 +159,12 @@ def tables(res):
              "peak (matmul probe): " + ', '.join(f"{d} {p / 1e12:.3f} TFLOP/s" for d, p in res['peak_flops'].items()),
              '',
              '| family | dtype | params (M) | train ms/iter | train tok/s | MFU | time / ar '
-             '| sample steps | NFE | sample tok/s |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             '| compiled ms/iter | first compiled step (s) | sample steps | NFE | sample tok/s |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in res['train']:
         lines.append(f"| {r['family']} | {r['dtype']} | {r['params'] / 1e6:.2f} | {r['ms_per_iter']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f}% | {fmt(r['vs_ar'], '.2f')} | "
+                     f"{fmt(r.get('compiled_ms_per_iter'), '.1f')} | {fmt(r.get('first_compiled_step_s'), '.1f')} | "
                      f"{fmt(r['sample_steps'], 'd')} | {fmt(r['sample_nfe'], 'd')} | "
                      f"{fmt(r['sample_tokens_per_s'], ',.0f')} |")
     lines += ['', '| measure | value | target |', '|---|---|---|']
@@ -186,6 +185,10 @@ def summarise(res):
         if (f, 'float32') in rows and (f, 'bfloat16') in rows:
             speedup = rows[(f, 'float32')]['ms_per_iter'] / rows[(f, 'bfloat16')]['ms_per_iter']
             out.append((f'{f} bf16 speedup over float32 (training)', f'{speedup:.2f}x', '>= 1.3x'))
+    for (f, d), r in rows.items():
+        if r.get('compiled_ms_per_iter'):
+            out.append((f'{f} {d} compiled speedup over eager (training)',
+                        f"{r['ms_per_iter'] / r['compiled_ms_per_iter']:.2f}x", ''))
     for (f, d), r in rows.items():
         if f != 'ar' and r['vs_ar'] is not None:
             target = '< 1.00x' if f == 'bits' else ('<= 1.15x' if f in ('embed', 'mask') else '')
@@ -243,12 +246,17 @@ def main(argv=None):
                 model = build_model({**shape, 'model_type': family}).to(dev)
             except ValueError as e:
                 fail(f"family {family!r}: {e}")
-            dt = bench_training(model, c, dev, ctx)
+            dt, _ = bench_training(model, c, dev, ctx)
             row = {'family': family, 'dtype': d, 'params': model.get_num_params(), 'ms_per_iter': dt * 1000,
                    'tokens_per_s': c['batch_size'] * c['block_size'] / dt,
                    'mfu': model.estimate_mfu(c['batch_size'], dt, res['peak_flops'][d]),
                    'flops_per_token': model.flops_per_token(), 'vs_ar': None,
-                   'sample_steps': None, 'sample_nfe': None, 'sample_tokens_per_s': None}
+                   'sample_steps': None, 'sample_nfe': None, 'sample_tokens_per_s': None,
+                   'compiled_ms_per_iter': None, 'first_compiled_step_s': None}
+            if c['compile']:
+                torch._dynamo.reset()  # each family compiles from scratch: the first step's time is honest
+                dtc, first = bench_training(model, c, dev, ctx, compiled=True)
+                row.update(compiled_ms_per_iter=dtc * 1000, first_compiled_step_s=first)
             if c['sample_steps'] > 0:
                 steps = c['block_size'] if family == 'ar' else c['sample_steps']
                 st, nfe = bench_sampling(model, c, dev, ctx, c['batch_size'], c['block_size'], steps)

@@ -4,7 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from util import keep_freed_memory
+
+keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (util.py)
+
 SHARED_TINYSTORIES = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'tinystories'
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU; run them with  python -m pytest -q -m gpu')
 
 
 def tinystories_documents(limit=None):

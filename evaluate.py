@@ -25,6 +25,9 @@ For each checkpoint in `ckpts`:
                 NFE, tok/s  network evaluations per sample (per batched sampler call, averaged over the calls)
                           and sampled tokens per second.
   A reference row, `test text`, scores num_samples windows of held-out text the same way.
+  baseline    a `unigram` row: a unigram model fitted on the train split (add-1/2), scored on the same test
+              tokens; each model's `context gain` is the unigram's bits/token minus its own (per window, with
+              the standard error of those paired differences). A gain near 0 means no context was learned.
 
 Writes out_dir/results.json and out_dir/eval.png (gen-PPL and entropy against steps, one line per checkpoint),
 and prints a markdown table, one row per checkpoint and step count. The judge scoring its own family's samples
@@ -40,10 +43,10 @@ from collections import Counter
 import torch
 
 from configurator import configure
-from model import load_checkpoint, write_atomic
+from model import load_checkpoint
 import prepare
-from prepare import TokenWindows, get_encoding
-from train import autocast_context, resolve_device
+from prepare import TokenWindows, get_encoding, unigram_logprobs
+from util import autocast_context, resolve_device, sync, write_atomic, write_json
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; a config file (config/eval_*.py) or --key=value overrides them
@@ -149,7 +152,10 @@ def text_metrics(samples, judge_model, batch_size, bos=prepare.EOT):
 
 @torch.no_grad()
 def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen):
-    """Mean bits/token (exact for ar, the bound otherwise) over the split's non-overlapping windows."""
+    """Mean bits/token (exact for ar, the bound otherwise) over the split's non-overlapping windows, and beside
+    it the unigram baseline (a unigram model of the train split, add-1/2 smoothed) on exactly the tokens the
+    model scored, and the context gain: unigram bits minus the model's, window by window, so its standard error
+    is that of the paired differences. A model with no gain has learned token frequencies, not context."""
     bs = model.config.block_size
     windows = TokenWindows(data_dir, split, bs + model.extra_tokens, vocab_size=model.config.vocab_size)
     # count windows as an `ar` model of this block size would (one token longer), so the same windows are
@@ -157,23 +163,22 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen):
     n = TokenWindows(data_dir, split, bs + 1).num_eval_windows(bs)
     n = min(n, max_windows) if max_windows > 0 else n
     device = next(model.parameters()).device
-    per_window = []
+    unigram = torch.from_numpy(unigram_logprobs(data_dir, 'train', model.config.vocab_size)) / -math.log(2)
+    per_window, uni_window = [], []
     for start in range(0, n, batch_size):
-        x = windows.eval_batch(start, min(batch_size, n - start), bs).to(device)
-        est = torch.stack([model.nll(x, generator=gen).double() for _ in range(mc)]).mean(0)
+        x = windows.eval_batch(start, min(batch_size, n - start), bs)
+        est = torch.stack([model.nll(x.to(device), generator=gen).double() for _ in range(mc)]).mean(0)
         per_window.append(est.cpu())
-    per_window = torch.cat(per_window)
+        uni_window.append(unigram[x[:, model.extra_tokens:]].mean(1))  # the tokens nll() scores
+    per_window, uni_window = torch.cat(per_window), torch.cat(uni_window)
     bits, se = mean_se(per_window)
+    gain, gain_se = mean_se(uni_window - per_window)
     return {'bits': bits, 'bits_se': se, 'ppl': perplexity(bits), 'windows': n, 'tokens': n * bs,
-            'mc_samples': mc, 'exact': model.config.model_type == 'ar'}
+            'mc_samples': mc, 'exact': model.config.model_type == 'ar',
+            'unigram_bits': uni_window.mean().item(), 'context_gain': gain, 'context_gain_se': gain_se}
 
 
 # ---- sampling
-
-def sync(device):
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize(device)
-
 
 @torch.no_grad()
 def sample_row(model, n, length, steps_, batch_size, seed_, device_, ctx):
@@ -218,26 +223,23 @@ def fmt_ppl(v):
 
 
 def markdown_table(results):
-    head = ['model', 'family', 'test bits/tok', 'test PPL', 'steps', 'NFE', 'tok/s', 'gen-PPL', 'entropy',
-            'dist-1', 'dist-2', 'dist-3', 'rep-4']
+    head = ['model', 'family', 'test bits/tok', 'context gain', 'test PPL', 'steps', 'NFE', 'tok/s', 'gen-PPL',
+            'entropy', 'dist-1', 'dist-2', 'dist-3', 'rep-4']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    uni = results.get('unigram')
+    if uni:
+        lines.append('| ' + ' | '.join(['unigram', 'baseline', f"{uni['bits']:.3f} (exact)", '0', fmt_ppl(uni['ppl'])]
+                                       + ['-'] * (len(head) - 5)) + ' |')
     for r in results['rows']:
         lk = results['likelihood'].get(r['name'])
         bits = '-' if lk is None else f"{lk['bits']:.3f} (exact)" if lk['exact'] else \
             f"{lk['bits']:.3f} ± {fmt(lk['bits_se'])} (bound)"
-        cells = [r['name'], r['family'], bits, fmt_ppl(lk and lk['ppl']), fmt(r['steps'], 'd'), fmt(r['nfe'], '.0f'),
+        gain = '-' if lk is None else f"{lk['context_gain']:+.3f} ± {fmt(lk['context_gain_se'])}"
+        cells = [r['name'], r['family'], bits, gain, fmt_ppl(lk and lk['ppl']), fmt(r['steps'], 'd'), fmt(r['nfe'], '.0f'),
                  fmt(r['tokens_per_s'], ',.0f'), fmt_ppl(r.get('gen_ppl')), fmt(r['entropy'], '.2f'),
                  fmt(r['distinct_1']), fmt(r['distinct_2']), fmt(r['distinct_3']), fmt(r['rep_4'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
-
-
-def write_json(path, obj):
-    """obj as indented JSON, written atomically (strict JSON: a NaN or inf is an error, not a silent token)."""
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write(json.dumps(obj, indent=2, allow_nan=False, default=str) + '\n')
-    write_atomic(path, write)
 
 
 def draw_plot(results, path):
@@ -359,9 +361,13 @@ def main(argv=None):
         except (OSError, ValueError) as e:
             fail(f"likelihood of {path!r} on {ddir!r}: {e}")
         results['likelihood'][name] = lk
+        if 'unigram' not in results:  # the baseline row: the first checkpoint's scored tokens
+            results['unigram'] = {'bits': lk['unigram_bits'], 'ppl': perplexity(lk['unigram_bits']), 'data_dir': ddir,
+                                  'tokens': lk['tokens'], 'fitted_on': 'train'}
         print(f"{name}: {lk['bits']:.4f} ± {fmt(lk['bits_se'], '.4f')} bits/token "
               f"({'exact' if lk['exact'] else 'bound'}, {lk['tokens']:,} {c['split']} tokens), "
-              f"PPL {fmt_ppl(lk['ppl'])}")
+              f"PPL {fmt_ppl(lk['ppl'])}; unigram {lk['unigram_bits']:.4f}, context gain "
+              f"{lk['context_gain']:+.4f} ± {fmt(lk['context_gain_se'], '.4f')} bits/token")
         # samples: ar once (steps is the length), the others at every step count they accept
         grid = [None] if cfg.model_type == 'ar' else c['steps']
         warm = None if cfg.model_type == 'ar' else 1

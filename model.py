@@ -15,12 +15,13 @@ for `mask`; the network always sees t normalised to [0, 1]. Likelihoods are repo
 import functools
 import math
 import os
-import tempfile
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from util import write_atomic
 
 MODEL_TYPES = ('embed', 'bits', 'analog', 'mask', 'ar')
 NUM_BITS = 16  # 50,257 GPT-2 ids < 2**16 = 65,536
@@ -28,7 +29,7 @@ NUM_BITS = 16  # 50,257 GPT-2 ids < 2**16 = 65,536
 
 @dataclass
 class ModelConfig:
-    model_type: str = 'embed'        # embed | bits | analog | mask | ar (see DESIGN.md)
+    model_type: str = 'embed'        # embed | bits | analog | mask | ar (the family classes below, FAMILIES)
     vocab_size: int = 50257          # real vocabulary (GPT-2); embedding tables are padded to a multiple of 64
     block_size: int = 256            # sequence length the network sees
     n_layer: int = 6                 # transformer blocks
@@ -38,7 +39,7 @@ class ModelConfig:
     bias: bool = True                # biases in Linear layers
     rotary: bool = False             # rotary position embedding instead of a learned absolute one
     T: int = 1000                    # diffusion steps of the discrete-time process (embed, bits, analog)
-    noise_schedule: str = 'cosine'   # beta schedule: linear | cosine | sqrt (embed, bits, analog)
+    noise_schedule: str = 'sqrt'     # linear | cosine | sqrt (Diffusion-LM's; bits configs use cosine)
     predict: str = 'x0'              # embed: the network predicts eps or x0
     embed_dim: int = 64              # embed: width of the diffused token embedding (projected to n_embd)
     self_cond: bool = True           # embed/analog: feed the previous estimate of x0 back (self-conditioning)
@@ -78,8 +79,8 @@ class ModelConfig:
 # The network: DiT blocks (adaLN-zero) over a token sequence
 
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with one (shift, scale) per sequence broadcast over positions."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: x * (1 + scale) + shift, with (shift, scale) per sequence (B, 1, C) or constant (1, 1, C)."""
+    return x * (1 + scale) + shift
 
 
 class TimestepEmbedder(nn.Module):
@@ -159,43 +160,57 @@ class MLP(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN attention and MLP, each modulated (shift, scale) and gated by the conditioning vector c.
+    """Pre-LN attention and MLP, each modulated (shift, scale) and gated by the conditioning.
 
-    The modulation layer is zero-initialised, so both gates start at 0 and the block is the identity.
+    With a time input the six vectors come from the conditioning vector c through a zero-initialised linear
+    layer (adaLN-zero: both gates start at 0 and the block is the identity, DiT). Without one (ar, and mask by
+    default) they are a constant: learned per-channel vectors with the gates starting at 1, i.e. a plain pre-LN
+    GPT block whose LayerNorms have gains and biases. Running a matmul on a learned constant c instead would
+    cost 6 n_embd^2 weights for nothing, and a zero gate keeps every attention and MLP weight without gradient
+    until the gates have grown: a slow start that cost the mask family ~0.05 nats at 500 CPU iterations.
     """
 
-    def __init__(self, config, causal):
+    def __init__(self, config, causal, time_cond=True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(config, causal)
         self.ln_2 = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(config)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.n_embd, 6 * config.n_embd))
+        if time_cond:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.n_embd, 6 * config.n_embd))
+        else:
+            self.modulation = nn.Parameter(torch.zeros(6, config.n_embd))  # init_weights sets the gates to 1
 
     def forward(self, x, c, kv_cache=None, pos_offset=0):
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.ln_1(x), shift_a, scale_a), kv_cache, pos_offset)
-        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.ln_2(x), shift_m, scale_m))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation_vectors(self, c, 6)
+        x = x + gate_a * self.attn(modulate(self.ln_1(x), shift_a, scale_a), kv_cache, pos_offset)
+        x = x + gate_m * self.mlp(modulate(self.ln_2(x), shift_m, scale_m))
         return x
 
 
-class Backbone(nn.Module):
-    """Positions + time conditioning + DiT blocks + final adaLN LayerNorm. Families own input and head.
+def modulation_vectors(module, c, n):
+    """The n modulation vectors of a block, shaped to broadcast over (B, L, C): from c (B, C) through the
+    module's adaLN layer, or its learned constant (n, C) when there is no time input (c is None)."""
+    if c is None:
+        return module.modulation.view(n, 1, 1, -1).unbind(0)
+    return module.adaLN_modulation(c).unsqueeze(1).chunk(n, dim=2)
 
-    Without time conditioning (ar, and mask by default) the adaLN vector is a learned constant.
-    """
+
+class Backbone(nn.Module):
+    """Positions + time conditioning + DiT blocks + final modulated LayerNorm. Families own input and head."""
 
     def __init__(self, config, causal=False, time_cond=True):
         super().__init__()
         self.config = config
         self.wpe = None if config.rotary else nn.Embedding(config.block_size, config.n_embd)
         self.t_embedder = TimestepEmbedder(config.n_embd) if time_cond else None
-        # a generic non-zero constant: with c = 0 the adaLN weights would get no gradient (SiLU(0) = 0)
-        self.c_const = None if time_cond else nn.Parameter(torch.randn(config.n_embd))
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([DiTBlock(config, causal) for _ in range(config.n_layer)])
+        self.blocks = nn.ModuleList([DiTBlock(config, causal, time_cond) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
-        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.n_embd, 2 * config.n_embd))
+        if time_cond:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.n_embd, 2 * config.n_embd))
+        else:
+            self.modulation = nn.Parameter(torch.zeros(2, config.n_embd))
 
     def forward(self, h, t=None, kv_caches=None, pos_offset=0):
         B, L, _ = h.shape
@@ -203,11 +218,11 @@ class Backbone(nn.Module):
             raise ValueError(f"sequence of {pos_offset + L} positions exceeds block_size={self.config.block_size}")
         if self.wpe is not None:
             h = h + self.wpe(torch.arange(pos_offset, pos_offset + L, device=h.device))
-        c = self.t_embedder(t) if self.t_embedder is not None else self.c_const.to(h.dtype).expand(B, -1)
+        c = self.t_embedder(t) if self.t_embedder is not None else None
         h = self.drop(h)
         for i, block in enumerate(self.blocks):
             h = block(h, c, None if kv_caches is None else kv_caches[i], pos_offset)
-        shift, scale = self.final_modulation(c).chunk(2, dim=1)
+        shift, scale = modulation_vectors(self, c, 2)
         return modulate(self.ln_f(h), shift, scale)
 
 
@@ -221,9 +236,14 @@ def init_weights(module, n_layer):
             nn.init.normal_(p, mean=0.0, std=std)
     for m in module.modules():
         if isinstance(m, (DiTBlock, Backbone)):
-            last = m.adaLN_modulation[-1] if isinstance(m, DiTBlock) else m.final_modulation[-1]
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+            if hasattr(m, 'adaLN_modulation'):  # adaLN-zero
+                nn.init.zeros_(m.adaLN_modulation[-1].weight)
+                nn.init.zeros_(m.adaLN_modulation[-1].bias)
+            else:  # constant modulation: shift 0, scale 0, and for blocks gates 1 (rows 2 and 5)
+                with torch.no_grad():
+                    m.modulation.zero_()
+                    if isinstance(m, DiTBlock):
+                        m.modulation[2::3] = 1.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,14 +259,6 @@ def rand(shape, generator, device):
 def randn(shape, generator, device):
     gdev = generator.device if generator is not None else torch.device(device)
     return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
-
-
-def on_device(table, device, _cache={}):
-    """A float64 schedule table on `device`, copied once per (table, device) rather than at every call."""
-    key = (id(table), str(device))
-    if key not in _cache or _cache[key][0] is not table:
-        _cache[key] = (table, table.to(device))
-    return _cache[key][1]
 
 
 def in_eval_mode(method):
@@ -345,10 +357,13 @@ class GaussianDiffusion:
 
     def __init__(self, abar):
         self.abar = abar
+        self.abar_dev = abar  # the same table on the model's device (GaussianLM._apply keeps it there)
         self.T = len(abar) - 1
+        # Python floats, so the compiled graph holds constants rather than syncing on .item()
+        self.abar_1, self.abar_T = float(abar[1]), float(abar[-1])
 
     def at(self, t, x):
-        return on_device(self.abar, x.device)[t].view(-1, *([1] * (x.dim() - 1)))
+        return self.abar_dev[t].view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
         """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
@@ -394,15 +409,9 @@ class GaussianDiffusion:
         dt = x_t.dtype
         return a_s.sqrt().to(dt) * x0_hat + c_eps.to(dt) * eps + sigma.to(dt) * noise
 
-    def t_proposal(self):
-        """q(t) for t = 2..T (index t - 2): half uniform, half proportional to log SNR_{t-1} - log SNR_t."""
-        log_snr = torch.log(self.abar[1:]) - torch.log1p(-self.abar[1:])  # t = 1..T
-        drop = (log_snr[:-1] - log_snr[1:]).clamp(min=0)
-        return 0.5 * drop / drop.sum() + 0.5 / (self.T - 1)
-
     def prior_kl(self, x0):
         """KL(q(x_T | x_0) || N(0, I)) per element, in nats, in x0's dtype (coefficients in float64)."""
-        a = self.abar[self.T].item()
+        a = self.abar_T
         return 0.5 * (a * x0 ** 2 + (1 - a) - 1 - math.log1p(-a))
 
     def kl_step(self, x0, x0_hat, t):
@@ -453,7 +462,7 @@ class DiffusionLM(nn.Module):
         conditioning path (time MLP, adaLN modulations) runs once per sequence, so it counts 1/block_size."""
         c = self.config
         per_seq = sum(p.numel() for n, p in self.named_parameters()
-                      if any(k in n for k in ('t_embedder', 'adaLN_modulation', 'final_modulation', 'c_const')))
+                      if 't_embedder' in n or 'modulation' in n)
         per_tok = self.get_num_params() - per_seq
         return 6 * per_tok + 6 * per_seq / c.block_size + 12 * c.n_layer * c.n_embd * c.block_size
 
@@ -520,7 +529,7 @@ class DiffusionLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Bit code shared by bits and analog
+# Pieces shared by the discrete-time families: the bit code, categorical x0 heads, the bound's time proposal
 
 def ids_to_bits(idx):
     """Token ids -> NUM_BITS bits, most significant first: bit k of id is (id >> (15 - k)) & 1."""
@@ -529,45 +538,104 @@ def ids_to_bits(idx):
 
 
 def bits_to_ids(bits):
+    """The inverse of ids_to_bits: a 16-bit code (0/1, or booleans) -> the integer it spells, in [0, 65536)."""
     shifts = torch.arange(NUM_BITS - 1, -1, -1, device=bits.device)
     return (bits.long() << shifts).sum(-1)
 
 
-def valid_id_logprobs(bit_logits, vocab_size):
-    """log p(id) for the valid ids 0..vocab_size-1 from independent per-bit logits (..., 16) -> (..., V).
+def valid_codes(vocab_size):
+    """The bit codes of the valid ids 0..vocab_size-1 as a (V, 16) 0/1 float table (the bit families keep it as
+    a buffer, so it lives on their device)."""
+    return ids_to_bits(torch.arange(vocab_size)).float()
 
-    log p(id) = sum_k log sigmoid(+-logit_k) (sign from bit k of id), renormalised over the valid ids, so
-    the mass the bits put on the invalid codes vocab_size..65535 is removed rather than silently lost.
-    With log sigmoid(l) - log sigmoid(-l) = l this is sum_k log sigmoid(-l_k) + code . l: one matmul, in float64
-    (autocast leaves float64 alone; bf16 would blur ids that differ in one low bit).
+
+class BitCodeInput(nn.Module):
+    """What the network reads of a (noisy) 16-bit code: a linear map of its +-1 bits plus a learned embedding of
+    the whole code read as an integer (65,536 rows, a lookup).
+
+    The linear part alone leaves the transformer to rebuild token identity from 16 arbitrary bits, which a
+    small network cannot do for 50k ids: with it alone the bit families never got past per-bit frequencies.
+    Where the code is intact (most positions at low noise) the embedding is a token embedding; where some bits
+    flipped, the linear part still carries each bit. Used by `bits` (the flipped bits) and `analog` (the signs
+    of x_t): any function of the noisy state is a valid network input.
     """
-    codes = valid_codes(vocab_size, bit_logits.device)  # (V, 16) float64
-    logits = bit_logits.double()
-    logp = F.logsigmoid(-logits).sum(-1, keepdim=True) + logits @ codes.t()
-    return logp.log_softmax(-1)
+
+    def __init__(self, in_dim, n_embd, bias):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, n_embd, bias=bias)
+        self.code_emb = nn.Embedding(2 ** NUM_BITS, n_embd)
+
+    def forward(self, signed_bits, extra=None):
+        """signed_bits (..., 16) real, > 0 read as bit 1; extra (..., k) more features for the linear part."""
+        x = signed_bits if extra is None else torch.cat([signed_bits, extra], -1)
+        return self.proj(x.to(self.proj.weight.dtype)) + self.code_emb(bits_to_ids(signed_bits > 0))
 
 
-@functools.lru_cache(maxsize=8)
-def valid_codes(vocab_size, device):
-    return ids_to_bits(torch.arange(vocab_size, device=device)).double()
+def log_snr_drop_proposal(abar):
+    """A time proposal for t = 2..T (index t - 2) from the schedule alone: half uniform, half proportional to
+    log SNR_{t-1} - log SNR_t. A trained model's KL_t ~ (SNR_{t-1} - SNR_t) mmse_t follows that drop."""
+    T = len(abar) - 1
+    log_snr = torch.log(abar[1:]) - torch.log1p(-abar[1:].clamp(max=1 - 1e-12))  # t = 1..T
+    drop = (log_snr[:-1] - log_snr[1:]).clamp(min=0)
+    return 0.5 * drop / drop.sum() + 0.5 / (T - 1)
 
 
-def bit_token_nll(bit_logits, idx, vocab_size, chunk=1024):
-    """-log p(idx) in nats under the valid-id distribution, computed in row chunks (no (N, V) at once)."""
-    flat_l, flat_i = bit_logits.reshape(-1, NUM_BITS), idx.reshape(-1)
-    out = torch.empty(flat_i.shape, dtype=torch.float64, device=idx.device)
-    for i in range(0, flat_i.numel(), chunk):
-        lp = valid_id_logprobs(flat_l[i:i + chunk], vocab_size)
-        out[i:i + chunk] = -lp.gather(1, flat_i[i:i + chunk, None]).squeeze(1).double()
-    return out.view(idx.shape)
+class BoundTimeProposal(nn.Module):
+    """The proposal q(t), t = 2..T, for the importance-sampled sum over steps of a discrete-time bound,
+    adapted to the model's own per-step terms (improved-diffusion's second-moment resampler).
+
+    Training records, for each sequence it sees, that sequence's bound term KL_t (nats/token) at its t, as a
+    running mean of KL_t^2 in `bins` equal bins of t. The variance of KL_t / q(t) is smallest for
+    q(t) ~ sqrt(E[KL_t^2]) (Nichol & Dhariwal 2021, sec. 3.3), so q is that level per bin, shaped inside a bin
+    by the schedule's proposal, and mixed with the schedule's proposal itself (weight `floor`) so that no step is
+    starved and the weights KL_t / q(t) stay bounded. Until every bin has seen `warm` values, q is the
+    schedule's proposal alone. The statistics are buffers: they travel in checkpoints (and the EMA copies them).
+    """
+
+    def __init__(self, abar, bins=50, decay=0.99, warm=10, floor=0.1):
+        super().__init__()
+        T = len(abar) - 1
+        self.T, self.bins, self.decay, self.warm, self.floor = T, min(bins, T - 1), decay, warm, floor
+        self.register_buffer('base', log_snr_drop_proposal(abar), persistent=False)
+        self.register_buffer('bin_of', (torch.arange(T - 1) * self.bins) // (T - 1), persistent=False)  # t - 2 -> bin
+        self.register_buffer('m2', torch.zeros(self.bins, dtype=torch.float64))
+        self.register_buffer('count', torch.zeros(self.bins, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, t, kl):
+        """Record per-sequence terms kl (B,) at times t (B,); sequences at t = 1 (the decoder's step) are skipped."""
+        keep = (t >= 2) & torch.isfinite(kl)
+        b = self.bin_of[(t - 2).clamp(min=0)]
+        n = torch.zeros_like(self.count).index_add_(0, b, keep.double())
+        s = torch.zeros_like(self.m2).index_add_(0, b, torch.where(keep, kl.double() ** 2, 0.0))
+        hit = n > 0
+        # a running mean over the first 1/(1 - decay) values of a bin, an exponential average after
+        w = torch.where(hit, torch.maximum(n / (self.count + n), torch.full_like(n, 1 - self.decay)), 0.0)
+        self.m2.copy_((1 - w) * self.m2 + w * s / n.clamp(min=1))
+        self.count.add_(n)
+
+    def probs(self):
+        """q(t) for t = 2..T, float64, summing to 1."""
+        if bool((self.count < self.warm).any()):
+            return self.base
+        level = self.m2.sqrt()[self.bin_of]
+        mass_in_bin = torch.zeros(self.bins, dtype=torch.float64, device=self.base.device).index_add_(
+            0, self.bin_of, self.base)[self.bin_of]
+        adapted = level * self.base / mass_in_bin
+        adapted = adapted / adapted.sum()
+        return (1 - self.floor) * adapted + self.floor * self.base
+
+    def draw(self, n, generator, device):
+        """n times t in 2..T drawn from q by inverse CDF (float64, any generator device) and q(t) of each."""
+        q = self.probs().to(device)
+        cdf = q.cumsum(0)
+        idx = torch.searchsorted(cdf, rand((n,), generator, device) * cdf[-1], right=True).clamp(max=self.T - 2)
+        return idx + 2, q[idx]
 
 
-def bit_decode(bit_logits, vocab_size, generator=None, temperature=0.0, chunk=1024):
-    """Ids drawn (or argmax with temperature 0) from the valid-id distribution; never an invalid code."""
-    flat = bit_logits.reshape(-1, NUM_BITS)
-    out = torch.cat([draw_categorical(valid_id_logprobs(flat[i:i + chunk], vocab_size), generator, temperature)
-                     for i in range(0, flat.shape[0], chunk)])
-    return out.view(bit_logits.shape[:-1])
+def categorical_mean(logits, table):
+    """E_p[table[w]] under p = softmax(logits) over the vocabulary: (..., V) x (V, D) -> (..., D)."""
+    return logits.float().softmax(-1) @ table
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -576,14 +644,40 @@ def bit_decode(bit_logits, vocab_size, generator=None, temperature=0.0, chunk=10
 class GaussianLM(DiffusionLM):
     """Shared loss, sampler and bound of the families whose state is continuous under GaussianDiffusion.
 
-    A subclass defines: clean(idx) -> x0 (B, L, D); predict(x_t, t, x0_sc, cond) -> (x0_hat, out) where out is
-    the raw head output; round_tokens(x0_hat, out) -> ids; decoder_nll(x0_hat, out, idx) -> nats (B, L);
-    denoising_loss(out, x0, noise, idx, x0_hat) -> scalar.
+    The clean state of token w is a row of a (V, D) table: a learned embedding (`embed`) or the +-scale bit code
+    (`analog`). The network reads x_t (and the self-conditioning estimate) and returns logits over the
+    vocabulary; the x0 estimate is the posterior mean over the table, x0_hat = softmax(logits) @ table (CDCD,
+    Plaid). Near t = 0, where the bound multiplies every error in x0_hat by the SNR (~1e4), a confident
+    categorical puts x0_hat exactly on an embedding, where a direct regression leaves an error that does not
+    shrink. (`embed` with predict='eps' instead regresses the noise; its logits are then rounding logits of
+    x0_hat.) A subclass defines table(), features(x_t, x0_sc, cond) -> (B, L, n_embd), and may add terms to
+    the loss with extra_loss(x0, idx).
     """
     def __init__(self, config):
         super().__init__(config)
         self.diffusion = GaussianDiffusion(abar_schedule(config.noise_schedule, config.T))
         self.default_steps = self.max_steps = config.T
+        self.time_proposal = BoundTimeProposal(self.diffusion.abar)
+        self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() move the buffers; the process reads its table from the moved one, so no copy (and no
+        # host-device sync) ever happens inside the compiled step
+        super()._apply(fn, *args, **kwargs)
+        self.diffusion.abar_dev = self.abar
+        return self
+
+    def predict(self, x_t, t, x0_sc, cond=None):
+        """(x0_hat, logits over the vocabulary, eps_hat or None) at (x_t, t)."""
+        h = self.backbone(self.features(x_t, x0_sc, cond), t.float() / self.config.T)
+        if self.config.predict == 'eps':
+            eps_hat = self.eps_head(h)
+            # an eps-model's x0 explodes where abar_t -> 0; clip it to the range the table occupies
+            lim = self.table().abs().max().detach()
+            x0_hat = self.diffusion.x0_from_eps(x_t, t, eps_hat).clamp(-lim, lim)
+            return x0_hat, self.rounding_logits(x0_hat), eps_hat
+        logits = self.lm_head(h)
+        return categorical_mean(logits, self.table()).to(x_t.dtype), logits, None
 
     def denoise(self, x_t, t, cond=None, x0_sc=None):
         """x0 estimate at (x_t, t); with self-conditioning and no previous estimate, a first pass supplies it."""
@@ -594,22 +688,56 @@ class GaussianLM(DiffusionLM):
         return self.predict(x_t, t, x0_sc, cond)
 
     def forward(self, idx):
-        B = idx.shape[0]
+        B, L = idx.shape
         x0 = self.clean(idx)
         t = stratified_times(B, self.config.T, None, idx.device)
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise)
         cond = self.training_condition(idx)
         x0_sc = torch.zeros_like(x_t)
-        if self.config.self_cond and torch.rand(()) < 0.5:
-            # half the batches see the stop-gradient estimate they would get at sampling time
+        if self.config.self_cond:
+            # half the sequences see the stop-gradient estimate they would get at sampling time (a tensor
+            # mask, not a Python coin: no host sync, one graph under torch.compile)
             with torch.no_grad():
-                x0_sc = self.predict(x_t, t, x0_sc, cond)[0].detach()
-        x0_hat, out = self.predict(x_t, t, x0_sc, cond)
-        return self.denoising_loss(out, x0, noise, idx, x0_hat)
+                first = self.predict(x_t, t, x0_sc, cond)[0].detach()
+            use = (torch.rand(B, 1, 1, device=idx.device) < 0.5).to(x_t.dtype)
+            x0_sc = use * first
+        x0_hat, out, eps_hat = self.predict(x_t, t, x0_sc, cond)
+        # the bound's term at this t, recorded for the adaptive time proposal of nll()
+        t2 = t.clamp(min=2)  # (t = 1 is the decoder's step, which update() skips)
+        self.time_proposal.update(t, self.diffusion.kl_step(x0.detach(), x0_hat.detach(), t2).sum((1, 2)) / L)
+        if self.config.predict == 'eps':
+            return F.mse_loss(eps_hat.float(), noise.float()) + self.extra_loss(x0, idx)
+        mse = F.mse_loss(x0_hat.float(), x0.float())
+        ce = F.cross_entropy(out.float().flatten(0, 1), idx.flatten())
+        return mse + ce + self.extra_loss(x0, idx)
 
     def training_condition(self, idx):
         return None
+
+    def extra_loss(self, x0, idx):
+        return 0.0
+
+    def clean(self, idx):
+        return F.embedding(idx, self.table())
+
+    def rounding_logits(self, x):
+        """logit_v = -||x - c_v||^2 + ||x||^2 = 2 x.c_v - ||c_v||^2 over the table's rows c_v. ||x||^2 is the same
+        for every v, so dropping it changes neither the softmax nor the argmax. In fp32 with autocast off: in
+        bf16 the cancellation between terms of size ~D costs ~0.5 logits."""
+        with torch.autocast(x.device.type, enabled=False):
+            E = self.table().float()
+            flat = torch.addmm(-(E * E).sum(-1), x.float().reshape(-1, x.shape[-1]), E.t(), alpha=2)
+        return flat.view(*x.shape[:-1], -1)
+
+    def decoder_logprobs(self, x_1, logits):
+        """log p(w | x_1): the network's logits plus the Gaussian log-likelihood of x_1 under each token's clean
+        state, log N(x_1; sqrt(abar_1) c_w, (1 - abar_1) I) = (2 sqrt(abar_1) x_1.c_w - abar_1 ||c_w||^2)
+        / (2 (1 - abar_1)) + const, renormalised; float64, since the likelihood term reaches ~1e3 nats."""
+        a = self.diffusion.abar_1
+        E = self.table().double()
+        lik = (2 * math.sqrt(a) * x_1.double() @ E.t() - a * (E * E).sum(-1)) / (2 * (1 - a))
+        return (logits.double().log_softmax(-1) + lik).log_softmax(-1)
 
     # -- likelihood
     @exact
@@ -619,9 +747,9 @@ class GaussianLM(DiffusionLM):
         -log p(w) <= E_q[-log p(w | x_1)] + sum_{t=2}^T E_q KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
                      + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w) a deterministic function of the tokens.
         The prior KL is exact; the sum over t is estimated without bias by importance sampling one t per
-        sequence, KL_t / q(t), with q(t) half uniform on {2..T} and half proportional to the drop in log-SNR
-        over step t: a trained model's KL_t ~ (SNR_{t-1} - SNR_t) * mmse_t ~ that drop, so the weights stay
-        bounded where a uniform t would rarely hit the huge terms near t = 1; the decoder term uses one draw of x_1. The standard error comes from the spread over sequences.
+        sequence, KL_t / q(t), with q the adaptive proposal (BoundTimeProposal: ~ sqrt of the second moment of
+        each step's term, as recorded in training); the decoder term uses one draw of x_1 and decoder_logprobs.
+        The standard error comes from the spread over sequences.
         With self-conditioning, p(x_{t-1} | x_t) uses the two-pass estimate x0(x_t, x0(x_t, 0)), a function of x_t
         alone, so this bounds a Markov model; the sampler instead feeds the previous step's estimate, and it
         rounds instead of drawing from p(w | x_1): the bound is for the model, not for the sampler's output.
@@ -630,14 +758,14 @@ class GaussianLM(DiffusionLM):
         device = idx.device
         x0 = self.clean(idx)
         prior = self.diffusion.prior_kl(x0.double()).sum((1, 2))
-        q = self.diffusion.t_proposal()
-        t = 2 + torch.multinomial(q, B, replacement=True, generator=generator).to(device)
+        t, q_t = self.time_proposal.draw(B, generator, device)
         x_t = self.diffusion.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
         x0_hat = self.denoise(x_t, t)[0]
-        diffusion = self.diffusion.kl_step(x0, x0_hat, t).sum((1, 2)) / q.to(device)[t - 2]
+        diffusion = self.diffusion.kl_step(x0, x0_hat, t).sum((1, 2)) / q_t
         one = torch.ones(B, dtype=torch.long, device=device)
         x_1 = self.diffusion.q_sample(x0, one, randn(x0.shape, generator, device).to(x0.dtype))
-        decoder = self.decoder_nll(*self.denoise(x_1, one), idx).sum(1)
+        logp = self.decoder_logprobs(x_1, self.denoise(x_1, one)[1])
+        decoder = -logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(1)
         return (prior + diffusion + decoder) / (L * math.log(2))
 
     # -- sampler hooks
@@ -649,8 +777,7 @@ class GaussianLM(DiffusionLM):
             raise ValueError(f"sampler={opts['sampler']!r}, expected 'ddpm' or 'ddim'")
         if opts.get('guidance_scale', 1.0) != 1.0 and self.config.cfg_drop == 0.0:
             raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
-        dim = self.clean(torch.zeros(1, 1, dtype=torch.long, device=fixed.device)).shape[-1]
-        x = randn((n, length, dim), generator, fixed.device).to(self.dtype_)
+        x = randn((n, length, self.table().shape[1]), generator, fixed.device).to(self.dtype_)
         known = self.clean(fixed.clamp(min=0))
         return {'x': x, 'x0_sc': None, 'x0_hat': None, 'out': None, 'known': known}
 
@@ -669,7 +796,7 @@ class GaussianLM(DiffusionLM):
         self.nfe += (2 if self.config.self_cond and state['x0_sc'] is None else 1) * \
             (2 if opts.get('guidance_scale', 1.0) != 1.0 else 1)
         if opts['clamp']:
-            x0_hat = self.clamp_to_tokens(x0_hat, out)
+            x0_hat = self.clean(self.round_tokens(out))  # the clamping trick: snap to the most likely token
         noise = randn(x.shape, generator, device).to(x.dtype)
         if opts['sampler'] == 'ddpm':
             x_s = self.diffusion.ddpm_step(x0_hat, x, tt, ss, noise)
@@ -683,26 +810,31 @@ class GaussianLM(DiffusionLM):
     def guided_prediction(self, x, t, fixed, x0_sc, opts):
         """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) when the model has a condition."""
         cond = fixed if self.config.cfg_drop > 0 else None
-        x0_hat, out = self.denoise(x, t, cond, x0_sc)
+        x0_hat, out, _ = self.denoise(x, t, cond, x0_sc)
         w = opts.get('guidance_scale', 1.0)
         if w != 1.0:
-            x0_u, out_u = self.denoise(x, t, torch.full_like(fixed, -1), x0_sc)
+            x0_u, out_u, _ = self.denoise(x, t, torch.full_like(fixed, -1), x0_sc)
             x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
         return x0_hat, out
 
+    def round_tokens(self, logits):
+        return logits.argmax(-1)
+
     def current_tokens(self, state):
-        return self.round_tokens(state['x0_hat'], state['out'])
+        return self.round_tokens(state['out'])
 
     def final_tokens(self, state, generator, opts):
-        # the last step lands on s = 0 where x_0 = x0_hat; round that estimate to tokens
-        return self.round_tokens(state['x0_hat'], state['out'])
+        # the last step lands on s = 0 where x_0 = x0_hat; its most likely token
+        return self.round_tokens(state['out'])
 
 
 class EmbedDiffusion(GaussianLM):
     """Diffusion-LM: Gaussian diffusion over learned token embeddings (width embed_dim), rounded to tokens.
 
-    Rounding logits are negative squared distances to the embedding table, logit_v(x) = -||x - E_v||^2, so
-    the most likely token is the nearest embedding and the cross-entropy keeps embeddings apart.
+    predict='x0': the network's vocabulary logits give x0_hat as the posterior mean of the embeddings (see
+    GaussianLM); loss = ||x0_hat - x0||^2 + CE(logits, w) + the rounding CE -log p(w | x0) with distance logits
+    (which keeps the embeddings apart, Diffusion-LM) + the prior term at t = T. predict='eps': the network
+    regresses the noise; loss = ||eps_hat - eps||^2 + rounding CE + prior.
     """
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'guidance_scale': 1.0}
     lookup_only = ('backbone.wpe.weight', 'cond_emb.weight')
@@ -717,35 +849,23 @@ class EmbedDiffusion(GaussianLM):
         # the prompt condition: a clean token embedding per conditioned position, a learned null elsewhere
         self.cond_emb = nn.Embedding(self.padded_vocab + 1, config.n_embd) if config.cfg_drop > 0 else None
         self.backbone = Backbone(config, causal=False, time_cond=True)
-        self.head = nn.Linear(config.n_embd, D, bias=config.bias)
+        if config.predict == 'eps':
+            self.eps_head = nn.Linear(config.n_embd, D, bias=config.bias)
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         init_weights(self, config.n_layer)
         nn.init.normal_(self.tok_emb.weight, std=1.0)  # unit-scale embeddings match the unit-variance noise
 
-    def clean(self, idx):
-        return self.tok_emb(idx)
+    def table(self):
+        return self.tok_emb.weight[:self.config.vocab_size]
 
-    def predict(self, x_t, t, x0_sc, cond):
+    def features(self, x_t, x0_sc, cond):
         h = self.in_proj(torch.cat([x_t, x0_sc], -1) if self.config.self_cond else x_t)
         if self.cond_emb is not None:
             c = torch.full(x_t.shape[:2], self.padded_vocab, dtype=torch.long, device=x_t.device) \
                 if cond is None else torch.where(cond >= 0, cond, self.padded_vocab)
             h = h + self.cond_emb(c)
-        out = self.head(self.backbone(h, t.float() / self.config.T))
-        if self.config.predict == 'x0':
-            return out, out
-        # an eps-model's x0 explodes where abar_t -> 0; clip it to the range the embeddings occupy
-        x0_hat = self.diffusion.x0_from_eps(x_t, t, out)
-        lim = self.tok_emb.weight[:self.config.vocab_size].abs().max().detach()
-        return x0_hat.clamp(-lim, lim), out
-
-    def rounding_logits(self, x):
-        """logit_v = -||x - E_v||^2 + ||x||^2 = 2 x.E_v - ||E_v||^2 over the real vocabulary (padding rows are
-        never a token). ||x||^2 is the same for every v, so dropping it changes neither the softmax nor the
-        argmax. In fp32 with autocast off: in bf16 the cancellation between terms of size ~D costs ~0.5 logits."""
-        with torch.autocast(x.device.type, enabled=False):
-            E = self.tok_emb.weight[:self.config.vocab_size].float()
-            flat = torch.addmm(-(E * E).sum(-1), x.float().reshape(-1, x.shape[-1]), E.t(), alpha=2)
-        return flat.view(*x.shape[:-1], -1)
+        return h
 
     def training_condition(self, idx):
         """With cfg_drop > 0: condition on a random-length prefix (up to half the sequence), dropped with
@@ -758,61 +878,35 @@ class EmbedDiffusion(GaussianLM):
         keep = torch.arange(L, device=idx.device)[None] < plen[:, None]
         return torch.where(keep, idx, -1)
 
-    def denoising_loss(self, out, x0, noise, idx, x0_hat):
-        """MSE on eps or x0 + rounding cross-entropy -log p(w | x_0) + the prior term at t = T."""
-        target = noise if self.config.predict == 'eps' else x0
-        mse = F.mse_loss(out.float(), target.float())
+    def extra_loss(self, x0, idx):
+        """The rounding cross-entropy -log p(w | x_0) and the prior term at t = T."""
         ce = F.cross_entropy(self.rounding_logits(x0).flatten(0, 1).float(), idx.flatten())
-        prior = self.diffusion.prior_kl(x0).mean()
-        return mse + ce + prior.to(mse.dtype)
-
-    def decoder_nll(self, x0_hat, out, idx):
-        return -self.rounding_logits(x0_hat).float().log_softmax(-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1).double()
-
-    def round_tokens(self, x0_hat, out):
-        return self.rounding_logits(x0_hat).argmax(-1)
-
-    def clamp_to_tokens(self, x0_hat, out):
-        """The clamping trick: snap the x0 estimate to its nearest embedding."""
-        return self.tok_emb(self.round_tokens(x0_hat, out))
+        return ce + self.diffusion.prior_kl(x0).mean().float()
 
 
 class AnalogBitDiffusion(GaussianLM):
     """Analog Bits (Chen, Zhang & Hinton 2023): the 16 bits of the id as +-scale reals under the Gaussian process.
 
-    The network outputs one logit per bit, trained with binary cross-entropy: the target is discrete, BCE is
-    its exact log-likelihood with bounded gradients, and the logits give the per-bit probabilities that the
-    valid-id decoder needs. The x0 estimate is the posterior mean scale * (2 sigmoid(logit) - 1) = scale * tanh(logit/2).
+    The network reads x_t through BitCodeInput (its signs as a code, and the reals themselves, with the
+    self-conditioning estimate) and returns logits over the valid ids; the x0 estimate is the posterior mean of
+    the +-scale codes, which is never an invalid code's. Loss: ||x0_hat - x0||^2 + CE(logits, w).
     """
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'td': 0.0}
+    lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
 
     def __init__(self, config):
         super().__init__(config)
-        in_dim = 2 * NUM_BITS if config.self_cond else NUM_BITS
-        self.in_proj = nn.Linear(in_dim, config.n_embd, bias=config.bias)
+        self.bit_input = BitCodeInput(2 * NUM_BITS if config.self_cond else NUM_BITS, config.n_embd, config.bias)
         self.backbone = Backbone(config, causal=False, time_cond=True)
-        self.head = nn.Linear(config.n_embd, NUM_BITS, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
         init_weights(self, config.n_layer)
 
-    def clean(self, idx):
-        return (2 * ids_to_bits(idx) - 1).to(self.head.weight.dtype) * self.config.analog_scale
+    def table(self):
+        return (2 * self.codes - 1) * self.config.analog_scale
 
-    def predict(self, x_t, t, x0_sc, cond):
-        h = self.in_proj(torch.cat([x_t, x0_sc], -1) if self.config.self_cond else x_t)
-        logits = self.head(self.backbone(h, t.float() / self.config.T))
-        return self.config.analog_scale * torch.tanh(logits / 2), logits
-
-    def denoising_loss(self, out, x0, noise, idx, x0_hat):
-        return F.binary_cross_entropy_with_logits(out.float(), ids_to_bits(idx).float())
-
-    def decoder_nll(self, x0_hat, out, idx):
-        return bit_token_nll(out, idx, self.config.vocab_size)
-
-    def round_tokens(self, x0_hat, out):
-        return bit_decode(out, self.config.vocab_size)
-
-    def clamp_to_tokens(self, x0_hat, out):
-        return self.clean(self.round_tokens(x0_hat, out))
+    def features(self, x_t, x0_sc, cond):
+        return self.bit_input(x_t, x0_sc if self.config.self_cond else None)
 
 
 def vocab_logits(h, tok_emb, vocab_size):
@@ -827,26 +921,32 @@ def vocab_logits(h, tok_emb, vocab_size):
 class BitDiffusion(DiffusionLM):
     """Each bit flips independently: q(b_t != b_0) = (1 - abar_t) / 2, so at t = T the bits are uniform.
 
-    Between any s < t a bit flips with probability (1 - abar_t/abar_s) / 2. The network sees the noisy bits
-    as +-1 (projected to n_embd; no vocabulary-sized layer anywhere in training) and predicts the clean bits
-    with binary cross-entropy. Sampling uses the exact posterior q(b_s | b_t, b_0) averaged over the predicted
-    clean bits, for any s < t, so any number of steps works; the last step decodes through the valid ids.
+    Between any s < t a bit flips with probability (1 - abar_t/abar_s) / 2. The network reads the noisy code
+    through BitCodeInput and returns logits over the valid ids, p(w | b_t); the clean-bit probabilities it
+    implies are the marginals P(b_0,k = 1) = sum_w p(w | b_t) bit_k(w), which a factorised head over 16 bits
+    could only learn by memorising the code of every id. Loss: CE(logits, w) + the binary cross-entropy of those
+    marginals. The model's transition is the mixture p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t, b_0 = code(w))
+    for any s < t (D3PM's x0-parameterisation): the sampler draws w, then b_s from the exact posterior, so any
+    number of steps works; the bound scores the same mixture; the last step draws the id from the decoder
+    p(w | b_1).
     """
     sample_options = {'temperature': 1.0}
+    lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
 
     def __init__(self, config):
         super().__init__(config)
-        self.abar = abar_schedule(config.noise_schedule, config.T)
+        self.register_buffer('abar', abar_schedule(config.noise_schedule, config.T), persistent=False)
+        self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
         self.default_steps = self.max_steps = config.T
-        self.in_proj = nn.Linear(NUM_BITS, config.n_embd, bias=config.bias)
+        self.bit_input = BitCodeInput(NUM_BITS, config.n_embd, config.bias)
         self.backbone = Backbone(config, causal=False, time_cond=True)
-        self.head = nn.Linear(config.n_embd, NUM_BITS, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.time_proposal = BoundTimeProposal(self.abar)
         init_weights(self, config.n_layer)
 
     def stay_prob(self, t, s, like):
         """P(bit unchanged from time s to time t) = (1 + abar_t / abar_s) / 2, shaped to broadcast on `like`."""
-        abar = on_device(self.abar, like.device)
-        return ((1 + abar[t] / abar[s]) / 2).view(-1, *([1] * (like.dim() - 1)))
+        return ((1 + self.abar[t] / self.abar[s]) / 2).view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, b0, t, generator=None):
         """Flip each bit of b0 (0/1) with probability (1 - abar_t) / 2."""
@@ -854,7 +954,7 @@ class BitDiffusion(DiffusionLM):
         return (b0.long() ^ flip.long()).to(b0.dtype)
 
     def posterior_one(self, b_t, p0, t, s):
-        """P(b_s = 1 | b_t) when P(b_0 = 1) = p0 (0/1 for the exact posterior, sigmoid(logit) for the model):
+        """P(b_s = 1 | b_t) when P(b_0 = 1) = p0 (0/1 for the exact posterior, the model's marginal otherwise):
 
         q(b_s = 1 | b_t, b_0) = q(b_t | b_s = 1) q(b_s = 1 | b_0) / sum over b_s, mixed over b_0 with p0.
         """
@@ -869,37 +969,80 @@ class BitDiffusion(DiffusionLM):
         return p0 * post_given[0] + (1 - p0) * post_given[1]
 
     def predict(self, b_t, t):
-        return self.head(self.backbone(self.in_proj(2 * b_t.to(self.head.weight.dtype) - 1),
-                                       t.float() / self.config.T))
+        """Logits over the valid ids given the noisy bits b_t (0/1)."""
+        return self.lm_head(self.backbone(self.bit_input(2 * b_t - 1), t.float() / self.config.T))
+
+    def marginals(self, logits, dtype=torch.float32):
+        """P(b_0,k = 1) = sum_w softmax(logits)_w bit_k(w): (..., V) -> (..., 16)."""
+        return logits.to(dtype).softmax(-1) @ self.codes.to(dtype)
+
+    def transition_logprob(self, b_s, b_t, logits, t, s, dtype=torch.float64):
+        """log p(b_s | b_t) per position under the model's transition: the mixture over clean ids
+            p(b_s | b_t) = sum_w p(w | b_t) prod_k q(b_s,k | b_t,k, b_0,k = bit_k(w))
+        (D3PM's x0-parameterisation). Within a token the bits stay correlated through w, which a product of
+        per-bit marginals would lose. One (16 x V) matmul per position, then a logsumexp over the ids."""
+        post1 = self.posterior_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k = 1 | b_t, b_0,k = 1)
+        post0 = self.posterior_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k = 1 | b_t, b_0,k = 0)
+        up, tiny = b_s > 0.5, torch.finfo(dtype).tiny  # log(0) would make -inf x 0 = nan in the matmul
+        log_if1 = torch.where(up, post1, 1 - post1).clamp_min(tiny).log()
+        log_if0 = torch.where(up, post0, 1 - post0).clamp_min(tiny).log()
+        codes = self.codes.to(dtype)
+        lik = log_if1 @ codes.t() + log_if0 @ (1 - codes).t()
+        return torch.logsumexp(logits.to(dtype).log_softmax(-1) + lik, -1)
+
+    def step_kl(self, b0, b_t, logits, t, generator=None, dtype=torch.float64):
+        """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias by one draw
+        b_{t-1} ~ q (a product over bits): log q(b_{t-1} | b_t, b_0) - log p(b_{t-1} | b_t)."""
+        q1 = self.posterior_one(b_t, b0, t, t - 1).to(dtype)
+        b_s = (rand(q1.shape, generator, q1.device) < q1).to(dtype)
+        log_q = torch.where(b_s > 0.5, q1, 1 - q1).clamp_min(torch.finfo(dtype).tiny).log().sum(-1)
+        return log_q - self.transition_logprob(b_s, b_t, logits, t, t - 1, dtype)
+
+    def decoder_logprobs(self, b_1, logits):
+        """log p(w | b_1): the network's logits plus the exact log-likelihood of the observed bits under each id,
+        log q(b_1 | w) = n_agree log(stay) + (16 - n_agree) log(flip), renormalised (float64)."""
+        stay = (1 + float(self.abar[1])) / 2
+        codes = self.codes.double()
+        agree = b_1.double() @ codes.t() + (1 - b_1.double()) @ (1 - codes).t()
+        lik = agree * math.log(stay) + (NUM_BITS - agree) * math.log1p(-stay)
+        return (logits.double().log_softmax(-1) + lik).log_softmax(-1)
 
     def forward(self, idx):
+        B, L = idx.shape
         b0 = ids_to_bits(idx).float()
-        t = stratified_times(idx.shape[0], self.config.T, None, idx.device)
-        logits = self.predict(self.q_sample(b0, t), t)
-        return F.binary_cross_entropy_with_logits(logits.float(), b0)
+        t = stratified_times(B, self.config.T, None, idx.device)
+        b_t = self.q_sample(b0, t)
+        logits = self.predict(b_t, t).float()
+        p1 = self.marginals(logits).clamp(1e-6, 1 - 1e-6)
+        # the bound's term at this t, recorded for the adaptive time proposal of nll()
+        with torch.no_grad():
+            kl = self.step_kl(b0, b_t, logits.detach(), t.clamp(min=2), dtype=torch.float32)
+        self.time_proposal.update(t, kl.sum(1) / L)
+        ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
+        return ce + F.binary_cross_entropy(p1, b0)
 
     @exact
     def nll(self, idx, generator=None):
         """Variational bound in bits per token with exact per-bit KL terms:
 
         -log p(w) <= E[-log p(w | b_1)] + sum_{t=2}^T E KL(q(b_{t-1}|b_t,b_0) || p(b_{t-1}|b_t)) + KL(q(b_T|b_0) || U),
-        the sum estimated without bias by (T - 1) x the term at one uniform t in {2..T} per sequence; the
-        decoder is the valid-id distribution, so the mass on invalid codes counts against the model.
+        the sum estimated without bias by importance sampling one t per sequence from the adaptive proposal
+        (BoundTimeProposal), KL_t / q(t), and KL_t itself by one draw of b_{t-1} (step_kl); p(b_{t-1} | b_t) is
+        the model's transition, the mixture over clean ids (transition_logprob).
         """
         B, L = idx.shape
         device = idx.device
         b0 = ids_to_bits(idx).double()
-        T = self.config.T
-        m = (1 + self.abar[T].item()) / 2
+        m = (1 + float(self.abar[-1])) / 2
         prior = NUM_BITS * L * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m)) if m < 1 else 0.0)
-        t = 2 + (rand((B,), generator, device) * (T - 1)).floor().long().clamp(max=T - 2)
+        t, q_t = self.time_proposal.draw(B, generator, device)
         b_t = self.q_sample(b0, t, generator)
-        q = self.posterior_one(b_t, b0, t, t - 1).clamp(1e-12, 1 - 1e-12)
-        p = self.posterior_one(b_t, torch.sigmoid(self.predict(b_t, t).double()), t, t - 1).clamp(1e-12, 1 - 1e-12)
-        kl = (q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()).sum((1, 2))
+        kl = self.step_kl(b0, b_t, self.predict(b_t, t), t, generator).sum(1)
         one = torch.ones(B, dtype=torch.long, device=device)
-        decoder = bit_token_nll(self.predict(self.q_sample(b0, one, generator), one), idx, self.config.vocab_size)
-        return (prior + (T - 1) * kl + decoder.sum(1)) / (L * math.log(2))
+        b_1 = self.q_sample(b0, one, generator)
+        logp = self.decoder_logprobs(b_1, self.predict(b_1, one))
+        decoder = -logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(1)
+        return (prior + kl / q_t + decoder) / (L * math.log(2))
 
     # -- sampler hooks
     def time_grid(self, steps, fixed):
@@ -914,24 +1057,29 @@ class BitDiffusion(DiffusionLM):
         n = b.shape[0]
         tt = torch.full((n,), t, dtype=torch.long, device=b.device)
         ss = torch.full((n,), s, dtype=torch.long, device=b.device)
-        logits = self.predict(b, tt).float()
+        logits = self.predict(b, tt).float() / max(opts['temperature'], 1e-8)
         self.nfe += 1
         if s > 0:
-            p1 = self.posterior_one(b, torch.sigmoid(logits.double() / max(opts['temperature'], 1e-8)), tt, ss)
-            b = (rand(b.shape, generator, b.device) < p1).float()
+            # ancestral step from the mixture p(b_s | b_t): draw a clean id from p(w | b_t), then every bit of b_s
+            # from the exact posterior q(b_s | b_t, b_0 = its code), so a token's bits move together
+            w = draw_categorical(logits.flatten(0, 1), generator, 1.0 if opts['temperature'] > 0 else 0.0)
+            p1 = self.posterior_one(b, self.codes[w].view(b.shape).double(), tt, ss)
+            b_next = (rand(b.shape, generator, b.device) < p1).float()
             # infilling by imputation: known positions get a fresh draw of q(b_s | b_0 = known)
-            b = torch.where((fixed >= 0).unsqueeze(-1), self.q_sample(state['known'], ss, generator), b)
-        return {**state, 'b': b, 'logits': logits}
+            b_next = torch.where((fixed >= 0).unsqueeze(-1), self.q_sample(state['known'], ss, generator), b_next)
+        else:
+            b_next = b
+        return {**state, 'b': b_next, 'b_in': b, 'logits': logits}
 
     def current_tokens(self, state):
-        return bit_decode(state['logits'], self.config.vocab_size)
+        return state['logits'].argmax(-1)
 
     def final_tokens(self, state, generator, opts):
-        # at s = 0 the posterior is the model's p(b_0 | b_1): draw the id from the valid-id distribution, with the
-        # temperature on the bit logits as in the earlier steps (0: the most likely valid id)
+        # the last step (s = 0) read b_1: draw the id from the decoder p(w | b_1), its logits already divided by
+        # the temperature as in the earlier steps (0: the most likely id)
+        logp = self.decoder_logprobs(state['b_in'], state['logits'])
         tau = opts['temperature']
-        logits = state['logits'] / tau if tau > 0 else state['logits']
-        return bit_decode(logits, self.config.vocab_size, generator, 1.0 if tau > 0 else 0.0)
+        return draw_categorical(logp.flatten(0, 1), generator, 1.0 if tau > 0 else 0.0).view(logp.shape[:-1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -943,10 +1091,10 @@ class MaskedDiffusion(DiffusionLM):
     SUBS parameterisation: the network's distribution over clean tokens never puts mass on [MASK] (or the
     padding ids), and unmasked tokens are carried over unchanged (the sampler never touches them, and the loss
     only counts masked positions). Loss: the continuous-time ELBO
-        E_t [ -alpha'_t / (1 - alpha_t) sum_{masked l} -log p(x_l | z_t) ],   in nats per token.
+        E_t [ -alpha'_t / (1 - alpha_t) sum_{masked l} -log p(x_l | z_t) ] / L,   in nats per token,
+    estimated with t integrated out (forward, nll): the same number for every schedule alpha_t.
     """
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'cached': True}
-    train_eps = 1e-3  # MDLM's sampling_eps: training draws t in [eps, 1] to avoid the 1/t weights near 0
 
     def __init__(self, config):
         super().__init__(config)
@@ -961,12 +1109,6 @@ class MaskedDiffusion(DiffusionLM):
         """Probability that a token is still clean at time t: 1 - t (loglinear) or cos(pi t / 2)."""
         return 1 - t if self.config.mask_schedule == 'loglinear' else torch.cos(math.pi / 2 * t)
 
-    def loss_weight(self, t):
-        """-alpha'_t / (1 - alpha_t): 1/t (loglinear) or (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) (cosine)."""
-        if self.config.mask_schedule == 'loglinear':
-            return 1 / t
-        return (math.pi / 2) * torch.sin(math.pi / 2 * t) / (1 - torch.cos(math.pi / 2 * t))
-
     def time_of_mask_rate(self, u):
         """Inverse of u = 1 - alpha_t."""
         return u if self.config.mask_schedule == 'loglinear' else (2 / math.pi) * torch.acos(1 - u)
@@ -976,14 +1118,34 @@ class MaskedDiffusion(DiffusionLM):
         h = self.backbone(self.tok_emb(z), t if self.config.time_cond else None)
         return vocab_logits(h, self.tok_emb, self.config.vocab_size).float().log_softmax(-1)
 
-    def forward(self, idx):
+    def masked_subset(self, idx, generator, stratified):
+        """The ELBO with t integrated out (see nll): m ~ U{1..L} masked positions, a uniform subset of that size,
+        and, for a time-conditioned network, a t drawn from its posterior given m. Returns (z, masked, m, t).
+        stratified: the B draws of m share one uniform shift of a regular grid (lower variance in training)."""
         B, L = idx.shape
-        u = (torch.rand(1, device=idx.device) + torch.arange(B, device=idx.device) / B) % 1  # antithetic
-        t = self.train_eps + (1 - self.train_eps) * u
-        masked = torch.rand(B, L, device=idx.device) < (1 - self.alpha(t))[:, None]
-        z = torch.where(masked, self.mask_id, idx)
+        device = idx.device
+        u = rand((B,), generator, device)
+        if stratified:
+            u = (u[:1] + torch.arange(B, device=device, dtype=torch.float64) / B) % 1.0
+        m = 1 + (u * L).floor().long().clamp(max=L - 1)
+        keys = rand((B, L), generator, device)
+        masked = keys.argsort(1).argsort(1) < m[:, None]  # a uniform subset of m positions
+        t = None
+        if self.config.time_cond:
+            gdev = generator.device if generator is not None else device
+            g1 = torch._standard_gamma(m.double().to(gdev), generator=generator)  # Beta(m, L-m+1) from gammas
+            g2 = torch._standard_gamma((L - m + 1).double().to(gdev), generator=generator)
+            t = self.time_of_mask_rate((g1 / (g1 + g2)).to(device)).float()
+        return torch.where(masked, self.mask_id, idx), masked, m, t
+
+    def forward(self, idx):
+        """The ELBO per token, in nats, by the same bounded-variance estimator as nll(): each sequence's loss is
+        the mean NLL over its m masked positions, m ~ U{1..L} (stratified over the batch). Its expectation is the
+        1/t-weighted MDLM loss; but where that weight reaches 1/t ~ 1000 on a handful of masked tokens, here
+        every sequence carries the same total weight."""
+        z, masked, m, t = self.masked_subset(idx, None, stratified=True)
         nll = -self.log_probs(z, t).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-        return (self.loss_weight(t)[:, None] * nll * masked).sum() / (B * L)
+        return ((nll * masked).sum(1) / m).mean()
 
     @exact
     def nll(self, idx, generator=None):
@@ -997,20 +1159,9 @@ class MaskedDiffusion(DiffusionLM):
         with bounded variance (unlike the 1/t weight). A time-conditioned network is given the t whose mask
         rate is drawn from its posterior given |M| = m, Beta(m, L - m + 1).
         """
-        B, L = idx.shape
-        device = idx.device
-        m = 1 + (rand((B,), generator, device) * L).floor().long().clamp(max=L - 1)
-        keys = rand((B, L), generator, device)
-        masked = keys.argsort(1).argsort(1) < m[:, None]  # a uniform subset of m positions
-        t = None
-        if self.config.time_cond:
-            gdev = generator.device if generator is not None else device
-            g1 = torch._standard_gamma(m.double().to(gdev), generator=generator)  # Beta(m, L-m+1) from gammas
-            g2 = torch._standard_gamma((L - m + 1).double().to(gdev), generator=generator)
-            t = self.time_of_mask_rate((g1 / (g1 + g2)).to(device)).float()
-        z = torch.where(masked, self.mask_id, idx)
+        z, masked, m, t = self.masked_subset(idx, generator, stratified=False)
         nll = -self.log_probs(z, t).gather(-1, idx.unsqueeze(-1)).squeeze(-1).double()
-        return (L / m.double()) * (nll * masked).sum(1) / (L * math.log(2))
+        return (nll * masked).sum(1) / m.double() / math.log(2)
 
     # -- sampler hooks
     def time_grid(self, steps, fixed):
@@ -1132,25 +1283,6 @@ def build_model(config):
             raise ValueError(f"unknown model argument(s) {unknown}; known: {sorted(known)}")
         config = ModelConfig(**config)
     return FAMILIES[config.model_type](config)
-
-
-def write_atomic(path, write):
-    """write(tmp_path) into a temp file beside `path`, then rename: readers never see a partial file, and a
-    crash leaves the previous version intact. Used for checkpoints, samples, results and plots."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path, ckpt):

@@ -532,6 +532,19 @@ class TokenWindows:
         return self._windows(np.arange(start, min(start + batch_size, n)) * stride)
 
 
+def unigram_logprobs(data_dir, split='train', vocab_size=None, alpha=0.5, chunk=1 << 24):
+    """log p(v) of the unigram model fitted on a split: token counts plus alpha (add-1/2, Krichevsky-Trofimov),
+    over vocab_size ids (default: the data's). float64 numpy (V,). The baseline every report stands beside: a
+    model at its cross-entropy has learned token frequencies and nothing of context."""
+    meta = load_meta(data_dir)
+    V = vocab_size or meta['vocab_size']
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
+    counts = np.zeros(V, dtype=np.float64)
+    for i in range(0, len(data), chunk):  # in chunks: a large split is never read into RAM at once
+        counts += np.bincount(data[i:i + chunk], minlength=V)[:V]
+    return np.log(counts + alpha) - np.log(counts.sum() + alpha * V)
+
+
 if __name__ == '__main__':
     try:
         prepare(**parse_flags(sys.argv[1:]))

@@ -40,9 +40,9 @@ import time
 import torch
 
 from configurator import configure
-from model import load_checkpoint, write_atomic
+from model import load_checkpoint
 from prepare import PrepareError, get_encoding
-from train import autocast_context, resolve_device
+from util import autocast_context, resolve_device, write_atomic
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value

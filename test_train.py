@@ -3,6 +3,8 @@
 Training runs use real TinyStories tokens (a few hundred stories, prepared once per session by prepare.py)
 and a tiny embed model, so the whole file stays within a few minutes on two CPU cores.
 """
+import json
+import math
 import os
 import re
 import shutil
@@ -18,7 +20,7 @@ import train
 from configurator import configure
 from conftest import tinystories_documents
 from model import ModelConfig, load_checkpoint
-from prepare import TokenWindows
+from prepare import TokenWindows, unigram_logprobs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # a model small enough that one iteration takes tens of milliseconds, still with the real 50,257-id vocabulary
@@ -166,12 +168,13 @@ def test_config_files():
     cfgs = {p: config_of(os.path.join(ROOT, p)) for p in paths}
     shared = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'gradient_accumulation_steps',
               'max_iters', 'learning_rate', 'dataset')
-    for group in ('_cpu.py', '_tinystories.py'):
-        members = {p: c for p, c in cfgs.items() if p.endswith(group)}
+    for group in ('_long_cpu.py', '_cpu.py', '_tinystories.py'):
+        members = {p: c for p, c in cfgs.items() if p.endswith(group) and not (group == '_cpu.py' and '_long' in p)}
         assert {c['model_type'] for c in members.values()} == {'embed', 'bits', 'analog', 'mask', 'ar'}, group
         assert len({c['out_dir'] for c in members.values()}) == 5, f"{group} configs must not share an out_dir"
-        for k in shared:  # every family gets the same backbone and token budget
-            assert len({c[k] for c in members.values()}) == 1, f"{group} configs differ in {k}"
+        for k in shared:  # every family gets the same backbone and token budget (the long runs: each its own)
+            if not (group == '_long_cpu.py' and k == 'max_iters'):
+                assert len({c[k] for c in members.values()}) == 1, f"{group} configs differ in {k}"
         for c in members.values():
             ModelConfig(**{k: c[k] for k in ModelConfig.__dataclass_fields__})  # a valid model
 
@@ -195,6 +198,24 @@ def test_short_run_loss_falls_and_checkpoint_loads(short_run):
     X = TokenWindows(ckpt['config']['data_dir'], 'val', 32).random_batch(4, step=0)
     torch.manual_seed(0)
     assert torch.isfinite(model(X))
+
+
+def test_eval_log_holds_the_bound_beside_the_unigram_line(short_run):
+    """Each evaluation logs held-out bits/token (the family's bound) and the unigram cross-entropy of the very
+    val windows it scored, computed here again from the train split's counts."""
+    out_dir, out = short_run
+    with open(os.path.join(out_dir, 'eval_log.jsonl')) as f:
+        recs = [json.loads(line) for line in f]
+    assert [r['iter'] for r in recs] == [0, 10, 20, 30]
+    assert [r['tokens'] for r in recs] == [0, 10 * 8 * 32, 20 * 8 * 32, 30 * 8 * 32]
+    data_dir = weights(out_dir)['config']['data_dir']
+    lp = torch.from_numpy(unigram_logprobs(data_dir, 'train'))
+    val = TokenWindows(data_dir, 'val', 32)
+    x = torch.cat([val.random_batch(8, step=k, seed=train._EVAL_SEED, rank=0) for k in range(2)])
+    expected = -lp[x].mean().item() / math.log(2)
+    assert all(abs(r['unigram_bits'] - expected) < 1e-9 for r in recs)
+    assert f"unigram {expected:.3f})" in out
+    assert recs[-1]['val_bits'] < recs[0]['val_bits'] and recs[-1]['train_seconds'] > recs[1]['train_seconds'] > 0
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(data_dir, tmp_path):

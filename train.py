@@ -19,10 +19,10 @@ iter_num counts optimizer steps done: a checkpoint written at iter_num N holds t
 import copy
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
-from prepare import TokenWindows, load_meta
+from util import autocast_context, keep_freed_memory, measure_peak_flops, resolve_device
+from prepare import TokenWindows, load_meta, unigram_logprobs
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -40,6 +41,7 @@ out_dir = 'out'                 # checkpoint (ckpt.pt) and TensorBoard events (t
 eval_interval = 250             # evaluate (and maybe checkpoint) every this many iterations
 log_interval = 10               # print / log training stats every this many iterations
 eval_iters = 20                 # batches per split in each evaluation (the same windows every time)
+eval_bound = True               # also score the val windows by the family's bound (bits/token, beside the unigram)
 eval_only = False               # evaluate the checkpoint in out_dir and exit (needs init_from='resume')
 always_save_checkpoint = False  # checkpoint at every evaluation, not only when the val loss improves
 init_from = 'scratch'           # 'scratch' (fresh weights) | 'resume' (continue from out_dir/ckpt.pt)
@@ -64,7 +66,7 @@ dropout = 0.0
 bias = True
 rotary = False                  # rotary position embedding instead of a learned absolute one
 T = 1000                        # diffusion steps (embed, bits, analog)
-noise_schedule = 'cosine'       # linear | cosine | sqrt
+noise_schedule = 'sqrt'         # linear | cosine | sqrt (sqrt: Diffusion-LM's, the default; bits use cosine)
 predict = 'x0'                  # embed: eps | x0
 embed_dim = 64                  # embed: width of the diffused embedding
 self_cond = True                # embed / analog: self-conditioning
@@ -89,6 +91,8 @@ ema_decay = 0.0                 # EMA of the weights (e.g. 0.9999 as in DiT); 0 
 device = 'auto'                 # 'auto' (cuda if available, else cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = 'auto'                  # 'auto' | 'float32' | 'bfloat16' | 'float16' (see derived settings below)
 compile = False                 # torch.compile the model
+compile_mode = 'default'        # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs, for small models on
+                                # a GPU, where launches dominate) | 'max-autotune' | 'max-autotune-no-cudagraphs'
 seed = 1337                     # weights init, data stream and diffusion noise
 backend = 'auto'                # DDP backend: 'auto' (nccl on cuda, gloo on cpu) | 'nccl' | 'gloo'
 peak_flops = 0.0                # peak FLOP/s per device for MFU; 0 -> measure with a matmul probe at start
@@ -97,64 +101,6 @@ _config_keys = [k for k, v in list(globals().items())
 # -----------------------------------------------------------------------------------------------------
 
 _EVAL_SEED = 0xE7A1  # the eval windows and noise do not depend on `seed`, so runs with different seeds compare
-
-
-def measure_peak_flops(device, dtype, seconds=0.5):
-    """Achievable dense-matmul FLOP/s of one device in `dtype` (a torch.dtype or its name), by timing square
-    matmuls for about `seconds`. MFU against this is the fraction of what this machine really does in the
-    best case, not of a datasheet number (which a CPU or a throttled GPU never reaches)."""
-    device = torch.device(device)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    n = 8192 if device.type == 'cuda' else 1024  # big enough to be compute bound, small enough to be quick
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-
-    def sync():
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-
-    for _ in range(3):  # warm up kernels / thread pools
-        a @ b
-    sync()
-    done, t0 = 0, time.perf_counter()
-    while True:
-        for _ in range(4):
-            a @ b
-        done += 4
-        sync()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            return 2 * n ** 3 * done / elapsed
-
-
-def resolve_device(device, dtype, prog='train.py'):
-    """Concrete (device, device_type, dtype) for the 'auto' settings, with checks; shared by the scripts.
-
-    device 'auto': cuda if available, else cpu. dtype 'auto': on CUDA bf16 where the GPU has it (no loss
-    scaling needed), else fp16 (train.py adds a GradScaler); on CPU fp32, since bf16 autocast is available
-    on request but on CPUs it often saves little or nothing (it was slower than fp32 on the 2-core dev box).
-    """
-    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"{prog}: dtype={dtype!r}, expected 'auto', 'float32', 'bfloat16' or 'float16'")
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit(f"{prog}: device={device!r} but torch.cuda.is_available() is False; use --device=cpu")
-    if dtype == 'auto':
-        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-    if dtype == 'float16' and device_type != 'cuda':
-        raise SystemExit(f"{prog}: dtype='float16' needs CUDA (loss scaling); on {device_type} use bfloat16 or float32")
-    return device, device_type, dtype
-
-
-def autocast_context(device_type, dtype):
-    """What the network runs under: nothing for float32, else autocast to dtype. On CUDA, float32 matmuls use
-    TF32 (~8x faster, ample for training and sampling)."""
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 def get_lr(it, cfg):
@@ -199,6 +145,9 @@ def main(argv=None):
         fail(f"init_from={c['init_from']!r}, expected 'scratch' or 'resume'")
     if c['eval_only'] and c['init_from'] != 'resume':
         fail("eval_only=True evaluates the checkpoint in out_dir: also set --init_from=resume")
+    if c['compile_mode'] not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
+        fail(f"compile_mode={c['compile_mode']!r}, expected 'default', 'reduce-overhead', 'max-autotune' or "
+             f"'max-autotune-no-cudagraphs'")
     if c['backend'] not in ('auto', 'nccl', 'gloo'):
         fail(f"backend={c['backend']!r}, expected 'auto', 'nccl' or 'gloo'")
     for key in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'):
@@ -218,6 +167,8 @@ def main(argv=None):
     if c['min_lr'] < 0:
         c['min_lr'] = c['learning_rate'] / 10
     c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'])
+    if device_type == 'cpu':
+        keep_freed_memory()  # large tensors are reused instead of re-mapped at every step (see util.py)
 
     # -------------------------------------------------------------------------------------------------
     # processes: DDP when launched by torchrun; every rank trains on its own windows, rank 0 logs and writes
@@ -307,6 +258,14 @@ def _train(c, ddp, rank, world_size, device_type):
     def get_batch(loader, step, seed, r):
         return to_device(loader.random_batch(c['batch_size'], step=step, seed=seed, rank=r))
 
+    # the baseline: a unigram model of the train split, scored on the very tokens the val loss predicts (ar
+    # predicts all but a window's first token), so a curve that stays at this line has learned no context
+    unigram = torch.from_numpy(unigram_logprobs(c['data_dir'], 'train', c['vocab_size']))
+    eval_windows = [get_batch(val_data, k, _EVAL_SEED, 0)[:, raw_model.extra_tokens:].cpu()
+                    for k in range(c['eval_iters'])]
+    unigram_nats = -torch.cat([unigram[x.flatten()] for x in eval_windows]).mean().item()
+    unigram_bits = unigram_nats / math.log(2)
+
     # -------------------------------------------------------------------------------------------------
     # optimizer, loss scaling, EMA, compile, DDP
     optimizer = raw_model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
@@ -315,7 +274,7 @@ def _train(c, ddp, rank, world_size, device_type):
     ema = None
     if c['ema_decay'] > 0:
         ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
-    iter_num, best_val_loss, last_saved = 0, float('inf'), None
+    iter_num, best_val_loss, last_saved, train_seconds = 0, float('inf'), None, 0.0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt['optimizer'])
         if ckpt.get('scaler'):
@@ -326,6 +285,7 @@ def _train(c, ddp, rank, world_size, device_type):
             else:
                 log("resume: the checkpoint has no EMA; the EMA starts from the current weights")
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        train_seconds = ckpt.get('train_seconds', 0.0)
         last_saved = iter_num
         changed = {k: v for k, v in (ckpt.get('config') or {}).items()
                    if k in c and c[k] != v and k not in ('init_from', 'eval_only')}
@@ -338,7 +298,7 @@ def _train(c, ddp, rank, world_size, device_type):
     model = raw_model
     if c['compile']:
         log("compiling the model with torch.compile ...")
-        model = torch.compile(raw_model)
+        model = torch.compile(raw_model, mode=c['compile_mode'])
     eval_model = model  # (compiled if asked) without the DDP wrapper: evaluation needs no gradient sync
     if ddp:
         model = DDP(model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
@@ -351,6 +311,8 @@ def _train(c, ddp, rank, world_size, device_type):
     log(f"data: {c['data_dir']}: {split_tokens} tokens, "
         f"window {window}; {tokens_per_iter:,} tokens per iteration "
         f"({world_size} ranks x {ga_steps} micro-batches x {c['batch_size']} x {c['block_size']})")
+    log(f"unigram baseline on the val windows: {unigram_nats:.4f} nats/token = {unigram_bits:.4f} bits/token "
+        f"(a unigram model of the train split; the val loss of mask and ar is in the same nats)")
     peak = c['peak_flops']
     if master and peak == 0 and not c['eval_only']:
         peak = measure_peak_flops(device, ptdtype)
@@ -393,8 +355,25 @@ def _train(c, ddp, rank, world_size, device_type):
             if ddp:
                 dist.all_reduce(total)
             out[name] = total.item() / c['eval_iters']
+        if c['eval_bound']:
+            # held-out bits/token by the family's bound (exact for ar), with the weights sampling would use
+            m = ema if ema is not None else raw_model
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for k in range(rank, c['eval_iters'], world_size):
+                gen = torch.Generator(device=device).manual_seed(stream_seed(_EVAL_SEED, 1, k))
+                total += m.nll(get_batch(val_data, k, _EVAL_SEED, 0), generator=gen).double().mean()
+            if ddp:
+                dist.all_reduce(total)
+            out['val_bits'] = total.item() / c['eval_iters']
         model.train()
         return out
+
+    log_path = os.path.join(c['out_dir'], 'eval_log.jsonl')
+
+    def log_eval(record):
+        """One JSON line per evaluation (out_dir/eval_log.jsonl), the data of the convergence curves."""
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
 
     def save(iter_num):
         ckpt = {
@@ -405,6 +384,7 @@ def _train(c, ddp, rank, world_size, device_type):
             'scaler': scaler.state_dict(),
             'iter_num': iter_num,
             'best_val_loss': best_val_loss,
+            'train_seconds': train_seconds,
             'config': dict(c),
             'meta': meta,
         }
@@ -421,8 +401,14 @@ def _train(c, ddp, rank, world_size, device_type):
 
     # -------------------------------------------------------------------------------------------------
     # training loop
+    if master and not c['eval_only']:
+        # a resumed run drops the evaluations its killed predecessor logged after the checkpoint
+        old = open(log_path).read().splitlines() if os.path.exists(log_path) else []
+        keep = [line for line in old if line.strip() and c['init_from'] == 'resume' and json.loads(line)['iter'] <= iter_num]
+        with open(log_path, 'w') as f:
+            f.writelines(line + '\n' for line in keep)
     model.train()
-    t_last, iters_timed = time.time(), 0
+    t_last, iters_timed, t_start = time.time(), 0, time.time()
     while True:
         lr = get_lr(iter_num, c)
         for group in optimizer.param_groups:
@@ -434,10 +420,18 @@ def _train(c, ddp, rank, world_size, device_type):
                               and not resumed_here):
             losses = estimate_loss()
             ema_part = f", val (EMA) {losses['val_ema']:.4f}" if 'val_ema' in losses else ""
-            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_part}")
+            bits_part = f", val {losses['val_bits']:.3f} bits/token (unigram {unigram_bits:.3f})" \
+                if 'val_bits' in losses else ""
+            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_part}{bits_part}")
             if c['eval_only']:
                 break
-            scalars({f'eval/{k}_loss': v for k, v in losses.items()}, iter_num)
+            scalars({f'eval/{k}_loss': v for k, v in losses.items() if k != 'val_bits'}, iter_num)
+            if 'val_bits' in losses:
+                scalars({'eval/val_bits_per_token': losses['val_bits'], 'eval/unigram_bits_per_token': unigram_bits},
+                        iter_num)
+            if master:
+                log_eval({'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'train_seconds': train_seconds,
+                          **losses, 'unigram_bits': unigram_bits, 'model_type': c['model_type']})
             # the checkpoint is judged by the weights that sampling will use: the EMA's, when there is one
             score = losses.get('val_ema', losses['val'])
             if iter_num > 0 and (score < best_val_loss or c['always_save_checkpoint']):
@@ -454,6 +448,7 @@ def _train(c, ddp, rank, world_size, device_type):
         # The diffusion noise and times are a pure function of (seed, rank, iter_num), and the windows of
         # (seed, rank, global micro-step), so a resumed run continues both streams exactly.
         torch.manual_seed(stream_seed(c['seed'], rank, iter_num))
+        t_step = time.time()
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(ga_steps):
             X = get_batch(train_data, iter_num * ga_steps + micro_step, c['seed'], rank)
@@ -466,11 +461,16 @@ def _train(c, ddp, rank, world_size, device_type):
         if ddp:
             dist.all_reduce(loss_sum)  # the mean over ranks: all ranks agree on it, and so stop together
             loss_sum /= world_size
-        lossf = loss_sum.item()
-        if not math.isfinite(lossf):
-            where = f"iteration {last_saved}" if last_saved is not None else "none written yet"
-            fail(f"non-finite loss ({lossf}) at iteration {iter_num}; stopping. {ckpt_path} is left as it was "
-                 f"(last checkpoint: {where})")
+        log_now = (iter_num + 1) % c['log_interval'] == 0
+        if log_now:
+            # the loop's one host sync, every log_interval steps (a GPU is never left waiting on Python for the
+            # loss in between); every rank reads the same reduced loss, so all stop together
+            lossf = loss_sum.item()
+            if not math.isfinite(lossf):
+                where = f"iteration {last_saved}" if last_saved is not None else "none written yet"
+                every = f" (checked every {c['log_interval']} iterations)" if c['log_interval'] > 1 else ""
+                fail(f"non-finite loss ({lossf}) at iteration {iter_num}{every}; stopping. {ckpt_path} is left as "
+                     f"it was (last checkpoint: {where})")
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                    c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
@@ -487,8 +487,12 @@ def _train(c, ddp, rank, world_size, device_type):
                     e.copy_(b)
         iter_num += 1
         iters_timed += 1
+        train_seconds += time.time() - t_step
+        if iter_num == start_iter + 1:
+            log(f"first training iteration done {time.time() - t_start:.1f} s after the start of training "
+                f"(compilation included)")
 
-        if iter_num % c['log_interval'] == 0 and master:
+        if log_now and master:
             dt = (time.time() - t_last) / iters_timed
             mfu = raw_model.estimate_mfu(c['batch_size'] * ga_steps, dt, peak) if peak > 0 else 0.0
             gn = grad_norm.item()

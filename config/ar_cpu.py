@@ -4,3 +4,5 @@ from config.cpu_common import *  # backbone, token budget and system settings sh
 
 out_dir = 'out-ar-cpu'
 model_type = 'ar'
+rotary = False          # the nanoGPT baseline: learned absolute positions (a causal model reads its neighbour
+                        # directly: the current token predicts the next without any attention)

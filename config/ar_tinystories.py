@@ -4,3 +4,4 @@ from config.tinystories_common import *  # backbone, token budget and system set
 
 out_dir = 'out-ar-tinystories'
 model_type = 'ar'
+rotary = False          # the nanoGPT baseline: learned absolute positions

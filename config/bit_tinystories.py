@@ -4,3 +4,4 @@ from config.tinystories_common import *  # backbone, token budget and system set
 
 out_dir = 'out-bit-tinystories'
 model_type = 'bits'
+noise_schedule = 'cosine'   # bit flips: cosine keeps most steps at a low flip rate (sqrt flips half the bits early)

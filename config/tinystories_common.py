@@ -9,6 +9,7 @@ n_layer = 12
 n_head = 12
 n_embd = 768
 block_size = 256
+rotary = True           # relative positions for the bidirectional families (as MDLM's DiT); ar overrides it
 dropout = 0.0
 
 # token budget: 64 x 8 x 256 = 131k tokens per step, 50k steps = 6.6B tokens

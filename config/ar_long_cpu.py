@@ -1,0 +1,11 @@
+# The long CPU run of the `ar` family (issue: do the families learn language?): the CPU demo's backbone and
+# data, ar settings from config/ar_cpu.py, a longer budget, and held-out bits/token (the family's bound,
+# exact for ar) at every evaluation, beside the unigram line; draw the curves with python curves.py.
+#   python train.py config/ar_long_cpu.py
+from config.ar_cpu import *  # backbone, batch, learning rate and the family's own settings
+
+out_dir = 'out-ar-long-cpu'
+max_iters = 1500        # 1500 x 8 x 64 = 768k tokens, ~0.8 epochs of the TinyStories sample's train split
+warmup_iters = 100
+eval_interval = 250
+always_save_checkpoint = True  # the last weights, whatever the val loss does (the curves are in eval_log.jsonl)

@@ -1,0 +1,100 @@
+"""
+Convergence curves: held-out bits/token of every family against tokens seen and against training seconds.
+
+    python curves.py                                   # the five long CPU runs (config/*_long_cpu.py)
+    python curves.py --runs="['out-ar-cpu','out-mask-cpu']" --out_dir=curves-demo
+
+It reads what train.py logs at each evaluation (out_dir/eval_log.jsonl: the val windows scored by the family's
+bound, exact for ar, and the unigram cross-entropy of the same windows), and draws one line per run with the
+unigram line dashed: a curve that stays on that line has learned token frequencies and nothing of context.
+Train the runs first, e.g.  for f in ar mask embed bits analog; do python train.py config/${f}_long_cpu.py; done
+Writes out_dir/curves.png and out_dir/curves.json, and prints a markdown table of each run's last evaluation.
+"""
+
+import json
+import math
+import os
+
+from configurator import configure
+from util import write_atomic, write_json
+
+# -----------------------------------------------------------------------------------------------------
+runs = ['out-ar-long-cpu', 'out-mask-long-cpu', 'out-embed-long-cpu', 'out-bits-long-cpu', 'out-analog-long-cpu']
+out_dir = 'curves'          # curves.png and curves.json go here
+ymax = 0.0                  # upper limit of the bits/token axis; 0 -> 1.6 x the unigram line (early bounds are huge)
+_config_keys = ['runs', 'out_dir', 'ymax']
+# -----------------------------------------------------------------------------------------------------
+
+
+def read_log(out_dir):
+    """The evaluations of one run, in order, one per iteration (a resumed run's rewrite keeps the last)."""
+    path = os.path.join(out_dir, 'eval_log.jsonl')
+    if not os.path.isfile(path):
+        raise SystemExit(f"curves.py: {path} not found: train the run first (train.py writes it at every "
+                         f"evaluation with eval_bound=True)")
+    by_iter = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    raise SystemExit(f"curves.py: {path} line {n} is not JSON") from None
+                by_iter[rec['iter']] = rec
+    recs = [by_iter[k] for k in sorted(by_iter)]
+    if not recs or 'val_bits' not in recs[-1]:
+        raise SystemExit(f"curves.py: {path} has no val_bits (run trained with eval_bound=False?)")
+    return recs
+
+
+def draw(curves, path, ymax):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    unigram = [c['records'][0]['unigram_bits'] for c in curves]
+    top = ymax or 1.6 * max(unigram)
+    for ax, (key, label) in zip(axes, [('tokens', 'training tokens seen'), ('train_seconds', 'training seconds')]):
+        for c in curves:
+            pts = [(r[key], r['val_bits']) for r in c['records'] if r['iter'] > 0]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', ms=3, label=f"{c['name']} ({c['family']})")
+        for u in sorted(set(round(u, 3) for u in unigram)):
+            ax.axhline(u, color='gray', linestyle='--', linewidth=1)
+        ax.text(0.99, min(unigram) / top, ' unigram', transform=ax.transAxes, ha='right', va='bottom',
+                color='gray', fontsize=8)
+        ax.set_ylim(0, top)
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel('val bits/token (bound; exact for ar)')
+    axes[1].legend(fontsize=8)
+    fig.suptitle('held-out bits/token during training, beside the unigram model of the train split')
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+    plt.close(fig)
+
+
+def main(argv=None):
+    c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, prog='curves.py')
+    if not c['runs']:
+        raise SystemExit("curves.py: runs is empty")
+    curves = []
+    for run in c['runs']:
+        recs = read_log(run)
+        curves.append({'name': os.path.basename(os.path.normpath(run)), 'family': recs[-1].get('model_type', '?'),
+                       'records': recs})
+    lines = ['| run | family | iterations | tokens | train seconds | val bits/token | unigram | context gain |',
+             '|---|---|---|---|---|---|---|---|']
+    for cv in curves:
+        r = cv['records'][-1]
+        lines.append(f"| {cv['name']} | {cv['family']} | {r['iter']} | {r['tokens']:,} | {r['train_seconds']:.0f} | "
+                     f"{r['val_bits']:.3f} | {r['unigram_bits']:.3f} | {r['unigram_bits'] - r['val_bits']:+.3f} |")
+    os.makedirs(c['out_dir'], exist_ok=True)
+    write_json(os.path.join(c['out_dir'], 'curves.json'), {'config': c, 'curves': curves})
+    draw(curves, os.path.join(c['out_dir'], 'curves.png'), c['ymax'])
+    print('\n'.join(lines))
+    print(f"\nwrote {os.path.join(c['out_dir'], 'curves.png')} and curves.json")
+    return curves
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,111 @@
+"""The likelihood yardstick: the unigram baseline, the decoders of the discrete-time bounds, and the adaptive
+time proposal, whose importance-sampled bound must stay unbiased (checked against the full sum over t)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import train_steps
+from model import BoundTimeProposal, ModelConfig, abar_schedule, build_model, ids_to_bits, randn
+from prepare import unigram_logprobs
+from test_model import TOY_SEQS
+
+TOY = dict(vocab_size=8, block_size=4, n_layer=1, n_head=2, n_embd=16, T=20, embed_dim=4)
+
+
+def toy(model_type, **kw):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(model_type=model_type, **{**TOY, **kw})).eval()
+
+
+def test_unigram_baseline_is_smoothed_train_frequencies(tmp_path):
+    tokens = np.array([0, 1, 1, 2, 2, 2, 2, 4], dtype=np.uint16)
+    tokens.tofile(tmp_path / 'train.bin')
+    (tmp_path / 'meta.json').write_text('{"tokenizer": "gpt2", "vocab_size": 6, "eot_token": 5, "dtype": "uint16", '
+                                        '"splits": {"train": {"tokens": 8}}}')
+    lp = unigram_logprobs(str(tmp_path), chunk=3)  # chunks smaller than the split: the counts must add up
+    counts = np.array([1, 2, 4, 0, 1, 0]) + 0.5
+    assert np.allclose(lp, np.log(counts / counts.sum()))
+
+
+def test_gaussian_decoder_adds_the_likelihood_of_x1_under_each_token():
+    m = toy('embed')
+    x1, logits = torch.randn(2, 3, 4), torch.randn(2, 3, 8)
+    a = m.diffusion.abar_1
+    E = m.table().detach().double()
+    lik = torch.distributions.Normal(math.sqrt(a) * E, math.sqrt(1 - a)).log_prob(x1.double()[..., None, :]).sum(-1)
+    expected = (logits.double().log_softmax(-1) + lik).log_softmax(-1)
+    assert torch.allclose(m.decoder_logprobs(x1, logits), expected, atol=1e-8)
+
+
+def test_time_proposal_follows_the_root_second_moment_per_bin():
+    p = BoundTimeProposal(abar_schedule('sqrt', 100), bins=4, warm=2)
+    assert torch.equal(p.probs(), p.base)  # no statistics yet: the schedule's proposal
+    level = torch.tensor([1.0, 4.0, 9.0, 16.0], dtype=torch.float64)
+    t = torch.arange(2, 101)
+    for _ in range(3):
+        p.update(t, level[p.bin_of])
+    q = p.probs()
+    assert q.sum().item() == pytest.approx(1.0)
+    mass = torch.zeros(4, dtype=torch.float64).index_add_(0, p.bin_of, q)
+    base_mass = torch.zeros(4, dtype=torch.float64).index_add_(0, p.bin_of, p.base)
+    adapted = (mass - 0.1 * base_mass) / 0.9
+    assert torch.allclose(adapted / adapted.sum(), level / level.sum(), atol=1e-9)  # sqrt(E[KL^2]) = level
+
+
+def full_sum_bound(model, rows, g):
+    """One draw of the bound with every step t = 2..T summed instead of sampled (the noise still drawn), written
+    from the families' public pieces: bits/token per row."""
+    B, L = rows.shape
+    T = model.config.T
+    with torch.no_grad():
+        if model.config.model_type == 'bits':
+            b0 = ids_to_bits(rows).double()
+            m = (1 + float(model.abar[-1])) / 2
+            total = torch.full((B,), 16 * L * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m))), dtype=torch.float64)
+            for t in range(2, T + 1):
+                tt = torch.full((B,), t)
+                b_t = model.q_sample(b0, tt, g)
+                total += model.step_kl(b0, b_t, model.marginals(model.predict(b_t, tt), torch.float64), tt).sum(1)
+            one = torch.ones(B, dtype=torch.long)
+            b_1 = model.q_sample(b0, one, g)
+            logp = model.decoder_logprobs(b_1, model.predict(b_1, one))
+        else:
+            x0 = model.clean(rows)
+            d = model.diffusion
+            total = d.prior_kl(x0.double()).sum((1, 2))
+            for t in range(2, T + 1):
+                tt = torch.full((B,), t)
+                x_t = d.q_sample(x0, tt, randn(x0.shape, g, 'cpu').float())
+                total += d.kl_step(x0, model.denoise(x_t, tt)[0], tt).sum((1, 2))
+            one = torch.ones(B, dtype=torch.long)
+            x_1 = d.q_sample(x0, one, randn(x0.shape, g, 'cpu').float())
+            logp = model.decoder_logprobs(x_1, model.denoise(x_1, one)[1])
+        total += -logp.gather(-1, rows.unsqueeze(-1)).squeeze(-1).sum(1)
+    return total / (L * math.log(2))
+
+
+def adapted(model):
+    """Feed the proposal statistics far from the schedule's shape, so nll() draws t from a non-trivial q."""
+    p = model.time_proposal
+    t = torch.arange(2, p.T + 1)
+    for _ in range(p.warm):
+        p.update(t, torch.exp(-t.double() / 3) * 50 + 0.01)
+    assert not torch.allclose(p.probs(), p.base)
+    return model
+
+
+@pytest.mark.parametrize('model_type', ['embed', 'analog', 'bits'])
+def test_importance_sampled_bound_equals_the_full_sum_over_t(model_type):
+    """nll() draws one t per sequence from the adaptive q and weights KL_t / q(t): its mean over many draws
+    must equal the bound with every step summed (within 3 standard errors)."""
+    m = toy(model_type)
+    train_steps(m, TOY_SEQS.repeat(4, 1), 30, lr=1e-2)  # a network past its trivial initialisation
+    adapted(m)
+    rows = TOY_SEQS.repeat(64, 1)
+    est = torch.cat([m.nll(rows, torch.Generator().manual_seed(i)) for i in range(40)])
+    g = torch.Generator().manual_seed(12345)
+    exact = torch.cat([full_sum_bound(m, TOY_SEQS.repeat(4, 1), g) for _ in range(10)])
+    se = math.sqrt(est.var().item() / len(est) + exact.var().item() / len(exact))
+    assert abs(est.mean().item() - exact.mean().item()) < 3 * se, (est.mean(), exact.mean(), se)
