@@ -21,7 +21,7 @@ from util import write_atomic, write_json
 # -----------------------------------------------------------------------------------------------------
 runs = ['out-ar-long-cpu', 'out-mask-long-cpu', 'out-embed-long-cpu', 'out-bits-long-cpu', 'out-analog-long-cpu']
 out_dir = 'curves'          # curves.png and curves.json go here
-ymax = 0.0                  # upper limit of the bits/token axis; 0 -> 1.6 x the unigram line (early bounds are huge)
+ymax = 0.0                  # upper limit of the bits/token axis (log scale); 0 -> the largest value after iteration 0
 _config_keys = ['runs', 'out_dir', 'ymax']
 # -----------------------------------------------------------------------------------------------------
 
@@ -53,16 +53,17 @@ def draw(curves, path, ymax):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     unigram = [c['records'][0]['unigram_bits'] for c in curves]
-    top = ymax or 1.6 * max(unigram)
+    top = ymax or 1.2 * max(r['val_bits'] for c in curves for r in c['records'] if r['iter'] > 0)
     for ax, (key, label) in zip(axes, [('tokens', 'training tokens seen'), ('train_seconds', 'training seconds')]):
         for c in curves:
             pts = [(r[key], r['val_bits']) for r in c['records'] if r['iter'] > 0]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', ms=3, label=f"{c['name']} ({c['family']})")
         for u in sorted(set(round(u, 3) for u in unigram)):
             ax.axhline(u, color='gray', linestyle='--', linewidth=1)
-        ax.text(0.99, min(unigram) / top, ' unigram', transform=ax.transAxes, ha='right', va='bottom',
-                color='gray', fontsize=8)
-        ax.set_ylim(0, top)
+        ax.set_yscale('log')  # loose early bounds and the ar line on one axis
+        ax.set_ylim(0.5 * min(r['val_bits'] for c in curves for r in c['records'] if r['iter'] > 0), top)
+        ax.annotate('unigram', (1, min(unigram)), xycoords=('axes fraction', 'data'), ha='right', va='bottom',
+                    color='gray', fontsize=8)
         ax.set_xlabel(label)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel('val bits/token (bound; exact for ar)')

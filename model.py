@@ -166,8 +166,8 @@ class DiTBlock(nn.Module):
     layer (adaLN-zero: both gates start at 0 and the block is the identity, DiT). Without one (ar, and mask by
     default) they are a constant: learned per-channel vectors with the gates starting at 1, i.e. a plain pre-LN
     GPT block whose LayerNorms have gains and biases. Running a matmul on a learned constant c instead would
-    cost 6 n_embd^2 weights for nothing, and a zero gate keeps every attention and MLP weight without gradient
-    until the gates have grown: a slow start that cost the mask family ~0.05 nats at 500 CPU iterations.
+    cost 6 n_embd^2 weights for nothing. (Whether the gates start at 0 or 1 made no measurable difference to the
+    mask family at 500 CPU iterations: 0.070 vs 0.063 nats above the unigram line, standard error 0.03.)
     """
 
     def __init__(self, config, causal, time_cond=True):

@@ -13,7 +13,7 @@ import torch
 from conftest import tinystories_documents, train_steps
 from evaluate import distinct_n, generative_bits, repetition_rate, unigram_entropy
 from model import build_model, load_checkpoint, save_checkpoint
-from prepare import TokenWindows, load_meta, prepare
+from prepare import TokenWindows, load_meta, prepare, unigram_logprobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
@@ -137,7 +137,17 @@ def test_evaluate_end_to_end(tiny_run):
         assert 0 < r['distinct_1'] <= 1 and 0 <= r['rep_4'] <= 1 and isinstance(r['example'], str)
     # the table: a header, a rule, one line per row
     table = [line for line in stdout.splitlines() if line.startswith('|')]
-    assert len(table) == 2 + len(res['rows']) and 'gen-PPL' in table[0]
+    assert len(table) == 3 + len(res['rows']) and 'gen-PPL' in table[0] and 'context gain' in table[0]
+    assert table[2].startswith('| unigram |')
+    # the baseline: a unigram model of the train split on the very tokens each model scored (mask: the first 32 of
+    # each window of 33, ar: the last 32), and the context gain is its bits minus the model's
+    lp = torch.from_numpy(unigram_logprobs(tiny_run['data_dir'], 'train')) / -math.log(2)
+    x = TokenWindows(tiny_run['data_dir'], 'test', 33).eval_batch(0, 6, 32)
+    assert lk['out-mask']['unigram_bits'] == pytest.approx(lp[x[:, :32]].mean().item(), abs=1e-9)
+    assert lk['out-ar']['unigram_bits'] == pytest.approx(lp[x[:, 1:]].mean().item(), abs=1e-9)
+    assert res['unigram']['bits'] == pytest.approx(lk['out-ar']['unigram_bits'])  # the first checkpoint's tokens
+    for v in lk.values():
+        assert v['context_gain'] == pytest.approx(v['unigram_bits'] - v['bits']) and v['context_gain_se'] > 0
 
 
 def test_evaluate_rejects_a_non_ar_judge(tiny_run):

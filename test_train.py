@@ -306,7 +306,9 @@ def test_bf16_autocast_on_cpu(data_dir, tmp_path):
     assert 'dtype=bfloat16' in out
     e = evals(out)
     assert e[-1][2] < e[0][2], e
-    assert all(v.dtype == torch.float32 for v in weights(out_dir)['model'].values() if v.is_floating_point())
+    # the weights stay fp32 under autocast (the bound's time-proposal statistics are float64 buffers)
+    assert all(v.dtype in (torch.float32, torch.float64) for v in weights(out_dir)['model'].values()
+               if v.is_floating_point())
 
 
 def test_compile(data_dir, tmp_path):

@@ -503,7 +503,11 @@ def _train(c, ddp, rank, world_size, device_type):
             t_last, iters_timed = time.time(), 0
 
     if ddp and not c['eval_only']:
-        # a safety check: DDP must leave every rank with bitwise identical weights
+        # buffers that each rank's own forward updates (the bound's time-proposal statistics) follow rank 0's, as
+        # DDP's broadcast at every forward already makes them; then a safety check: DDP must leave every rank
+        # with bitwise identical weights
+        for buf in raw_model.buffers():
+            dist.broadcast(buf, 0)
         prints = [None] * world_size
         dist.all_gather_object(prints, fingerprint(raw_model.state_dict().values()))
         log(f"ddp: final weight fingerprints {prints}" +
