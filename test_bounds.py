@@ -67,7 +67,7 @@ def full_sum_bound(model, rows, g):
             for t in range(2, T + 1):
                 tt = torch.full((B,), t)
                 b_t = model.q_sample(b0, tt, g)
-                total += model.step_kl(b0, b_t, model.marginals(model.predict(b_t, tt), torch.float64), tt).sum(1)
+                total += model.step_kl(b0, b_t, model.predict(b_t, tt), tt, g).sum(1)
             one = torch.ones(B, dtype=torch.long)
             b_1 = model.q_sample(b0, one, g)
             logp = model.decoder_logprobs(b_1, model.predict(b_1, one))
