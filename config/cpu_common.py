@@ -1,6 +1,6 @@
 # Shared by every config/*_cpu.py: one small backbone and one token budget on the TinyStories sample, so the
-# families compare like for like on two otherwise idle CPU cores (measured: embed ~0.26 s/iter, mask and ar
-# ~0.35, bits and analog < 0.05; so 7-10 minutes for embed/mask/ar). Each *_cpu.py imports this, then sets
+# families compare like for like on two otherwise idle CPU cores (measured before the vocabulary-sized heads of
+# embed/bits/analog: ~0.3 s/iter for mask and ar; every family now pays for a 50,257-way output). Each *_cpu.py imports this, then sets
 # its family. Prepare the data once:  python prepare.py --input=../shared/data/tinystories
 dataset = 'tinystories'
 

@@ -1,4 +1,5 @@
-# The CPU demo: the `embed` family (Diffusion-LM on DiT blocks), ~10 minutes on two cores.
+# The CPU demo: the `embed` family (Diffusion-LM on DiT blocks), about half an hour on two idle cores (its
+# vocabulary-sized head makes a step ~1 s; the estimate is from the shared-machine runs, not re-timed alone).
 #   python train.py config/embed_cpu.py
 from config.cpu_common import *  # backbone, token budget and system settings shared by all *_cpu configs
 
