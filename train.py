@@ -185,7 +185,12 @@ def main(argv=None):
             fail(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible by the "
                  f"number of DDP ranks ({world_size}): it counts micro-batches over all ranks")
     try:
-        return _train(c, ddp, rank, world_size, device_type)
+        result = _train(c, ddp, rank, world_size, device_type)
+        if ddp:
+            # no rank tears down its gloo/NCCL connections while another still talks on them: a rank that
+            # destroyed its group early made the other abort ('terminate called without an active exception')
+            dist.barrier()
+        return result
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
