@@ -115,10 +115,10 @@ def bench_sampling(model, c, dev, ctx, n, length, steps, **options):
     """(seconds, NFE) of one sampler call, after a short untimed warm-up call."""
     model.eval()
     gen = torch.Generator(device=dev).manual_seed(c['seed'])
-    ar = model.config.model_type == 'ar'
+    fixed = model.fixed_steps  # ar: the length sets the steps
     with ctx:
-        model.sample(1, min(4, length), steps=None if ar else 1, generator=gen, **options)
-        dt, _ = timed(lambda: model.sample(n, length, steps=None if ar else steps, generator=gen, **options), dev)
+        model.sample(1, min(4, length), steps=None if fixed else 1, generator=gen, **options)
+        dt, _ = timed(lambda: model.sample(n, length, steps=None if fixed else steps, generator=gen, **options), dev)
     return dt, model.nfe
 
 

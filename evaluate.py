@@ -174,7 +174,7 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen):
     bits, se = mean_se(per_window)
     gain, gain_se = mean_se(uni_window - per_window)
     return {'bits': bits, 'bits_se': se, 'ppl': perplexity(bits), 'windows': n, 'tokens': n * bs,
-            'mc_samples': mc, 'exact': model.config.model_type == 'ar',
+            'mc_samples': mc, 'exact': model.exact_likelihood,
             'unigram_bits': uni_window.mean().item(), 'context_gain': gain, 'context_gain_se': gain_se}
 
 
@@ -255,7 +255,7 @@ def draw_plot(results, path):
         for name in names:
             rows = [r for r in results['rows'] if r['name'] == name and r.get(key) is not None]
             if rows:
-                family = rows[0]['family'] + (', steps = length' if rows[0]['family'] == 'ar' else '')
+                family = rows[0]['family'] + (', steps = length' if rows[0].get('fixed_steps') else '')
                 ax.plot([r['steps'] for r in rows], [r[key] for r in rows], marker='o', label=f"{name} ({family})")
         for r in results['rows']:
             if r['family'] == 'data' and r.get(key) is not None:
@@ -326,8 +326,8 @@ def main(argv=None):
                'sample_length': length, 'num_samples': c['num_samples'], 'likelihood': {}, 'models': {},
                'rows': [], 'skipped': []}
 
-    def add_row(name, family, path, steps_, nfe, seconds, samples):
-        row = {'name': name, 'family': family, 'ckpt': path, 'steps': steps_, 'nfe': nfe,
+    def add_row(name, family, path, steps_, nfe, seconds, samples, fixed_steps=False):
+        row = {'name': name, 'family': family, 'ckpt': path, 'steps': steps_, 'fixed_steps': fixed_steps, 'nfe': nfe,
                'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
                **text_metrics(samples, judge_model, c['eval_batch_size'], bos),
                'example': enc.decode(samples[0].tolist())}
@@ -369,8 +369,8 @@ def main(argv=None):
               f"PPL {fmt_ppl(lk['ppl'])}; unigram {lk['unigram_bits']:.4f}, context gain "
               f"{lk['context_gain']:+.4f} ± {fmt(lk['context_gain_se'], '.4f')} bits/token")
         # samples: ar once (steps is the length), the others at every step count they accept
-        grid = [None] if cfg.model_type == 'ar' else c['steps']
-        warm = None if cfg.model_type == 'ar' else 1
+        grid = [None] if model.fixed_steps else c['steps']
+        warm = None if model.fixed_steps else 1
         sample_row(model, 1, length, warm, 1, c['seed'], dev, ctx)  # warm-up: first-call costs are not speed
         for s in grid:
             if s is not None and s > model.max_steps:
@@ -380,7 +380,7 @@ def main(argv=None):
                 continue
             samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
                                                c['seed'], dev, ctx)
-            add_row(name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples)
+            add_row(name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, s is None)
         del model
 
     os.makedirs(c['out_dir'], exist_ok=True)

@@ -1,11 +1,11 @@
 """
 The shared transformer backbone and every model family of the project.
 
-Read it in three parts, DiT-style: the network (a transformer whose blocks are modulated by a time
-embedding through adaLN-zero), the processes (the Gaussian schedule maths, bit flips, masking), and the
-families (`embed`, `bits`, `analog`, `mask`, `ar`), each of which says what goes into the network, what
-comes out, the training loss, the sampler step and the likelihood bound. The sampling loop skeleton is
-shared by all five (DiffusionLM.sample).
+Read it in two parts, DiT-style: the network (a transformer whose blocks are modulated by a time embedding
+through adaLN-zero), and the families (`embed`, `bits`, `analog`, `mask`, `ar`), each of which says what goes
+into the network, what comes out, the training loss, the sampler step and the likelihood bound. The
+parameter-free maths they share (schedules, the Gaussian, bit-flip and mask processes, time and categorical
+draws, the bit code) is in diffusion.py. The sampling loop skeleton is shared by all five (DiffusionLM.sample).
 
 Conventions: token ids are GPT-2 BPE ids (50,257 of them, 50256 = <|endoftext|>). Time is discrete,
 t = 1..T, for the Gaussian and bit families (abar_0 = 1 is the clean data) and continuous in [0, 1]
@@ -21,10 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffusion import (NUM_BITS, BitFlipDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
+                       categorical_mean, draw_categorical, ids_to_bits, log_snr_drop_proposal, rand, randn,
+                       stratified_times, valid_codes)
 from util import write_atomic
 
 MODEL_TYPES = ('embed', 'bits', 'analog', 'mask', 'ar')
-NUM_BITS = 16  # 50,257 GPT-2 ids < 2**16 = 65,536
 
 
 @dataclass
@@ -247,19 +249,7 @@ def init_weights(module, n_layer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Randomness: float64 draws (the precision of categorical sampling changes the result, see MDLM sec. 4.2)
-
-def rand(shape, generator, device):
-    """Uniform [0, 1) in float64, drawn on the generator's device (a seeded CPU generator gives the same
-    numbers on any device), else directly on `device` (no host-to-device copy in the training loop)."""
-    gdev = generator.device if generator is not None else torch.device(device)
-    return torch.rand(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
-
-
-def randn(shape, generator, device):
-    gdev = generator.device if generator is not None else torch.device(device)
-    return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
-
+# Evaluation helpers
 
 def in_eval_mode(method):
     """Run a method with the module in eval mode (no dropout), restoring the previous mode afterwards."""
@@ -285,152 +275,6 @@ def exact(method):
     return wrapper
 
 
-def check_draw_options(temperature, top_k, top_p):
-    if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):
-        raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: expected temperature >= 0 "
-                         f"(0 = argmax), top_k >= 0 (0 = off) and 0 < top_p <= 1")
-
-
-def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
-    """Temperature, then keep the top_k largest logits (ties at the k-th value are kept) and the smallest set
-    of most likely tokens whose mass reaches top_p."""
-    logits = logits.double() / max(temperature, 1e-8)
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
-    return logits
-
-
-def draw_categorical(logits, generator, temperature=1.0, top_k=0, top_p=1.0, chunk=512):
-    """One draw per row of `logits` (N, V) by inverse-CDF in float64; temperature 0 is argmax.
-
-    Rows are processed in chunks so a large batch never holds an (N, V) float64 matrix at once.
-    """
-    check_draw_options(temperature, top_k, top_p)
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for i in range(0, logits.shape[0], chunk):
-        rows = logits[i:i + chunk]
-        if temperature == 0:
-            out[i:i + chunk] = rows.argmax(-1)
-            continue
-        probs = filter_logits(rows, temperature, top_k, top_p).softmax(-1)
-        u = rand((rows.shape[0], 1), generator, rows.device)
-        cdf = probs.cumsum(-1)
-        idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
-        out[i:i + chunk] = idx.clamp_max(rows.shape[1] - 1)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Noise schedules and the Gaussian process (shared by embed and analog; abar also drives bit flips)
-
-def abar_schedule(name, T):
-    """alpha-bar_t for t = 0..T (float64, abar_0 = 1): the fraction of signal variance left at step t.
-
-    linear: betas linear in [1e-4, 0.02] * 1000/T (DDPM, rescaled so any T spans the same noise range);
-    cosine: abar(u) = cos^2((u + 0.008)/1.008 * pi/2) (Nichol & Dhariwal);  sqrt: abar(u) = 1 - sqrt(u + 1e-4)
-    (Diffusion-LM), with u = t/T. Betas are clipped at 0.999 so the chain stays invertible near t = T.
-    """
-    u = torch.arange(T + 1, dtype=torch.float64) / T
-    if name == 'linear':
-        betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64).clamp(max=0.999)
-    else:
-        f = (lambda u: torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2) if name == 'cosine' else \
-            (lambda u: 1 - torch.sqrt(u + 1e-4))
-        a = f(u)
-        betas = (1 - a[1:] / a[:-1]).clamp(min=0.0, max=0.999)
-    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
-
-
-class GaussianDiffusion:
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 0..T, and everything derived from it.
-
-    Holds the schedule in float64; `at(t, x)` gathers abar_t per sample, in float64, shaped to broadcast on x.
-    Coefficients are formed in float64 and cast to x's dtype only at the end (1 - abar_1 ~ 1e-3 must not be
-    rounded away).
-    """
-
-    def __init__(self, abar):
-        self.abar = abar
-        self.abar_dev = abar  # the same table on the model's device (GaussianLM._apply keeps it there)
-        self.T = len(abar) - 1
-        # Python floats, so the compiled graph holds constants rather than syncing on .item()
-        self.abar_1, self.abar_T = float(abar[1]), float(abar[-1])
-
-    def at(self, t, x):
-        return self.abar_dev[t].view(-1, *([1] * (x.dim() - 1)))
-
-    def q_sample(self, x0, t, noise):
-        """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
-        a = self.at(t, x0)
-        return a.sqrt().to(x0.dtype) * x0 + (1 - a).sqrt().to(x0.dtype) * noise
-
-    def x0_from_eps(self, x_t, t, eps):
-        a = self.at(t, x_t)
-        return (x_t - (1 - a).sqrt().to(x_t.dtype) * eps) * a.rsqrt().to(x_t.dtype)
-
-    def eps_from_x0(self, x_t, t, x0):
-        a = self.at(t, x_t)
-        return (x_t - a.sqrt().to(x_t.dtype) * x0) * (1 - a).rsqrt().to(x_t.dtype)
-
-    def q_posterior(self, x0, x_t, t, s):
-        """Mean and variance of q(x_s | x_t, x_0) for any s < t (s = t - 1 is DDPM's posterior).
-
-        With abar_{t|s} = abar_t / abar_s:  var = (1 - abar_s)(1 - abar_{t|s}) / (1 - abar_t),
-        mean = sqrt(abar_s)(1 - abar_{t|s}) / (1 - abar_t) x_0 + sqrt(abar_{t|s})(1 - abar_s) / (1 - abar_t) x_t.
-        """
-        a_t, a_s = self.at(t, x_t), self.at(s, x_t)
-        a_ts = a_t / a_s
-        c0 = (a_s.sqrt() * (1 - a_ts) / (1 - a_t)).to(x_t.dtype)
-        ct = (a_ts.sqrt() * (1 - a_s) / (1 - a_t)).to(x_t.dtype)
-        var = (1 - a_s) * (1 - a_ts) / (1 - a_t)
-        return c0 * x0 + ct * x_t, var.to(x_t.dtype)
-
-    def ddpm_step(self, x0_hat, x_t, t, s, noise):
-        """Ancestral step: x_s ~ q(x_s | x_t, x_0 = x0_hat)."""
-        mean, var = self.q_posterior(x0_hat, x_t, t, s)
-        return mean + var.sqrt() * noise
-
-    def ddim_step(self, x0_hat, x_t, t, s, eta, noise):
-        """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z,
-
-        sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s); eta = 0 is deterministic and
-        eta = 1 gives exactly the ancestral (posterior) variance of ddpm_step.
-        """
-        a_t, a_s = self.at(t, x_t), self.at(s, x_t)
-        eps = self.eps_from_x0(x_t, t, x0_hat)
-        sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
-        c_eps = (1 - a_s - sigma ** 2).clamp(min=0).sqrt()
-        dt = x_t.dtype
-        return a_s.sqrt().to(dt) * x0_hat + c_eps.to(dt) * eps + sigma.to(dt) * noise
-
-    def prior_kl(self, x0):
-        """KL(q(x_T | x_0) || N(0, I)) per element, in nats, in x0's dtype (coefficients in float64)."""
-        a = self.abar_T
-        return 0.5 * (a * x0 ** 2 + (1 - a) - 1 - math.log1p(-a))
-
-    def kl_step(self, x0, x0_hat, t):
-        """KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) per element, in nats, where p is the posterior at
-        x0_hat with the same variance: ||mu(x0) - mu(x0_hat)||^2 / (2 var) and mu is linear in x0 with
-        coefficient c = sqrt(abar_{t-1}) (1 - abar_t/abar_{t-1}) / (1 - abar_t), so KL = c^2 (x0 - x0_hat)^2 / (2 var).
-        """
-        a_t, a_s = self.at(t, x0), self.at(t - 1, x0)
-        c = a_s.sqrt() * (1 - a_t / a_s) / (1 - a_t)
-        var = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
-        return c ** 2 * (x0.double() - x0_hat.double()) ** 2 / (2 * var)
-
-
-def stratified_times(n, T, generator, device, low=1):
-    """Low-discrepancy draw of n integer times in [low, T]: one uniform shift of a regular grid."""
-    u = (rand((1,), generator, device) + torch.arange(n, device=device, dtype=torch.float64) / n) % 1.0
-    return (low + (u * (T - low + 1)).floor().long()).clamp(max=T)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The shared skeleton of every family
 
@@ -444,13 +288,23 @@ class DiffusionLM(nn.Module):
     sample_options = {}     # option -> default, the sampler knobs of the family
     lookup_only = ('backbone.wpe.weight',)  # tables only indexed, never multiplied (no FLOPs, not "model size")
     no_decay = ()           # matrices that must not be weight-decayed
+    extra_ids = 0           # ids past the vocabulary the family's tables need (mask: one for [MASK])
+    fixed_steps = False     # True where the length sets the number of sampling steps (ar: one token per step)
+    exact_likelihood = False  # True where nll() is the exact NLL rather than a bound (ar)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        extra = 1 if config.model_type == 'mask' else 0  # room for the [MASK] id
-        self.padded_vocab = ((config.vocab_size + extra + 63) // 64) * 64
+        self.padded_vocab = ((config.vocab_size + self.extra_ids + 63) // 64) * 64
         self.nfe = 0
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() move the buffers; a process with a schedule table reads it from the moved `abar` buffer,
+        # so no copy (and no host-device sync) ever happens inside the compiled step
+        super()._apply(fn, *args, **kwargs)
+        if 'abar' in self._buffers:
+            self.diffusion.abar_dev = self.abar
+        return self
 
     # -- accounting
     def get_num_params(self, non_embedding=True):
@@ -531,24 +385,6 @@ class DiffusionLM(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Pieces shared by the discrete-time families: the bit code, categorical x0 heads, the bound's time proposal
 
-def ids_to_bits(idx):
-    """Token ids -> NUM_BITS bits, most significant first: bit k of id is (id >> (15 - k)) & 1."""
-    shifts = torch.arange(NUM_BITS - 1, -1, -1, device=idx.device)
-    return (idx.unsqueeze(-1) >> shifts) & 1
-
-
-def bits_to_ids(bits):
-    """The inverse of ids_to_bits: a 16-bit code (0/1, or booleans) -> the integer it spells, in [0, 65536)."""
-    shifts = torch.arange(NUM_BITS - 1, -1, -1, device=bits.device)
-    return (bits.long() << shifts).sum(-1)
-
-
-def valid_codes(vocab_size):
-    """The bit codes of the valid ids 0..vocab_size-1 as a (V, 16) 0/1 float table (the bit families keep it as
-    a buffer, so it lives on their device)."""
-    return ids_to_bits(torch.arange(vocab_size)).float()
-
-
 class BitCodeInput(nn.Module):
     """What the network reads of a (noisy) 16-bit code: a linear map of its +-1 bits plus a learned embedding of
     the whole code read as an integer (65,536 rows, a lookup).
@@ -569,15 +405,6 @@ class BitCodeInput(nn.Module):
         """signed_bits (..., 16) real, > 0 read as bit 1; extra (..., k) more features for the linear part."""
         x = signed_bits if extra is None else torch.cat([signed_bits, extra], -1)
         return self.proj(x.to(self.proj.weight.dtype)) + self.code_emb(bits_to_ids(signed_bits > 0))
-
-
-def log_snr_drop_proposal(abar):
-    """A time proposal for t = 2..T (index t - 2) from the schedule alone: half uniform, half proportional to
-    log SNR_{t-1} - log SNR_t. A trained model's KL_t ~ (SNR_{t-1} - SNR_t) mmse_t follows that drop."""
-    T = len(abar) - 1
-    log_snr = torch.log(abar[1:]) - torch.log1p(-abar[1:].clamp(max=1 - 1e-12))  # t = 1..T
-    drop = (log_snr[:-1] - log_snr[1:]).clamp(min=0)
-    return 0.5 * drop / drop.sum() + 0.5 / (T - 1)
 
 
 class BoundTimeProposal(nn.Module):
@@ -633,11 +460,6 @@ class BoundTimeProposal(nn.Module):
         return idx + 2, q[idx]
 
 
-def categorical_mean(logits, table):
-    """E_p[table[w]] under p = softmax(logits) over the vocabulary: (..., V) x (V, D) -> (..., D)."""
-    return logits.float().softmax(-1) @ table
-
-
 # ----------------------------------------------------------------------------------------------------
 # Gaussian families: embed (token embeddings) and analog (bits as +-scale)
 
@@ -660,13 +482,6 @@ class GaussianLM(DiffusionLM):
         self.time_proposal = BoundTimeProposal(self.diffusion.abar)
         self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() move the buffers; the process reads its table from the moved one, so no copy (and no
-        # host-device sync) ever happens inside the compiled step
-        super()._apply(fn, *args, **kwargs)
-        self.diffusion.abar_dev = self.abar
-        return self
-
     def predict(self, x_t, t, x0_sc, cond=None):
         """(x0_hat, logits over the vocabulary, eps_hat or None) at (x_t, t)."""
         h = self.backbone(self.features(x_t, x0_sc, cond), t.float() / self.config.T)
@@ -676,7 +491,9 @@ class GaussianLM(DiffusionLM):
             lim = self.table().abs().max().detach()
             x0_hat = self.diffusion.x0_from_eps(x_t, t, eps_hat).clamp(-lim, lim)
             return x0_hat, self.rounding_logits(x0_hat), eps_hat
-        logits = self.lm_head(h)
+        # the network supplies what x_t alone cannot say (the context); the likelihood of x_t under each token is
+        # known exactly and added at every t, so at high SNR the posterior is right by construction
+        logits = self.lm_head(h).float() + self.diffusion.token_loglik(x_t, self.diffusion.at(t, x_t), self.table())
         return categorical_mean(logits, self.table()).to(x_t.dtype), logits, None
 
     def denoise(self, x_t, t, cond=None, x0_sc=None):
@@ -731,13 +548,13 @@ class GaussianLM(DiffusionLM):
         return flat.view(*x.shape[:-1], -1)
 
     def decoder_logprobs(self, x_1, logits):
-        """log p(w | x_1): the network's logits plus the Gaussian log-likelihood of x_1 under each token's clean
-        state, log N(x_1; sqrt(abar_1) c_w, (1 - abar_1) I) = (2 sqrt(abar_1) x_1.c_w - abar_1 ||c_w||^2)
-        / (2 (1 - abar_1)) + const, renormalised; float64, since the likelihood term reaches ~1e3 nats."""
-        a = self.diffusion.abar_1
-        E = self.table().double()
-        lik = (2 * math.sqrt(a) * x_1.double() @ E.t() - a * (E * E).sum(-1)) / (2 * (1 - a))
-        return (logits.double().log_softmax(-1) + lik).log_softmax(-1)
+        """log p(w | x_1), float64. predict='x0': the logits already hold the likelihood of x_1 under each token
+        (predict adds it at every t). predict='eps': the rounding logits of x0_hat plus that likelihood at t = 1."""
+        logp = logits.double().log_softmax(-1)
+        if self.config.predict == 'eps':
+            lik = self.diffusion.token_loglik(x_1, self.diffusion.abar_1, self.table(), torch.float64)
+            logp = (logp + lik).log_softmax(-1)
+        return logp
 
     # -- likelihood
     @exact
@@ -935,7 +752,8 @@ class BitDiffusion(DiffusionLM):
 
     def __init__(self, config):
         super().__init__(config)
-        self.register_buffer('abar', abar_schedule(config.noise_schedule, config.T), persistent=False)
+        self.diffusion = BitFlipDiffusion(abar_schedule(config.noise_schedule, config.T))
+        self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
         self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
         self.default_steps = self.max_steps = config.T
         self.bit_input = BitCodeInput(NUM_BITS, config.n_embd, config.bias)
@@ -944,33 +762,13 @@ class BitDiffusion(DiffusionLM):
         self.time_proposal = BoundTimeProposal(self.abar)
         init_weights(self, config.n_layer)
 
-    def stay_prob(self, t, s, like):
-        """P(bit unchanged from time s to time t) = (1 + abar_t / abar_s) / 2, shaped to broadcast on `like`."""
-        return ((1 + self.abar[t] / self.abar[s]) / 2).view(-1, *([1] * (like.dim() - 1)))
-
-    def q_sample(self, b0, t, generator=None):
-        """Flip each bit of b0 (0/1) with probability (1 - abar_t) / 2."""
-        flip = rand(b0.shape, generator, b0.device) >= self.stay_prob(t, torch.zeros_like(t), b0)
-        return (b0.long() ^ flip.long()).to(b0.dtype)
-
-    def posterior_one(self, b_t, p0, t, s):
-        """P(b_s = 1 | b_t) when P(b_0 = 1) = p0 (0/1 for the exact posterior, the model's marginal otherwise):
-
-        q(b_s = 1 | b_t, b_0) = q(b_t | b_s = 1) q(b_s = 1 | b_0) / sum over b_s, mixed over b_0 with p0.
-        """
-        a = self.stay_prob(t, s, b_t)                   # s -> t
-        c = self.stay_prob(s, torch.zeros_like(s), b_t)  # 0 -> s
-        like1 = torch.where(b_t > 0.5, a, 1 - a)         # q(b_t | b_s = 1)
-        like0 = 1 - like1                                # q(b_t | b_s = 0)
-        post_given = []
-        for b0 in (1.0, 0.0):
-            prior1 = c if b0 == 1.0 else 1 - c           # q(b_s = 1 | b_0)
-            post_given.append(like1 * prior1 / (like1 * prior1 + like0 * (1 - prior1)))
-        return p0 * post_given[0] + (1 - p0) * post_given[1]
-
     def predict(self, b_t, t):
-        """Logits over the valid ids given the noisy bits b_t (0/1)."""
-        return self.lm_head(self.backbone(self.bit_input(2 * b_t - 1), t.float() / self.config.T))
+        """Logits over the valid ids given the noisy bits b_t (0/1): the network's, plus the exact log-likelihood
+        of b_t under each id, log q(b_t | w) = n_agree log(stay_t) + (16 - n_agree) log(1 - stay_t)
+        = logit(stay_t) (s_t . s_w) / 2 + const with s = 2b - 1, so that at low noise, where the flips say almost
+        everything, the posterior is right by construction and the network only adds the context."""
+        h = self.backbone(self.bit_input(2 * b_t - 1), t.float() / self.config.T)
+        return self.lm_head(h).float() + self.diffusion.code_loglik(b_t, t, self.codes)
 
     def marginals(self, logits, dtype=torch.float32):
         """P(b_0,k = 1) = sum_w softmax(logits)_w bit_k(w): (..., V) -> (..., 16)."""
@@ -981,8 +779,8 @@ class BitDiffusion(DiffusionLM):
             p(b_s | b_t) = sum_w p(w | b_t) prod_k q(b_s,k | b_t,k, b_0,k = bit_k(w))
         (D3PM's x0-parameterisation). Within a token the bits stay correlated through w, which a product of
         per-bit marginals would lose. One (16 x V) matmul per position, then a logsumexp over the ids."""
-        post1 = self.posterior_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k = 1 | b_t, b_0,k = 1)
-        post0 = self.posterior_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k = 1 | b_t, b_0,k = 0)
+        post1 = self.diffusion.posterior_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k=1 | b_t, b_0,k=1)
+        post0 = self.diffusion.posterior_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k=1 | b_t, b_0,k=0)
         up, tiny = b_s > 0.5, torch.finfo(dtype).tiny  # log(0) would make -inf x 0 = nan in the matmul
         log_if1 = torch.where(up, post1, 1 - post1).clamp_min(tiny).log()
         log_if0 = torch.where(up, post0, 1 - post0).clamp_min(tiny).log()
@@ -993,25 +791,20 @@ class BitDiffusion(DiffusionLM):
     def step_kl(self, b0, b_t, logits, t, generator=None, dtype=torch.float64):
         """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias by one draw
         b_{t-1} ~ q (a product over bits): log q(b_{t-1} | b_t, b_0) - log p(b_{t-1} | b_t)."""
-        q1 = self.posterior_one(b_t, b0, t, t - 1).to(dtype)
+        q1 = self.diffusion.posterior_one(b_t, b0, t, t - 1).to(dtype)
         b_s = (rand(q1.shape, generator, q1.device) < q1).to(dtype)
         log_q = torch.where(b_s > 0.5, q1, 1 - q1).clamp_min(torch.finfo(dtype).tiny).log().sum(-1)
         return log_q - self.transition_logprob(b_s, b_t, logits, t, t - 1, dtype)
 
     def decoder_logprobs(self, b_1, logits):
-        """log p(w | b_1): the network's logits plus the exact log-likelihood of the observed bits under each id,
-        log q(b_1 | w) = n_agree log(stay) + (16 - n_agree) log(flip), renormalised (float64)."""
-        stay = (1 + float(self.abar[1])) / 2
-        codes = self.codes.double()
-        agree = b_1.double() @ codes.t() + (1 - b_1.double()) @ (1 - codes).t()
-        lik = agree * math.log(stay) + (NUM_BITS - agree) * math.log1p(-stay)
-        return (logits.double().log_softmax(-1) + lik).log_softmax(-1)
+        """log p(w | b_1) (float64): the logits of predict(b_1, 1) already hold the flip likelihood of b_1."""
+        return logits.double().log_softmax(-1)
 
     def forward(self, idx):
         B, L = idx.shape
         b0 = ids_to_bits(idx).float()
         t = stratified_times(B, self.config.T, None, idx.device)
-        b_t = self.q_sample(b0, t)
+        b_t = self.diffusion.q_sample(b0, t)
         logits = self.predict(b_t, t).float()
         p1 = self.marginals(logits).clamp(1e-6, 1 - 1e-6)
         # the bound's term at this t, recorded for the adaptive time proposal of nll()
@@ -1033,13 +826,12 @@ class BitDiffusion(DiffusionLM):
         B, L = idx.shape
         device = idx.device
         b0 = ids_to_bits(idx).double()
-        m = (1 + float(self.abar[-1])) / 2
-        prior = NUM_BITS * L * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m)) if m < 1 else 0.0)
+        prior = self.diffusion.prior_kl(L)
         t, q_t = self.time_proposal.draw(B, generator, device)
-        b_t = self.q_sample(b0, t, generator)
+        b_t = self.diffusion.q_sample(b0, t, generator)
         kl = self.step_kl(b0, b_t, self.predict(b_t, t), t, generator).sum(1)
         one = torch.ones(B, dtype=torch.long, device=device)
-        b_1 = self.q_sample(b0, one, generator)
+        b_1 = self.diffusion.q_sample(b0, one, generator)
         logp = self.decoder_logprobs(b_1, self.predict(b_1, one))
         decoder = -logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(1)
         return (prior + kl / q_t + decoder) / (L * math.log(2))
@@ -1063,10 +855,11 @@ class BitDiffusion(DiffusionLM):
             # ancestral step from the mixture p(b_s | b_t): draw a clean id from p(w | b_t), then every bit of b_s
             # from the exact posterior q(b_s | b_t, b_0 = its code), so a token's bits move together
             w = draw_categorical(logits.flatten(0, 1), generator, 1.0 if opts['temperature'] > 0 else 0.0)
-            p1 = self.posterior_one(b, self.codes[w].view(b.shape).double(), tt, ss)
+            p1 = self.diffusion.posterior_one(b, self.codes[w].view(b.shape).double(), tt, ss)
             b_next = (rand(b.shape, generator, b.device) < p1).float()
             # infilling by imputation: known positions get a fresh draw of q(b_s | b_0 = known)
-            b_next = torch.where((fixed >= 0).unsqueeze(-1), self.q_sample(state['known'], ss, generator), b_next)
+            known_s = self.diffusion.q_sample(state['known'], ss, generator)
+            b_next = torch.where((fixed >= 0).unsqueeze(-1), known_s, b_next)
         else:
             b_next = b
         return {**state, 'b': b_next, 'b_in': b, 'logits': logits}
@@ -1095,23 +888,17 @@ class MaskedDiffusion(DiffusionLM):
     estimated with t integrated out (forward, nll): the same number for every schedule alpha_t.
     """
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'cached': True}
+    extra_ids = 1  # the [MASK] id, vocab_size
 
     def __init__(self, config):
         super().__init__(config)
         self.mask_id = config.vocab_size
+        self.diffusion = MaskSchedule(config.mask_schedule)
         self.default_steps = config.block_size
         self.max_steps = 100_000
         self.tok_emb = nn.Embedding(self.padded_vocab, config.n_embd)  # also the output layer (tied)
         self.backbone = Backbone(config, causal=False, time_cond=config.time_cond)
         init_weights(self, config.n_layer)
-
-    def alpha(self, t):
-        """Probability that a token is still clean at time t: 1 - t (loglinear) or cos(pi t / 2)."""
-        return 1 - t if self.config.mask_schedule == 'loglinear' else torch.cos(math.pi / 2 * t)
-
-    def time_of_mask_rate(self, u):
-        """Inverse of u = 1 - alpha_t."""
-        return u if self.config.mask_schedule == 'loglinear' else (2 / math.pi) * torch.acos(1 - u)
 
     def log_probs(self, z, t):
         """log p(x_0 | z_t) over the real vocabulary with [MASK] and padding excluded (SUBS)."""
@@ -1135,7 +922,7 @@ class MaskedDiffusion(DiffusionLM):
             gdev = generator.device if generator is not None else device
             g1 = torch._standard_gamma(m.double().to(gdev), generator=generator)  # Beta(m, L-m+1) from gammas
             g2 = torch._standard_gamma((L - m + 1).double().to(gdev), generator=generator)
-            t = self.time_of_mask_rate((g1 / (g1 + g2)).to(device)).float()
+            t = self.diffusion.time_of_mask_rate((g1 / (g1 + g2)).to(device)).float()
         return torch.where(masked, self.mask_id, idx), masked, m, t
 
     def forward(self, idx):
@@ -1181,8 +968,7 @@ class MaskedDiffusion(DiffusionLM):
             tt = torch.full((n,), t, device=device)
             logp = self.log_probs(z, tt)
             self.nfe += 1
-        a_t, a_s = self.alpha(torch.tensor(t, dtype=torch.float64)), self.alpha(torch.tensor(s, dtype=torch.float64))
-        rate = 1.0 if s == 0 else float((a_s - a_t) / (1 - a_t))
+        rate = self.diffusion.reveal_prob(t, s)
         reveal = (z == self.mask_id) & (rand(z.shape, generator, device) < rate)
         if reveal.any():
             z[reveal] = draw_categorical(logp[reveal], generator, opts['temperature'], opts['top_k'], opts['top_p'])
@@ -1207,6 +993,8 @@ class AutoregressiveLM(DiffusionLM):
     """
     extra_tokens = 1
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
+    fixed_steps = True
+    exact_likelihood = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -1232,7 +1020,7 @@ class AutoregressiveLM(DiffusionLM):
         return nll.mean(1) / math.log(2)
 
     def check_sample_args(self, length, steps, options):
-        if steps is not None:
+        if steps is not None:  # (fixed_steps)
             raise ValueError("model_type='ar' draws one token per step, so the number of steps is set by the "
                              "length; leave steps unset")
         return super().check_sample_args(length, None, options)

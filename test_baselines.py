@@ -133,7 +133,7 @@ def test_mask_elbo_estimators_agree(schedule, time_cond):
     with torch.no_grad():
         for _ in range(200):
             t = 1e-3 + (1 - 1e-3) * torch.rand(B, generator=g, dtype=torch.float64)
-            alpha = m.alpha(t)
+            alpha = m.diffusion.alpha(t)
             weight = 1 / t if schedule == 'loglinear' else (math.pi / 2) * torch.sin(math.pi / 2 * t) / (1 - alpha)
             masked = torch.rand(B, L, generator=g, dtype=torch.float64) < (1 - alpha)[:, None]
             z = torch.where(masked, m.mask_id, rows)

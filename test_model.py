@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import best_match, compact_vocab, train_steps
-from model import (GaussianDiffusion, ModelConfig, TimestepEmbedder, abar_schedule, apply_rotary, build_model,
-                   load_checkpoint, rotary_tables, save_checkpoint, MODEL_TYPES)
+from diffusion import GaussianDiffusion, abar_schedule
+from model import (ModelConfig, TimestepEmbedder, apply_rotary, build_model, load_checkpoint, rotary_tables,
+                   save_checkpoint)
 
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
 

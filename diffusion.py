@@ -1,0 +1,294 @@
+"""
+The parameter-free maths of the diffusion families: noise schedules, the three forward processes, time draws,
+the bit code and categorical draws. Float64 where precision matters, no nn.Module, no learned parameter:
+model.py's families import these and keep their networks, losses, samplers and bounds beside each other.
+
+The three processes have one shape: the marginal q(x_t | x_0) (`q_sample`), the posterior q(x_s | x_t, x_0) for
+any s < t, the prior at the end of the chain, and the likelihood of a noisy state under each clean token where
+the family's decoder needs it.
+  GaussianDiffusion  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 1..T        (embed, analog)
+  BitFlipDiffusion   each bit flips with probability (1 - abar_t) / 2, t = 1..T      (bits)
+  MaskSchedule       each token is [MASK] with probability 1 - alpha_t, t in [0, 1]  (mask)
+"""
+
+import math
+
+import torch
+
+NUM_BITS = 16  # 50,257 GPT-2 ids < 2**16 = 65,536
+
+
+# ----------------------------------------------------------------------------------------------------
+# Randomness: float64 draws (the precision of categorical sampling changes the result, see MDLM sec. 4.2)
+
+def rand(shape, generator, device):
+    """Uniform [0, 1) in float64, drawn on the generator's device (a seeded CPU generator gives the same
+    numbers on any device), else directly on `device` (no host-to-device copy in the training loop)."""
+    gdev = generator.device if generator is not None else torch.device(device)
+    return torch.rand(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
+
+
+def randn(shape, generator, device):
+    gdev = generator.device if generator is not None else torch.device(device)
+    return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
+
+def check_draw_options(temperature, top_k, top_p):
+    if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: expected temperature >= 0 "
+                         f"(0 = argmax), top_k >= 0 (0 = off) and 0 < top_p <= 1")
+
+
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """Temperature, then keep the top_k largest logits (ties at the k-th value are kept) and the smallest set
+    of most likely tokens whose mass reaches top_p."""
+    logits = logits.double() / max(temperature, 1e-8)
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
+    return logits
+
+
+def draw_categorical(logits, generator, temperature=1.0, top_k=0, top_p=1.0, chunk=512):
+    """One draw per row of `logits` (N, V) by inverse-CDF in float64; temperature 0 is argmax.
+
+    Rows are processed in chunks so a large batch never holds an (N, V) float64 matrix at once.
+    """
+    check_draw_options(temperature, top_k, top_p)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for i in range(0, logits.shape[0], chunk):
+        rows = logits[i:i + chunk]
+        if temperature == 0:
+            out[i:i + chunk] = rows.argmax(-1)
+            continue
+        probs = filter_logits(rows, temperature, top_k, top_p).softmax(-1)
+        u = rand((rows.shape[0], 1), generator, rows.device)
+        cdf = probs.cumsum(-1)
+        idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+        out[i:i + chunk] = idx.clamp_max(rows.shape[1] - 1)
+    return out
+
+
+def categorical_mean(logits, table):
+    """E_p[table[w]] under p = softmax(logits) over the vocabulary: (..., V) x (V, D) -> (..., D)."""
+    return logits.float().softmax(-1) @ table
+
+
+# ----------------------------------------------------------------------------------------------------
+# Noise schedules and the three processes
+
+def abar_schedule(name, T):
+    """alpha-bar_t for t = 0..T (float64, abar_0 = 1): the fraction of signal variance left at step t.
+
+    linear: betas linear in [1e-4, 0.02] * 1000/T (DDPM, rescaled so any T spans the same noise range);
+    cosine: abar(u) = cos^2((u + 0.008)/1.008 * pi/2) (Nichol & Dhariwal);  sqrt: abar(u) = 1 - sqrt(u + 1e-4)
+    (Diffusion-LM), with u = t/T. Betas are clipped at 0.999 so the chain stays invertible near t = T.
+    """
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    if name == 'linear':
+        betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64).clamp(max=0.999)
+    else:
+        f = (lambda u: torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2) if name == 'cosine' else \
+            (lambda u: 1 - torch.sqrt(u + 1e-4))
+        a = f(u)
+        betas = (1 - a[1:] / a[:-1]).clamp(min=0.0, max=0.999)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+
+
+class GaussianDiffusion:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 0..T, and everything derived from it.
+
+    Holds the schedule in float64; `at(t, x)` gathers abar_t per sample, in float64, shaped to broadcast on x.
+    Coefficients are formed in float64 and cast to x's dtype only at the end (1 - abar_1 ~ 1e-3 must not be
+    rounded away).
+    """
+
+    def __init__(self, abar):
+        self.abar = abar
+        self.abar_dev = abar  # the same table on the model's device (GaussianLM._apply keeps it there)
+        self.T = len(abar) - 1
+        # Python floats, so the compiled graph holds constants rather than syncing on .item()
+        self.abar_1, self.abar_T = float(abar[1]), float(abar[-1])
+
+    def at(self, t, x):
+        return self.abar_dev[t].view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
+        a = self.at(t, x0)
+        return a.sqrt().to(x0.dtype) * x0 + (1 - a).sqrt().to(x0.dtype) * noise
+
+    def x0_from_eps(self, x_t, t, eps):
+        a = self.at(t, x_t)
+        return (x_t - (1 - a).sqrt().to(x_t.dtype) * eps) * a.rsqrt().to(x_t.dtype)
+
+    def eps_from_x0(self, x_t, t, x0):
+        a = self.at(t, x_t)
+        return (x_t - a.sqrt().to(x_t.dtype) * x0) * (1 - a).rsqrt().to(x_t.dtype)
+
+    def q_posterior(self, x0, x_t, t, s):
+        """Mean and variance of q(x_s | x_t, x_0) for any s < t (s = t - 1 is DDPM's posterior).
+
+        With abar_{t|s} = abar_t / abar_s:  var = (1 - abar_s)(1 - abar_{t|s}) / (1 - abar_t),
+        mean = sqrt(abar_s)(1 - abar_{t|s}) / (1 - abar_t) x_0 + sqrt(abar_{t|s})(1 - abar_s) / (1 - abar_t) x_t.
+        """
+        a_t, a_s = self.at(t, x_t), self.at(s, x_t)
+        a_ts = a_t / a_s
+        c0 = (a_s.sqrt() * (1 - a_ts) / (1 - a_t)).to(x_t.dtype)
+        ct = (a_ts.sqrt() * (1 - a_s) / (1 - a_t)).to(x_t.dtype)
+        var = (1 - a_s) * (1 - a_ts) / (1 - a_t)
+        return c0 * x0 + ct * x_t, var.to(x_t.dtype)
+
+    def ddpm_step(self, x0_hat, x_t, t, s, noise):
+        """Ancestral step: x_s ~ q(x_s | x_t, x_0 = x0_hat)."""
+        mean, var = self.q_posterior(x0_hat, x_t, t, s)
+        return mean + var.sqrt() * noise
+
+    def ddim_step(self, x0_hat, x_t, t, s, eta, noise):
+        """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z,
+
+        sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s); eta = 0 is deterministic and
+        eta = 1 gives exactly the ancestral (posterior) variance of ddpm_step.
+        """
+        a_t, a_s = self.at(t, x_t), self.at(s, x_t)
+        eps = self.eps_from_x0(x_t, t, x0_hat)
+        sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
+        c_eps = (1 - a_s - sigma ** 2).clamp(min=0).sqrt()
+        dt = x_t.dtype
+        return a_s.sqrt().to(dt) * x0_hat + c_eps.to(dt) * eps + sigma.to(dt) * noise
+
+    def token_loglik(self, x_t, a, table, dtype=torch.float32):
+        """log q(x_t | w) = log N(x_t; sqrt(a) c_w, (1 - a) I) for every row c_w of table (V, D), up to a constant
+        per position: (2 sqrt(a) x_t.c_w - a ||c_w||^2) / (2 (1 - a)); a = abar_t, a float or a float64 tensor
+        shaped to broadcast on x_t. Autocast off: the term reaches ~1e3 nats, whose differences bf16 would lose."""
+        a = torch.as_tensor(a, dtype=torch.float64, device=x_t.device)
+        with torch.autocast(x_t.device.type, enabled=False):
+            E = table.to(dtype)
+            return (a.sqrt() / (1 - a)).to(dtype) * (x_t.to(dtype) @ E.t()) - \
+                (a / (2 * (1 - a))).to(dtype) * (E * E).sum(-1)
+
+    def prior_kl(self, x0):
+        """KL(q(x_T | x_0) || N(0, I)) per element, in nats, in x0's dtype (coefficients in float64)."""
+        a = self.abar_T
+        return 0.5 * (a * x0 ** 2 + (1 - a) - 1 - math.log1p(-a))
+
+    def kl_step(self, x0, x0_hat, t):
+        """KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) per element, in nats, where p is the posterior at
+        x0_hat with the same variance: ||mu(x0) - mu(x0_hat)||^2 / (2 var) and mu is linear in x0 with
+        coefficient c = sqrt(abar_{t-1}) (1 - abar_t/abar_{t-1}) / (1 - abar_t), so KL = c^2 (x0 - x0_hat)^2 / (2 var).
+        """
+        a_t, a_s = self.at(t, x0), self.at(t - 1, x0)
+        c = a_s.sqrt() * (1 - a_t / a_s) / (1 - a_t)
+        var = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
+        return c ** 2 * (x0.double() - x0_hat.double()) ** 2 / (2 * var)
+
+
+def stratified_times(n, T, generator, device, low=1):
+    """Low-discrepancy draw of n integer times in [low, T]: one uniform shift of a regular grid."""
+    u = (rand((1,), generator, device) + torch.arange(n, device=device, dtype=torch.float64) / n) % 1.0
+    return (low + (u * (T - low + 1)).floor().long()).clamp(max=T)
+
+
+def log_snr_drop_proposal(abar):
+    """A time proposal for t = 2..T (index t - 2) from the schedule alone: half uniform, half proportional to
+    log SNR_{t-1} - log SNR_t. A trained model's KL_t ~ (SNR_{t-1} - SNR_t) mmse_t follows that drop."""
+    T = len(abar) - 1
+    log_snr = torch.log(abar[1:]) - torch.log1p(-abar[1:].clamp(max=1 - 1e-12))  # t = 1..T
+    drop = (log_snr[:-1] - log_snr[1:]).clamp(min=0)
+    return 0.5 * drop / drop.sum() + 0.5 / (T - 1)
+
+
+class BitFlipDiffusion:
+    """Each bit of a 16-bit code flips independently: q(b_t != b_0) = (1 - abar_t) / 2, so at t = T the bits are
+    uniform. Between any s < t a bit flips with probability (1 - abar_t/abar_s) / 2. Bits are 0/1 floats."""
+
+    def __init__(self, abar):
+        self.abar = abar
+        self.abar_dev = abar  # the same table on the model's device (kept there by the family's _apply)
+        self.T = len(abar) - 1
+
+    def stay_prob(self, t, s, like):
+        """P(bit unchanged from time s to time t) = (1 + abar_t / abar_s) / 2, shaped to broadcast on `like`."""
+        a = self.abar_dev
+        return ((1 + a[t] / a[s]) / 2).view(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, b0, t, generator=None):
+        """Flip each bit of b0 (0/1) with probability (1 - abar_t) / 2."""
+        flip = rand(b0.shape, generator, b0.device) >= self.stay_prob(t, torch.zeros_like(t), b0)
+        return (b0.long() ^ flip.long()).to(b0.dtype)
+
+    def posterior_one(self, b_t, p0, t, s):
+        """P(b_s = 1 | b_t) when P(b_0 = 1) = p0 (0/1 for the exact posterior, a model's marginal otherwise):
+
+        q(b_s = 1 | b_t, b_0) = q(b_t | b_s = 1) q(b_s = 1 | b_0) / sum over b_s, mixed over b_0 with p0.
+        """
+        a = self.stay_prob(t, s, b_t)                   # s -> t
+        c = self.stay_prob(s, torch.zeros_like(s), b_t)  # 0 -> s
+        like1 = torch.where(b_t > 0.5, a, 1 - a)         # q(b_t | b_s = 1)
+        like0 = 1 - like1                                # q(b_t | b_s = 0)
+        post_given = []
+        for b0 in (1.0, 0.0):
+            prior1 = c if b0 == 1.0 else 1 - c           # q(b_s = 1 | b_0)
+            post_given.append(like1 * prior1 / (like1 * prior1 + like0 * (1 - prior1)))
+        return p0 * post_given[0] + (1 - p0) * post_given[1]
+
+    def prior_kl(self, length):
+        """KL(q(b_T | b_0) || uniform) of a sequence of `length` codes, in nats (the same for every b_0)."""
+        m = (1 + float(self.abar[-1])) / 2
+        return NUM_BITS * length * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m)) if m < 1 else 0.0)
+
+    def code_loglik(self, b_t, t, codes):
+        """log q(b_t | w) for every row of codes (V, 16), up to a constant per position:
+        n_agree log(stay_t) + (16 - n_agree) log(1 - stay_t) = logit(stay_t) (s_t . s_w) / 2 + const, s = 2b - 1.
+        Float32, autocast off."""
+        stay = self.stay_prob(t, torch.zeros_like(t), b_t)
+        half_logit = (0.5 * (stay.log() - (1 - stay).log())).float()
+        with torch.autocast(b_t.device.type, enabled=False):
+            return half_logit * ((2 * b_t.float() - 1) @ (2 * codes.float() - 1).t())
+
+
+class MaskSchedule:
+    """Absorbing-state masking (MDLM): a token is still clean at time t in [0, 1] with probability alpha_t,
+    [MASK] otherwise; at t = 1 every token is masked, so the prior term is zero."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def alpha(self, t):
+        """Probability that a token is still clean at time t: 1 - t (loglinear) or cos(pi t / 2)."""
+        return 1 - t if self.name == 'loglinear' else torch.cos(math.pi / 2 * t)
+
+    def time_of_mask_rate(self, u):
+        """Inverse of u = 1 - alpha_t."""
+        return u if self.name == 'loglinear' else (2 / math.pi) * torch.acos(1 - u)
+
+    def reveal_prob(self, t, s):
+        """q(token clean at s | masked at t) = (alpha_s - alpha_t) / (1 - alpha_t) for s < t (Python floats)."""
+        a_t = self.alpha(torch.tensor(t, dtype=torch.float64))
+        a_s = self.alpha(torch.tensor(s, dtype=torch.float64))
+        return 1.0 if s == 0 else float((a_s - a_t) / (1 - a_t))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bit code (bits, analog)
+
+def ids_to_bits(idx):
+    """Token ids -> NUM_BITS bits, most significant first: bit k of id is (id >> (15 - k)) & 1."""
+    shifts = torch.arange(NUM_BITS - 1, -1, -1, device=idx.device)
+    return (idx.unsqueeze(-1) >> shifts) & 1
+
+
+def bits_to_ids(bits):
+    """The inverse of ids_to_bits: a 16-bit code (0/1, or booleans) -> the integer it spells, in [0, 65536)."""
+    shifts = torch.arange(NUM_BITS - 1, -1, -1, device=bits.device)
+    return (bits.long() << shifts).sum(-1)
+
+
+def valid_codes(vocab_size):
+    """The bit codes of the valid ids 0..vocab_size-1 as a (V, 16) 0/1 float table (the bit families keep it as
+    a buffer, so it lives on their device)."""
+    return ids_to_bits(torch.arange(vocab_size)).float()
