@@ -1,4 +1,4 @@
-"""The baselines: masked diffusion (`mask`, MDLM) and the autoregressive model (`ar`)."""
+"""The `mask` family (masked diffusion, MDLM) and the `ar` baseline (autoregressive)."""
 import math
 
 import pytest
