@@ -252,6 +252,26 @@ def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, k
             assert abs((z ** 2).mean().item() - 1) < 5 * math.sqrt(2 / n), (t[0], (z ** 2).mean())
 
 
+def test_guidance_extrapolates_from_the_unconditional_prediction():
+    """Classifier-free guidance with scale w: logits and x0 estimate are u + w (c - u), from the prediction c with
+    the prompt as condition and u with none (all -1): w = 1 is the conditional model, w > 1 pushes past it."""
+    m = tiny('embed', cfg_drop=0.1).eval()
+    train_steps(m, torch.randint(0, 100, (8, 16)), 3, lr=1e-2)  # move the zero-initialised gates
+    fixed = torch.full((2, 16), -1)
+    fixed[:, :5] = torch.tensor([3, 1, 4, 1, 5])
+    w, T = 3.0, m.config.T
+    opts = m.check_sample_args(16, 5, {'guidance_scale': w})
+    state = m.init_state(2, 16, fixed, torch.Generator().manual_seed(0), opts)
+    new = m.step(state, T, T - 10, fixed, torch.Generator().manual_seed(1), opts)
+    tt = torch.full((2,), T)
+    with torch.no_grad():
+        x0_c, out_c, _ = m.denoise(state['x'], tt, fixed)
+        x0_u, out_u, _ = m.denoise(state['x'], tt, torch.full_like(fixed, -1))
+    assert not torch.allclose(out_c, out_u, atol=1e-3)  # the condition matters, so the formula is visible
+    assert torch.allclose(new['out'], out_u + w * (out_c - out_u), atol=1e-5)
+    assert torch.allclose(new['x0_hat'], x0_u + w * (x0_c - x0_u), atol=1e-5)
+
+
 def test_sampler_rejects_bad_requests():
     m = tiny('embed').eval()
     with pytest.raises(ValueError, match='steps=51 out of range'):
