@@ -88,9 +88,16 @@ def test_bit_posterior_equals_bayes_rule_enumerated(t, s):
             got = m.posterior_one(torch.tensor([[float(bt)]]), torch.tensor([[float(b0)]]),
                                   torch.tensor([t]), torch.tensor([s])).item()
             assert got == pytest.approx(expected, rel=1e-9)
-            # and the chain is consistent: summing out b_s gives q(b_t | b_0) with flip (1 - abar_t)/2
-            marg = sum(q(bs, b0, flip_0s) * q(bt, bs, flip_st) for bs in (0, 1))
-            assert marg == pytest.approx(q(bt, b0, (1 - abar[t].item()) / 2), rel=1e-9)
+    # the model's forward draw and its posterior compose into the forward marginal at s: b_t ~ q(b_t | b_0), then
+    # b_s ~ q(b_s | b_t, b_0) flips each bit of b_0 with probability (1 - abar_s) / 2
+    g = torch.Generator().manual_seed(0)
+    b0 = (torch.rand(100_000, NUM_BITS, generator=g) < 0.5).float()
+    n = b0.shape[0]
+    b_t = m.q_sample(b0, torch.full((n,), t), g)
+    p1 = m.posterior_one(b_t, b0, torch.full((n,), t), torch.full((n,), s))
+    b_s = (torch.rand(b0.shape, generator=g, dtype=torch.float64) < p1).float()
+    rate = (b_s != b0).double().mean().item()
+    assert rate == pytest.approx(flip_0s, abs=5 * math.sqrt(flip_0s * (1 - flip_0s) / b0.numel()) + 1e-9)
 
 
 @pytest.fixture(scope='module')
