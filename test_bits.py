@@ -163,6 +163,25 @@ def test_bound_is_not_below_the_entropy(model_type):
     assert bound < (8 if model_type == 'bits' else 50)
 
 
+def test_analog_td_steps_further_than_the_grid():
+    """Asymmetric time intervals (td): a DDIM step from grid time t to s lands at s' = s - td (t - s), i.e.
+    x_s' = sqrt(abar_s') x0_hat + sqrt(1 - abar_s') eps_hat with eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t),
+    and never below 0 (the last step, s = 0, lands on x0_hat itself)."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(model_type='analog', vocab_size=300, block_size=8, n_layer=1, n_head=2, n_embd=32,
+                                T=100)).eval()
+    fixed = torch.full((2, 8), -1)
+    opts = m.check_sample_args(8, 4, {'td': 0.4})
+    state = m.init_state(2, 8, fixed, torch.Generator().manual_seed(0), opts)
+    for t, s, s_td in [(100, 75, 65), (25, 0, 0)]:
+        new = m.step(state, t, s, fixed, torch.Generator().manual_seed(1), opts)
+        x, x0 = state['x'].double(), new['x0_hat'].double()
+        a_t, a_s = m.abar[t].item(), m.abar[s_td].item()
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        assert torch.allclose(new['x'].double(), math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps, atol=1e-4)
+        state = new
+
+
 def test_exact_posterior_sampler_accepts_any_number_of_steps():
     m = bits_model().eval()
     for steps in (1, 2, 37, 100):
