@@ -165,7 +165,7 @@ def test_bound_is_not_below_the_entropy(model_type):
 
 def test_analog_td_steps_further_than_the_grid():
     """Asymmetric time intervals (td): a DDIM step from grid time t to s lands at s' = s - td (t - s), i.e.
-    x_s' = sqrt(abar_s') x0_hat + sqrt(1 - abar_s') eps_hat with eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t),
+    x_s' = sqrt(abar_s') x0_hat + sqrt(1 - abar_s') eps_hat, eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t),
     and never below 0 (the last step, s = 0, lands on x0_hat itself)."""
     torch.manual_seed(0)
     m = build_model(ModelConfig(model_type='analog', vocab_size=300, block_size=8, n_layer=1, n_head=2, n_embd=32,
