@@ -71,3 +71,18 @@ def train_steps(model, batch, steps, lr=3e-3, seed=0):
 def best_match(samples, references):
     """For each sample, the largest fraction of positions equal to one of the reference rows."""
     return (samples[:, None, :] == references[None, :, :]).float().mean(-1).max(1).values
+
+
+def prompted(model, rows, keep, per_row=3, **options):
+    """Sample `per_row` sequences for each memorised row with the positions `keep` (a bool mask over the length)
+    fixed to that row's tokens. Returns, over the free positions: the fraction equal to the prompted row, the
+    index of the row each sample matches best, and the row each was prompted with. A sampler that ignores the
+    fixed tokens while denoising (and only pastes them over its output) follows the rows at random."""
+    n, L = rows.shape
+    target = rows.repeat_interleave(per_row, 0)
+    fixed = torch.where(keep, target, -1)
+    out = model.sample(n * per_row, L, fixed=fixed, generator=torch.Generator().manual_seed(0), **options)
+    free = ~keep
+    agree = (out[:, free] == target[:, free]).float().mean().item()
+    best = (out[:, None, free] == rows[None, :, free]).float().mean(-1).argmax(1)
+    return agree, best.tolist(), torch.arange(n).repeat_interleave(per_row).tolist()

@@ -592,7 +592,7 @@ class GaussianLM(DiffusionLM):
     def init_state(self, n, length, fixed, generator, opts):
         if opts['sampler'] not in ('ddpm', 'ddim'):
             raise ValueError(f"sampler={opts['sampler']!r}, expected 'ddpm' or 'ddim'")
-        if opts.get('guidance_scale', 1.0) != 1.0 and self.config.cfg_drop == 0.0:
+        if self.guidance_scale(opts) != 1.0 and self.config.cfg_drop == 0.0:
             raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
         x = randn((n, length, self.table().shape[1]), generator, fixed.device).to(self.dtype_)
         known = self.clean(fixed.clamp(min=0))
@@ -606,12 +606,10 @@ class GaussianLM(DiffusionLM):
         x = state['x']
         n, device = x.shape[0], x.device
         tt = torch.full((n,), t, dtype=torch.long, device=device)
-        # Analog Bits' asymmetric time intervals: step further, to s - td (t - s), while the network keeps
-        # being told the grid time; td > 0 helps when few steps are used (Chen et al. 2023, sec. 3)
-        ss = torch.full((n,), max(0, s - round(opts.get('td', 0.0) * (t - s))), dtype=torch.long, device=device)
+        ss = torch.full((n,), self.landing_time(t, s, opts), dtype=torch.long, device=device)
         x0_hat, out = self.guided_prediction(x, tt, fixed, state['x0_sc'], opts)
         self.nfe += (2 if self.config.self_cond and state['x0_sc'] is None else 1) * \
-            (2 if opts.get('guidance_scale', 1.0) != 1.0 else 1)
+            (2 if self.guidance_scale(opts) != 1.0 else 1)
         if opts['clamp']:
             x0_hat = self.clean(self.round_tokens(out))  # the clamping trick: snap to the most likely token
         noise = randn(x.shape, generator, device).to(x.dtype)
@@ -628,11 +626,19 @@ class GaussianLM(DiffusionLM):
         """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) when the model has a condition."""
         cond = fixed if self.config.cfg_drop > 0 else None
         x0_hat, out, _ = self.denoise(x, t, cond, x0_sc)
-        w = opts.get('guidance_scale', 1.0)
+        w = self.guidance_scale(opts)
         if w != 1.0:
             x0_u, out_u, _ = self.denoise(x, t, torch.full_like(fixed, -1), x0_sc)
             x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
         return x0_hat, out
+
+    def guidance_scale(self, opts):
+        """The classifier-free guidance scale of a sampling call; 1 (none) for a family without the option."""
+        return 1.0
+
+    def landing_time(self, t, s, opts):
+        """The time a step from grid time t towards s lands at: s, unless the family steps further (analog's td)."""
+        return s
 
     def round_tokens(self, logits):
         return logits.argmax(-1)
@@ -684,6 +690,9 @@ class EmbedDiffusion(GaussianLM):
             h = h + self.cond_emb(c)
         return h
 
+    def guidance_scale(self, opts):
+        return opts['guidance_scale']
+
     def training_condition(self, idx):
         """With cfg_drop > 0: condition on a random-length prefix (up to half the sequence), dropped with
         probability cfg_drop so the same network also learns the unconditional model guidance needs."""
@@ -724,6 +733,11 @@ class AnalogBitDiffusion(GaussianLM):
 
     def features(self, x_t, x0_sc, cond):
         return self.bit_input(x_t, x0_sc if self.config.self_cond else None)
+
+    def landing_time(self, t, s, opts):
+        """Analog Bits' asymmetric time intervals: step further, to s - td (t - s) (never below 0), while the network
+        keeps being told the grid time; td > 0 helps when few steps are used (Chen et al. 2023, sec. 3)."""
+        return max(0, s - round(opts['td'] * (t - s)))
 
 
 def vocab_logits(h, tok_emb, vocab_size):

@@ -72,6 +72,48 @@ def test_time_proposal_follows_the_root_second_moment_per_bin():
     assert torch.allclose(adapted / adapted.sum(), level / level.sum(), atol=1e-9)  # sqrt(E[KL^2]) = level
 
 
+@pytest.mark.parametrize('model_type,scale', [('embed', 20.0), ('embed', 0.3), ('analog', 20.0), ('analog', 0.3)])
+def test_gaussian_bound_adds_prior_weighted_step_and_decoder(model_type, scale, monkeypatch):
+    """For the t nll() draws (fixed here at 7, with q(t) = 0.25) and its two noise draws, the bound per token is
+        [ KL(q(x_T | x_0) || N(0, I)) + KL(q(x_6 | x_7, x_0) || p(x_6 | x_7)) / q(7) - log p(w | x_1) ] / (L ln 2),
+    rebuilt here from Normal densities. The head is silenced so that p(w | x_1) is the likelihood of x_1 under each
+    token, normalised. Clean states far apart (scale 20) make the prior term large and the decoder's tiny; close
+    together (0.3), the other way round: each term is checked where it is large."""
+    m = toy(model_type, **({'analog_scale': scale} if model_type == 'analog' else {}))
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+        if model_type == 'embed':
+            m.tok_emb.weight.mul_(scale)
+    t, q = 7, 0.25
+    monkeypatch.setattr(m.time_proposal, 'draw', lambda n, g, device: (torch.full((n,), t),
+                                                                       torch.full((n,), q, dtype=torch.float64)))
+    rows = TOY_SEQS
+    B, L = rows.shape
+    got = m.nll(rows, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same draws, in the same order: the noise of x_t, then of x_1
+    E = m.table().detach().double()
+    x0 = E[rows]
+    a = abar_schedule('sqrt', TOY['T'])
+    a_t, a_s, a_1, a_T = a[t].item(), a[t - 1].item(), a[1].item(), a[-1].item()
+    N = torch.distributions.Normal
+    x_t = (math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * randn(x0.shape, g, 'cpu')).float()
+    x_1 = (math.sqrt(a_1) * x0 + math.sqrt(1 - a_1) * randn(x0.shape, g, 'cpu')).float()
+    with torch.no_grad():
+        x0_hat = m.denoise(x_t, torch.full((B,), t))[0].double()
+    prior = torch.distributions.kl_divergence(N(math.sqrt(a_T) * x0, math.sqrt(1 - a_T)), N(0.0, 1.0)).sum((1, 2))
+    sd = math.sqrt((1 - a_s) * (1 - a_t / a_s) / (1 - a_t))
+
+    def mean(x0_):  # of q(x_s | x_t, x_0 = x0_), s = t - 1
+        return (math.sqrt(a_s) * (1 - a_t / a_s) * x0_ + math.sqrt(a_t / a_s) * (1 - a_s) * x_t.double()) / (1 - a_t)
+    step = torch.distributions.kl_divergence(N(mean(x0), sd), N(mean(x0_hat), sd)).sum((1, 2))
+    lik = N(math.sqrt(a_1) * E, math.sqrt(1 - a_1)).log_prob(x_1.double()[..., None, :]).sum(-1)
+    decoder = -lik.log_softmax(-1).gather(-1, rows.unsqueeze(-1)).squeeze(-1).sum(1)
+    expected = (prior + step / q + decoder) / (L * math.log(2))
+    big = prior if scale > 1 else decoder
+    assert (big / (L * math.log(2)) > 1e-5 * expected).all()  # the term checked here is 10x the tolerance
+    assert torch.allclose(got, expected, rtol=1e-6, atol=0), (got, expected)
+
+
 def full_sum_bound(model, rows, g):
     """One draw of the bound with every step t = 2..T summed instead of sampled (the noise still drawn), written
     from the families' public pieces: bits/token per row."""
@@ -124,6 +166,6 @@ def test_importance_sampled_bound_equals_the_full_sum_over_t(model_type):
     rows = TOY_SEQS.repeat(64, 1)
     est = torch.cat([m.nll(rows, torch.Generator().manual_seed(i)) for i in range(40)])
     g = torch.Generator().manual_seed(12345)
-    exact = torch.cat([full_sum_bound(m, TOY_SEQS.repeat(4, 1), g) for _ in range(10)])
+    exact = torch.cat([full_sum_bound(m, TOY_SEQS.repeat(32, 1), g) for _ in range(4)])  # 512 rows
     se = math.sqrt(est.var().item() / len(est) + exact.var().item() / len(exact))
     assert abs(est.mean().item() - exact.mean().item()) < 3 * se, (est.mean(), exact.mean(), se)

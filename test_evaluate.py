@@ -109,8 +109,15 @@ def test_judge_prefers_its_training_text_to_shuffled_tokens(tiny_run):
     own, mixed = generative_bits(judge, text, 8, bos=eot), generative_bits(judge, shuffled, 8, bos=eot)
     assert own.shape == (16,) and own.dtype == torch.float64
     assert 2 ** own.mean() < 0.5 * 2 ** mixed.mean(), (2 ** own.mean(), 2 ** mixed.mean())
-    # the judge's score is its exact NLL: the same number model.nll gives on <|endoftext|> + text
-    assert torch.allclose(own, judge.nll(torch.cat([torch.full((16, 1), eot), text], 1)))
+    # the judge's score is the exact NLL of the text after <|endoftext|>: here one position at a time, each from its
+    # prefix alone (not through model.nll, which generative_bits calls)
+    seq = torch.cat([torch.full((16, 1), eot), text], 1)
+    direct = torch.zeros(16, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(text.shape[1]):
+            logp = judge.logits(seq[:, :j + 1])[:, -1].double().log_softmax(-1)
+            direct -= logp.gather(1, seq[:, j + 1:j + 2]).squeeze(1)
+    assert torch.allclose(own, direct / text.shape[1] / math.log(2), atol=1e-5)
 
 
 def test_evaluate_end_to_end(tiny_run):

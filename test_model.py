@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import best_match, compact_vocab, train_steps
-from diffusion import GaussianDiffusion, abar_schedule
-from model import (ModelConfig, TimestepEmbedder, apply_rotary, build_model, load_checkpoint, rotary_tables,
-                   save_checkpoint)
+from diffusion import GaussianDiffusion, abar_schedule, ids_to_bits
+from model import (ModelConfig, TimestepEmbedder, apply_rotary, build_model, load_checkpoint,
+                   rotary_tables, save_checkpoint)
 
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
 
@@ -214,20 +214,63 @@ def test_embed_same_seed_same_text_and_clamping_reproduces_text(overfit_embed):
     assert best_match(c, batch).mean() > 0.55
 
 
-@pytest.mark.parametrize('model_type,kw', [('embed', {}), ('embed', {'cfg_drop': 0.1}), ('bits', {}),
-                                            ('analog', {}), ('mask', {}), ('ar', {})])
-def test_prompt_and_infill_tokens_come_back_unchanged(model_type, kw):
+@pytest.mark.parametrize('model_type,kw', [('embed', {}), ('embed', {'cfg_drop': 0.1}), ('analog', {}), ('bits', {}),
+                                            ('mask', {})])
+def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, kw):
+    """Infilling by imputation: at every step the network's input at the fixed positions is a fresh draw of
+    q(x_t | x_0 = the fixed tokens) at the time t it is told (mask: the tokens themselves, never [MASK]). The
+    output keeps them anyway (the sampler pastes them over its result), so only the input shows whether they
+    condition the rest. Gaussian: (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) must be standard normal; bits: each
+    bit flipped with probability (1 - abar_t) / 2."""
     m = tiny(model_type, **kw).eval()
+    train_steps(m, torch.randint(0, 100, (8, 16)), 3, lr=1e-2)  # move the zero-initialised gates
     fixed = torch.full((1, 16), -1)
     fixed[0, :4] = torch.tensor([3, 1, 4, 1])
-    if model_type != 'ar':  # ar continues prefixes only; the others also fill gaps
-        fixed[0, 10:12] = torch.tensor([5, 9])
-    opts = {'guidance_scale': 2.0} if kw.get('cfg_drop') else {}
-    out = m.sample(3, 16, steps=None if model_type == 'ar' else 7, fixed=fixed,
-                   generator=torch.Generator().manual_seed(0), **opts)
+    fixed[0, 10:12] = torch.tensor([5, 9])
     keep = fixed[0] >= 0
-    assert (out[:, keep] == fixed[0, keep]).all()
-    assert ((out >= 0) & (out < 100)).all()
+    seen = []
+    net = m.log_probs if model_type == 'mask' else m.predict
+    def spy(x, t, *args, **kwargs):
+        seen.append((x[:, keep].double(), t))
+        return net(x, t, *args, **kwargs)
+    setattr(m, 'log_probs' if model_type == 'mask' else 'predict', spy)
+    opts = {'guidance_scale': 2.0} if kw.get('cfg_drop') else {}
+    m.sample(64, 16, steps=5, fixed=fixed, generator=torch.Generator().manual_seed(0), **opts)
+    assert len({float(t[0]) for _, t in seen}) == 5  # the network saw every step's time
+    for x, t in seen:
+        if model_type == 'mask':
+            assert torch.equal(x, fixed[0, keep].double().expand_as(x))
+            continue
+        a = m.abar[t[0]].item()
+        if model_type == 'bits':
+            flips = (x != ids_to_bits(fixed[0, keep]).double()).double()
+            p = (1 - a) / 2
+            assert abs(flips.mean().item() - p) < 5 * math.sqrt(p * (1 - p) / flips.numel()) + 1e-9, (t[0], p)
+        else:
+            z = (x - math.sqrt(a) * m.clean(fixed[0, keep]).double()) / math.sqrt(1 - a)
+            n = z.numel()
+            assert abs(z.mean().item()) < 5 / math.sqrt(n), (t[0], z.mean())
+            assert abs((z ** 2).mean().item() - 1) < 5 * math.sqrt(2 / n), (t[0], (z ** 2).mean())
+
+
+def test_guidance_extrapolates_from_the_unconditional_prediction():
+    """Classifier-free guidance with scale w: logits and x0 estimate are u + w (c - u), from the prediction c with
+    the prompt as condition and u with none (all -1): w = 1 is the conditional model, w > 1 pushes past it."""
+    m = tiny('embed', cfg_drop=0.1).eval()
+    train_steps(m, torch.randint(0, 100, (8, 16)), 3, lr=1e-2)  # move the zero-initialised gates
+    fixed = torch.full((2, 16), -1)
+    fixed[:, :5] = torch.tensor([3, 1, 4, 1, 5])
+    w, T = 3.0, m.config.T
+    opts = m.check_sample_args(16, 5, {'guidance_scale': w})
+    state = m.init_state(2, 16, fixed, torch.Generator().manual_seed(0), opts)
+    new = m.step(state, T, T - 10, fixed, torch.Generator().manual_seed(1), opts)
+    tt = torch.full((2,), T)
+    with torch.no_grad():
+        x0_c, out_c, _ = m.denoise(state['x'], tt, fixed)
+        x0_u, out_u, _ = m.denoise(state['x'], tt, torch.full_like(fixed, -1))
+    assert not torch.allclose(out_c, out_u, atol=1e-3)  # the condition matters, so the formula is visible
+    assert torch.allclose(new['out'], out_u + w * (out_c - out_u), atol=1e-5)
+    assert torch.allclose(new['x0_hat'], x0_u + w * (x0_c - x0_u), atol=1e-5)
 
 
 def test_sampler_rejects_bad_requests():

@@ -134,6 +134,9 @@ def test_embed_prompt_count_trajectory_and_seed(ckpts, tmp_path, enc):
 
 
 def test_embed_infilling_keeps_both_sides(ckpts, tmp_path, enc):
+    # the template reaches the output through the sampler's `fixed` tokens; that they also condition the free ones
+    # is the model's part, tested on memorised text and on the network's input (test_model.py, test_bits.py,
+    # test_mask_ar.py): these checkpoints are too lightly trained for a prompt to change their argmax tokens
     out, recs = sample_ok(tmp_path, 'fill', f'--out_dir={ckpts["embed"]}', '--num_samples=2', '--steps=10',
                           f'--prompt={LEFT} [...] {RIGHT.strip()}')
     left, right = enc.encode_ordinary(LEFT), enc.encode_ordinary(RIGHT)

@@ -166,6 +166,7 @@ def test_config_files():
     paths = sorted(os.path.join('config', p) for p in os.listdir(os.path.join(ROOT, 'config'))
                    if p.endswith(('_cpu.py', '_tinystories.py')))
     cfgs = {p: config_of(os.path.join(ROOT, p)) for p in paths}
+    assert cfgs['config/dit_tinystories.py'] == cfgs['config/embed_tinystories.py']  # the README's name for it
     shared = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'gradient_accumulation_steps',
               'max_iters', 'learning_rate', 'dataset')
     for group in ('_long_cpu.py', '_cpu.py', '_tinystories.py'):

@@ -1,10 +1,10 @@
-"""The baselines: masked diffusion (`mask`, MDLM) and the autoregressive model (`ar`)."""
+"""The `mask` family (masked diffusion, MDLM) and the `ar` baseline (autoregressive)."""
 import math
 
 import pytest
 import torch
 
-from conftest import best_match, compact_vocab, train_steps
+from conftest import best_match, compact_vocab, prompted, train_steps
 from model import ModelConfig, build_model
 from test_model import TOY_ENTROPY, TOY_SEQS, toy_bound, toy_model
 
@@ -126,6 +126,12 @@ def test_mask_elbo_estimators_agree(schedule, time_cond):
     time-conditioned network too, which nll() feeds the t drawn from its posterior given the mask count)."""
     m = tiny('mask', vocab=8, mask_schedule=schedule, time_cond=time_cond)
     train_steps(m, TOY_SEQS.repeat(1, 4), 30, lr=1e-2)
+    if time_cond:  # a network that leans on t, so that a wrong t shows (training learns to read the mask count)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith('weight') and ('adaLN_modulation' in name or 't_embedder' in name):
+                    p.normal_(0.0, 0.5 if 'adaLN' in name else 0.3, generator=g)
     rows = TOY_SEQS.repeat(64, 4)
     B, L = rows.shape
     g = torch.Generator().manual_seed(0)
@@ -165,13 +171,32 @@ def real_text(story_batch):
     return batch, K
 
 
-def test_mask_overfits_real_text_and_samples_it_back(real_text):
+@pytest.fixture(scope='module')
+def overfit_mask(real_text):
     batch, K = real_text
+    torch.manual_seed(0)
     m = build_model(ModelConfig(model_type='mask', vocab_size=K, block_size=24, n_layer=2, n_head=2, n_embd=64))
     first, last = train_steps(m, batch[:, :24], 600)
+    return m, first, last
+
+
+def test_mask_overfits_real_text_and_samples_it_back(real_text, overfit_mask):
+    batch, K = real_text
+    m, first, last = overfit_mask
     assert last < first / 5, (first, last)
     out = m.sample(8, 24, steps=24, generator=torch.Generator().manual_seed(0))
     assert best_match(out, batch[:, :24]).mean() > 0.8
+
+
+def test_mask_prompt_chooses_the_memorised_row(real_text, overfit_mask):
+    """The first 8 and last 4 tokens of a memorised row (the rows share their first 6) make the free ones follow
+    that row: the fixed tokens are in the network's input from the first step, not only pasted over the output.
+    Without them each sample would follow the row the model drifts to: about 4 of 16."""
+    batch, K = real_text
+    m, _, _ = overfit_mask
+    pos = torch.arange(24)
+    agree, best, prompted_row = prompted(m, batch[:, :24], (pos < 8) | (pos >= 20), per_row=4, steps=24)
+    assert best == prompted_row and agree > 0.9, (best, agree)
 
 
 def test_ar_overfits_real_text_and_generates_it_back(real_text):
