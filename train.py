@@ -56,7 +56,8 @@ wandb_run_name = 'run'
 clearml_log = False             # ClearML: the same scalars, the config as hyperparameters (imported only when True)
 clearml_project = 'diffusion-lm'
 clearml_task = 'run'
-clearml_offline = False         # ClearML offline mode: a local session folder, no server (clearml-task --import-offline-session)
+clearml_offline = False         # ClearML offline mode: a local session folder instead of a server (import it later
+                                # with Task.import_offline_session)
 # data
 dataset = 'tinystories'         # data/<dataset>/ as written by prepare.py
 data_dir = ''                   # '' -> data/<dataset>; else an explicit directory with {train,val}.bin + meta.json
