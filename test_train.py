@@ -516,3 +516,32 @@ def test_a_second_run_on_a_locked_out_dir_stops_and_names_the_holder(live_run, d
     assert out.strip().splitlines()[-1] == (
         f"train.py: out_dir '{out_dir}' is in use by pid {p.pid} on host {socket.gethostname()} ({out_dir}/run.lock); "
         f"wait for that run to end or use another out_dir (delete the file if that run is dead)")
+
+
+def test_clearml_offline_records_the_tensorboard_scalars_and_the_config(data_dir, tmp_path):
+    """ClearML for real, in its offline mode (Task.set_offline(True) via clearml_offline): the session folder it
+    writes holds the very scalars TensorBoard got, and the config as hyperparameters."""
+    pytest.importorskip('clearml')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out_dir = tmp_path / 'out'
+    p = subprocess.run([sys.executable, 'train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}',
+                        '--max_iters=4', '--eval_interval=2', '--log_interval=2', '--tensorboard_log=True',
+                        '--clearml_log=True', '--clearml_offline=True', '--clearml_task=t1'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=200,
+                       env={**os.environ, 'HOME': str(tmp_path)})  # ClearML keeps offline sessions in ~/.clearml
+    assert p.returncode == 0, p.stdout + p.stderr
+    metrics, = glob.glob(str(tmp_path / '.clearml' / 'cache' / 'offline' / '*' / 'metrics.jsonl'))
+    session = os.path.dirname(metrics)
+    with open(metrics) as f:
+        events = [e for line in f if line.strip() for e in json.loads(line)]
+    got = {(f"{e['metric']}/{e['variant']}", e['iter']): e['value'] for e in events
+           if e['type'] == 'training_stats_scalar'}
+    tb = EventAccumulator(str(out_dir / 'tb'))
+    tb.Reload()
+    want = {(tag, s.step): s.value for tag in tb.Tags()['scalars'] for s in tb.Scalars(tag)}
+    assert ('train/loss', 4) in want and set(got) == set(want)
+    assert all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)  # TensorBoard keeps float32
+    with open(os.path.join(session, 'task.json')) as f:
+        task = json.load(f)
+    assert task['name'] == 't1' and task['hyperparams']['config']['learning_rate']['value'] == '0.003'
+    assert task['hyperparams']['config']['model_type']['value'] == 'embed'

@@ -395,6 +395,9 @@ def _train(c, ddp, rank, world_size, device_type):
                 fail("clearml_log=True needs the clearml package: pip install -r requirements-optional.txt")
             if c['clearml_offline']:
                 Task.set_offline(True)
+            # report from a thread, not from the process ClearML forks by default on Linux: a fork of this
+            # multi-threaded process (torch's thread pools) hung at Task.close() in about half of the test runs
+            Task._report_subprocess_enabled = False
             # ClearML's automatic hooks off: it would otherwise capture the console and upload every torch.save
             clearml = Task.init(project_name=c['clearml_project'], task_name=c['clearml_task'],
                                 auto_connect_frameworks=False, auto_connect_arg_parser=False,
