@@ -241,6 +241,8 @@ def load_hf_judge(name, device):
     except ImportError:
         fail(f"judge={name!r}: no checkpoint there ({os.path.join(name, 'ckpt.pt')}), and a Hugging Face judge needs "
              f"transformers: pip install -r requirements-optional.txt")
+    if not os.path.exists(name):  # say why a download may be tried (a mistyped out_dir lands here too)
+        print(f"evaluate.py: judge={name!r} is no local checkpoint or directory: loading it as a Hugging Face id")
     transformers.utils.logging.set_verbosity_error()  # failures end in the one line below, not in retry warnings
     huggingface_hub.utils.logging.set_verbosity_error()
     try:

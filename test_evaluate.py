@@ -245,8 +245,9 @@ def test_pretrained_hugging_face_judge(tmp_path):
                          '--num_samples=3', '--steps=[2]', '--max_windows=2', '--plot=False', '--device=cpu'])
     ref = next(r for r in res['rows'] if r['name'] == 'test text')
     x = TokenWindows(data_dir, 'test', 32).eval_batch(0, 3, 32)
+    ids = torch.cat([torch.full((3, 1), 50256), x], 1)  # GPT-2 reads <|endoftext|> first
     with torch.no_grad():
-        loss = hf(torch.cat([torch.full((3, 1), 50256), x], 1), labels=torch.cat([torch.full((3, 1), 50256), x], 1)).loss
+        loss = hf(ids, labels=ids).loss  # mean nats per predicted token: all samples have the same length
     assert ref['gen_bits'] == pytest.approx(loss.item() / math.log(2), rel=1e-5)
     assert res['judge_name'] == judge_dir
     assert evaluate.markdown_table(res).splitlines()[0].count(f'gen-PPL ({judge_dir})') == 1

@@ -483,14 +483,16 @@ def test_lock_of_a_dead_run_is_taken_over_and_released_at_exit(zero_run):
     assert not (out_dir / 'run.lock').exists()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='class')
 def live_run(data_dir, tmp_path_factory):
     """A run that goes on (stdout to a pipe, as with `> run.log`), read until its first evaluation line; after
-    that it prints nothing for a long time. Yields (process, out_dir, lines read, still running when read)."""
+    that it prints nothing for a long time. Yields (process, out_dir, lines read, still running when read).
+    Class-scoped: the run is stopped as soon as the tests of TestLiveRun are done, not at the end of the file."""
     out_dir = str(tmp_path_factory.mktemp('live') / 'out')
     p = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}',
                           '--max_iters=100000', '--eval_interval=100000', '--log_interval=100000'],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'})  # Python's default
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in p.stdout], daemon=True).start()
     got, deadline = [], time.time() + 90
@@ -504,18 +506,19 @@ def live_run(data_dir, tmp_path_factory):
     p.wait()
 
 
-def test_log_lines_reach_a_pipe_as_they_are_printed(live_run):
-    _, _, got, running = live_run
-    assert running and any(line.startswith('step 0:') for line in got), got
+class TestLiveRun:
+    def test_log_lines_reach_a_pipe_as_they_are_printed(self, live_run):
+        _, _, got, running = live_run
+        assert running and any(line.startswith('step 0:') for line in got), got
 
-
-def test_a_second_run_on_a_locked_out_dir_stops_and_names_the_holder(live_run, data_dir):
-    p, out_dir, _, _ = live_run
-    rc, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1'], check=False)
-    assert rc != 0 and 'Traceback' not in out, out
-    assert out.strip().splitlines()[-1] == (
-        f"train.py: out_dir '{out_dir}' is in use by pid {p.pid} on host {socket.gethostname()} ({out_dir}/run.lock); "
-        f"wait for that run to end or use another out_dir (delete the file if that run is dead)")
+    def test_a_second_run_on_a_locked_out_dir_stops_and_names_the_holder(self, live_run, data_dir):
+        p, out_dir, _, _ = live_run
+        rc, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1'], check=False)
+        assert rc != 0 and 'Traceback' not in out, out
+        assert out.strip().splitlines()[-1] == (
+            f"train.py: out_dir '{out_dir}' is in use by pid {p.pid} on host {socket.gethostname()} "
+            f"({out_dir}/run.lock); wait for that run to end or use another out_dir (delete the file if that run is "
+            f"dead)")
 
 
 def test_clearml_offline_records_the_tensorboard_scalars_and_the_config(data_dir, tmp_path):

@@ -10,6 +10,9 @@ DDP on one node (NCCL on GPUs, gloo on CPU):
 Continue a run (same schedule, optimizer, EMA and data stream), or only evaluate its checkpoint:
     python train.py config/embed_cpu.py --init_from=resume
     python train.py config/embed_cpu.py --init_from=resume --eval_only=True
+A fresh run into an out_dir that holds a checkpoint stops unless told to replace it:
+    python train.py config/embed_cpu.py --overwrite=True
+Several machines: the same command on each, with torchrun's --nnodes, --node_rank and --rdzv_endpoint (README).
 
 Settings are the globals below; config files and --key=value override them (see configurator.py).
 Derived settings (data_dir, lr_decay_iters, min_lr, device, dtype) are filled in after the overrides.
@@ -85,7 +88,7 @@ mask_schedule = 'loglinear'     # mask: loglinear | cosine
 time_cond = False               # mask: condition the network on t
 # optimizer (AdamW; weight decay on matrices only, see model.configure_optimizers)
 learning_rate = 6e-4            # peak learning rate
-max_iters = 5000                # total optimizer steps
+max_iters = 5000                # total optimizer steps (0: none; the initial weights are evaluated and saved)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
