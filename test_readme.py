@@ -100,8 +100,11 @@ def clone(tmp_path_factory):
     """A fresh copy of the repository's files (as git lists them) beside ../shared, as a clone would sit; no data,
     no outputs. Returns run(cmd, cwd): run one README command there, with the tiny overrides appended."""
     root = tmp_path_factory.mktemp('readme')
-    files = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    git = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
+                         capture_output=True, text=True)
+    files = git.stdout.split() if git.returncode == 0 else [  # not a git checkout: the sources and configs
+        os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(ROOT) for f in fs
+        if f.endswith(('.py', '.md', '.txt')) and os.path.relpath(d, ROOT) in ('.', 'config')]
     for name in ('a', 'b'):
         for f in files:
             if not f.startswith('data/') and os.path.isfile(os.path.join(ROOT, f)):
