@@ -33,7 +33,7 @@ import torch
 from configurator import configure
 from model import build_model
 from prepare import DEFAULTS as PREPARE_DEFAULTS, TokenWindows, find_text_files, get_encoding, prepare
-from util import autocast_context, measure_peak_flops, resolve_device, sync, write_json
+from util import autocast_context, line_buffered_stdout, measure_peak_flops, resolve_device, sync, write_json
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; --key=value overrides them
@@ -294,4 +294,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    line_buffered_stdout()
     main()

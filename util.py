@@ -1,12 +1,15 @@
 """
 Helpers every script shares: device and precision resolution, the autocast context, the matmul peak probe for
-MFU, device synchronisation, and atomic file writes (checkpoints, samples, results and plots).
+MFU, device synchronisation, atomic file writes (checkpoints, samples, results and plots), the check that an
+output path is writable before the work starts, the out_dir lock, and line-buffered logs.
 """
 
+import atexit
 import ctypes
 import ctypes.util
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -117,3 +120,76 @@ def write_json(path, obj):
         with open(tmp, 'w') as f:
             f.write(json.dumps(obj, indent=2, allow_nan=False, default=str) + '\n')
     write_atomic(path, write)
+
+
+def line_buffered_stdout():
+    """Flush stdout and stderr at every newline, also when they go to a file or a pipe (Python buffers them in
+    blocks there), so a log redirected with `> run.log` keeps up with the run instead of lagging by kilobytes."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(line_buffering=True)
+
+
+def check_writable(path, what, prog, is_dir=False):
+    """Exit with one line now, before any work, if `path` cannot be written: a directory (is_dir) where files
+    will be created, or a file that write_atomic will write. Creates the (parent) directory, as writing would."""
+    directory = path if is_dir else os.path.dirname(os.path.abspath(path))
+    try:
+        if not is_dir and os.path.isdir(path):
+            raise IsADirectoryError(21, 'it is a directory')
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.write-check.', suffix='.tmp')
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise SystemExit(f"{prog}: cannot write {what}={path!r}: {e.strerror or e}; choose another path")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def lock_dir(directory, prog):
+    """Take directory/run.lock for this process, so two runs never write one out_dir. The file holds the pid and
+    host; another live run holding it is an error that names it. A lock left by a process of this host that no
+    longer exists (kill -9) is taken over, with a message; one from another host cannot be checked and stops
+    the run. Returns release(), also registered to run at exit (call it earlier when the run ends in-process)."""
+    path = os.path.join(directory, 'run.lock')
+    me = {'pid': os.getpid(), 'host': socket.gethostname()}
+    os.makedirs(directory, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            pass
+        try:
+            with open(path) as f:
+                holder = json.load(f)
+            pid, host = int(holder['pid']), str(holder['host'])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SystemExit(f"{prog}: out_dir {directory!r} is locked by {path}, which names no pid and host; "
+                             f"if no run uses that out_dir, delete the file") from None
+        if host != me['host'] or _pid_alive(pid):
+            raise SystemExit(f"{prog}: out_dir {directory!r} is in use by pid {pid} on host {host} ({path}); "
+                             f"wait for that run to end or use another out_dir (delete the file if that run is dead)")
+        print(f"{prog}: taking over {path}: its pid {pid} on this host ({host}) no longer runs (a killed run)")
+        os.unlink(path)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+
+    def release():
+        try:
+            with open(path) as f:
+                if json.load(f) == me:
+                    os.unlink(path)
+        except (OSError, ValueError):
+            pass
+    atexit.register(release)
+    return release
