@@ -258,7 +258,7 @@ def main(argv=None):
                 dtc, first = bench_training(model, c, dev, ctx, compiled=True)
                 row.update(compiled_ms_per_iter=dtc * 1000, first_compiled_step_s=first)
             if c['sample_steps'] > 0:
-                steps = c['block_size'] if family == 'ar' else c['sample_steps']
+                steps = c['block_size'] if model.fixed_steps else c['sample_steps']
                 st, nfe = bench_sampling(model, c, dev, ctx, c['batch_size'], c['block_size'], steps)
                 row.update(sample_steps=steps, sample_nfe=nfe,
                            sample_tokens_per_s=c['batch_size'] * c['block_size'] / st)

@@ -12,7 +12,6 @@ Writes out_dir/curves.png and out_dir/curves.json, and prints a markdown table o
 """
 
 import json
-import math
 import os
 
 from configurator import configure

@@ -40,7 +40,6 @@ warning. Output paths are checked writable before any work. The judge scoring it
 (the `ar` row when judge is also in ckpts) measures that model's own entropy rate; prefer a separate judge.
 """
 
-import json
 import math
 import os
 import sys
