@@ -207,6 +207,34 @@ def summarise(res):
     return [{'measure': a, 'value': b, 'target': t} for a, b, t in out]
 
 
+def bench_family(c, family, d, shape, dev, device_type, peak):
+    """One family at one dtype: eager (and compiled) training step time, MFU, and sampling speed."""
+    ctx = autocast_context(device_type, d)
+    torch.manual_seed(c['seed'])
+    try:
+        model = build_model({**shape, 'model_type': family}).to(dev)
+    except ValueError as e:
+        fail(f"family {family!r}: {e}")
+    dt, _ = bench_training(model, c, dev, ctx)
+    row = {'family': family, 'dtype': d, 'params': model.get_num_params(), 'ms_per_iter': dt * 1000,
+           'tokens_per_s': c['batch_size'] * c['block_size'] / dt,
+           'mfu': model.estimate_mfu(c['batch_size'], dt, peak),
+           'flops_per_token': model.flops_per_token(), 'vs_ar': None,
+           'sample_steps': None, 'sample_nfe': None, 'sample_tokens_per_s': None,
+           'compiled_ms_per_iter': None, 'first_compiled_step_s': None}
+    if c['compile']:
+        torch._dynamo.reset()  # each family compiles from scratch: the first step's time is honest
+        dtc, first = bench_training(model, c, dev, ctx, compiled=True)
+        row.update(compiled_ms_per_iter=dtc * 1000, first_compiled_step_s=first)
+    if c['sample_steps'] > 0:
+        steps = c['block_size'] if model.fixed_steps else c['sample_steps']
+        st, nfe = bench_sampling(model, c, dev, ctx, c['batch_size'], c['block_size'], steps)
+        row.update(sample_steps=steps, sample_nfe=nfe, sample_tokens_per_s=c['batch_size'] * c['block_size'] / st)
+    print(f"{family} {d}: {row['ms_per_iter']:.1f} ms/iter, {row['tokens_per_s']:,.0f} tok/s, "
+          f"MFU {row['mfu'] * 100:.1f}%, sampling {fmt(row['sample_tokens_per_s'], ',.0f')} tok/s")
+    return row
+
+
 def main(argv=None):
     c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, prog='bench.py')
     if not c['families'] or not c['dtypes']:
@@ -240,32 +268,7 @@ def main(argv=None):
     shape = {k: c[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')}
     for family in c['families']:
         for d in c['dtypes']:
-            ctx = autocast_context(device_type, d)
-            torch.manual_seed(c['seed'])
-            try:
-                model = build_model({**shape, 'model_type': family}).to(dev)
-            except ValueError as e:
-                fail(f"family {family!r}: {e}")
-            dt, _ = bench_training(model, c, dev, ctx)
-            row = {'family': family, 'dtype': d, 'params': model.get_num_params(), 'ms_per_iter': dt * 1000,
-                   'tokens_per_s': c['batch_size'] * c['block_size'] / dt,
-                   'mfu': model.estimate_mfu(c['batch_size'], dt, res['peak_flops'][d]),
-                   'flops_per_token': model.flops_per_token(), 'vs_ar': None,
-                   'sample_steps': None, 'sample_nfe': None, 'sample_tokens_per_s': None,
-                   'compiled_ms_per_iter': None, 'first_compiled_step_s': None}
-            if c['compile']:
-                torch._dynamo.reset()  # each family compiles from scratch: the first step's time is honest
-                dtc, first = bench_training(model, c, dev, ctx, compiled=True)
-                row.update(compiled_ms_per_iter=dtc * 1000, first_compiled_step_s=first)
-            if c['sample_steps'] > 0:
-                steps = c['block_size'] if model.fixed_steps else c['sample_steps']
-                st, nfe = bench_sampling(model, c, dev, ctx, c['batch_size'], c['block_size'], steps)
-                row.update(sample_steps=steps, sample_nfe=nfe,
-                           sample_tokens_per_s=c['batch_size'] * c['block_size'] / st)
-            res['train'].append(row)
-            print(f"{family} {d}: {row['ms_per_iter']:.1f} ms/iter, {row['tokens_per_s']:,.0f} tok/s, "
-                  f"MFU {row['mfu'] * 100:.1f}%, sampling {fmt(row['sample_tokens_per_s'], ',.0f')} tok/s")
-            del model
+            res['train'].append(bench_family(c, family, d, shape, dev, device_type, res['peak_flops'][d]))
     ar_ms = {r['dtype']: r['ms_per_iter'] for r in res['train'] if r['family'] == 'ar'}
     for r in res['train']:
         if r['dtype'] in ar_ms:

@@ -15,7 +15,7 @@ import json
 import os
 
 from configurator import configure
-from util import write_atomic, write_json
+from util import save_figure, write_json
 
 # -----------------------------------------------------------------------------------------------------
 runs = ['out-ar-long-cpu', 'out-mask-long-cpu', 'out-embed-long-cpu', 'out-bits-long-cpu', 'out-analog-long-cpu']
@@ -67,10 +67,7 @@ def draw(curves, path, ymax):
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel('val bits/token (bound; exact for ar)')
     axes[1].legend(fontsize=8)
-    fig.suptitle('held-out bits/token during training, beside the unigram model of the train split')
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, 'held-out bits/token during training, beside the unigram model of the train split')
 
 
 def main(argv=None):

@@ -53,7 +53,7 @@ from configurator import configure
 from model import load_checkpoint
 import prepare
 from prepare import PrepareError, TokenWindows, get_encoding, one_line, unigram_logprobs
-from util import (autocast_context, check_writable, line_buffered_stdout, resolve_device, sync, write_atomic,
+from util import (autocast_context, check_writable, line_buffered_stdout, resolve_device, save_figure, sync,
                   write_json)
 
 # -----------------------------------------------------------------------------------------------------
@@ -341,16 +341,12 @@ def draw_plot(results, path):
         ax.set_title(title)
         ax.grid(True, which='both', alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"{results['num_samples']} samples of {results['sample_length']} tokens per point")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, f"{results['num_samples']} samples of {results['sample_length']} tokens per point")
 
 
 # ---- the whole job
 
-def main(argv=None):
-    c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, prog='evaluate.py')
+def check_settings(c):
     if not c['ckpts']:
         fail("ckpts is empty: give the checkpoints to compare, e.g. --ckpts=\"['out-ar-cpu','out-mask-cpu']\"")
     for key in ('eval_batch_size', 'num_samples', 'sample_batch_size', 'mc_samples'):
@@ -359,30 +355,26 @@ def main(argv=None):
     bad = [s for s in c['steps'] if not isinstance(s, int) or s < 1]
     if bad or not c['steps']:
         fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
-    dev, device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='evaluate.py')
-    ctx = autocast_context(device_type, c['dtype'])
     check_writable(c['out_dir'], 'out_dir', 'evaluate.py', is_dir=True)  # now, not after hours of sampling
 
-    def load(path):
-        try:
-            return load_checkpoint(path, device=dev, use_ema=c['use_ema'])
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            fail(f"cannot load checkpoint {path!r}: {e}")
 
-    # load every checkpoint up front (a typo fails before hours of work), keeping only the configs
-    heads = {}
-    for path in c['ckpts']:
-        model, ckpt = load(path)
-        heads[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir'], path), ckpt.get('iter_num'),
-                       (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
-        del model, ckpt
+def load(path, dev, use_ema):
+    try:
+        return load_checkpoint(path, device=dev, use_ema=use_ema)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"cannot load checkpoint {path!r}: {e}")
+
+
+def load_judge(c, dev, heads):
+    """(judge model or None, the id its texts start with, whether it is a Hugging Face model), checked against
+    every checkpoint's tokenizer."""
     judge_model, bos, hf_judge = None, prepare.EOT, bool(c['judge']) and not is_checkpoint(c['judge'])
     if hf_judge:
         judge_model = load_hf_judge(c['judge'], dev)
         bos = getattr(judge_model.model.config, 'bos_token_id', None)
         bos = prepare.EOT if bos is None else bos  # GPT-2's <|endoftext|>
     elif c['judge']:
-        judge_model, judge_ckpt = load(c['judge'])
+        judge_model, judge_ckpt = load(c['judge'], dev, c['use_ema'])
         bos = (judge_ckpt.get('meta') or {}).get('eot_token', prepare.EOT)
         del judge_ckpt
         if judge_model.config.model_type != 'ar':
@@ -394,12 +386,62 @@ def main(argv=None):
         if judge_model is not None and cfg.vocab_size != judge_model.config.vocab_size:
             fail(f"{path} has vocab_size={cfg.vocab_size} but the judge {c['judge']} has "
                  f"{judge_model.config.vocab_size}: they must share the tokenizer")
+    return judge_model, bos, hf_judge
+
+
+def score_model(c, path, name, head, results, add_row, dev, ctx, length):
+    """One checkpoint: its likelihood on the split (beside the unigram line), then samples at every step count."""
+    model, ckpt = load(path, dev, c['use_ema'])
+    cfg, ddir, iter_num, _ = head
+    results['models'][name] = {'ckpt': path, 'model_type': cfg.model_type, 'model_args': ckpt['model_args'],
+                               'iter_num': iter_num, 'params': model.get_num_params(), 'data_dir': ddir}
+    del ckpt
+    print(f"{name}: {cfg.model_type}, {model.get_num_params() / 1e6:.2f}M parameters, iteration {iter_num}")
+    gen = torch.Generator(device=dev).manual_seed(c['seed'])
+    try:
+        lk = likelihood(model, ddir, c['split'], c['max_windows'], c['eval_batch_size'], c['mc_samples'], gen)
+    except (OSError, ValueError) as e:
+        fail(f"likelihood of {path!r} on {ddir!r}: {e}")
+    results['likelihood'][name] = lk
+    if 'unigram' not in results:  # the baseline row: the first checkpoint's scored tokens
+        results['unigram'] = {'bits': lk['unigram_bits'], 'ppl': perplexity(lk['unigram_bits']), 'data_dir': ddir,
+                              'tokens': lk['tokens'], 'fitted_on': 'train'}
+    print(f"{name}: {lk['bits']:.4f} ± {fmt(lk['bits_se'], '.4f')} bits/token "
+          f"({'exact' if lk['exact'] else 'bound'}, {lk['tokens']:,} {c['split']} tokens), "
+          f"PPL {fmt_ppl(lk['ppl'])}; unigram {lk['unigram_bits']:.4f}, context gain "
+          f"{lk['context_gain']:+.4f} ± {fmt(lk['context_gain_se'], '.4f')} bits/token")
+    # samples: ar once (steps is the length), the others at every step count they accept
+    grid = [None] if model.fixed_steps else c['steps']
+    sample_row(model, 1, length, None if model.fixed_steps else 1, 1, c['seed'], dev, ctx)  # warm-up
+    for s in grid:
+        if s is not None and s > model.max_steps:
+            note = f"{name}: steps={s} skipped ({cfg.model_type} takes at most {model.max_steps})"
+            results['skipped'].append(note)
+            print(note)
+            continue
+        samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
+                                           c['seed'], dev, ctx)
+        add_row(name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, s is None)
+
+
+def main(argv=None):
+    c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, prog='evaluate.py')
+    check_settings(c)
+    dev, device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='evaluate.py')
+    ctx = autocast_context(device_type, c['dtype'])
+    # load every checkpoint up front (a typo fails before hours of work), keeping only the configs
+    heads = {}
+    for path in c['ckpts']:
+        model, ckpt = load(path, dev, c['use_ema'])
+        heads[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir'], path), ckpt.get('iter_num'),
+                       (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
+        del model, ckpt
+    judge_model, bos, hf_judge = load_judge(c, dev, heads)
     limits = [h[0].block_size for h in heads.values()] + ([judge_model.config.block_size] if judge_model else [])
     length = c['sample_length'] or min(limits)
     if length > min(limits):
         fail(f"sample_length={length} exceeds the smallest block_size ({min(limits)}) among the checkpoints "
              "and the judge")
-
     try:
         enc = get_encoding()
     except PrepareError as e:  # scoring works on ids; only the example texts need the tokenizer
@@ -411,8 +453,8 @@ def main(argv=None):
                'rows': [], 'skipped': []}
 
     def add_row(name, family, path, steps_, nfe, seconds, samples, fixed_steps=False):
-        row = {'name': name, 'family': family, 'ckpt': path, 'steps': steps_, 'fixed_steps': fixed_steps, 'nfe': nfe,
-               'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
+        row = {'name': name, 'family': family, 'ckpt': path, 'steps': steps_, 'fixed_steps': fixed_steps,
+               'nfe': nfe, 'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
                **text_metrics(samples, judge_model, c['eval_batch_size'], bos),
                'example': enc.decode(samples[0].tolist()) if enc is not None else None}
         results['rows'].append(row)
@@ -427,45 +469,11 @@ def main(argv=None):
         fail(f"data for checkpoint {c['ckpts'][0]!r} ({ref_dir!r}): {e}")
     ref_n = min(c['num_samples'], ref.num_eval_windows(length))
     add_row('test text', 'data', ref_dir, None, None, None, ref.eval_batch(0, ref_n, length))
-
     for path in c['ckpts']:
         # short names (the out_dir), unless two checkpoints would share one
         unique = sum(checkpoint_name(p) == checkpoint_name(path) for p in c['ckpts']) == 1
-        name = checkpoint_name(path) if unique else path
-        model, ckpt = load(path)
-        cfg, ddir, iter_num, _ = heads[path]
-        results['models'][name] = {'ckpt': path, 'model_type': cfg.model_type, 'model_args': ckpt['model_args'],
-                                   'iter_num': iter_num, 'params': model.get_num_params(), 'data_dir': ddir}
-        del ckpt
-        print(f"{name}: {cfg.model_type}, {model.get_num_params() / 1e6:.2f}M parameters, iteration {iter_num}")
-        # likelihood
-        gen = torch.Generator(device=dev).manual_seed(c['seed'])
-        try:
-            lk = likelihood(model, ddir, c['split'], c['max_windows'], c['eval_batch_size'], c['mc_samples'], gen)
-        except (OSError, ValueError) as e:
-            fail(f"likelihood of {path!r} on {ddir!r}: {e}")
-        results['likelihood'][name] = lk
-        if 'unigram' not in results:  # the baseline row: the first checkpoint's scored tokens
-            results['unigram'] = {'bits': lk['unigram_bits'], 'ppl': perplexity(lk['unigram_bits']), 'data_dir': ddir,
-                                  'tokens': lk['tokens'], 'fitted_on': 'train'}
-        print(f"{name}: {lk['bits']:.4f} ± {fmt(lk['bits_se'], '.4f')} bits/token "
-              f"({'exact' if lk['exact'] else 'bound'}, {lk['tokens']:,} {c['split']} tokens), "
-              f"PPL {fmt_ppl(lk['ppl'])}; unigram {lk['unigram_bits']:.4f}, context gain "
-              f"{lk['context_gain']:+.4f} ± {fmt(lk['context_gain_se'], '.4f')} bits/token")
-        # samples: ar once (steps is the length), the others at every step count they accept
-        grid = [None] if model.fixed_steps else c['steps']
-        warm = None if model.fixed_steps else 1
-        sample_row(model, 1, length, warm, 1, c['seed'], dev, ctx)  # warm-up: first-call costs are not speed
-        for s in grid:
-            if s is not None and s > model.max_steps:
-                note = f"{name}: steps={s} skipped ({cfg.model_type} takes at most {model.max_steps})"
-                results['skipped'].append(note)
-                print(note)
-                continue
-            samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
-                                               c['seed'], dev, ctx)
-            add_row(name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, s is None)
-        del model
+        score_model(c, path, checkpoint_name(path) if unique else path, heads[path], results, add_row, dev, ctx,
+                    length)
 
     write_json(os.path.join(c['out_dir'], 'results.json'), results)
     if c['plot']:

@@ -348,10 +348,7 @@ def _write_results(results, outs, max_docs, bar):
     return tokens, docs, nbytes
 
 
-def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=0, out_dir='', val_frac=0.02,
-            test_frac=0.02, seed=1337, num_proc=DEFAULTS['num_proc'], errors='strict'):
-    """Tokenizes --input or --dataset into out_dir/{train,val,test}.bin + meta.json; returns the meta dict.
-    Raises PrepareError for bad input; the files of an earlier run in out_dir stay intact until the end."""
+def _check_args(val_frac, test_frac, num_proc, max_docs, errors):
     for name, v in (('val_frac', val_frac), ('test_frac', test_frac)):
         if not 0 <= v < 1:
             raise PrepareError(f"--{name}={v}: expected a fraction in [0, 1)")
@@ -361,6 +358,22 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
         raise PrepareError(f"--num_proc={num_proc} / --max_docs={max_docs}: expected num_proc >= 1, max_docs >= 0")
     if errors not in ('strict', 'replace'):
         raise PrepareError(f"--errors={errors}: expected 'strict' or 'replace'")
+
+
+def _report(out_dir, tokens, docs, nbytes, dt, num_proc, fracs):
+    print(f"{out_dir}: " + ', '.join(f"{s} {t:,} tokens in {d:,} documents" for s, t, d in zip(SPLITS, tokens, docs)))
+    print(f"{nbytes / 1e6:.1f} MB of text in {dt:.1f} s with {num_proc} process{'es' * (num_proc > 1)}: "
+          f"{nbytes / 1e6 / dt:.2f} MB/s, {sum(tokens) / dt:,.0f} tokens/s")
+    for i, (s, frac) in enumerate(zip(SPLITS[1:], fracs), 1):
+        if frac > 0 and docs[i] == 0:
+            print(f"warning: {s}.bin is empty; use more text or a larger --{s}_frac", file=sys.stderr)
+
+
+def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=0, out_dir='', val_frac=0.02,
+            test_frac=0.02, seed=1337, num_proc=DEFAULTS['num_proc'], errors='strict'):
+    """Tokenizes --input or --dataset into out_dir/{train,val,test}.bin + meta.json; returns the meta dict.
+    Raises PrepareError for bad input; the files of an earlier run in out_dir stay intact until the end."""
+    _check_args(val_frac, test_frac, num_proc, max_docs, errors)
     if input:
         files = find_text_files(input)
         name = os.path.basename(os.path.normpath(input))
@@ -425,13 +438,7 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
     finally:
         if pool is not None:
             pool.terminate()
-    dt = max(time.time() - t0, 1e-9)
-    print(f"{out_dir}: " + ', '.join(f"{s} {t:,} tokens in {d:,} documents" for s, t, d in zip(SPLITS, tokens, docs)))
-    print(f"{nbytes / 1e6:.1f} MB of text in {dt:.1f} s with {num_proc} process{'es' * (num_proc > 1)}: "
-          f"{nbytes / 1e6 / dt:.2f} MB/s, {sum(tokens) / dt:,.0f} tokens/s")
-    for i, (s, frac) in enumerate(zip(SPLITS[1:], (val_frac, test_frac)), 1):
-        if frac > 0 and docs[i] == 0:
-            print(f"warning: {s}.bin is empty; use more text or a larger --{s}_frac", file=sys.stderr)
+    _report(out_dir, tokens, docs, nbytes, max(time.time() - t0, 1e-9), num_proc, (val_frac, test_frac))
     return meta
 
 

@@ -222,13 +222,8 @@ def plot_trajectory(path, recorded, final, fixed, title):
 
 # -----------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    settings = _Recorder({k: globals()[k] for k in _config_keys})
-    defaults = dict(settings)
-    c = configure(settings, argv, keys=_config_keys, prog='sample.py')
-    explicit = settings.assigned | {k for k in _config_keys if c[k] != defaults[k]}
-
-    # -- checks that need no model
+def check_settings(c):
+    """Checks that need no model; returns the device type."""
     if c['num_samples'] < 1:
         fail(f"num_samples={c['num_samples']}, expected >= 1")
     for key in ('batch_size', 'show_steps', 'length'):
@@ -237,17 +232,18 @@ def main(argv=None):
     if c['prompt'] and c['prompt_file']:
         fail("set prompt or prompt_file, not both")
     c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='sample.py')
-    ctx = autocast_context(device_type, c['dtype'])
     for key in ('out_file', 'trajectory_png'):  # now, not after all the sampling
         if c[key]:
             check_writable(c[key], key, 'sample.py')
+    return device_type
 
-    # -- the model, and the options it takes
+
+def load_model(c, explicit):
+    """The checkpoint's model, the sampler options set here (each one the family must take), and the length."""
     try:
         model, ckpt = load_checkpoint(c['out_dir'], device=c['device'], use_ema=c['use_ema'])
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         fail(f"cannot load a checkpoint from out_dir={c['out_dir']!r}: {e}")
-    mtype = model.config.model_type
     block_size = model.config.block_size
     tokenizer = (ckpt.get('meta') or {}).get('tokenizer', 'gpt2')
     if tokenizer != 'gpt2':
@@ -255,14 +251,16 @@ def main(argv=None):
     options = {k: c[k] for k in _FAMILY_OPTIONS if k in explicit}
     lacking = sorted(set(options) - set(model.sample_options))
     if lacking:
-        fail(f"model_type={mtype!r} has no option {', '.join(lacking)}; its options are "
+        fail(f"model_type={model.config.model_type!r} has no option {', '.join(lacking)}; its options are "
              f"{', '.join(sorted(model.sample_options)) or '(none)'} (unset the others)")
-    steps_arg = c['steps'] if 'steps' in explicit else None
-    length_ = c['length'] or block_size
-    if not 1 <= length_ <= block_size:
-        fail(f"length={length_}, expected 1..block_size={block_size} (0 means block_size)")
+    length = c['length'] or block_size
+    if not 1 <= length <= block_size:
+        fail(f"length={length}, expected 1..block_size={block_size} (0 means block_size)")
+    return model, ckpt, options, length
 
-    # -- the prompt / template
+
+def read_template(c, length):
+    """(tokenizer or None, the prompt / template text, the fixed ids: -1 where the sampler draws)."""
     try:
         enc = get_encoding()
     except PrepareError as e:  # sampling needs no tokenizer, only turning a prompt into ids or ids into text
@@ -278,21 +276,15 @@ def main(argv=None):
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read prompt_file={c['prompt_file']!r}: {e}")
     try:
-        fixed_row = build_fixed(template, length_, enc) if enc is not None else [-1] * length_
+        fixed_row = build_fixed(template, length, enc) if enc is not None else [-1] * length
     except ValueError as e:
         fail(str(e))
-    fixed = torch.tensor([fixed_row], dtype=torch.long)
+    return enc, template, torch.tensor([fixed_row], dtype=torch.long)
 
-    weights = 'EMA' if c['use_ema'] and ckpt.get('ema') is not None else 'raw'
-    print(f"{mtype} model, {model.get_num_params() / 1e6:.2f}M parameters, {weights} weights, "
-          f"iter {ckpt.get('iter_num', '?')}, from {c['out_dir']}")
-    shown_steps = steps_arg if steps_arg is not None else \
-        (f"{model.default_steps} (default)" if model.default_steps else "family default")
-    all_options = {**model.sample_options, **options}
-    print(f"sampling {c['num_samples']} x {length_} tokens, steps={shown_steps}, options {all_options} "
-          f"(set here: {sorted(options) or 'none'}), seed={c['seed']}, {c['device']} {c['dtype']}")
 
-    # -- the trajectory of the first sample (recorded only when asked: the callback costs a decode per step)
+def trajectory_recorder(c, enc):
+    """(callback for model.sample, the recorded (step, tokens) of sample 1): printed every so many steps and/or
+    kept for the picture, only when asked (the callback costs a decode per step)."""
     recorded, marks = [], {}
 
     def callback(i, n, tokens):
@@ -304,8 +296,11 @@ def main(argv=None):
         if i in marks['show']:
             print(f"---------- sample 1 after step {i + 1}/{n} ----------")
             print(decode(enc, tokens[0].tolist()))
+    return (callback if c['show_steps'] > 0 or c['trajectory_png'] else None), recorded
 
-    want_trajectory = c['show_steps'] > 0 or bool(c['trajectory_png'])
+
+def draw_samples(model, c, device_type, length, steps, fixed, options, callback):
+    """num_samples samples in batches of batch_size (the callback follows the first batch); (samples, NFE, s)."""
     generator = torch.Generator('cpu').manual_seed(c['seed'])
     torch.manual_seed(c['seed'])  # anything a family draws without the generator
     bs = c['batch_size'] or c['num_samples']
@@ -314,21 +309,65 @@ def main(argv=None):
     try:
         for start in range(0, c['num_samples'], bs):
             n = min(bs, c['num_samples'] - start)
-            with ctx:
-                out = model.sample(n, length_, steps=steps_arg, fixed=fixed, generator=generator,
-                                   callback=callback if want_trajectory and start == 0 else None, **options)
+            with autocast_context(device_type, c['dtype']):
+                out = model.sample(n, length, steps=steps, fixed=fixed, generator=generator,
+                                   callback=callback if start == 0 else None, **options)
             nfe += model.nfe
             samples.append(out.cpu())
     except ValueError as e:
         fail(str(e))
     if device_type == 'cuda':
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    samples = torch.cat(samples)
+    return torch.cat(samples), nfe, time.perf_counter() - t0
 
-    # -- print, save, report
+
+def write_samples(path, records):
+    def write_jsonl(tmp):
+        with open(tmp, 'w', encoding='utf-8') as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    write_atomic(path, write_jsonl)
+    print(f"wrote {len(records)} samples to {path}")
+
+
+def write_trajectory(path, recorded, samples, fixed, mtype, length):
+    final, n = samples[0], recorded[-1][0]
+    when = n  # the first recorded step from which every position holds its final token
+    for step, r in reversed(recorded):
+        if not (r == final).all():
+            break
+        when = step
+    title = (f"{mtype}: how sample 1 forms over {n} steps ({length} positions)\n"
+             f"every token is final from step {when} on")
+    plot_trajectory(path, recorded, final, fixed[0], title)
+    print(f"wrote the trajectory of sample 1 ({len(recorded)} of {n} steps) to {path}")
+
+
+def main(argv=None):
+    settings = _Recorder({k: globals()[k] for k in _config_keys})
+    defaults = dict(settings)
+    c = configure(settings, argv, keys=_config_keys, prog='sample.py')
+    explicit = settings.assigned | {k for k in _config_keys if c[k] != defaults[k]}
+    device_type = check_settings(c)
+    model, ckpt, options, length = load_model(c, explicit)
+    enc, template, fixed = read_template(c, length)
+    mtype = model.config.model_type
+    steps = c['steps'] if 'steps' in explicit else None
+
+    weights = 'EMA' if c['use_ema'] and ckpt.get('ema') is not None else 'raw'
+    print(f"{mtype} model, {model.get_num_params() / 1e6:.2f}M parameters, {weights} weights, "
+          f"iter {ckpt.get('iter_num', '?')}, from {c['out_dir']}")
+    shown_steps = steps if steps is not None else \
+        (f"{model.default_steps} (default)" if model.default_steps else "family default")
+    all_options = {**model.sample_options, **options}
+    print(f"sampling {c['num_samples']} x {length} tokens, steps={shown_steps}, options {all_options} "
+          f"(set here: {sorted(options) or 'none'}), seed={c['seed']}, {c['device']} {c['dtype']}")
+    callback, recorded = trajectory_recorder(c, enc)
+    samples, nfe, dt = draw_samples(model, c, device_type, length, steps, fixed, options, callback)
+
+    bs = c['batch_size'] or c['num_samples']
     settings_out = {'out_dir': c['out_dir'], 'model_type': mtype, 'iter_num': ckpt.get('iter_num'),
-                    'weights': weights, 'length': length_, 'steps': steps_arg if steps_arg is not None else
+                    'weights': weights, 'length': length, 'steps': steps if steps is not None else
                     model.default_steps, 'options': all_options, 'seed': c['seed'],
                     'batch_size': bs, 'prompt': template, 'device': c['device'], 'dtype': c['dtype']}
     records = []
@@ -339,28 +378,14 @@ def main(argv=None):
         records.append({'sample': i, 'text': text, 'tokens': row, 'settings': settings_out})
     print("=" * 50)
     if c['out_file']:
-        def write_jsonl(tmp):
-            with open(tmp, 'w', encoding='utf-8') as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + '\n')
-        write_atomic(c['out_file'], write_jsonl)
-        print(f"wrote {len(records)} samples to {c['out_file']}")
+        write_samples(c['out_file'], records)
     if c['trajectory_png'] and recorded:
-        final, n = samples[0], recorded[-1][0]
-        when = n  # the first recorded step from which every position holds its final token
-        for step, r in reversed(recorded):
-            if not (r == final).all():
-                break
-            when = step
-        title = (f"{mtype}: how sample 1 forms over {n} steps ({length_} positions)\n"
-                 f"every token is final from step {when} on")
-        plot_trajectory(c['trajectory_png'], recorded, final, fixed[0], title)
-        print(f"wrote the trajectory of sample 1 ({len(recorded)} of {n} steps) to {c['trajectory_png']}")
+        write_trajectory(c['trajectory_png'], recorded, samples, fixed, mtype, length)
     generated = int((fixed[0] < 0).sum()) * len(samples)
     print(f"sampling speed: {generated} generated tokens in {dt:.2f} s = {generated / dt:.1f} tokens/s; "
           f"{nfe} network evaluations" + (f" over {-(-len(samples) // bs)} calls of up to {bs} samples"
                                            if bs < len(samples) else "") +
-          (" (timed with the trajectory recording)" if want_trajectory else ""))
+          (" (timed with the trajectory recording)" if callback is not None else ""))
     return records
 
 

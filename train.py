@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import types
 
 import numpy as np
 import torch
@@ -67,25 +68,8 @@ data_dir = ''                   # '' -> data/<dataset>; else an explicit directo
 batch_size = 32                 # sequences per micro-batch per process
 gradient_accumulation_steps = 1 # micro-batches per optimizer step, in total over all DDP ranks (rounded up to a
                                 # multiple of the number of ranks, with a message)
-# model: the same names and defaults as model.ModelConfig (see there for what each does)
-model_type = 'embed'            # embed | bits | analog | mask | ar
-vocab_size = 50257              # must be >= the data's vocab_size (meta.json)
-block_size = 256                # tokens per training sequence (ar reads block_size + 1 per window)
-n_layer = 6
-n_head = 6
-n_embd = 384
-dropout = 0.0
-bias = True
-rotary = False                  # rotary position embedding instead of a learned absolute one
-T = 1000                        # diffusion steps (embed, bits, analog)
-noise_schedule = 'sqrt'         # linear | cosine | sqrt (sqrt: Diffusion-LM's, the default; bits use cosine)
-predict = 'x0'                  # embed: eps | x0
-embed_dim = 64                  # embed: width of the diffused embedding
-self_cond = True                # embed / analog: self-conditioning
-cfg_drop = 0.0                  # embed: >0 trains a prompt channel for classifier-free guidance
-analog_scale = 1.0              # analog: bits map to -scale / +scale
-mask_schedule = 'loglinear'     # mask: loglinear | cosine
-time_cond = False               # mask: condition the network on t
+# model: every field of model.ModelConfig is a setting of the same name and default (see there for each)
+globals().update({f.name: f.default for f in dataclasses.fields(ModelConfig)})
 # optimizer (AdamW; weight decay on matrices only, see model.configure_optimizers)
 learning_rate = 6e-4            # peak learning rate
 max_iters = 5000                # total optimizer steps (0: none; the initial weights are evaluated and saved)
@@ -144,15 +128,9 @@ def fail(msg):
     raise SystemExit(f"train.py: {msg}")
 
 
-def main(argv=None):
-    # -------------------------------------------------------------------------------------------------
-    # configuration: overrides, then derived settings and checks
-    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # launched by torchrun
-    rank = int(os.environ.get('RANK', 0)) if ddp else 0
-    # a copy of the defaults, so main() can run twice in one process (tests) with different arguments
-    c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, verbose=rank == 0,
-                  prog='train.py')
-
+def check_config(c, rank, world_size):
+    """Fail in one line on a bad setting, then fill in the derived ones (data_dir, lr_decay_iters, min_lr, device,
+    dtype, gradient_accumulation_steps rounded to the ranks). Returns the device type."""
     if c['init_from'] not in ('scratch', 'resume'):
         fail(f"init_from={c['init_from']!r}, expected 'scratch' or 'resume'")
     if c['eval_only'] and c['init_from'] != 'resume':
@@ -185,9 +163,6 @@ def main(argv=None):
     if c['min_lr'] < 0:
         c['min_lr'] = c['learning_rate'] / 10
     c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'])
-    if device_type == 'cpu':
-        keep_freed_memory()  # large tensors are reused instead of re-mapped at every step (see util.py)
-    world_size = int(os.environ['WORLD_SIZE']) if ddp else 1
     ga = c['gradient_accumulation_steps']
     if ga % world_size:
         # it counts micro-batches per optimizer step over all ranks, so each rank must get the same whole number;
@@ -197,36 +172,49 @@ def main(argv=None):
             print(f"train.py: gradient_accumulation_steps={ga} rounded up to {c['gradient_accumulation_steps']}, "
                   f"a multiple of the {world_size} DDP ranks: {c['gradient_accumulation_steps']} micro-batches of "
                   f"batch_size={c['batch_size']} x block_size={c['block_size']} tokens per optimizer step")
+    return device_type
 
-    # -------------------------------------------------------------------------------------------------
-    # out_dir, before any work: writable, taken by no other run, and no checkpoint a fresh run would replace
+
+def claim_out_dir(c, rank):
+    """Before any work: out_dir writable, taken by no other run, and no checkpoint a fresh run would replace.
+    Returns the lock's release function (None where this process holds no lock)."""
     ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
     if c['init_from'] == 'scratch' and not c['overwrite'] and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists and init_from='scratch' would replace it: continue it with --init_from=resume, "
              f"replace it with --overwrite=True, or use another out_dir")
-    release = None
-    if rank == 0 and not c['eval_only']:
-        check_writable(c['out_dir'], 'out_dir', 'train.py', is_dir=True)
-        release = lock_dir(c['out_dir'], 'train.py')
-        # temp files of saves that a kill -9 interrupted (ours now: the lock says no other run writes here)
-        stale = glob.glob(os.path.join(glob.escape(c['out_dir']), '.ckpt.pt.*.tmp'))
-        for f in stale:
-            os.remove(f)
-        if stale:
-            print(f"train.py: removed {len(stale)} temp file(s) of an interrupted save from {c['out_dir']}")
+    if rank != 0 or c['eval_only']:
+        return None
+    check_writable(c['out_dir'], 'out_dir', 'train.py', is_dir=True)
+    release = lock_dir(c['out_dir'], 'train.py')
+    # temp files of saves that a kill -9 interrupted (ours now: the lock says no other run writes here)
+    stale = glob.glob(os.path.join(glob.escape(c['out_dir']), '.ckpt.pt.*.tmp'))
+    for f in stale:
+        os.remove(f)
+    if stale:
+        print(f"train.py: removed {len(stale)} temp file(s) of an interrupted save from {c['out_dir']}")
+    return release
 
-    # -------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # launched by torchrun
+    rank = int(os.environ.get('RANK', 0)) if ddp else 0
+    world_size = int(os.environ['WORLD_SIZE']) if ddp else 1
+    # a copy of the defaults, so main() can run twice in one process (tests) with different arguments
+    c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, verbose=rank == 0,
+                  prog='train.py')
+    device_type = check_config(c, rank, world_size)
+    if device_type == 'cpu':
+        keep_freed_memory()  # large tensors are reused instead of re-mapped at every step (see util.py)
+    release = claim_out_dir(c, rank)
     # processes: DDP when launched by torchrun; every rank trains on its own windows, rank 0 logs and writes
-    local_rank = 0
     if ddp:
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
         if device_type == 'cuda':
-            c['device'] = f'cuda:{local_rank}'
+            c['device'] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(c['device'])
         be = c['backend'] if c['backend'] != 'auto' else ('nccl' if device_type == 'cuda' else 'gloo')
         dist.init_process_group(backend=be)
     try:
-        result = _train(c, ddp, rank, world_size, device_type)
+        result = train(c, ddp, rank, world_size, device_type)
         if ddp:
             # no rank tears down its gloo/NCCL connections while another still talks on them: a rank that
             # destroyed its group early made the other abort ('terminate called without an active exception')
@@ -239,158 +227,125 @@ def main(argv=None):
             release()
 
 
-def _train(c, ddp, rank, world_size, device_type):
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    device = c['device']
-    ga_steps = c['gradient_accumulation_steps'] // world_size  # micro-batches per rank per step
-    ptdtype = getattr(torch, c['dtype'])
-    ctx = autocast_context(device_type, c['dtype'])
-    ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
-    if c['max_iters'] == 0 and not c['eval_only']:
-        log("train.py: max_iters=0: no training steps; the initial weights are evaluated and saved as iteration 0")
+# -----------------------------------------------------------------------------------------------------
+# data and model
 
-    # -------------------------------------------------------------------------------------------------
-    # data: meta.json is checked first, so a missing or foreign directory fails before any model is built
+def read_meta(c):
+    """meta.json first, so a missing or foreign directory fails before any model is built."""
     if not os.path.isdir(c['data_dir']):
         fail(f"data_dir {c['data_dir']!r} does not exist; write it with prepare.py "
              f"(e.g. python prepare.py --input=... ) or set --dataset / --data_dir")
     try:
-        meta = load_meta(c['data_dir'])
+        return load_meta(c['data_dir'])
     except (OSError, ValueError, KeyError) as e:
         fail(f"data_dir {c['data_dir']!r}: {e}")
 
-    # -------------------------------------------------------------------------------------------------
-    # model: fresh, or rebuilt from the checkpoint by the shared loader
-    model_keys = [f.name for f in dataclasses.fields(ModelConfig)]
-    missing = [k for k in model_keys if k not in c]
-    if missing:
-        fail(f"ModelConfig fields {missing} have no config global in train.py")
-    model_args = {k: c[k] for k in model_keys}
-    ckpt = None
-    if c['init_from'] == 'resume':
-        if not os.path.isfile(ckpt_path):
-            fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
-        try:
-            model, ckpt = load_checkpoint(ckpt_path, device='cpu', use_ema=False)
-        except (OSError, ValueError) as e:
-            fail(f"cannot resume: {e}")
-        # the model is the checkpoint's: a shape setting that says otherwise is a mistake, not a silent choice
-        # (dropout only changes training, so it may differ)
-        differ = [(k, c[k], v) for k, v in ckpt['model_args'].items() if k in c and c[k] != v and k != 'dropout']
-        if differ:
-            fail("resume: " + "; ".join(f"{k}={a!r} in the config but {b!r} in {ckpt_path}" for k, a, b in differ) +
-                 ": a resumed run keeps the checkpoint's model; drop the override, or start a fresh run elsewhere")
-        c.update(ckpt['model_args'])
-        model_args = dict(ckpt['model_args'])
-        old = ckpt.get('meta') or {}
-        for k in ('tokenizer', 'vocab_size', 'eot_token'):
-            if k in old and k in meta and old[k] != meta[k]:
-                fail(f"the checkpoint was trained on data with {k}={old[k]!r} but {c['data_dir']}/meta.json "
-                     f"says {meta[k]!r}")
-    else:
-        torch.manual_seed(c['seed'])  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        try:
-            model = build_model(ModelConfig(**model_args))
-        except (ValueError, TypeError) as e:
-            fail(f"invalid model configuration: {e}")
-    model.to(device)
-    raw_model = model
-    window = c['block_size'] + raw_model.extra_tokens
-    tokens_per_iter = c['batch_size'] * c['block_size'] * ga_steps * world_size
 
+def open_windows(c, window):
     try:
-        train_data = TokenWindows(c['data_dir'], 'train', window, vocab_size=c['vocab_size'])
-        val_data = TokenWindows(c['data_dir'], 'val', window, vocab_size=c['vocab_size'])
+        return (TokenWindows(c['data_dir'], 'train', window, vocab_size=c['vocab_size']),
+                TokenWindows(c['data_dir'], 'val', window, vocab_size=c['vocab_size']))
     except (OSError, ValueError, KeyError) as e:
         fail(f"data_dir {c['data_dir']!r} does not fit the model (block_size={c['block_size']}, "
              f"window={window}, vocab_size={c['vocab_size']}): {e}")
 
-    def to_device(x):
-        if device_type == 'cuda':
-            return x.pin_memory().to(device, non_blocking=True)
-        return x.to(device)
 
-    def get_batch(loader, step, seed, r):
-        try:  # the reader checks every batch's ids against the vocabulary
-            return to_device(loader.random_batch(c['batch_size'], step=step, seed=seed, rank=r))
-        except ValueError as e:
-            fail(str(e))
+def get_batch(run, loader, step, seed, r):
+    """A batch of windows on the device; the reader checks every batch's ids against the vocabulary."""
+    try:
+        x = loader.random_batch(run.c['batch_size'], step=step, seed=seed, rank=r)
+    except ValueError as e:
+        fail(str(e))
+    if run.device_type == 'cuda':
+        return x.pin_memory().to(run.device, non_blocking=True)
+    return x.to(run.device)
 
-    # the baseline: a unigram model of the train split, scored on the very tokens the val loss predicts (ar
-    # predicts all but a window's first token), so a curve that stays at this line has learned no context.
-    # Counting reads every train id once, so it also checks them all against the vocabulary
+
+def build_or_resume(c, meta, ckpt_path):
+    """A fresh model, or the checkpoint's (by the shared loader) with its model settings taken into c.
+    Returns (model, model_args, ckpt or None)."""
+    model_args = {f.name: c[f.name] for f in dataclasses.fields(ModelConfig)}
+    if c['init_from'] == 'scratch':
+        torch.manual_seed(c['seed'])  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        try:
+            return build_model(ModelConfig(**model_args)), model_args, None
+        except (ValueError, TypeError) as e:
+            fail(f"invalid model configuration: {e}")
+    if not os.path.isfile(ckpt_path):
+        fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
+    try:
+        model, ckpt = load_checkpoint(ckpt_path, device='cpu', use_ema=False)
+    except (OSError, ValueError) as e:
+        fail(f"cannot resume: {e}")
+    # the model is the checkpoint's: a shape setting that says otherwise is a mistake, not a silent choice
+    # (dropout only changes training, so it may differ)
+    differ = [(k, c[k], v) for k, v in ckpt['model_args'].items() if k in c and c[k] != v and k != 'dropout']
+    if differ:
+        fail("resume: " + "; ".join(f"{k}={a!r} in the config but {b!r} in {ckpt_path}" for k, a, b in differ) +
+             ": a resumed run keeps the checkpoint's model; drop the override, or start a fresh run elsewhere")
+    c.update(ckpt['model_args'])
+    old = ckpt.get('meta') or {}
+    for k in ('tokenizer', 'vocab_size', 'eot_token'):
+        if k in old and k in meta and old[k] != meta[k]:
+            fail(f"the checkpoint was trained on data with {k}={old[k]!r} but {c['data_dir']}/meta.json "
+                 f"says {meta[k]!r}")
+    return model, dict(ckpt['model_args']), ckpt
+
+
+def restore(run, ckpt, log):
+    """Optimizer, loss scaler, EMA, counters and clock from a checkpoint; reports settings that changed."""
+    c = run.c
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'):
+        run.scaler.load_state_dict(ckpt['scaler'])
+    if run.ema is not None:
+        if ckpt.get('ema') is not None:
+            run.ema.load_state_dict(ckpt['ema'])
+        else:
+            log("resume: the checkpoint has no EMA; the EMA starts from the current weights")
+    run.iter_num, run.best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    run.train_seconds = ckpt.get('train_seconds', 0.0)
+    run.last_saved = run.iter_num
+    changed = {k: v for k, v in (ckpt.get('config') or {}).items()
+               if k in c and c[k] != v and k not in ('init_from', 'eval_only')}
+    if changed:
+        log("resume: settings that differ from the checkpoint's run: " +
+            ", ".join(f"{k}={c[k]!r} (was {v!r})" for k, v in changed.items()))
+
+
+def unigram_baseline(run):
+    """The baseline: a unigram model of the train split, scored on the very tokens the val loss predicts (ar
+    predicts all but a window's first token), so a curve that stays at this line has learned no context.
+    Counting reads every train id once, so it also checks them all against the vocabulary. In nats/token."""
+    c = run.c
     try:
         unigram = torch.from_numpy(unigram_logprobs(c['data_dir'], 'train', c['vocab_size']))
     except ValueError as e:
         fail(str(e))
-    eval_windows = [get_batch(val_data, k, _EVAL_SEED, 0)[:, raw_model.extra_tokens:].cpu()
-                    for k in range(c['eval_iters'])]
-    unigram_nats = -torch.cat([unigram[x.flatten()] for x in eval_windows]).mean().item()
-    unigram_bits = unigram_nats / math.log(2)
+    skip = run.raw_model.extra_tokens
+    windows = [get_batch(run, run.val_data, k, _EVAL_SEED, 0)[:, skip:].cpu() for k in range(c['eval_iters'])]
+    return -torch.cat([unigram[x.flatten()] for x in windows]).mean().item()
 
-    # -------------------------------------------------------------------------------------------------
-    # optimizer, loss scaling, EMA, compile, DDP
-    optimizer = raw_model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
-                                               device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=c['dtype'] == 'float16')
-    ema = None
-    if c['ema_decay'] > 0:
-        ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
-    iter_num, best_val_loss, last_saved, train_seconds = 0, float('inf'), None, 0.0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        if ema is not None:
-            if ckpt.get('ema') is not None:
-                ema.load_state_dict(ckpt['ema'])
-            else:
-                log("resume: the checkpoint has no EMA; the EMA starts from the current weights")
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        train_seconds = ckpt.get('train_seconds', 0.0)
-        last_saved = iter_num
-        changed = {k: v for k, v in (ckpt.get('config') or {}).items()
-                   if k in c and c[k] != v and k not in ('init_from', 'eval_only')}
-        if changed:
-            log("resume: settings that differ from the checkpoint's run: " +
-                ", ".join(f"{k}={c[k]!r} (was {v!r})" for k, v in changed.items()))
-        del ckpt  # free the host copy of the weights and optimizer state
-    start_iter = iter_num
 
-    model = raw_model
-    if c['compile']:
-        log("compiling the model with torch.compile ...")
-        model = torch.compile(raw_model, mode=c['compile_mode'])
-    eval_model = model  # (compiled if asked) without the DDP wrapper: evaluation needs no gradient sync
-    if ddp:
-        model = DDP(model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
+# -----------------------------------------------------------------------------------------------------
+# logging, evaluation, checkpoints
 
-    # -------------------------------------------------------------------------------------------------
-    # logging
-    log(f"model_type={c['model_type']}: {raw_model.get_num_params() / 1e6:.2f}M parameters (non-embedding), "
-        f"device={device}, dtype={c['dtype']}, compile={c['compile']}, ranks={world_size}")
-    split_tokens = {k: v.get('tokens') for k, v in meta.get('splits', {}).items()}
-    log(f"data: {c['data_dir']}: {split_tokens} tokens, "
-        f"window {window}; {tokens_per_iter:,} tokens per iteration "
-        f"({world_size} ranks x {ga_steps} micro-batches x {c['batch_size']} x {c['block_size']})")
-    log(f"unigram baseline on the val windows: {unigram_nats:.4f} nats/token = {unigram_bits:.4f} bits/token "
-        f"(a unigram model of the train split; the val loss of mask and ar is in the same nats)")
-    peak = c['peak_flops']
-    if master and peak == 0 and not c['eval_only']:
-        peak = measure_peak_flops(device, ptdtype)
-        log(f"measured peak {peak / 1e12:.3f} TFLOP/s ({c['dtype']} matmul on {device}) for MFU")
-    writer = wandb = clearml = None
-    if master and not c['eval_only']:
-        os.makedirs(c['out_dir'], exist_ok=True)
+class Loggers:
+    """TensorBoard, wandb and ClearML (rank 0, each only when asked): the same scalars to each."""
+
+    def __init__(self, c, iter_num, enabled=True):
+        self.writer = self.wandb = self.clearml = None
+        if not enabled:
+            return
         if c['tensorboard_log']:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step hides events a killed run logged after its last checkpoint (all of them for a fresh
             # run with overwrite=True: step 0)
-            writer = SummaryWriter(os.path.join(c['out_dir'], 'tb'), purge_step=iter_num)
+            self.writer = SummaryWriter(os.path.join(c['out_dir'], 'tb'), purge_step=iter_num)
         if c['wandb_log']:
             import wandb
             wandb.init(project=c['wandb_project'], name=c['wandb_run_name'], config=c)
+            self.wandb = wandb
         if c['clearml_log']:
             try:
                 from clearml import Task
@@ -402,189 +357,293 @@ def _train(c, ddp, rank, world_size, device_type):
             # multi-threaded process (torch's thread pools) hung at Task.close() in about half of the test runs
             Task._report_subprocess_enabled = False
             # ClearML's automatic hooks off: it would otherwise capture the console and upload every torch.save
-            clearml = Task.init(project_name=c['clearml_project'], task_name=c['clearml_task'],
-                                auto_connect_frameworks=False, auto_connect_arg_parser=False,
-                                auto_connect_streams=False, auto_resource_monitoring=False, reuse_last_task_id=False)
-            clearml.connect(dict(c), name='config')  # the config as hyperparameters
+            self.clearml = Task.init(project_name=c['clearml_project'], task_name=c['clearml_task'],
+                                     auto_connect_frameworks=False, auto_connect_arg_parser=False,
+                                     auto_connect_streams=False, auto_resource_monitoring=False,
+                                     reuse_last_task_id=False)
+            self.clearml.connect(dict(c), name='config')  # the config as hyperparameters
 
-    def scalars(d, step):
-        if writer is not None:
+    def scalars(self, d, step):
+        if self.writer is not None:
             for k, v in d.items():
-                writer.add_scalar(k, v, step)
-        if wandb is not None:
-            wandb.log(d, step=step)
-        if clearml is not None:
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(d, step=step)
+        if self.clearml is not None:
             for k, v in d.items():  # 'train/loss' -> the plot 'train', series 'loss', as TensorBoard groups it
                 title, _, series = k.rpartition('/')
-                clearml.get_logger().report_scalar(title or k, series, v, iteration=step)
+                self.clearml.get_logger().report_scalar(title or k, series, v, iteration=step)
 
-    # -------------------------------------------------------------------------------------------------
-    # evaluation: the same windows and the same noise every time, so successive numbers are comparable;
-    # the eval batches are shared out over the ranks and the sums all-reduced
-    @torch.no_grad()
-    def estimate_loss():
-        out = {}
-        jobs = [('train', train_data, eval_model), ('val', val_data, eval_model)]
-        if ema is not None:
-            jobs.append(('val_ema', val_data, ema))
-        for name, loader, m in jobs:
-            m.eval()
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            for k in range(rank, c['eval_iters'], world_size):
-                X = get_batch(loader, k, _EVAL_SEED, 0)
-                torch.manual_seed(stream_seed(_EVAL_SEED, k))
-                with ctx:
-                    total += m(X).double()
-            if ddp:
-                dist.all_reduce(total)
-            out[name] = total.item() / c['eval_iters']
-        if c['eval_bound']:
-            # held-out bits/token by the family's bound (exact for ar), with the weights sampling would use
-            m = ema if ema is not None else raw_model
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            for k in range(rank, c['eval_iters'], world_size):
-                gen = torch.Generator(device=device).manual_seed(stream_seed(_EVAL_SEED, 1, k))
-                total += m.nll(get_batch(val_data, k, _EVAL_SEED, 0), generator=gen).double().mean()
-            if ddp:
-                dist.all_reduce(total)
-            out['val_bits'] = total.item() / c['eval_iters']
-        model.train()
-        return out
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.clearml is not None:
+            self.clearml.close()
 
-    log_path = os.path.join(c['out_dir'], 'eval_log.jsonl')
 
-    def log_eval(record):
-        """One JSON line per evaluation (out_dir/eval_log.jsonl), the data of the convergence curves."""
-        try:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-        except OSError as e:
-            fail(f"cannot write {log_path}: {one_line(e)} (disk full?)")
+def all_reduced_mean(run, total):
+    if run.ddp:
+        dist.all_reduce(total)
+    return total.item() / run.c['eval_iters']
 
-    def save(iter_num):
-        ckpt = {
-            'model_args': model_args,
-            'model': raw_model.state_dict(),
-            'ema': ema.state_dict() if ema is not None else None,
-            'optimizer': optimizer.state_dict(),
-            'scaler': scaler.state_dict(),
-            'iter_num': iter_num,
-            'best_val_loss': best_val_loss,
-            'train_seconds': train_seconds,
-            'config': dict(c),
-            'meta': meta,
-        }
-        try:
-            save_checkpoint(ckpt_path, ckpt)
-        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError('... unexpected pos ...')
-            fail(f"cannot write {ckpt_path} at iteration {iter_num}: {one_line(e)}: is the disk full? The previous "
-                 f"checkpoint, if any, is left as it was")
 
+@torch.no_grad()
+def estimate_loss(run):
+    """Train and val losses (and the EMA's), and val bits/token by the family's bound (exact for ar), with the
+    weights sampling would use. The same windows and the same noise every time, so successive numbers are
+    comparable; the eval batches are shared out over the ranks and the sums all-reduced."""
+    c, out = run.c, {}
+    jobs = [('train', run.train_data, run.eval_model), ('val', run.val_data, run.eval_model)]
+    if run.ema is not None:
+        jobs.append(('val_ema', run.val_data, run.ema))
+    for name, loader, m in jobs:
+        m.eval()
+        total = torch.zeros((), dtype=torch.float64, device=run.device)
+        for k in range(run.rank, c['eval_iters'], run.world_size):
+            X = get_batch(run, loader, k, _EVAL_SEED, 0)
+            torch.manual_seed(stream_seed(_EVAL_SEED, k))
+            with run.ctx:
+                total += m(X).double()
+        out[name] = all_reduced_mean(run, total)
+    if c['eval_bound']:
+        m = run.ema if run.ema is not None else run.raw_model
+        total = torch.zeros((), dtype=torch.float64, device=run.device)
+        for k in range(run.rank, c['eval_iters'], run.world_size):
+            gen = torch.Generator(device=run.device).manual_seed(stream_seed(_EVAL_SEED, 1, k))
+            total += m.nll(get_batch(run, run.val_data, k, _EVAL_SEED, 0), generator=gen).double().mean()
+        out['val_bits'] = all_reduced_mean(run, total)
+    run.model.train()
+    return out
+
+
+def append_eval_log(path, record):
+    """One JSON line per evaluation (out_dir/eval_log.jsonl), the data of the convergence curves."""
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        fail(f"cannot write {path}: {one_line(e)} (disk full?)")
+
+
+def restart_eval_log(path, c, iter_num):
+    """A fresh run starts the log empty; a resumed one drops what its killed predecessor logged after the
+    checkpoint."""
+    old = open(path).read().splitlines() if os.path.exists(path) else []
+    keep = [line for line in old if line.strip() and c['init_from'] == 'resume' and json.loads(line)['iter'] <= iter_num]
+    with open(path, 'w') as f:
+        f.writelines(line + '\n' for line in keep)
+
+
+def save(run, iter_num):
+    ckpt = {
+        'model_args': run.model_args,
+        'model': run.raw_model.state_dict(),
+        'ema': run.ema.state_dict() if run.ema is not None else None,
+        'optimizer': run.optimizer.state_dict(),
+        'scaler': run.scaler.state_dict(),
+        'iter_num': iter_num,
+        'best_val_loss': run.best_val_loss,
+        'train_seconds': run.train_seconds,
+        'config': dict(run.c),
+        'meta': run.meta,
+    }
+    try:
+        save_checkpoint(run.ckpt_path, ckpt)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError('... unexpected pos ...')
+        fail(f"cannot write {run.ckpt_path} at iteration {iter_num}: {one_line(e)}: is the disk full? The previous "
+             f"checkpoint, if any, is left as it was")
+
+
+def evaluate(run, loggers, log):
+    """Evaluate, log (stdout, the loggers, eval_log.jsonl) and checkpoint when the score improved (or always)."""
+    c, it = run.c, run.iter_num
+    losses = estimate_loss(run)
+    ema_part = f", val (EMA) {losses['val_ema']:.4f}" if 'val_ema' in losses else ""
+    bits_part = f", val {losses['val_bits']:.3f} bits/token (unigram {run.unigram_bits:.3f})" \
+        if 'val_bits' in losses else ""
+    log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_part}{bits_part}")
+    if c['eval_only']:
+        return
+    loggers.scalars({f'eval/{k}_loss': v for k, v in losses.items() if k != 'val_bits'}, it)
+    if 'val_bits' in losses:
+        loggers.scalars({'eval/val_bits_per_token': losses['val_bits'],
+                         'eval/unigram_bits_per_token': run.unigram_bits}, it)
+    if run.rank == 0:
+        append_eval_log(run.log_path, {'iter': it, 'tokens': it * run.tokens_per_iter,
+                                       'train_seconds': run.train_seconds, **losses,
+                                       'unigram_bits': run.unigram_bits, 'model_type': c['model_type']})
+    # the checkpoint is judged by the weights that sampling will use: the EMA's, when there is one
+    score = losses.get('val_ema', losses['val'])
+    if (it > 0 or c['max_iters'] == 0) and (score < run.best_val_loss or c['always_save_checkpoint']):
+        run.best_val_loss = min(run.best_val_loss, score)
+        if run.rank == 0:
+            save(run, it)
+            log(f"saved {run.ckpt_path} (iteration {it})")
+        run.last_saved = it
+
+
+# -----------------------------------------------------------------------------------------------------
+# the optimizer step
+
+def update_ema(ema, model, ema_decay, iter_num):
+    """EMA of the weights, with a warmup of the decay so that short runs get a useful average too; buffers (the
+    bound's time-proposal statistics) are copied."""
+    d = min(ema_decay, (1 + iter_num) / (10 + iter_num))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def train_step(run, lr, read_loss):
+    """One optimizer step: ga_steps micro-batches on this rank, gradients averaged over ranks at the last.
+    The diffusion noise and times are a pure function of (seed, rank, iter_num), and the windows of
+    (seed, rank, global micro-step), so a resumed run continues both streams exactly. Returns (loss as a float
+    when read_loss else None, grad norm tensor): reading the loss is the loop's one host sync."""
+    c, model, ga = run.c, run.model, run.ga_steps
+    for group in run.optimizer.param_groups:
+        group['lr'] = lr
+    torch.manual_seed(stream_seed(c['seed'], run.rank, run.iter_num))
+    loss_sum = torch.zeros((), device=run.device)
+    for micro_step in range(ga):
+        X = get_batch(run, run.train_data, run.iter_num * ga + micro_step, c['seed'], run.rank)
+        if run.ddp:
+            model.require_backward_grad_sync = micro_step == ga - 1
+        with run.ctx:
+            loss = model(X) / ga
+        loss_sum += loss.detach().float()
+        run.scaler.scale(loss).backward()
+    if run.ddp:
+        dist.all_reduce(loss_sum)  # the mean over ranks: all ranks agree on it, and so stop together
+        loss_sum /= run.world_size
+    lossf = None
+    if read_loss:
+        lossf = loss_sum.item()
+        if not math.isfinite(lossf):
+            where = f"iteration {run.last_saved}" if run.last_saved is not None else "none written yet"
+            every = f" (checked every {c['log_interval']} iterations)" if c['log_interval'] > 1 else ""
+            fail(f"non-finite loss ({lossf}) at iteration {run.iter_num}{every}; stopping. {run.ckpt_path} is left "
+                 f"as it was (last checkpoint: {where})")
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
+                                               c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        update_ema(run.ema, run.raw_model, c['ema_decay'], run.iter_num)
+    return lossf, grad_norm
+
+
+def check_ddp_ranks(run, log, what, tensors, expect_distinct):
+    """DDP safety checks: every rank draws its own windows (distinct fingerprints) and ends with bitwise
+    identical weights (one fingerprint)."""
+    prints = [None] * run.world_size
+    dist.all_gather_object(prints, fingerprint(tensors))
+    ok = len(set(prints)) == (run.world_size if expect_distinct else 1)
+    log(f"ddp: {what} fingerprints {prints}" + ("" if expect_distinct else
+                                                 (" (identical on all ranks)" if ok else " DIFFER")))
+    if not ok:
+        fail("DDP ranks drew identical training windows; TokenWindows.random_batch must depend on rank"
+             if expect_distinct else "DDP ranks ended with different weights")
+
+
+# -----------------------------------------------------------------------------------------------------
+# the run
+
+def setup(c, ddp, rank, world_size, device_type, log):
+    """Data, model, optimizer, loss scaler, EMA, compile and DDP, gathered in one namespace `run`."""
+    run = types.SimpleNamespace(c=c, ddp=ddp, rank=rank, world_size=world_size, device_type=device_type,
+                                device=c['device'], ctx=autocast_context(device_type, c['dtype']),
+                                ga_steps=c['gradient_accumulation_steps'] // world_size,  # micro-batches per rank
+                                ckpt_path=os.path.join(c['out_dir'], 'ckpt.pt'),
+                                log_path=os.path.join(c['out_dir'], 'eval_log.jsonl'),
+                                iter_num=0, best_val_loss=float('inf'), last_saved=None, train_seconds=0.0)
+    run.meta = read_meta(c)
+    model, run.model_args, ckpt = build_or_resume(c, run.meta, run.ckpt_path)
+    run.raw_model = model.to(run.device)
+    run.window = c['block_size'] + model.extra_tokens
+    run.tokens_per_iter = c['batch_size'] * c['block_size'] * run.ga_steps * world_size
+    run.train_data, run.val_data = open_windows(c, run.window)
+    run.unigram_nats = unigram_baseline(run)
+    run.unigram_bits = run.unigram_nats / math.log(2)
+    run.optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
+                                               device_type)
+    run.scaler = torch.amp.GradScaler(device_type, enabled=c['dtype'] == 'float16')
+    run.ema = copy.deepcopy(model).requires_grad_(False).eval() if c['ema_decay'] > 0 else None
+    if ckpt is not None:
+        restore(run, ckpt, log)
+        del ckpt  # free the host copy of the weights and optimizer state
+    if c['compile']:
+        log("compiling the model with torch.compile ...")
+        model = torch.compile(model, mode=c['compile_mode'])
+    run.eval_model = model  # (compiled if asked) without the DDP wrapper: evaluation needs no gradient sync
     if ddp:
-        # a safety check: every rank must draw its own windows, else DDP only repeats work
-        first = get_batch(train_data, iter_num * ga_steps, c['seed'], rank)
-        prints = [None] * world_size
-        dist.all_gather_object(prints, fingerprint([first]))
-        log(f"ddp: {world_size} ranks, first micro-batch fingerprints {prints}")
-        if len(set(prints)) != world_size:
-            fail("DDP ranks drew identical training windows; TokenWindows.random_batch must depend on rank")
+        model = DDP(model, device_ids=[int(run.device.split(':')[1])] if device_type == 'cuda' else None)
+    run.model = model
+    return run
 
-    # -------------------------------------------------------------------------------------------------
-    # training loop
-    if master and not c['eval_only']:
-        # a resumed run drops the evaluations its killed predecessor logged after the checkpoint
-        old = open(log_path).read().splitlines() if os.path.exists(log_path) else []
-        keep = [line for line in old if line.strip() and c['init_from'] == 'resume' and json.loads(line)['iter'] <= iter_num]
-        with open(log_path, 'w') as f:
-            f.writelines(line + '\n' for line in keep)
-    model.train()
+
+def describe(run, log):
+    c = run.c
+    log(f"model_type={c['model_type']}: {run.raw_model.get_num_params() / 1e6:.2f}M parameters (non-embedding), "
+        f"device={run.device}, dtype={c['dtype']}, compile={c['compile']}, ranks={run.world_size}")
+    split_tokens = {k: v.get('tokens') for k, v in run.meta.get('splits', {}).items()}
+    log(f"data: {c['data_dir']}: {split_tokens} tokens, window {run.window}; {run.tokens_per_iter:,} tokens per "
+        f"iteration ({run.world_size} ranks x {run.ga_steps} micro-batches x {c['batch_size']} x {c['block_size']})")
+    log(f"unigram baseline on the val windows: {run.unigram_nats:.4f} nats/token = {run.unigram_bits:.4f} "
+        f"bits/token (a unigram model of the train split; the val loss of mask and ar is in the same nats)")
+
+
+def train(c, ddp, rank, world_size, device_type):
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if c['max_iters'] == 0 and not c['eval_only']:
+        log("train.py: max_iters=0: no training steps; the initial weights are evaluated and saved as iteration 0")
+    run = setup(c, ddp, rank, world_size, device_type, log)
+    describe(run, log)
+    peak = c['peak_flops']
+    if master and peak == 0 and not c['eval_only']:
+        peak = measure_peak_flops(run.device, getattr(torch, c['dtype']))
+        log(f"measured peak {peak / 1e12:.3f} TFLOP/s ({c['dtype']} matmul on {run.device}) for MFU")
+    writes = master and not c['eval_only']
+    if writes:
+        os.makedirs(c['out_dir'], exist_ok=True)
+        restart_eval_log(run.log_path, c, run.iter_num)
+    loggers = Loggers(c, run.iter_num, enabled=writes)
+    if ddp:
+        first = get_batch(run, run.train_data, run.iter_num * run.ga_steps, c['seed'], rank)
+        check_ddp_ranks(run, log, f"{world_size} ranks, first micro-batch", [first], expect_distinct=True)
+
+    start_iter = run.iter_num
+    run.model.train()
     t_last, iters_timed, t_start = time.time(), 0, time.time()
     while True:
-        lr = get_lr(iter_num, c)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-
         # evaluate at every eval_interval and at the end; a resumed run already evaluated its first iteration
-        resumed_here = c['init_from'] == 'resume' and iter_num == start_iter
-        if c['eval_only'] or ((iter_num % c['eval_interval'] == 0 or iter_num == c['max_iters'])
-                              and not resumed_here):
-            losses = estimate_loss()
-            ema_part = f", val (EMA) {losses['val_ema']:.4f}" if 'val_ema' in losses else ""
-            bits_part = f", val {losses['val_bits']:.3f} bits/token (unigram {unigram_bits:.3f})" \
-                if 'val_bits' in losses else ""
-            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_part}{bits_part}")
-            if c['eval_only']:
-                break
-            scalars({f'eval/{k}_loss': v for k, v in losses.items() if k != 'val_bits'}, iter_num)
-            if 'val_bits' in losses:
-                scalars({'eval/val_bits_per_token': losses['val_bits'], 'eval/unigram_bits_per_token': unigram_bits},
-                        iter_num)
-            if master:
-                log_eval({'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'train_seconds': train_seconds,
-                          **losses, 'unigram_bits': unigram_bits, 'model_type': c['model_type']})
-            # the checkpoint is judged by the weights that sampling will use: the EMA's, when there is one
-            score = losses.get('val_ema', losses['val'])
-            if (iter_num > 0 or c['max_iters'] == 0) and (score < best_val_loss or c['always_save_checkpoint']):
-                best_val_loss = min(best_val_loss, score)
-                if master:
-                    save(iter_num)
-                    log(f"saved {ckpt_path} (iteration {iter_num})")
-                last_saved = iter_num
+        it = run.iter_num
+        resumed_here = c['init_from'] == 'resume' and it == start_iter
+        if c['eval_only'] or ((it % c['eval_interval'] == 0 or it == c['max_iters']) and not resumed_here):
+            evaluate(run, loggers, log)
             t_last, iters_timed = time.time(), 0  # evaluation time is not training time
-        if iter_num >= c['max_iters']:
+        if c['eval_only'] or it >= c['max_iters']:
             break
 
-        # one optimizer step: ga_steps micro-batches on this rank, gradients averaged over ranks at the last.
-        # The diffusion noise and times are a pure function of (seed, rank, iter_num), and the windows of
-        # (seed, rank, global micro-step), so a resumed run continues both streams exactly.
-        torch.manual_seed(stream_seed(c['seed'], rank, iter_num))
+        lr = get_lr(it, c)
+        log_now = (it + 1) % c['log_interval'] == 0
         t_step = time.time()
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(ga_steps):
-            X = get_batch(train_data, iter_num * ga_steps + micro_step, c['seed'], rank)
-            if ddp:
-                model.require_backward_grad_sync = micro_step == ga_steps - 1
-            with ctx:
-                loss = model(X) / ga_steps
-            loss_sum += loss.detach().float()
-            scaler.scale(loss).backward()
-        if ddp:
-            dist.all_reduce(loss_sum)  # the mean over ranks: all ranks agree on it, and so stop together
-            loss_sum /= world_size
-        log_now = (iter_num + 1) % c['log_interval'] == 0
-        if log_now:
-            # the loop's one host sync, every log_interval steps (a GPU is never left waiting on Python for the
-            # loss in between); every rank reads the same reduced loss, so all stop together
-            lossf = loss_sum.item()
-            if not math.isfinite(lossf):
-                where = f"iteration {last_saved}" if last_saved is not None else "none written yet"
-                every = f" (checked every {c['log_interval']} iterations)" if c['log_interval'] > 1 else ""
-                fail(f"non-finite loss ({lossf}) at iteration {iter_num}{every}; stopping. {ckpt_path} is left as "
-                     f"it was (last checkpoint: {where})")
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                   c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            # EMA warmup: the decay ramps up so that short runs get a useful average too
-            d = min(c['ema_decay'], (1 + iter_num) / (10 + iter_num))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), raw_model.parameters()):
-                    e.lerp_(p.detach(), 1.0 - d)
-                for e, b in zip(ema.buffers(), raw_model.buffers()):
-                    e.copy_(b)
-        iter_num += 1
+        lossf, grad_norm = train_step(run, lr, read_loss=log_now)
+        run.iter_num += 1
         iters_timed += 1
-        train_seconds += time.time() - t_step
-        if iter_num == start_iter + 1:
+        run.train_seconds += time.time() - t_step
+        if run.iter_num == start_iter + 1:
             log(f"first training iteration done {time.time() - t_start:.1f} s after the start of training "
                 f"(compilation included)")
-
         if log_now and master:
             dt = (time.time() - t_last) / iters_timed
-            mfu = raw_model.estimate_mfu(c['batch_size'] * ga_steps, dt, peak) if peak > 0 else 0.0
+            mfu = run.raw_model.estimate_mfu(c['batch_size'] * run.ga_steps, dt, peak) if peak > 0 else 0.0
             if mfu > 1.0:
                 # faster than the peak: the probe at the start ran while the machine was busy (or peak_flops was
                 # set too low); the fastest rate seen is the better estimate of the peak, so MFU never passes 100%
@@ -592,31 +651,21 @@ def _train(c, ddp, rank, world_size, device_type):
                     f"using it as the peak from now on")
                 peak, mfu = mfu * peak, 1.0
             gn = grad_norm.item()
-            log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, grad norm {gn:.3f}")
-            scalars({'train/loss': lossf, 'train/lr': lr, 'train/grad_norm': gn, 'perf/ms_per_iter': dt * 1000,
-                     'perf/tokens_per_s': tokens_per_iter / dt, 'perf/mfu': mfu}, iter_num)
+            log(f"iter {run.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                f"{run.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, grad norm {gn:.3f}")
+            loggers.scalars({'train/loss': lossf, 'train/lr': lr, 'train/grad_norm': gn,
+                             'perf/ms_per_iter': dt * 1000, 'perf/tokens_per_s': run.tokens_per_iter / dt,
+                             'perf/mfu': mfu}, run.iter_num)
             t_last, iters_timed = time.time(), 0
 
     if ddp and not c['eval_only']:
         # buffers that each rank's own forward updates (the bound's time-proposal statistics) follow rank 0's, as
-        # DDP's broadcast at every forward already makes them; then a safety check: DDP must leave every rank
-        # with bitwise identical weights
-        for buf in raw_model.buffers():
+        # DDP's broadcast at every forward already makes them; then every rank must hold identical weights
+        for buf in run.raw_model.buffers():
             dist.broadcast(buf, 0)
-        prints = [None] * world_size
-        dist.all_gather_object(prints, fingerprint(raw_model.state_dict().values()))
-        log(f"ddp: final weight fingerprints {prints}" +
-            (" (identical on all ranks)" if len(set(prints)) == 1 else " DIFFER"))
-        if len(set(prints)) != 1:
-            fail("DDP ranks ended with different weights")
-    if writer is not None:
-        writer.close()
-    if wandb is not None:
-        wandb.finish()
-    if clearml is not None:
-        clearml.close()
-    return best_val_loss
+        check_ddp_ranks(run, log, "final weight", run.raw_model.state_dict().values(), expect_distinct=False)
+    loggers.close()
+    return run.best_val_loss
 
 
 if __name__ == '__main__':

@@ -122,6 +122,15 @@ def write_json(path, obj):
     write_atomic(path, write)
 
 
+def save_figure(fig, path, title):
+    """Finish a matplotlib figure (title, tight layout), write it as a PNG atomically, and free it."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+    plt.close(fig)
+
+
 def line_buffered_stdout():
     """Flush stdout and stderr at every newline, also when they go to a file or a pipe (Python buffers them in
     blocks there), so a log redirected with `> run.log` keeps up with the run instead of lagging by kilobytes."""
