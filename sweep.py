@@ -217,7 +217,7 @@ def num(v, spec='.3f'):
 
 
 def pm(v, se, spec='.3f'):
-    return '-' if v is None else f"{v:{spec}} ± {num(se, spec)}"
+    return '-' if v is None else f"{v:{spec}} ± {num(se, spec.lstrip('+'))}"
 
 
 def gen_ppl(row):
@@ -232,8 +232,8 @@ def markdown(res):
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     if res.get('unigram'):
         u = res['unigram']
-        lines.append('| unigram (train split) | - | ' + ' | '.join('-' for _ in cols) +
-                     f" | - | - | - | {u['bits']:.3f} (exact) | 0 |")
+        cells = ['unigram (train split)', '-', *['-' for _ in cols], '-', '-', '-', f"{u['bits']:.3f} (exact)", '0']
+        lines.append('| ' + ' | '.join(cells) + ' |')
     for r in res['runs']:
         lk = r.get('likelihood')
         bits = '-' if not lk else f"{lk['bits']:.3f} (exact)" if lk['exact'] else \

@@ -42,7 +42,8 @@ def shared(tmp_path_factory):
 def run_sweep(shared, config, results_dir, *extra):
     lines = []
     res = sweep.main([config, f"--train_overrides={shared['train']!r}", f"--eval_overrides={TINY_EVAL!r}",
-                      f"--run_root={shared['runs']}", f"--results_dir={results_dir}", *extra], log=lines.append)
+                      f"--run_root={shared['runs']}", f"--results_dir={results_dir}", '--jobs=2', *extra],
+                     log=lines.append)
     return res, '\n'.join(lines)
 
 
