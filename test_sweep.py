@@ -133,8 +133,9 @@ def test_unfinished_run_is_resumed(shared, tmp_path):
     (["--runs=[{'out_dir': 'a'}]", "--eval_overrides={'ckpts': ['a']}"], 'sets ckpts'),
 ])
 def test_bad_sweep_configs_fail_in_one_line(args, words, tmp_path):
+    safe = f"--train_overrides={{'data_dir': '{tmp_path}/none', 'max_iters': 1}}"  # if a check is missed: no real run
     with pytest.raises(SystemExit) as e:
-        sweep.main([*args, f'--run_root={tmp_path}', f'--results_dir={tmp_path}'], log=lambda *a: None)
+        sweep.main([*args, safe, f'--run_root={tmp_path}', f'--results_dir={tmp_path}'], log=lambda *a: None)
     msg = str(e.value.code)
     assert words in msg and msg.startswith(('sweep.py: ', 'train.py: ')) and '\n' not in msg, msg
     assert not os.listdir(tmp_path), "nothing may run before the config is checked"
