@@ -10,9 +10,10 @@ base config file under 'config'), the judge, the evaluate.py config and what to 
 
 Each run is trained by `python train.py <config> --key=value ...` in a subprocess, always saving its checkpoint
 at the end, so a run is finished when out_dir/ckpt.pt holds iteration max_iters: a finished run is skipped, an
-unfinished one is resumed (--init_from=resume), a missing one trained. The runs are then scored together by one
-`python evaluate.py` (test bits/token with its standard error, samples at each step count under the judge);
-that evaluation is reused when neither its arguments nor the checkpoints changed. With `temperatures`, the runs
+unfinished one is resumed (--init_from=resume), a missing one trained (a checkpoint of another model in a run's
+out_dir is an error). The runs are then scored together by one `python evaluate.py` (test bits/token with its
+standard error, samples at each step count under the judge) into results_dir/eval/<key>, the key naming its
+arguments and the checkpoints' iterations, so an evaluation is reused while neither changed. With `temperatures`, the runs
 of families that take a temperature are also sampled by sample.py at each temperature (and step count) and
 scored with evaluate.py's own metrics. Training curves come from each run's out_dir/eval_log.jsonl.
 
@@ -23,6 +24,7 @@ distinct-n, rep-4). The plot draws the panels named in `panels` (see PANELS).
 
 import concurrent.futures
 import copy
+import hashlib
 import json
 import math
 import os
@@ -43,7 +45,7 @@ judge = {}                  # the `ar` run that scores samples (a run dict like 
 run_root = ''               # directory the runs' out_dirs are taken relative to ('' = the current directory)
 launcher = ''               # command that starts train.py, e.g. 'torchrun --standalone --nproc_per_node=8'
 jobs = 1                    # runs trained at once (each its own process; more than one only where cores or GPUs allow)
-results_dir = 'sweep'       # results.json, results.md and sweep.png go here (evaluate.py's own output in eval/)
+results_dir = 'sweep'       # results.json, results.md and sweep.png go here (evaluate.py's own output in eval/<key>/)
 score = True                # score the runs with evaluate.py (likelihood, samples at each step count)
 eval_config = 'config/eval_sweep_common.py'  # evaluate.py config file ('' = its defaults)
 eval_overrides = {}         # evaluate.py settings after eval_config (steps, num_samples, ...); not ckpts/judge/out_dir
@@ -152,23 +154,24 @@ def train_run(run, log):
             'train_seconds': seconds, 'curve': curve}
 
 
-def run_evaluate(ckpts, judge_dir, iters, out_dir, log):
-    """evaluate.py over the runs (reused when its arguments and the checkpoints' iterations are unchanged)."""
-    argv = ([eval_config] if eval_config else []) + [f"--ckpts={ckpts!r}", f"--judge={judge_dir}",
-                                                     f"--out_dir={out_dir}"]
+def run_evaluate(ckpts, judge_dir, iters, log):
+    """evaluate.py over the runs, into results_dir/eval/<key of its arguments and the checkpoints' iterations>:
+    a fresh directory whenever either changes, reused when neither did. Returns its results and that directory."""
+    argv = ([eval_config] if eval_config else []) + [f"--ckpts={ckpts!r}", f"--judge={judge_dir}"]
     argv += [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in eval_overrides.items()]
-    stamp = {'argv': argv, 'iters': iters}
-    stamp_path, res_path = os.path.join(out_dir, 'sweep_stamp.json'), os.path.join(out_dir, 'results.json')
-    if os.path.exists(stamp_path) and os.path.exists(res_path) and json.load(open(stamp_path)) == stamp:
+    key = hashlib.sha1(json.dumps({'argv': argv, 'iters': iters}).encode()).hexdigest()[:12]
+    out_dir = os.path.join(results_dir, 'eval', key)
+    res_path = os.path.join(out_dir, 'results.json')
+    if os.path.exists(res_path):
         log(f"{res_path}: up to date, reused")
     else:
-        cmd = [sys.executable, os.path.join(HERE, 'evaluate.py'), *argv]
+        cmd = [sys.executable, os.path.join(HERE, 'evaluate.py'), *argv, f"--out_dir={out_dir}"]
         log(f"scoring: {shlex.join(cmd)}")
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode:
             fail(f"evaluate.py failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
-        write_json(stamp_path, stamp)
-    return json.load(open(res_path))
+    with open(res_path) as f:
+        return json.load(f), out_dir
 
 
 def temperature_rows(rows_in, ev, judge_dir, work, log):
@@ -377,8 +380,8 @@ def main(argv=None, log=print):
         done = list(pool.map(lambda r: train_run(r, log), todo))
     res['runs'], res['judge_run'] = done[:len(runs)], (done[len(runs):] or [None])[0]
     if score:
-        ev = run_evaluate([r['out_dir'] for r in res['runs']], judge_dir, [r['iters'] for r in res['runs']],
-                          os.path.join(results_dir, 'eval'), log)
+        ev, ev_dir = run_evaluate([r['out_dir'] for r in res['runs']], judge_dir, [r['iters'] for r in res['runs']],
+                                  log)
         for r in res['runs']:
             r['likelihood'] = ev['likelihood'].get(r['name'])
         res['samples'] = [{**row, 'temperature': 1.0} for row in ev['rows'] if row['family'] != 'data']
@@ -386,7 +389,7 @@ def main(argv=None, log=print):
         res.update(unigram=ev.get('unigram'), num_samples=ev['num_samples'], sample_length=ev['sample_length'],
                    skipped=ev['skipped'])
         if temperatures:
-            res['samples'] += temperature_rows(res['runs'], ev, judge_dir, os.path.join(results_dir, 'samples'), log)
+            res['samples'] += temperature_rows(res['runs'], ev, judge_dir, os.path.join(ev_dir, 'samples'), log)
     os.makedirs(results_dir, exist_ok=True)
     write_json(os.path.join(results_dir, 'results.json'), res)
     md = markdown(res)
