@@ -3,6 +3,17 @@ subprocesses, as a user runs them), the skip / resume rules, the checks of a swe
 
 All tests share one tiny prepared dataset (real stories, ids compacted so the vocabulary-sized layers are
 small) and one directory of runs, so a run two sweeps share (out-sweep-embed, the judge, ...) is trained once.
+
+One-line mutations of sweep.py each test was checked to catch:
+  end_to_end (every case)  `if done == s['max_iters']:` -> `... + 1:` (finished runs resumed, not skipped)
+  end_to_end[families]     tokens without `* s['block_size']`
+  end_to_end[t_values]     the settings columns of the runs table written as '?'
+  end_to_end[eps_x0]       `curve = []` (eval_log.jsonl not read)
+  end_to_end[ctx]          `notes_ = res['skipped']` (the config's notes dropped from results.md)
+  end_to_end[diversity]    `if t == 1.0:` -> `if t != 1.0:` (sample.py's temperatures skipped)
+  unfinished_run_resumed   no `--init_from=resume` for a run with a checkpoint (trained again from scratch)
+  bad_sweep_configs        `if dup:` -> `if False:` (the duplicate-out_dir case)
+  gpu_variant              `base = train_config` (a run's own config file ignored)
 """
 import json
 import os
