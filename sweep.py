@@ -13,9 +13,9 @@ at the end, so a run is finished when out_dir/ckpt.pt holds iteration max_iters:
 unfinished one is resumed (--init_from=resume), a missing one trained (a checkpoint of another model in a run's
 out_dir is an error). The runs are then scored together by one `python evaluate.py` (test bits/token with its
 standard error, samples at each step count under the judge) into results_dir/eval/<key>, the key naming its
-arguments and the checkpoints' iterations, so an evaluation is reused while neither changed. With `temperatures`, the runs
-of families that take a temperature are also sampled by sample.py at each temperature (and step count) and
-scored with evaluate.py's own metrics. Training curves come from each run's out_dir/eval_log.jsonl.
+arguments and the checkpoints' iterations, so an evaluation is reused while neither changed. With `temperatures`,
+the runs of families that take a temperature are also sampled by sample.py at each temperature (and step count)
+and scored with evaluate.py's own metrics. Training curves come from each run's out_dir/eval_log.jsonl.
 
 Table: one row per run (its settings in `columns`, iterations, tokens, training time, test bits/token ± SE,
 context gain ± SE), then one row per sample set (steps, temperature, gen-PPL from judge bits ± SE, entropy ± SE,
@@ -26,7 +26,6 @@ import concurrent.futures
 import copy
 import hashlib
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -41,7 +40,7 @@ from util import write_atomic, write_json
 runs = []                   # one dict per run: train.py settings, out_dir required; 'config' names its base config
 train_config = 'config/embed_cpu.py'  # base train.py config of a run that names none
 train_overrides = {}        # train.py settings applied to every run and the judge, after their own (e.g. max_iters)
-judge = {}                  # the `ar` run that scores samples (a run dict like those above; trained if missing); {}: none
+judge = {}                  # the `ar` run that scores samples (a run dict as above; trained if missing); {}: no judge
 run_root = ''               # directory the runs' out_dirs are taken relative to ('' = the current directory)
 launcher = ''               # command that starts train.py, e.g. 'torchrun --standalone --nproc_per_node=8'
 jobs = 1                    # runs trained at once (each its own process; more than one only where cores or GPUs allow)
