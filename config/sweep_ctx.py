@@ -1,0 +1,20 @@
+# Roadmap: context length (64, 128, 256 tokens) for ar and mask at equal tokens per step (batch x block = 512),
+# so runs differ only in how much context each prediction has. Likelihood: each run on windows of its own
+# length over the same test tokens. Samples: all at the shortest length (the judge's 64 tokens).
+#   python sweep.py config/sweep_ctx.py
+from config.sweep_common import *  # judge, evaluation, budget
+from config.sweep_common import _ITERS
+
+runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if L == 64 else f'-ctx{L}'),
+             max_iters=_ITERS, block_size=L, batch_size=512 // L)
+        for f in ('ar', 'mask') for L in (64, 128, 256)]
+results_dir = 'sweep-ctx'
+columns = ['block_size', 'batch_size']
+x = 'block_size'
+panels = ['bits_x', 'bits_tokens', 'gen_ppl_steps']
+notes = ['Bits/token per position bucket (does a token far into the window get a better prediction?) is not '
+         'reported: evaluate.py and model.nll return one number per window, so this needs an evaluate.py option '
+         '(per-position bits/token from the families\' nll), not code in sweep.py. The table gives bits/token per '
+         'context length instead.',
+         'Samples are all at the judge\'s length (64 tokens); samples at each length need a judge with the longest '
+         'block_size.']

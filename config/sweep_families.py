@@ -1,0 +1,15 @@
+# Roadmap: DiT (embed) vs bit diffusion, with the other families as context, at equal tokens seen (the same
+# backbone, batch and iterations for every family) and at equal wall-clock (the curves against training seconds).
+# Table: test bits/token ± SE, context gain, gen-PPL and entropy against sampling steps, training s/iter, tok/s.
+#   python sweep.py config/sweep_families.py
+from config.sweep_common import *  # judge, evaluation, budget
+from config.sweep_common import _ITERS
+
+runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}', max_iters=_ITERS)
+        for f in ('embed', 'bits', 'analog', 'mask', 'ar')]
+results_dir = 'sweep-families'
+panels = ['bits_tokens', 'bits_seconds', 'gen_ppl_steps', 'entropy_steps']
+notes = ['Equal wall-clock: read the bits_seconds panel (val bits/token from each eval_log.jsonl against training '
+         'seconds; train.py logs those without a standard error). Training s/iter in the table is the time per '
+         'iteration measured by train.py; sampling speed is the tok/s column.',
+         'Self-BLEU is not reported: evaluate.py has no such metric yet.']

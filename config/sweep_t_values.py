@@ -1,0 +1,17 @@
+# Roadmap: the number of diffusion steps T (100, 250, 1000, 4000) for embed and bits: the bound and the samples
+# against T. Every run samples at the same step counts (at most the smallest T), so the rows differ in T only.
+# Continuous time (T -> infinity) is not in model.py for embed or bits; mask, the continuous-time family, is
+# in config/sweep_families.py.
+#   python sweep.py config/sweep_t_values.py
+from config.sweep_common import *  # judge, evaluation, budget
+from config.sweep_common import _ITERS
+
+runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if T == 1000 else f'-T{T}'),
+             max_iters=_ITERS, T=T)
+        for f in ('embed', 'bits') for T in (100, 250, 1000, 4000)]
+results_dir = 'sweep-t-values'
+columns = ['T']
+x = 'T'
+panels = ['bits_x', 'gen_ppl_x', 'bits_tokens']
+notes = ['Continuous time is not measured: embed and bits are discrete-time in model.py (mask is continuous-time, '
+         'see config/sweep_families.py).']

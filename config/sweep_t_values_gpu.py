@@ -1,0 +1,7 @@
+# GPU-scale variant of config/sweep_t_values.py (DiT-B, config/<family>_tinystories.py), with the GPU evaluation.
+#   python sweep.py config/sweep_t_values_gpu.py
+from config.sweep_t_values import *  # the runs, columns, panels and notes
+from config.sweep_common_gpu import *  # gpu(), judge, evaluation, budget at GPU scale
+
+runs = [gpu(r) for r in runs]
+results_dir = 'sweep-t-values-gpu'

@@ -1,0 +1,403 @@
+"""
+Run a roadmap experiment end to end: train a list of runs with train.py, score them with evaluate.py (and, for a
+temperature grid, sample.py), and write one results directory with results.json, results.md and sweep.png.
+
+    python sweep.py config/sweep_t_values.py
+    python sweep.py config/sweep_t_values.py --train_overrides="{'max_iters': 50}" --results_dir=sweep-t-quick
+
+A sweep config names the runs (each a dict of train.py settings with its own out_dir, and optionally its own
+base config file under 'config'), the judge, the evaluate.py config and what to tabulate and plot.
+
+Each run is trained by `python train.py <config> --key=value ...` in a subprocess, always saving its checkpoint
+at the end, so a run is finished when out_dir/ckpt.pt holds iteration max_iters: a finished run is skipped, an
+unfinished one is resumed (--init_from=resume), a missing one trained (a checkpoint of another model in a run's
+out_dir is an error). The runs are then scored together by one `python evaluate.py` (test bits/token with its
+standard error, samples at each step count under the judge) into results_dir/eval/<key>, the key naming its
+arguments and the checkpoints' iterations, so an evaluation is reused while neither changed. With `temperatures`,
+the runs of families that take a temperature are also sampled by sample.py at each temperature (and step count)
+and scored with evaluate.py's own metrics. Training curves come from each run's out_dir/eval_log.jsonl.
+
+Table: one row per run (its settings in `columns`, iterations, tokens, training time, test bits/token ± SE,
+context gain ± SE), then one row per sample set (steps, temperature, gen-PPL from judge bits ± SE, entropy ± SE,
+distinct-n, rep-4). The plot draws the panels named in `panels` (see PANELS).
+"""
+
+import concurrent.futures
+import copy
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from configurator import configure
+from util import write_atomic, write_json
+
+# -----------------------------------------------------------------------------------------------------
+# config globals; a sweep config (config/sweep_*.py) or --key=value overrides them
+runs = []                   # one dict per run: train.py settings, out_dir required; 'config' names its base config
+train_config = 'config/embed_cpu.py'  # base train.py config of a run that names none
+train_overrides = {}        # train.py settings applied to every run and the judge, after their own (e.g. max_iters)
+judge = {}                  # the `ar` run that scores samples (a run dict as above; trained if missing); {}: no judge
+run_root = ''               # directory the runs' out_dirs are taken relative to ('' = the current directory)
+launcher = ''               # command that starts train.py, e.g. 'torchrun --standalone --nproc_per_node=8'
+jobs = 1                    # runs trained at once (each its own process; more than one only where cores or GPUs allow)
+results_dir = 'sweep'       # results.json, results.md and sweep.png go here (evaluate.py's own output in eval/<key>/)
+score = True                # score the runs with evaluate.py (likelihood, samples at each step count)
+eval_config = 'config/eval_sweep_common.py'  # evaluate.py config file ('' = its defaults)
+eval_overrides = {}         # evaluate.py settings after eval_config (steps, num_samples, ...); not ckpts/judge/out_dir
+temperatures = []           # sample.py temperatures for the families that take one (1.0 is evaluate.py's own rows)
+columns = []                # train.py settings shown as table columns (the ones the sweep varies)
+x = 'T'                     # the train.py setting on the x axis of the 'bits_x' and 'gen_ppl_x' panels
+panels = ['bits_tokens', 'bits_seconds', 'gen_ppl_steps', 'entropy_steps']  # what sweep.png draws (see PANELS)
+notes = []                  # lines the config adds under the tables (what the sweep does not measure, and why)
+_config_keys = [k for k, v in list(globals().items()) if not k.startswith('_') and not callable(v)
+                and isinstance(v, (bool, int, float, str, list, tuple, dict))]
+_DEFAULTS = copy.deepcopy({k: globals()[k] for k in _config_keys})  # main() may run twice in one process (tests)
+# -----------------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(msg):
+    raise SystemExit(f"sweep.py: {msg}")
+
+
+def train_settings(run):
+    """A run's full train.py settings (its config file, its own keys, train_overrides) and the argv that sets them."""
+    import train
+    base = run.get('config', train_config)
+    argv = [base] + [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}"
+                     for k, v in {**run, **train_overrides}.items() if k != 'config']
+    try:
+        s = configure({k: getattr(train, k) for k in train._config_keys}, argv, keys=train._config_keys,
+                      verbose=False, prog='train.py')
+    except SystemExit as e:
+        fail(f"run {run.get('out_dir', run)!r}: {e}")
+    return s, argv
+
+
+def check_config(c):
+    """One-line errors for a bad sweep config, before anything runs."""
+    if not c['runs']:
+        fail("runs is empty: list the runs, e.g. runs = [dict(out_dir='out-a', T=100), dict(out_dir='out-b', T=1000)]")
+    for key in ('train_overrides', 'judge', 'eval_overrides'):
+        if not isinstance(c[key], dict):
+            fail(f"{key}={c[key]!r}: expected a dict of settings")
+    bad = [r for r in c['runs'] if not isinstance(r, dict) or not r.get('out_dir')]
+    if bad:
+        fail(f"run {bad[0]!r}: every run is a dict of train.py settings with its own out_dir")
+    if 'out_dir' in c['train_overrides']:
+        fail("train_overrides sets out_dir: every run has its own")
+    names = [os.path.basename(os.path.normpath(r['out_dir'])) for r in c['runs']]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        fail(f"duplicate out_dir {dup[0]!r}: two runs would share one checkpoint (or one name in the tables)")
+    taken = [k for k in ('ckpts', 'judge', 'out_dir') if k in c['eval_overrides']]
+    if taken:
+        fail(f"eval_overrides sets {taken[0]}: sweep.py sets ckpts, judge and out_dir itself")
+    if c['judge'] and not c['judge'].get('out_dir'):
+        fail(f"judge={c['judge']!r} has no out_dir")
+    unknown = [p for p in c['panels'] if p not in PANELS]
+    if unknown:
+        fail(f"panels: unknown panel {unknown[0]!r}; known: {', '.join(PANELS)}")
+    if any(not isinstance(t, (int, float)) or t < 0 for t in c['temperatures']):
+        fail(f"temperatures={c['temperatures']!r}: expected non-negative numbers")
+
+
+def checkpoint_iter(out_dir, settings):
+    """iter_num of out_dir/ckpt.pt (None if there is none); fails if it holds a different model than asked."""
+    import torch
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return None, None
+    ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    differ = {k: v for k, v in ckpt['model_args'].items() if k in settings and settings[k] != v}
+    if differ:
+        k, v = next(iter(differ.items()))
+        fail(f"{path} holds another run's model ({k}={v!r}, the sweep asks {settings[k]!r}): "
+             f"give this run a fresh out_dir or delete the old one")
+    return ckpt['iter_num'], ckpt.get('train_seconds')
+
+
+def train_run(run, log):
+    """Train one run to its max_iters (skip when finished, resume when not); returns what the tables need."""
+    s, argv = train_settings(run)
+    out_dir = s['out_dir']
+    done, _ = checkpoint_iter(out_dir, s)
+    if done is not None and done > s['max_iters']:
+        fail(f"{out_dir}/ckpt.pt is at iteration {done}, beyond this run's max_iters={s['max_iters']}")
+    if done == s['max_iters']:
+        status = 'skipped'
+        log(f"{out_dir}: finished (iteration {done}), skipped")
+    else:
+        status = 'trained' if done is None else 'resumed'
+        cmd = [*(shlex.split(launcher) or [sys.executable]), os.path.join(HERE, 'train.py'), *argv,
+               '--always_save_checkpoint=True', *(['--init_from=resume'] if done is not None else [])]
+        log(f"{out_dir}: {'training' if done is None else f'resuming from iteration {done}'}: {shlex.join(cmd)}")
+        t0 = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            fail(f"training {out_dir} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+        log(f"{out_dir}: done in {time.time() - t0:.0f} s")
+    iters, seconds = checkpoint_iter(out_dir, s)
+    if iters != s['max_iters']:
+        fail(f"train.py left {out_dir}/ckpt.pt at iteration {iters}, not max_iters={s['max_iters']}")
+    log_path = os.path.join(out_dir, 'eval_log.jsonl')
+    curve = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
+    return {'name': os.path.basename(os.path.normpath(out_dir)), 'out_dir': out_dir, 'status': status,
+            'model_type': s['model_type'], 'settings': {k: s[k] for k in columns}, 'iters': iters,
+            'tokens': iters * s['batch_size'] * s['block_size'] * s['gradient_accumulation_steps'],
+            'train_seconds': seconds, 'curve': curve}
+
+
+def run_evaluate(ckpts, judge_dir, iters, log):
+    """evaluate.py over the runs, into results_dir/eval/<key of its arguments and the checkpoints' iterations>:
+    a fresh directory whenever either changes, reused when neither did. Returns its results and that directory."""
+    argv = ([eval_config] if eval_config else []) + [f"--ckpts={ckpts!r}", f"--judge={judge_dir}"]
+    argv += [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in eval_overrides.items()]
+    key = hashlib.sha1(json.dumps({'argv': argv, 'iters': iters}).encode()).hexdigest()[:12]
+    out_dir = os.path.join(results_dir, 'eval', key)
+    res_path = os.path.join(out_dir, 'results.json')
+    if os.path.exists(res_path):
+        log(f"{res_path}: up to date, reused")
+    else:
+        cmd = [sys.executable, os.path.join(HERE, 'evaluate.py'), *argv, f"--out_dir={out_dir}"]
+        log(f"scoring: {shlex.join(cmd)}")
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            fail(f"evaluate.py failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+    with open(res_path) as f:
+        return json.load(f), out_dir
+
+
+def temperature_rows(rows_in, ev, judge_dir, work, log):
+    """Samples of each run whose family takes a temperature, at each temperature and step count, by sample.py;
+    scored with evaluate.py's metrics under the judge. Temperature 1.0 is evaluate.py's own rows."""
+    import torch
+    import evaluate
+    from model import load_checkpoint
+    cfg, dev = ev['config'], ev['device']
+    judge_model, bos = None, evaluate.prepare.EOT
+    if judge_dir:
+        judge_model, judge_ckpt = load_checkpoint(judge_dir, device=dev)
+        bos = (judge_ckpt.get('meta') or {}).get('eot_token', evaluate.prepare.EOT)  # as evaluate.py reads it
+    out = []
+    for r in rows_in:
+        model = load_checkpoint(r['out_dir'], device='cpu')[0]
+        if 'temperature' not in model.sample_options:
+            continue
+        grid = [None] if model.fixed_steps else [s for s in cfg['steps'] if s <= model.max_steps]
+        for t in temperatures:
+            for steps in grid:
+                if t == 1.0:
+                    continue
+                path = os.path.join(work, f"{r['name']}-t{t}-s{steps}.jsonl")
+                cmd = [sys.executable, os.path.join(HERE, 'sample.py'), f"--out_dir={r['out_dir']}",
+                       f"--num_samples={cfg['num_samples']}", f"--batch_size={cfg['sample_batch_size']}",
+                       f"--length={ev['sample_length']}", f"--temperature={t}", f"--seed={cfg['seed']}",
+                       f"--out_file={path}", f"--device={dev}", f"--dtype={cfg['dtype']}",
+                       *([f"--steps={steps}"] if steps is not None else [])]
+                if not os.path.exists(path):
+                    log(f"sampling: {shlex.join(cmd)}")
+                    p = subprocess.run(cmd, capture_output=True, text=True)
+                    if p.returncode:
+                        fail(f"sample.py failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+                samples = torch.tensor([json.loads(line)['tokens'] for line in open(path)])
+                row = evaluate.text_metrics(samples, judge_model, cfg['eval_batch_size'], bos)
+                out.append({'name': r['name'], 'family': r['model_type'], 'temperature': t,
+                            'steps': samples.shape[1] if steps is None else steps, **row})
+    return out
+
+
+# ---- tables
+
+def num(v, spec='.3f'):
+    return '-' if v is None else format(v, spec)
+
+
+def pm(v, se, spec='.3f'):
+    return '-' if v is None else f"{v:{spec}} ± {num(se, spec.lstrip('+'))}"
+
+
+def gen_ppl(row):
+    """gen-PPL with the judge's bits/token ± SE it comes from (the PPL is 2 ** bits)."""
+    b = row.get('gen_bits')
+    return '-' if b is None else f"{2 ** b:.1f} ({b:.3f} ± {num(row.get('gen_bits_se'))} bits)"
+
+
+def markdown(res):
+    cols = res['columns']
+    head = ['run', 'family', *cols, 'iters', 'tokens', 'train s/iter', 'test bits/token', 'context gain (bits)']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    if res.get('unigram'):
+        u = res['unigram']
+        cells = ['unigram (train split)', '-', *['-' for _ in cols], '-', '-', '-', f"{u['bits']:.3f} (exact)", '0']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    for r in res['runs']:
+        lk = r.get('likelihood')
+        bits = '-' if not lk else f"{lk['bits']:.3f} (exact)" if lk['exact'] else \
+            f"{pm(lk['bits'], lk['bits_se'])} (bound, {lk['mc_samples']} draw/window)"
+        gain = '-' if not lk else pm(lk['context_gain'], lk['context_gain_se'], '+.3f')
+        spi = num(r['train_seconds'] / r['iters'] if r['train_seconds'] and r['iters'] else None, '.2f')
+        lines.append('| ' + ' | '.join([r['name'], r['model_type'], *[str(r['settings'][k]) for k in cols],
+                                        str(r['iters']), f"{r['tokens']:,}", spi, bits, gain]) + ' |')
+    out = ['## Runs', '', *lines]
+    if res['samples']:
+        head = ['run', *cols, 'steps', 'temperature', 'NFE', 'tok/s', 'gen-PPL (judge bits/token ± SE)',
+                'entropy ± SE', 'dist-1', 'dist-2', 'dist-3', 'rep-4']
+        lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        by_name = {r['name']: r for r in res['runs']}
+        for s in res['samples']:
+            run = by_name.get(s['name'])
+            sets = [str(run['settings'][k]) if run else '-' for k in cols]
+            lines.append('| ' + ' | '.join([s['name'], *sets, num(s.get('steps'), 'd'), num(s.get('temperature'), 'g'),
+                                            num(s.get('nfe'), '.0f'), num(s.get('tokens_per_s'), ',.0f'), gen_ppl(s),
+                                            pm(s['entropy'], s.get('entropy_se'), '.2f'), num(s['distinct_1']),
+                                            num(s['distinct_2']), num(s['distinct_3']), num(s['rep_4'])]) + ' |')
+        out += ['', f"## Samples ({res['num_samples']} of {res['sample_length']} tokens per row, judge: "
+                f"{res['judge'] or 'none'})", '', *lines,
+                '', 'dist-n is pooled over the samples of a row and rep-4 averaged over them; evaluate.py reports no '
+                'standard error for either.']
+    notes_ = res['notes'] + res['skipped']
+    return '\n'.join(out + (['', '## Notes', ''] + [f"- {n}" for n in notes_] if notes_ else [])) + '\n'
+
+
+# ---- plot: each panel draws on one axis
+
+def _curve(ax, res, key, label):
+    for r in res['runs']:
+        pts = [(p[key], p['val_bits']) for p in r['curve'] if p.get('val_bits') is not None and key in p]
+        if pts:
+            ax.plot(*zip(*pts), marker='.', label=r['name'])
+    if res['runs'] and res['runs'][0]['curve']:
+        ax.axhline(res['runs'][0]['curve'][-1]['unigram_bits'], color='gray', ls='--', label='unigram')
+    ax.set(xlabel=label, ylabel='val bits/token (bound; exact for ar)', yscale='log')
+
+
+def _by_steps(ax, res, key, label):
+    for name in dict.fromkeys(s['name'] for s in res['samples']):
+        pts = sorted((s['steps'], s[key]) for s in res['samples']
+                     if s['name'] == name and s.get('temperature', 1.0) == 1.0 and s.get(key) is not None)
+        if pts:
+            ax.plot(*zip(*pts), marker='o', label=name)
+    if res.get('reference') and res['reference'].get(key) is not None:
+        ax.axhline(res['reference'][key], color='gray', ls='--', label='test text')
+    ax.set(xlabel='sampling steps', ylabel=label, xscale='log', yscale='log' if key == 'gen_ppl' else 'linear')
+
+
+def _by_x(ax, res, key, label):
+    runs_ = [r for r in res['runs'] if x in r['settings']]
+    for fam in dict.fromkeys(r['model_type'] for r in runs_):
+        rs = sorted((r for r in runs_ if r['model_type'] == fam), key=lambda r: r['settings'][x])
+        if key == 'bits':
+            pts = [(r['settings'][x], r['likelihood']['bits'], r['likelihood']['bits_se'] or 0) for r in rs
+                   if r.get('likelihood')]
+            if pts:
+                ax.errorbar(*zip(*pts), marker='o', capsize=3, label=fam)
+            continue
+        for steps in sorted({s['steps'] for s in res['samples'] if s['name'] in {r['name'] for r in rs}}):
+            pts = [(r['settings'][x], s['gen_ppl']) for r in rs for s in res['samples'] if s['name'] == r['name']
+                   and s['steps'] == steps and s.get('temperature', 1.0) == 1.0 and s.get('gen_ppl')]
+            if pts:
+                ax.plot(*zip(*pts), marker='o', label=f"{fam}, {steps} steps")
+    ax.set(xlabel=x, ylabel=label, xscale='log', yscale='log' if key == 'gen_ppl' else 'linear')
+
+
+def _frontier(ax, res):
+    groups = dict.fromkeys((s['name'], s['steps']) for s in res['samples'])
+    for name, steps in groups:
+        pts = sorted((s.get('temperature', 1.0), s['entropy'], s['gen_ppl']) for s in res['samples']
+                     if s['name'] == name and s['steps'] == steps and s.get('gen_ppl'))
+        if pts:
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker='o', label=f"{name}, {steps} steps")
+            for t, e, g in pts:
+                ax.annotate(f"T={t:g}", (e, g), fontsize=6)
+    ref = res.get('reference') or {}
+    if ref.get('gen_ppl'):
+        ax.plot([ref['entropy']], [ref['gen_ppl']], 'k*', markersize=10, label='test text')
+    ax.set(xlabel='unigram entropy per sample (bits): diversity', ylabel='gen-PPL: lower is better', yscale='log')
+
+
+PANELS = {
+    'bits_tokens': lambda ax, res: _curve(ax, res, 'tokens', 'training tokens (equal tokens)'),
+    'bits_seconds': lambda ax, res: _curve(ax, res, 'train_seconds', 'training seconds (equal wall-clock)'),
+    'gen_ppl_steps': lambda ax, res: _by_steps(ax, res, 'gen_ppl', 'gen-PPL under the judge'),
+    'entropy_steps': lambda ax, res: _by_steps(ax, res, 'entropy', 'unigram entropy per sample (bits)'),
+    'bits_x': lambda ax, res: _by_x(ax, res, 'bits', 'test bits/token ± SE'),
+    'gen_ppl_x': lambda ax, res: _by_x(ax, res, 'gen_ppl', 'gen-PPL under the judge'),
+    'frontier': _frontier,
+}
+
+
+def draw(res, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        PANELS[name](ax, res)
+        ax.set_title(name)
+        ax.grid(True, which='both', alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
+    plt.close(fig)
+
+
+# ---- the whole job
+
+def main(argv=None, log=print):
+    globals().update(copy.deepcopy(_DEFAULTS))
+    c = copy.deepcopy(configure(globals(), argv, keys=_config_keys, prog='sweep.py'))
+    globals().update(copy.deepcopy(c))  # the runs are copies: a config's imported lists are never changed
+    check_config(c)
+    if run_root:
+        for r in [*runs, *([judge] if judge else [])]:
+            r['out_dir'] = os.path.join(run_root, r['out_dir'])
+    for r in runs + ([judge] if judge else []):  # every run's settings are checked before the first one trains
+        missing = [k for k in columns if k not in train_settings(r)[0]]
+        if missing:
+            fail(f"columns: {missing[0]!r} is not a train.py setting")
+    if {'bits_x', 'gen_ppl_x'} & set(panels) and x not in columns:
+        fail(f"x={x!r} must be one of columns={columns!r} (the settings the tables and plot know)")
+    res = {'sweep': c, 'columns': columns, 'notes': list(notes), 'skipped': [], 'runs': [], 'samples': [],
+           'judge': '', 'num_samples': None, 'sample_length': None}
+    judge_dir, todo = '', list(runs)
+    if judge:
+        s, _ = train_settings(judge)
+        if s['model_type'] != 'ar':
+            fail(f"the judge must be an 'ar' run, not {s['model_type']!r}")
+        judge_dir = s['out_dir']
+        if judge_dir not in [train_settings(r)[0]['out_dir'] for r in runs]:
+            todo.append(judge)  # trained like the runs, not compared with them
+        res['judge'] = os.path.basename(os.path.normpath(judge_dir))
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        done = list(pool.map(lambda r: train_run(r, log), todo))
+    res['runs'], res['judge_run'] = done[:len(runs)], (done[len(runs):] or [None])[0]
+    if score:
+        ev, ev_dir = run_evaluate([r['out_dir'] for r in res['runs']], judge_dir, [r['iters'] for r in res['runs']],
+                                  log)
+        for r in res['runs']:
+            r['likelihood'] = ev['likelihood'].get(r['name'])
+        res['samples'] = [{**row, 'temperature': 1.0} for row in ev['rows'] if row['family'] != 'data']
+        res['reference'] = next((row for row in ev['rows'] if row['family'] == 'data'), None)
+        res.update(unigram=ev.get('unigram'), num_samples=ev['num_samples'], sample_length=ev['sample_length'],
+                   skipped=ev['skipped'])
+        if temperatures:
+            res['samples'] += temperature_rows(res['runs'], ev, judge_dir, os.path.join(ev_dir, 'samples'), log)
+    os.makedirs(results_dir, exist_ok=True)
+    write_json(os.path.join(results_dir, 'results.json'), res)
+    md = markdown(res)
+    write_atomic(os.path.join(results_dir, 'results.md'), lambda tmp: open(tmp, 'w').write(md))
+    draw(res, os.path.join(results_dir, 'sweep.png'))
+    log(md)
+    log(f"wrote {results_dir}/results.json, results.md and sweep.png")
+    return res
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,168 @@
+"""Tests of sweep.py: every CPU sweep config end to end at a tiny size (train.py, evaluate.py and sample.py in
+subprocesses, as a user runs them), the skip / resume rules, the checks of a sweep config, the GPU variants.
+
+All tests share one tiny prepared dataset (real stories, ids compacted so the vocabulary-sized layers are
+small) and one directory of runs, so a run two sweeps share (out-sweep-embed, the judge, ...) is trained once.
+
+One-line mutations of sweep.py each test was checked to catch:
+  end_to_end (every case)  `if done == s['max_iters']:` -> `... + 1:` (finished runs resumed, not skipped)
+  end_to_end[families]     tokens without `* s['block_size']`
+  end_to_end[t_values]     the settings columns of the runs table written as '?'
+  end_to_end[eps_x0]       `curve = []` (eval_log.jsonl not read)
+  end_to_end[ctx]          `notes_ = res['skipped']` (the config's notes dropped from results.md)
+  end_to_end[diversity]    `if t == 1.0:` -> `if t != 1.0:` (sample.py's temperatures skipped)
+  unfinished_run_resumed   no `--init_from=resume` for a run with a checkpoint (trained again from scratch)
+  bad_sweep_configs        `if dup:` -> `if False:` (the duplicate-out_dir case)
+  gpu_variant              `base = train_config` (a run's own config file ignored)
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import sweep
+from conftest import tinystories_documents
+from test_evaluate import compact_prepared
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CPU_SWEEPS = ['families', 't_values', 'eps_x0', 'ctx', 'diversity']
+# every tiny run: 1 block of width 32, 2 windows a step, 2 steps (each sweep keeps its own block sizes)
+TINY = dict(n_layer=1, n_head=2, n_embd=32, batch_size=2, max_iters=2, warmup_iters=1, eval_interval=2, eval_iters=1,
+            log_interval=1, device='cpu', dtype='float32', peak_flops=1e11, tensorboard_log=False)
+TINY_EVAL = dict(steps=[2], num_samples=2, sample_batch_size=2, mc_samples=1, max_windows=4, eval_batch_size=4)
+
+
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory):
+    """The prepared stories (400, a tenth each for val and test) and the directory every test's runs go to."""
+    root = tmp_path_factory.mktemp('sweep')
+    text = root / 'stories.txt'
+    text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=400)), encoding='utf-8')
+    data_dir = str(root / 'data')
+    subprocess.run([sys.executable, 'prepare.py', f'--input={text}', f'--out_dir={data_dir}', '--num_proc=1',
+                    '--val_frac=0.1', '--test_frac=0.1'], cwd=ROOT, check=True, capture_output=True)
+    meta = compact_prepared(data_dir)
+    os.environ['OMP_NUM_THREADS'] = '1'  # the subprocesses: tiny models, one thread each
+    return {'runs': str(root / 'runs'), 'root': root,
+            'train': {**TINY, 'data_dir': data_dir, 'vocab_size': meta['vocab_size']}}
+
+
+def run_sweep(shared, config, results_dir, *extra):
+    lines = []
+    res = sweep.main([config, f"--train_overrides={shared['train']!r}", f"--eval_overrides={TINY_EVAL!r}",
+                      f"--run_root={shared['runs']}", f"--results_dir={results_dir}", '--jobs=2', *extra],
+                     log=lines.append)
+    return res, '\n'.join(lines)
+
+
+def table_rows(md, section):
+    """The data rows of the markdown table under '## <section>'."""
+    part = md.split(f'## {section}')[1].split('\n## ')[0]
+    return [line for line in part.splitlines() if line.startswith('| ') and not line.startswith('| run ')]
+
+
+@pytest.mark.parametrize('name', CPU_SWEEPS)
+def test_sweep_end_to_end(shared, name):
+    config = f'config/sweep_{name}.py'
+    results_dir = str(shared['root'] / f'results-{name}')
+    extra = ['--temperatures=[0.5, 1.0]'] if name == 'diversity' else []  # two of the grid's temperatures
+    res, _ = run_sweep(shared, config, results_dir, *extra)
+    n = len(res['runs'])
+    assert n == len(res['sweep']['runs']) and n > 1
+    for f in ('results.json', 'results.md', 'sweep.png'):
+        assert os.path.getsize(os.path.join(results_dir, f)) > 0, f
+    with open(os.path.join(results_dir, 'results.md')) as f:
+        md = f.read()
+    rows = [r for r in table_rows(md, 'Runs') if not r.startswith('| unigram')]
+    assert [r.split(' | ')[0][2:] for r in rows] == [r['name'] for r in res['runs']], "one table row per run"
+    assert json.load(open(os.path.join(results_dir, 'results.json')))['runs'][0]['name'] == res['runs'][0]['name']
+    with open(os.path.join(results_dir, 'sweep.png'), 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    for r in res['runs']:
+        assert r['iters'] == 2 and r['likelihood'] is not None
+        lk = r['likelihood']
+        if not lk['exact']:  # every Monte Carlo estimate in the table carries its standard error
+            assert f"{lk['bits']:.3f} ± {lk['bits_se']:.3f}" in md
+    for s in res['samples']:
+        assert f"± {s['entropy_se']:.2f}" in md
+
+    # what each sweep is for
+    if name == 'families':  # equal tokens: iterations x batch x block for every family, and their curves
+        assert {r['model_type'] for r in res['runs']} == {'embed', 'bits', 'analog', 'mask', 'ar'}
+        assert all(r['tokens'] == 2 * 2 * 64 and r['curve'][-1]['tokens'] == r['tokens'] for r in res['runs'])
+        assert all(s.get('gen_bits') is not None for s in res['samples'])  # the sweep's own judge scored them
+    if name == 't_values':  # T is a column, and each run was trained with its T
+        assert sorted(r['settings']['T'] for r in res['runs']) == [100, 100, 250, 250, 1000, 1000, 4000, 4000]
+        assert all(f"| {r['settings']['T']} |" in row for r, row in zip(res['runs'], rows))
+    if name == 'eps_x0':
+        assert [r['settings']['predict'] for r in res['runs']] == ['x0', 'eps']
+        assert all(len(r['curve']) >= 2 for r in res['runs'])  # the training curves (iterations 0 and 2)
+    if name == 'ctx':  # bits/token per length, each on windows of its own length
+        assert [r['settings']['block_size'] for r in res['runs']] == [64, 128, 256] * 2
+        assert [r['likelihood']['tokens'] for r in res['runs']] == [4 * L for L in (64, 128, 256)] * 2
+        assert 'per position bucket' in md  # the note on what evaluate.py cannot report yet
+    if name == 'diversity':  # the frontier: each run at temperature 0.5 (sample.py) and 1.0 (evaluate.py)
+        temps = {(s['name'], s['temperature']) for s in res['samples']}
+        assert temps == {(r['name'], t) for r in res['runs'] for t in (0.5, 1.0)}
+        assert all(s['gen_bits'] is not None and s['entropy'] > 0 for s in res['samples'])
+
+    # a second invocation trains nothing and reuses the evaluation
+    res2, log = run_sweep(shared, config, results_dir, *extra)
+    assert [r['status'] for r in res2['runs']] == ['skipped'] * n
+    assert ': training: ' not in log and 'scoring: ' not in log and 'sampling: ' not in log
+    assert [r['likelihood'] for r in res2['runs']] == [r['likelihood'] for r in res['runs']]
+
+
+def test_unfinished_run_is_resumed(shared, tmp_path):
+    """A run whose checkpoint is short of max_iters continues from it (its first evaluations are kept)."""
+    cfg = tmp_path / 'sweep_one.py'
+    cfg.write_text("runs = [dict(config='config/mask_cpu.py', out_dir='out-resume', block_size=16)]\n"
+                   "score = False\npanels = ['bits_tokens']\n")
+    run_root = str(tmp_path / 'runs')
+    first, _ = run_sweep({**shared, 'runs': run_root}, str(cfg), str(tmp_path / 'r1'))
+    assert first['runs'][0]['status'] == 'trained'
+    more = {**shared['train'], 'max_iters': 4}
+    res, log = run_sweep({**shared, 'runs': run_root, 'train': more}, str(cfg), str(tmp_path / 'r2'))
+    assert res['runs'][0]['status'] == 'resumed' and res['runs'][0]['iters'] == 4
+    assert 'resuming from iteration 2' in log
+    curve = res['runs'][0]['curve']
+    assert [p['iter'] for p in curve] == [0, 2, 4]
+    assert curve[:2] == first['runs'][0]['curve']  # kept from the first run, not trained again from scratch
+
+
+@pytest.mark.parametrize('args, words', [
+    (["--runs=[]"], 'runs is empty'),
+    (["--runz=[]"], "unknown config key 'runz'"),
+    (["--runs=[{'out_dir': 'a/x'}, {'out_dir': 'b/x'}]"], "duplicate out_dir 'x'"),
+    (["--runs=[{'out_dir': 'a', 'n_layerz': 2}]"], "unknown config key 'n_layerz'"),
+    (["--runs=[{'T': 100}]"], 'its own out_dir'),
+    (["--runs=[{'out_dir': 'a'}]", "--judge={'out_dir': 'j'}"], "judge must be an 'ar' run"),
+    (["--runs=[{'out_dir': 'a'}]", "--panels=['bits_y']"], "unknown panel 'bits_y'"),
+    (["--runs=[{'out_dir': 'a'}]", "--eval_overrides={'ckpts': ['a']}"], 'sets ckpts'),
+])
+def test_bad_sweep_configs_fail_in_one_line(args, words, tmp_path):
+    safe = f"--train_overrides={{'data_dir': '{tmp_path}/none', 'max_iters': 1}}"  # if a check is missed: no real run
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*args, safe, f'--run_root={tmp_path}', f'--results_dir={tmp_path}'], log=lambda *a: None)
+    msg = str(e.value.code)
+    assert words in msg and msg.startswith(('sweep.py: ', 'train.py: ')) and '\n' not in msg, msg
+    assert not os.listdir(tmp_path), "nothing may run before the config is checked"
+
+
+@pytest.mark.parametrize('name', CPU_SWEEPS)
+def test_gpu_variant_is_the_cpu_sweep_at_gpu_scale(name, monkeypatch):
+    """Each config/sweep_<name>_gpu.py: the same runs on the DiT-B configs, out_dirs of their own."""
+    from configurator import configure
+    monkeypatch.setattr(sweep, 'train_overrides', {})  # (an earlier test's sweep.main() leaves its own)
+    cpu, gpu = ({k: sweep._DEFAULTS[k] for k in sweep._config_keys} for _ in range(2))
+    configure(cpu, [f'config/sweep_{name}.py'], keys=sweep._config_keys, verbose=False)
+    configure(gpu, [f'config/sweep_{name}_gpu.py'], keys=sweep._config_keys, verbose=False)
+    assert len(gpu['runs']) == len(cpu['runs']) and gpu['results_dir'] != cpu['results_dir']
+    for c, g in zip(cpu['runs'], gpu['runs']):
+        assert g['out_dir'] == c['out_dir'] + '-gpu' and re.search(r'_tinystories\.py$', g['config'])
+        s, _ = sweep.train_settings(g)
+        assert (s['n_layer'], s['n_embd']) == (12, 768)
+        assert all(s[k] == v for k, v in g.items() if k not in ('config', 'block_size', 'batch_size', 'max_iters'))
