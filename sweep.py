@@ -33,7 +33,7 @@ import sys
 import time
 
 from configurator import configure
-from util import write_atomic, write_json
+from util import save_figure, write_atomic, write_json
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; a sweep config (config/sweep_*.py) or --key=value overrides them
@@ -343,9 +343,7 @@ def draw(res, path):
         ax.grid(True, which='both', alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, os.path.basename(os.path.dirname(os.path.abspath(path))))
 
 
 # ---- the whole job

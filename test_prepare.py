@@ -240,13 +240,14 @@ def test_bad_inputs_fail_with_one_line_and_keep_earlier_output(tmp_path):
     before = file_bytes(out)
     cases = bad_inputs(tmp_path)
     procs = [start_cli(*argv, f'--out_dir={out}') for _, argv, _ in cases]  # all at once: each is mostly startup
-    for (name, argv, expected), proc in zip(cases, procs):
-        rc, _, err = finish_cli(proc)
+    finished = [finish_cli(proc) for proc in procs]
+    for (name, argv, expected), (rc, _, err) in zip(cases, finished):
         lines = err.strip().splitlines()
         assert rc != 0, name
         assert len(lines) == 1 and 'Traceback' not in err, (name, err)
         assert lines[0].startswith('prepare.py: error: ') and expected in lines[0], (name, lines[0])
-        assert file_bytes(out) == before and sorted(os.listdir(out)) == sorted(before), name
+    # checked once all have exited: while one case still runs, its own temp files are rightly there
+    assert file_bytes(out) == before and sorted(os.listdir(out)) == sorted(before), [name for name, _, _ in cases]
 
 
 def test_errors_replace_opts_in_to_replacement(tmp_path):
