@@ -377,7 +377,7 @@ def load_judge(c, dev, heads):
         judge_model, judge_ckpt = load(c['judge'], dev, c['use_ema'])
         bos = (judge_ckpt.get('meta') or {}).get('eot_token', prepare.EOT)
         del judge_ckpt
-        if judge_model.config.model_type != 'ar':
+        if not judge_model.exact_likelihood:
             fail(f"judge={c['judge']!r} is a {judge_model.config.model_type!r} model; the judge must be an 'ar' "
                  "checkpoint (its likelihood is exact)")
     for path, (cfg, _, _, tokenizer) in heads.items():
