@@ -495,7 +495,7 @@ def live_run(data_dir, tmp_path_factory):
         try:
             got.append(lines.get(timeout=1))
         except queue.Empty:
-            pass
+            pass  # no line this second: keep waiting until the deadline
     yield p, out_dir, got, p.poll() is None
     p.kill()
     p.wait()

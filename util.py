@@ -177,7 +177,7 @@ def lock_dir(directory, prog):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            pass
+            pass  # held: read who holds it below, and take it over only from a dead run on this host
         try:
             with open(path) as f:
                 holder = json.load(f)
@@ -199,6 +199,6 @@ def lock_dir(directory, prog):
                 if json.load(f) == me:
                     os.unlink(path)
         except (OSError, ValueError):
-            pass
+            pass  # already removed (release ran earlier) or unreadable: nothing of ours to remove
     atexit.register(release)
     return release
