@@ -789,27 +789,65 @@ class BitDiffusion(DiffusionLM):
         """P(b_0,k = 1) = sum_w softmax(logits)_w bit_k(w): (..., V) -> (..., 16)."""
         return logits.to(dtype).softmax(-1) @ self.codes.to(dtype)
 
+    def bit_logliks(self, b_s, b_t, t, s, dtype=torch.float64):
+        """log q(b_s,k | b_t,k, b_0,k = 1) and the same given b_0,k = 0, per bit: two (..., 16) tables."""
+        tiny = torch.finfo(dtype).tiny  # log(0) would make -inf x 0 = nan in the matmuls that use these
+        up = b_s > 0.5
+        post1 = self.diffusion.posterior_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k=1 | b_t, b_0,k=1)
+        post0 = self.diffusion.posterior_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k=1 | b_t, b_0,k=0)
+        return (torch.where(up, post1, 1 - post1).clamp_min(tiny).log(),
+                torch.where(up, post0, 1 - post0).clamp_min(tiny).log())
+
+    def joint_logprob(self, b_s, b_t, logits, t, s, dtype=torch.float64):
+        """log p(w | b_t) + log q(b_s | b_t, b_0 = code(w)) for every id w: (..., V), one (16 x V) matmul per
+        position. Its logsumexp over w is log p(b_s | b_t) (transition_logprob)."""
+        log_if1, log_if0 = self.bit_logliks(b_s, b_t, t, s, dtype)
+        codes = self.codes.to(dtype)
+        return logits.to(dtype).log_softmax(-1) + log_if1 @ codes.t() + log_if0 @ (1 - codes).t()
+
     def transition_logprob(self, b_s, b_t, logits, t, s, dtype=torch.float64):
         """log p(b_s | b_t) per position under the model's transition: the mixture over clean ids
             p(b_s | b_t) = sum_w p(w | b_t) prod_k q(b_s,k | b_t,k, b_0,k = bit_k(w))
         (D3PM's x0-parameterisation). Within a token the bits stay correlated through w, which a product of
-        per-bit marginals would lose. One (16 x V) matmul per position, then a logsumexp over the ids."""
-        post1 = self.diffusion.posterior_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k=1 | b_t, b_0,k=1)
-        post0 = self.diffusion.posterior_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k=1 | b_t, b_0,k=0)
-        up, tiny = b_s > 0.5, torch.finfo(dtype).tiny  # log(0) would make -inf x 0 = nan in the matmul
-        log_if1 = torch.where(up, post1, 1 - post1).clamp_min(tiny).log()
-        log_if0 = torch.where(up, post0, 1 - post0).clamp_min(tiny).log()
-        codes = self.codes.to(dtype)
-        lik = log_if1 @ codes.t() + log_if0 @ (1 - codes).t()
-        return torch.logsumexp(logits.to(dtype).log_softmax(-1) + lik, -1)
+        per-bit marginals would lose."""
+        return torch.logsumexp(self.joint_logprob(b_s, b_t, logits, t, s, dtype), -1)
 
-    def step_kl(self, b0, b_t, logits, t, generator=None, dtype=torch.float64):
-        """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias by one draw
-        b_{t-1} ~ q (a product over bits): log q(b_{t-1} | b_t, b_0) - log p(b_{t-1} | b_t)."""
+    def step_kl(self, b0, b_t, logits, t, generator=None, dtype=torch.float64, near=True):
+        """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias.
+
+        q is a product over the 16 bits and puts almost all its mass on its mode m and the 16 codes m^k one flip
+        away (the set S). With near=True those 17 terms are summed exactly and only the rest is drawn, once:
+            KL = sum_{b in S} q(b) log(q(b) / p(b)) + E_{b ~ q}[1{b not in S} log(q(b) / p(b))].
+        The 17 values of p come from one pass over the ids: flipping bit k multiplies the joint term a_w of id w
+        by r1_k where bit_k(w) = 1 and by r0_k where it is 0, so p(m^k) = r1_k sum_{bit_k(w)=1} a_w +
+        r0_k sum_{bit_k(w)=0} a_w, two (V x 16) matmuls. A plain one-draw estimate log q(b) - log p(b) (near=False,
+        what training records for the time proposal) is heavy-tailed: a rare draw that the model did not expect
+        costs about -log p(w | b_t), tens of nats."""
         q1 = self.diffusion.posterior_one(b_t, b0, t, t - 1).to(dtype)
-        b_s = (rand(q1.shape, generator, q1.device) < q1).to(dtype)
-        log_q = torch.where(b_s > 0.5, q1, 1 - q1).clamp_min(torch.finfo(dtype).tiny).log().sum(-1)
-        return log_q - self.transition_logprob(b_s, b_t, logits, t, t - 1, dtype)
+        tiny = torch.finfo(dtype).tiny
+
+        def log_q(b):
+            return torch.where(b > 0.5, q1, 1 - q1).clamp_min(tiny).log()  # per bit
+
+        b_draw = (rand(q1.shape, generator, q1.device) < q1).to(dtype)
+        drawn = log_q(b_draw).sum(-1) - self.transition_logprob(b_draw, b_t, logits, t, t - 1, dtype)
+        if not near:
+            return drawn
+        mode = (q1 > 0.5).to(dtype)
+        a = self.joint_logprob(mode, b_t, logits, t, t - 1, dtype)
+        top = a.amax(-1, keepdim=True)
+        e = (a - top).exp()
+        codes = self.codes.to(dtype)
+        log_s1, log_s0 = (e @ codes).log(), (e @ (1 - codes)).log()                 # (..., 16)
+        keep1, keep0 = self.bit_logliks(mode, b_t, t, t - 1, dtype)
+        flip1, flip0 = self.bit_logliks(1 - mode, b_t, t, t - 1, dtype)
+        log_p_mode = top.squeeze(-1) + e.sum(-1).log()
+        log_p_flip = top + torch.logaddexp(log_s1 + flip1 - keep1, log_s0 + flip0 - keep0)
+        log_q_mode = log_q(mode).sum(-1)
+        log_q_flip = log_q_mode.unsqueeze(-1) - log_q(mode) + log_q(1 - mode)
+        near_terms = log_q_mode.exp() * (log_q_mode - log_p_mode) + \
+            (log_q_flip.exp() * (log_q_flip - log_p_flip)).sum(-1)
+        return near_terms + torch.where((b_draw != mode).sum(-1) > 1, drawn, 0.0)
 
     def decoder_logprobs(self, b_1, logits):
         """log p(w | b_1) (float64): the logits of predict(b_1, 1) already hold the flip likelihood of b_1."""
@@ -824,7 +862,7 @@ class BitDiffusion(DiffusionLM):
         p1 = self.marginals(logits).clamp(1e-6, 1 - 1e-6)
         # the bound's term at this t, recorded for the adaptive time proposal of nll()
         with torch.no_grad():
-            kl = self.step_kl(b0, b_t, logits.detach(), t.clamp(min=2), dtype=torch.float32)
+            kl = self.step_kl(b0, b_t, logits.detach(), t.clamp(min=2), dtype=torch.float32, near=False)
         self.time_proposal.update(t, kl.sum(1) / L)
         ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
         return ce + F.binary_cross_entropy(p1, b0)
@@ -835,7 +873,8 @@ class BitDiffusion(DiffusionLM):
 
         -log p(w) <= E[-log p(w | b_1)] + sum_{t=2}^T E KL(q(b_{t-1}|b_t,b_0) || p(b_{t-1}|b_t)) + KL(q(b_T|b_0) || U),
         the sum estimated without bias by importance sampling one t per sequence from the adaptive proposal
-        (BoundTimeProposal), KL_t / q(t), and KL_t itself by one draw of b_{t-1} (step_kl); p(b_{t-1} | b_t) is
+        (BoundTimeProposal), KL_t / q(t), and KL_t itself summed over the likeliest b_{t-1} plus one draw for the rest
+        (step_kl); p(b_{t-1} | b_t) is
         the model's transition, the mixture over clean ids (transition_logprob).
         """
         B, L = idx.shape
