@@ -26,6 +26,8 @@ For each checkpoint in `ckpts`:
                           samples of the row (n-grams never cross from one sample into the next), n = 1, 2, 3;
                 rep-4     repetition rate: the fraction of a sample's 4-grams (at positions i) that already
                           occurred at an earlier position j < i of the same sample, averaged over samples;
+                self-BLEU BLEU-4 of each sample against the row's other samples as references, averaged over
+                          samples (± its standard error): how much the samples repeat each other;
                 NFE, tok/s  network evaluations per sample (per batched sampler call, averaged over the calls)
                           and sampled tokens per second.
   A reference row, `test text`, scores num_samples windows of held-out text the same way.
@@ -120,6 +122,46 @@ def repetition_rate(samples, n=4):
     return sum(rates) / len(rates) if rates else None
 
 
+def self_bleu(samples, max_n=4):
+    """Self-BLEU of each sample (Zhu et al. 2018, Texygen): BLEU-4 of the sample against all the others as
+    references, a tensor (N,) (float64); high means the samples repeat each other (low diversity).
+
+    BLEU = BP exp(sum_{n=1}^4 log(p_n) / 4), p_n = sum_g min(count_hyp(g), max_ref count_ref(g)) / sum_g count_hyp(g)
+    over the hypothesis' n-grams g (clipped counts), and BP = min(1, exp(1 - r / c)) for hypothesis length c and
+    the closest reference length r. A p_n with no match counts as 0.1 / (its n-grams) (Chen & Cherry's smoothing
+    1), so a short sample without a 4-gram match does not zero the score."""
+    rows = samples.tolist()
+    if len(rows) < 2:
+        raise ValueError(f"self-BLEU needs at least 2 samples, got {len(rows)}")
+    counts = [[Counter(ngrams(row, n)) for n in range(1, max_n + 1)] for row in rows]
+    # per n-gram, its two largest counts over the samples and the sample holding the largest: the largest count
+    # in the references of sample i (all the others) is then the top one unless i holds it, else the second
+    top = [{} for _ in range(max_n)]
+    for i, per_n in enumerate(counts):
+        for n, cnt in enumerate(per_n):
+            for g, c in cnt.items():
+                first, owner, second = top[n].get(g, (0, -1, 0))
+                top[n][g] = (c, i, first) if c > first else (first, owner, max(second, c))
+    out = []
+    for i, hyp in enumerate(rows):
+        log_p = 0.0
+        for n in range(max_n):
+            total = len(hyp) - n
+            if total <= 0:
+                log_p = -math.inf
+                break
+            match = 0
+            for g, c in counts[i][n].items():
+                first, owner, second = top[n][g]
+                match += min(c, second if owner == i else first)
+            log_p += math.log(match / total if match else 0.1 / total) / max_n
+        others = [len(r) for j, r in enumerate(rows) if j != i]
+        r = min(others, key=lambda length: (abs(length - len(hyp)), length))
+        bp = 1.0 if len(hyp) >= r else math.exp(1 - r / max(len(hyp), 1))
+        out.append(bp * math.exp(log_p))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def perplexity(bits):
     """2 ** bits per token, or None where that overflows a float (a model far from trained)."""
     return 2 ** bits if bits < 1000 else None
@@ -154,6 +196,7 @@ def text_metrics(samples, judge_model, batch_size, bos=prepare.EOT):
     for n in (1, 2, 3):
         row[f'distinct_{n}'] = distinct_n(samples, n)
     row['rep_4'] = repetition_rate(samples, 4)
+    row['self_bleu'], row['self_bleu_se'] = mean_se(self_bleu(samples)) if samples.shape[0] > 1 else (None, None)
     return row
 
 
@@ -295,7 +338,7 @@ def fmt_ppl(v):
 def markdown_table(results):
     gen = f"gen-PPL ({results['judge_name']})" if results['judge_name'] else 'gen-PPL'  # which judge scored
     head = ['model', 'family', 'test bits/tok', 'context gain', 'test PPL', 'steps', 'NFE', 'tok/s', gen,
-            'entropy', 'dist-1', 'dist-2', 'dist-3', 'rep-4']
+            'entropy', 'dist-1', 'dist-2', 'dist-3', 'rep-4', 'self-BLEU']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     uni = results.get('unigram')
     if uni:
@@ -308,7 +351,8 @@ def markdown_table(results):
         gain = '-' if lk is None else f"{lk['context_gain']:+.3f} ± {fmt(lk['context_gain_se'])}"
         cells = [r['name'], r['family'], bits, gain, fmt_ppl(lk and lk['ppl']), fmt(r['steps'], 'd'), fmt(r['nfe'], '.0f'),
                  fmt(r['tokens_per_s'], ',.0f'), fmt_ppl(r.get('gen_ppl')), fmt(r['entropy'], '.2f'),
-                 fmt(r['distinct_1']), fmt(r['distinct_2']), fmt(r['distinct_3']), fmt(r['rep_4'])]
+                 fmt(r['distinct_1']), fmt(r['distinct_2']), fmt(r['distinct_3']), fmt(r['rep_4']),
+                 fmt(r.get('self_bleu'))]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 

@@ -247,7 +247,7 @@ def markdown(res):
     out = ['## Runs', '', *lines]
     if res['samples']:
         head = ['run', *cols, 'steps', 'temperature', 'NFE', 'tok/s', 'gen-PPL (judge bits/token ± SE)',
-                'entropy ± SE', 'dist-1', 'dist-2', 'dist-3', 'rep-4']
+                'entropy ± SE', 'dist-1', 'dist-2', 'dist-3', 'rep-4', 'self-BLEU ± SE']
         lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         by_name = {r['name']: r for r in res['runs']}
         for s in res['samples']:
@@ -256,7 +256,8 @@ def markdown(res):
             lines.append('| ' + ' | '.join([s['name'], *sets, num(s.get('steps'), 'd'), num(s.get('temperature'), 'g'),
                                             num(s.get('nfe'), '.0f'), num(s.get('tokens_per_s'), ',.0f'), gen_ppl(s),
                                             pm(s['entropy'], s.get('entropy_se'), '.2f'), num(s['distinct_1']),
-                                            num(s['distinct_2']), num(s['distinct_3']), num(s['rep_4'])]) + ' |')
+                                            num(s['distinct_2']), num(s['distinct_3']), num(s['rep_4']),
+                                            pm(s.get('self_bleu'), s.get('self_bleu_se'))]) + ' |')
         out += ['', f"## Samples ({res['num_samples']} of {res['sample_length']} tokens per row, judge: "
                 f"{res['judge'] or 'none'})", '', *lines,
                 '', 'dist-n is pooled over the samples of a row and rep-4 averaged over them; evaluate.py reports no '

@@ -258,3 +258,19 @@ def test_pretrained_hugging_face_judge(tmp_path):
     assert ref['gen_bits'] == pytest.approx(loss.item() / math.log(2), rel=1e-5)
     assert res['judge_name'] == judge_dir
     assert evaluate.markdown_table(res).splitlines()[0].count(f'gen-PPL ({judge_dir})') == 1
+
+
+def test_self_bleu_clips_counts_against_the_other_samples():
+    """BLEU-4 of each sample against the others, by hand: [1,1,1,1] against [1,2,3,4] matches one clipped unigram of
+    four (not four) and no longer n-gram (smoothed to 0.1 / count); copies of one sample score 1, and a third
+    sample that repeats the first lends it a full match."""
+    from evaluate import self_bleu
+    want = math.exp((math.log(1 / 4) + math.log(0.1 / 3) + math.log(0.1 / 2) + math.log(0.1 / 1)) / 4)
+    got = self_bleu(torch.tensor([[1, 1, 1, 1], [1, 2, 3, 4]]))
+    assert got.tolist() == pytest.approx([want, want])
+    assert self_bleu(torch.tensor([[5, 6, 7, 8, 9]] * 3)).tolist() == pytest.approx([1.0, 1.0, 1.0])
+    got = self_bleu(torch.tensor([[1, 2, 3, 4], [9, 9, 9, 9], [1, 2, 3, 4]]))
+    assert got[0].item() == pytest.approx(1.0) and got[1].item() == pytest.approx(math.exp(
+        (math.log(0.1 / 4) + math.log(0.1 / 3) + math.log(0.1 / 2) + math.log(0.1 / 1)) / 4))
+    with pytest.raises(ValueError, match='at least 2'):
+        self_bleu(torch.tensor([[1, 2]]))

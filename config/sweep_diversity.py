@@ -9,6 +9,5 @@ runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}', max_iters=_I
 results_dir = 'sweep-diversity'
 temperatures = [0.5, 0.7, 0.85, 1.0, 1.2]
 panels = ['frontier', 'gen_ppl_steps', 'entropy_steps']
-notes = ['Self-BLEU is not reported: evaluate.py has no such metric yet.',
-         'Temperature 1.0 rows are evaluate.py\'s (tok/s and NFE measured there); the others are sample.py\'s '
+notes = ['Temperature 1.0 rows are evaluate.py\'s (tok/s and NFE measured there); the others are sample.py\'s '
          'samples scored with evaluate.py\'s metrics under the same judge.']

@@ -11,5 +11,4 @@ results_dir = 'sweep-families'
 panels = ['bits_tokens', 'bits_seconds', 'gen_ppl_steps', 'entropy_steps']
 notes = ['Equal wall-clock: read the bits_seconds panel (val bits/token from each eval_log.jsonl against training '
          'seconds; train.py logs those without a standard error). Training s/iter in the table is the time per '
-         'iteration measured by train.py; sampling speed is the tok/s column.',
-         'Self-BLEU is not reported: evaluate.py has no such metric yet.']
+         'iteration measured by train.py; sampling speed is the tok/s column.']
