@@ -49,8 +49,8 @@ from collections import Counter
 
 import torch
 
+from checkpoint import load_checkpoint
 from configurator import configure
-from model import load_checkpoint
 import prepare
 from prepare import PrepareError, TokenWindows, get_encoding, one_line, unigram_logprobs
 from util import (autocast_context, check_writable, line_buffered_stdout, resolve_device, save_figure, sync,

@@ -42,8 +42,8 @@ import time
 
 import torch
 
+from checkpoint import load_checkpoint
 from configurator import configure
-from model import load_checkpoint
 from prepare import PrepareError, get_encoding
 from util import autocast_context, check_writable, line_buffered_stdout, resolve_device, write_atomic
 

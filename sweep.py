@@ -178,7 +178,7 @@ def temperature_rows(rows_in, ev, judge_dir, work, log):
     scored with evaluate.py's metrics under the judge. Temperature 1.0 is evaluate.py's own rows."""
     import torch
     import evaluate
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     cfg, dev = ev['config'], ev['device']
     judge_model, bos = None, evaluate.prepare.EOT
     if judge_dir:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import sample
-from model import ModelConfig, build_model, save_checkpoint
+from checkpoint import save_checkpoint
+from model import ModelConfig, build_model
 from prepare import EOT, PrepareError, get_encoding
 from sample import build_fixed, decode, encode, evenly
 

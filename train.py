@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import load_checkpoint, save_checkpoint
 from configurator import configure
-from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from model import ModelConfig, build_model
 from util import (autocast_context, check_writable, keep_freed_memory, line_buffered_stdout, lock_dir,
                   measure_peak_flops, resolve_device)
 from prepare import TokenWindows, load_meta, one_line, unigram_logprobs
