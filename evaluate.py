@@ -40,6 +40,7 @@ warning. Output paths are checked writable before any work. The judge scoring it
 (the `ar` row when judge is also in ckpts) measures that model's own entropy rate; prefer a separate judge.
 """
 
+import functools
 import math
 import os
 import sys
@@ -53,6 +54,7 @@ from checkpoint import load_checkpoint
 from configurator import configure
 import prepare
 from prepare import PrepareError, TokenWindows, get_encoding, one_line, unigram_logprobs
+import util
 from util import (autocast_context, check_writable, line_buffered_stdout, resolve_device, save_figure, sync,
                   write_json)
 
@@ -81,8 +83,7 @@ _config_keys = [k for k, v in list(globals().items())
 # -----------------------------------------------------------------------------------------------------
 
 
-def fail(msg):
-    raise SystemExit(f"evaluate.py: {msg}")
+fail = functools.partial(util.fail, 'evaluate.py')
 
 
 # ---- diversity metrics: pure functions of a LongTensor (N, L) of token ids

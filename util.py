@@ -62,6 +62,11 @@ def measure_peak_flops(device, dtype, seconds=0.5):
             return 2 * n ** 3 * done / elapsed
 
 
+def fail(prog, msg):
+    """End a script with one line, `prog: msg`, and no traceback (each script binds its name: fail(msg))."""
+    raise SystemExit(f"{prog}: {msg}")
+
+
 def resolve_device(device, dtype, prog='train.py'):
     """Concrete (device, device_type, dtype) for the 'auto' settings, with checks; shared by the scripts.
 
