@@ -21,6 +21,7 @@ document). Prints the tables; --json=PATH writes everything as JSON.
 """
 
 import contextlib
+import functools
 import io
 import os
 import re
@@ -33,6 +34,7 @@ import torch
 from configurator import configure
 from model import build_model
 from prepare import DEFAULTS as PREPARE_DEFAULTS, TokenWindows, find_text_files, get_encoding, prepare
+import util
 from util import autocast_context, line_buffered_stdout, measure_peak_flops, resolve_device, sync, write_json
 
 # -----------------------------------------------------------------------------------------------------
@@ -64,8 +66,7 @@ _config_keys = [k for k, v in list(globals().items())
 # -----------------------------------------------------------------------------------------------------
 
 
-def fail(msg):
-    raise SystemExit(f"bench.py: {msg}")
+fail = functools.partial(util.fail, 'bench.py')
 
 
 def timed(fn, dev):

@@ -78,6 +78,16 @@ def categorical_mean(logits, table):
     return logits.float().softmax(-1) @ table
 
 
+def rounding_logits(x, table):
+    """logit_v = -||x - c_v||^2 + ||x||^2 = 2 x.c_v - ||c_v||^2 over the rows c_v of table: ||x||^2 is the same for
+    every v, so dropping it changes neither the softmax nor the argmax. Float32, autocast off: in bf16 the
+    cancellation between terms of size ~D costs ~0.5 logits."""
+    with torch.autocast(x.device.type, enabled=False):
+        E = table.float()
+        flat = torch.addmm(-(E * E).sum(-1), x.float().reshape(-1, x.shape[-1]), E.t(), alpha=2)
+    return flat.view(*x.shape[:-1], -1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Noise schedules and the three processes
 
@@ -236,6 +246,15 @@ class BitFlipDiffusion:
             post_given.append(like1 * prior1 / (like1 * prior1 + like0 * (1 - prior1)))
         return p0 * post_given[0] + (1 - p0) * post_given[1]
 
+    def bit_logliks(self, b_s, b_t, t, s, dtype=torch.float64):
+        """log q(b_s,k | b_t,k, b_0,k = 1) and the same given b_0,k = 0, per bit: two (..., 16) tables."""
+        tiny = torch.finfo(dtype).tiny  # log(0) would make -inf x 0 = nan in the matmuls that use these
+        up = b_s > 0.5
+        post1 = self.posterior_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k=1 | b_t, b_0,k=1)
+        post0 = self.posterior_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k=1 | b_t, b_0,k=0)
+        return (torch.where(up, post1, 1 - post1).clamp_min(tiny).log(),
+                torch.where(up, post0, 1 - post0).clamp_min(tiny).log())
+
     def prior_kl(self, length):
         """KL(q(b_T | b_0) || uniform) of a sequence of `length` codes, in nats (the same for every b_0)."""
         m = (1 + float(self.abar[-1])) / 2
@@ -265,6 +284,23 @@ class MaskSchedule:
     def time_of_mask_rate(self, u):
         """Inverse of u = 1 - alpha_t."""
         return u if self.name == 'loglinear' else (2 / math.pi) * torch.acos(1 - u)
+
+    def random_subset(self, B, L, generator, device, stratified):
+        """Per row, m ~ U{1..L} (stratified: the B draws share one uniform shift of a regular grid) and a uniform
+        subset of m of the L positions: (masked (B, L) bool, m (B,))."""
+        u = rand((B,), generator, device)
+        if stratified:
+            u = (u[:1] + torch.arange(B, device=device, dtype=torch.float64) / B) % 1.0
+        m = 1 + (u * L).floor().long().clamp(max=L - 1)
+        return rand((B, L), generator, device).argsort(1).argsort(1) < m[:, None], m
+
+    def time_given_count(self, m, L, generator, device):
+        """A time t whose mask rate 1 - alpha_t is drawn from its posterior given m of L tokens masked,
+        Beta(m, L - m + 1), from two gamma draws on the generator's device (float32, on `device`)."""
+        gdev = generator.device if generator is not None else device
+        g1 = torch._standard_gamma(m.double().to(gdev), generator=generator)
+        g2 = torch._standard_gamma((L - m + 1).double().to(gdev), generator=generator)
+        return self.time_of_mask_rate((g1 / (g1 + g2)).to(device)).float()
 
     def reveal_prob(self, t, s):
         """q(token clean at s | masked at t) = (alpha_s - alpha_t) / (1 - alpha_t) for s < t (Python floats)."""

@@ -42,6 +42,7 @@ warning. Output paths are checked writable before any work. The judge scoring it
 (the `ar` row when judge is also in ckpts) measures that model's own entropy rate; prefer a separate judge.
 """
 
+import functools
 import math
 import os
 import sys
@@ -51,10 +52,11 @@ from collections import Counter
 
 import torch
 
+from checkpoint import load_checkpoint
 from configurator import configure
-from model import load_checkpoint
 import prepare
 from prepare import PrepareError, TokenWindows, get_encoding, one_line, unigram_logprobs
+import util
 from util import (autocast_context, check_writable, line_buffered_stdout, resolve_device, save_figure, sync,
                   write_json)
 
@@ -83,8 +85,7 @@ _config_keys = [k for k, v in list(globals().items())
 # -----------------------------------------------------------------------------------------------------
 
 
-def fail(msg):
-    raise SystemExit(f"evaluate.py: {msg}")
+fail = functools.partial(util.fail, 'evaluate.py')
 
 
 # ---- diversity metrics: pure functions of a LongTensor (N, L) of token ids

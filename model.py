@@ -1,31 +1,28 @@
 """
-The shared transformer backbone and every model family of the project.
+The transformer backbone and every model family of the project, in two parts as in DiT: the network (blocks
+modulated by a time embedding through adaLN-zero), and the families `embed`, `bits`, `analog`, `mask` and `ar`,
+each with its input, head, training loss, sampler step and likelihood bound side by side. All five share the
+sampling loop (LanguageModel.sample); the parameter-free maths (schedules, the three processes, time and
+categorical draws, the bit code) is in diffusion.py, what the bounds share in bounds.py, checkpoint files
+in checkpoint.py.
 
-Read it in two parts, DiT-style: the network (a transformer whose blocks are modulated by a time embedding
-through adaLN-zero), and the families (`embed`, `bits`, `analog`, `mask`, `ar`), each of which says what goes
-into the network, what comes out, the training loss, the sampler step and the likelihood bound. The
-parameter-free maths they share (schedules, the Gaussian, bit-flip and mask processes, time and categorical
-draws, the bit code) is in diffusion.py. The sampling loop skeleton is shared by all five (DiffusionLM.sample).
-
-Conventions: token ids are GPT-2 BPE ids (50,257 of them, 50256 = <|endoftext|>). Time is discrete,
-t = 1..T, for the Gaussian and bit families (abar_0 = 1 is the clean data) and continuous in [0, 1]
-for `mask`; the network always sees t normalised to [0, 1]. Likelihoods are reported in bits per token.
+Token ids are GPT-2 BPE ids (50,257; 50256 = <|endoftext|>). Time is discrete, t = 1..T, for the Gaussian and bit
+families (abar_0 = 1: clean data) and continuous in [0, 1] for `mask`; the network always sees t in [0, 1].
+Likelihoods are in bits per token.
 """
 
-import functools
 import math
-import os
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bounds import BoundTimeProposal, exact
 from diffusion import (NUM_BITS, BitFlipDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
-                       categorical_mean, draw_categorical, ids_to_bits, log_snr_drop_proposal, rand, randn,
+                       categorical_mean, draw_categorical, ids_to_bits, rand, randn, rounding_logits,
                        stratified_times, valid_codes)
-from util import write_atomic
+from util import in_eval_mode
 
 MODEL_TYPES = ('embed', 'bits', 'analog', 'mask', 'ar')
 
@@ -78,21 +75,16 @@ class ModelConfig:
              f"vocab_size={self.vocab_size} does not fit in {NUM_BITS} bits")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The network: DiT blocks (adaLN-zero) over a token sequence
-
+# -------- The network: DiT blocks (adaLN-zero) over a token sequence
 def modulate(x, shift, scale):
     """adaLN: x * (1 + scale) + shift, with (shift, scale) per sequence (B, 1, C) or constant (1, 1, C)."""
     return x * (1 + scale) + shift
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> sinusoidal features -> MLP -> n_embd.
-
-    features = [cos(1000 t omega_k), sin(1000 t omega_k)], omega_k = exp(-log(10000) k / (d/2)), k < d/2.
-    t is normalised to [0, 1] so discrete (t/T) and continuous-time families share one embedder; the factor
-    1000 makes the frequencies span the range DiT sees with integer timesteps 0..999.
-    """
+    """t in [0, 1] -> [cos(1000 t omega_k), sin(1000 t omega_k)], omega_k = 10000^(-k / (d/2)), k < d/2 -> MLP.
+    t in [0, 1] lets discrete (t/T) and continuous time share one embedder; the factor 1000 spans the frequencies
+    DiT sees with integer timesteps 0..999."""
 
     def __init__(self, n_embd, freq_dim=256):
         super().__init__()
@@ -163,15 +155,11 @@ class MLP(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN attention and MLP, each modulated (shift, scale) and gated by the conditioning.
-
-    With a time input the six vectors come from the conditioning vector c through a zero-initialised linear
-    layer (adaLN-zero: both gates start at 0 and the block is the identity, DiT). Without one (ar, and mask by
-    default) they are a constant: learned per-channel vectors with the gates starting at 1, i.e. a plain pre-LN
-    GPT block whose LayerNorms have gains and biases. Running a matmul on a learned constant c instead would
-    cost 6 n_embd^2 weights for nothing. (Whether the gates start at 0 or 1 made no measurable difference to the
-    mask family at 500 CPU iterations: 0.070 vs 0.063 nats above the unigram line, standard error 0.03.)
-    """
+    """Pre-LN attention and MLP, each modulated (shift, scale) and gated by the conditioning: with a time input by a
+    zero-initialised linear map of c (adaLN-zero: gates at 0, the block starts as the identity, DiT); without one
+    (ar, mask by default) by learned constants, gates at 1, a plain pre-LN GPT block (a matmul on a constant c would
+    cost 6 n_embd^2 weights for nothing; gates starting at 0 or 1 made no measurable difference to mask at 500 CPU
+    iterations: 0.070 vs 0.063 nats above the unigram line, standard error 0.03)."""
 
     def __init__(self, config, causal, time_cond=True):
         super().__init__()
@@ -249,42 +237,28 @@ def init_weights(module, n_layer):
                         m.modulation[2::3] = 1.0
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation helpers
+class BitCodeInput(nn.Module):
+    """The network's input from a noisy 16-bit code (bits: the flipped bits, analog: the signs of x_t): a linear map
+    of its +-1 bits plus an embedding of the whole code as an integer (65,536 rows). With the linear part alone the
+    bit families never got past per-bit frequencies (a small network cannot rebuild 50k ids from 16 arbitrary
+    bits); where the code is intact the embedding is a token embedding, where bits flipped the linear part helps."""
 
-def in_eval_mode(method):
-    """Run a method with the module in eval mode (no dropout), restoring the previous mode afterwards."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        was_training = self.training
-        self.eval()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.train(was_training)
-    return wrapper
+    def __init__(self, in_dim, n_embd, bias):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, n_embd, bias=bias)
+        self.code_emb = nn.Embedding(2 ** NUM_BITS, n_embd)
 
-
-def exact(method):
-    """For nll(): no gradients, eval mode, and no autocast. The Gaussian bounds multiply every error in the x0
-    estimate by SNR/2 (~1e4 near t = 1), so bf16 rounding alone would add bits per token."""
-    @functools.wraps(method)
-    @in_eval_mode
-    def wrapper(self, idx, *args, **kwargs):
-        with torch.no_grad(), torch.autocast(idx.device.type, enabled=False):
-            return method(self, idx, *args, **kwargs)
-    return wrapper
+    def forward(self, signed_bits, extra=None):
+        """signed_bits (..., 16) real, > 0 read as bit 1; extra (..., k) more features for the linear part."""
+        x = signed_bits if extra is None else torch.cat([signed_bits, extra], -1)
+        return self.proj(x.to(self.proj.weight.dtype)) + self.code_emb(bits_to_ids(signed_bits > 0))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The shared skeleton of every family
-
-class DiffusionLM(nn.Module):
-    """Base of the families: parameter accounting, optimizer, MFU, and the sampling loop skeleton.
-
-    A family implements `forward(idx) -> loss`, `nll(idx) -> bits/token per sequence` and the sampler hooks
-    `init_state`, `time_grid`, `step`, `current_tokens`, `final_tokens`.
-    """
+# -------- The shared skeleton of every family
+class LanguageModel(nn.Module):
+    """Base of the families: parameter accounting, optimizer, MFU, and the sampling loop. A family implements
+    `forward(idx) -> loss`, `nll(idx) -> bits/token per sequence` and the sampler hooks `init_state`, `step` and
+    `current_tokens` (`time_grid` and `final_tokens` have defaults)."""
     extra_tokens = 0        # windows are block_size + extra_tokens long (ar needs one more for its targets)
     sample_options = {}     # option -> default, the sampler knobs of the family
     lookup_only = ('backbone.wpe.weight',)  # tables only indexed, never multiplied (no FLOPs, not "model size")
@@ -292,6 +266,8 @@ class DiffusionLM(nn.Module):
     extra_ids = 0           # ids past the vocabulary the family's tables need (mask: one for [MASK])
     fixed_steps = False     # True where the length sets the number of sampling steps (ar: one token per step)
     exact_likelihood = False  # True where nll() is the exact NLL rather than a bound (ar)
+    default_steps = None    # sampling steps when none are asked for
+    max_steps = None
 
     def __init__(self, config):
         super().__init__()
@@ -300,14 +276,12 @@ class DiffusionLM(nn.Module):
         self.nfe = 0
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() move the buffers; a process with a schedule table reads it from the moved `abar` buffer,
-        # so no copy (and no host-device sync) ever happens inside the compiled step
+        # the process reads its schedule from the `abar` buffer .to() moved: no copy, no sync in the compiled step
         super()._apply(fn, *args, **kwargs)
         if 'abar' in self._buffers:
             self.diffusion.abar_dev = self.abar
         return self
 
-    # -- accounting
     def get_num_params(self, non_embedding=True):
         skip = set(self.lookup_only) if non_embedding else set()
         return sum(p.numel() for n, p in self.named_parameters() if n not in skip)
@@ -335,11 +309,11 @@ class DiffusionLM(nn.Module):
         fused = device_type == 'cuda'
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
 
-    # -- sampling skeleton
-    default_steps = None
-    max_steps = None
-
+    # -- the sampling loop
     def check_sample_args(self, length, steps, options):
+        if self.fixed_steps and steps is not None:
+            raise ValueError(f"model_type={self.config.model_type!r} draws one token per step, so the number of steps "
+                             f"is set by the length; leave steps unset")
         unknown = sorted(set(options) - set(self.sample_options))
         if unknown:
             raise ValueError(f"model_type={self.config.model_type!r} has no sampling option(s) {unknown}; "
@@ -354,12 +328,9 @@ class DiffusionLM(nn.Module):
     @torch.no_grad()
     @in_eval_mode
     def sample(self, num_samples, length, steps=None, fixed=None, generator=None, callback=None, **options):
-        """Generate `num_samples` sequences of `length` tokens.
-
-        fixed: LongTensor (num_samples or 1, length), -1 where free, else the token the output must hold
-        (prefix prompts and infilling). callback(i, n, tokens) after each of the n steps with the current
-        best guess (-1 where there is none yet). Afterwards self.nfe is the number of network evaluations.
-        """
+        """Generate `num_samples` sequences of `length` tokens. fixed: (num_samples or 1, length), -1 where free, else
+        the token the output must hold (prompts, infilling). callback(i, n, tokens) after each of the n steps with
+        the current best guess (-1 where none yet). Afterwards self.nfe is the number of network evaluations."""
         opts = self.check_sample_args(length, steps, options)
         steps = self.default_steps if steps is None else steps
         device = next(self.parameters()).device
@@ -377,105 +348,23 @@ class DiffusionLM(nn.Module):
                 callback(i, len(grid), torch.where(fixed >= 0, fixed, self.current_tokens(state)))
         return torch.where(fixed >= 0, fixed, self.final_tokens(state, generator, opts))
 
-    def discrete_grid(self, steps):
+    def time_grid(self, steps, fixed):
         """`steps` pairs (t, s) of integer times from T down to 0, evenly spaced (DDIM's striding)."""
         ts = torch.linspace(self.config.T, 0, steps + 1).round().long().tolist()
         return list(zip(ts[:-1], ts[1:]))
 
-
-# ----------------------------------------------------------------------------------------------------
-# Pieces shared by the discrete-time families: the bit code, categorical x0 heads, the bound's time proposal
-
-class BitCodeInput(nn.Module):
-    """What the network reads of a (noisy) 16-bit code: a linear map of its +-1 bits plus a learned embedding of
-    the whole code read as an integer (65,536 rows, a lookup).
-
-    The linear part alone leaves the transformer to rebuild token identity from 16 arbitrary bits, which a
-    small network cannot do for 50k ids: with it alone the bit families never got past per-bit frequencies.
-    Where the code is intact (most positions at low noise) the embedding is a token embedding; where some bits
-    flipped, the linear part still carries each bit. Used by `bits` (the flipped bits) and `analog` (the signs
-    of x_t): any function of the noisy state is a valid network input.
-    """
-
-    def __init__(self, in_dim, n_embd, bias):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, n_embd, bias=bias)
-        self.code_emb = nn.Embedding(2 ** NUM_BITS, n_embd)
-
-    def forward(self, signed_bits, extra=None):
-        """signed_bits (..., 16) real, > 0 read as bit 1; extra (..., k) more features for the linear part."""
-        x = signed_bits if extra is None else torch.cat([signed_bits, extra], -1)
-        return self.proj(x.to(self.proj.weight.dtype)) + self.code_emb(bits_to_ids(signed_bits > 0))
+    def final_tokens(self, state, generator, opts):
+        return self.current_tokens(state)
 
 
-class BoundTimeProposal(nn.Module):
-    """The proposal q(t), t = 2..T, for the importance-sampled sum over steps of a discrete-time bound,
-    adapted to the model's own per-step terms (improved-diffusion's second-moment resampler).
+# -------- Gaussian families: embed (token embeddings) and analog (bits as +-scale)
+class GaussianLM(LanguageModel):
+    """Loss, sampler and bound of the families with a continuous state under GaussianDiffusion (embed, analog).
 
-    Training records, for each sequence it sees, that sequence's bound term KL_t (nats/token) at its t, as a
-    running mean of KL_t^2 in `bins` equal bins of t. The variance of KL_t / q(t) is smallest for
-    q(t) ~ sqrt(E[KL_t^2]) (Nichol & Dhariwal 2021, sec. 3.3), so q is that level per bin, shaped inside a bin
-    by the schedule's proposal, and mixed with the schedule's proposal itself (weight `floor`) so that no step is
-    starved and the weights KL_t / q(t) stay bounded. Until every bin has seen `warm` values, q is the
-    schedule's proposal alone. The statistics are buffers: they travel in checkpoints (and the EMA copies them).
-    """
-
-    def __init__(self, abar, bins=50, decay=0.99, warm=10, floor=0.1):
-        super().__init__()
-        T = len(abar) - 1
-        self.T, self.bins, self.decay, self.warm, self.floor = T, min(bins, T - 1), decay, warm, floor
-        self.register_buffer('base', log_snr_drop_proposal(abar), persistent=False)
-        self.register_buffer('bin_of', (torch.arange(T - 1) * self.bins) // (T - 1), persistent=False)  # t - 2 -> bin
-        self.register_buffer('m2', torch.zeros(self.bins, dtype=torch.float64))
-        self.register_buffer('count', torch.zeros(self.bins, dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, t, kl):
-        """Record per-sequence terms kl (B,) at times t (B,); sequences at t = 1 (the decoder's step) are skipped."""
-        keep = (t >= 2) & torch.isfinite(kl)
-        b = self.bin_of[(t - 2).clamp(min=0)]
-        n = torch.zeros_like(self.count).index_add_(0, b, keep.double())
-        s = torch.zeros_like(self.m2).index_add_(0, b, torch.where(keep, kl.double() ** 2, 0.0))
-        hit = n > 0
-        # a running mean over the first 1/(1 - decay) values of a bin, an exponential average after
-        w = torch.where(hit, torch.maximum(n / (self.count + n), torch.full_like(n, 1 - self.decay)), 0.0)
-        self.m2.copy_((1 - w) * self.m2 + w * s / n.clamp(min=1))
-        self.count.add_(n)
-
-    def probs(self):
-        """q(t) for t = 2..T, float64, summing to 1."""
-        if bool((self.count < self.warm).any()):
-            return self.base
-        level = self.m2.sqrt()[self.bin_of]
-        mass_in_bin = torch.zeros(self.bins, dtype=torch.float64, device=self.base.device).index_add_(
-            0, self.bin_of, self.base)[self.bin_of]
-        adapted = level * self.base / mass_in_bin
-        adapted = adapted / adapted.sum()
-        return (1 - self.floor) * adapted + self.floor * self.base
-
-    def draw(self, n, generator, device):
-        """n times t in 2..T drawn from q by inverse CDF (float64, any generator device) and q(t) of each."""
-        q = self.probs().to(device)
-        cdf = q.cumsum(0)
-        idx = torch.searchsorted(cdf, rand((n,), generator, device) * cdf[-1], right=True).clamp(max=self.T - 2)
-        return idx + 2, q[idx]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Gaussian families: embed (token embeddings) and analog (bits as +-scale)
-
-class GaussianLM(DiffusionLM):
-    """Shared loss, sampler and bound of the families whose state is continuous under GaussianDiffusion.
-
-    The clean state of token w is a row of a (V, D) table: a learned embedding (`embed`) or the +-scale bit code
-    (`analog`). The network reads x_t (and the self-conditioning estimate) and returns logits over the
-    vocabulary; the x0 estimate is the posterior mean over the table, x0_hat = softmax(logits) @ table (CDCD,
-    Plaid). Near t = 0, where the bound multiplies every error in x0_hat by the SNR (~1e4), a confident
-    categorical puts x0_hat exactly on an embedding, where a direct regression leaves an error that does not
-    shrink. (`embed` with predict='eps' instead regresses the noise; its logits are then rounding logits of
-    x0_hat.) A subclass defines table(), features(x_t, x0_sc, cond) -> (B, L, n_embd), and may add terms to
-    the loss with extra_loss(x0, idx).
-    """
+    Token w's clean state is a row of a (V, D) table(); the network reads features(x_t, x0_sc, cond) and returns
+    logits, and x0_hat = softmax(logits) @ table (CDCD, Plaid): near t = 0, where the bound multiplies every error in
+    x0_hat by the SNR (~1e4), a confident categorical lands exactly on a row, where a regression leaves an error that
+    does not shrink. (predict='eps' regresses the noise; its logits are rounding logits of x0_hat.)"""
     def __init__(self, config):
         super().__init__(config)
         self.diffusion = GaussianDiffusion(abar_schedule(config.noise_schedule, config.T))
@@ -491,7 +380,7 @@ class GaussianLM(DiffusionLM):
             # an eps-model's x0 explodes where abar_t -> 0; clip it to the range the table occupies
             lim = self.table().abs().max().detach()
             x0_hat = self.diffusion.x0_from_eps(x_t, t, eps_hat).clamp(-lim, lim)
-            return x0_hat, self.rounding_logits(x0_hat), eps_hat
+            return x0_hat, rounding_logits(x0_hat, self.table()), eps_hat
         # the network supplies what x_t alone cannot say (the context); the likelihood of x_t under each token is
         # known exactly and added at every t, so at high SNR the posterior is right by construction
         logits = self.lm_head(h).float() + self.diffusion.token_loglik(x_t, self.diffusion.at(t, x_t), self.table())
@@ -539,15 +428,6 @@ class GaussianLM(DiffusionLM):
     def clean(self, idx):
         return F.embedding(idx, self.table())
 
-    def rounding_logits(self, x):
-        """logit_v = -||x - c_v||^2 + ||x||^2 = 2 x.c_v - ||c_v||^2 over the table's rows c_v. ||x||^2 is the same
-        for every v, so dropping it changes neither the softmax nor the argmax. In fp32 with autocast off: in
-        bf16 the cancellation between terms of size ~D costs ~0.5 logits."""
-        with torch.autocast(x.device.type, enabled=False):
-            E = self.table().float()
-            flat = torch.addmm(-(E * E).sum(-1), x.float().reshape(-1, x.shape[-1]), E.t(), alpha=2)
-        return flat.view(*x.shape[:-1], -1)
-
     def decoder_logprobs(self, x_1, logits):
         """log p(w | x_1), float64. predict='x0': the logits already hold the likelihood of x_1 under each token
         (predict adds it at every t). predict='eps': the rounding logits of x0_hat plus that likelihood at t = 1."""
@@ -557,23 +437,17 @@ class GaussianLM(DiffusionLM):
             logp = (logp + lik).log_softmax(-1)
         return logp
 
-    # -- likelihood
     @exact
     def nll(self, idx, generator=None):
         """Discrete-time variational bound in bits per token, one unbiased estimate per sequence:
 
         -log p(w) <= E_q[-log p(w | x_1)] + sum_{t=2}^T E_q KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
-                     + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w) a deterministic function of the tokens.
-        The prior KL is exact; the sum over t is estimated without bias by importance sampling one t per
-        sequence, KL_t / q(t), with q the adaptive proposal (BoundTimeProposal: ~ sqrt of the second moment of
-        each step's term, as recorded in training); the decoder term uses one draw of x_1 and decoder_logprobs.
-        The standard error comes from the spread over sequences.
-        With self-conditioning, p(x_{t-1} | x_t) uses the two-pass estimate x0(x_t, x0(x_t, 0)), a function of x_t
-        alone, so this bounds a Markov model; the sampler instead feeds the previous step's estimate, and it
-        rounds instead of drawing from p(w | x_1): the bound is for the model, not for the sampler's output.
-        """
-        B, L = idx.shape
-        device = idx.device
+                     + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w).
+        The prior KL is exact, the sum is one t per sequence from BoundTimeProposal weighted KL_t / q(t), the
+        decoder term one draw of x_1. With self-conditioning p(x_{t-1} | x_t) uses the two-pass estimate
+        x0(x_t, x0(x_t, 0)), a function of x_t alone, so this bounds a Markov model; the sampler feeds the previous
+        step's estimate and rounds at the end: the bound is for the model, not for the sampler's output."""
+        (B, L), device = idx.shape, idx.device
         x0 = self.clean(idx)
         prior = self.diffusion.prior_kl(x0.double()).sum((1, 2))
         t, q_t = self.time_proposal.draw(B, generator, device)
@@ -587,32 +461,27 @@ class GaussianLM(DiffusionLM):
         return (prior + diffusion + decoder) / (L * math.log(2))
 
     # -- sampler hooks
-    def time_grid(self, steps, fixed):
-        return self.discrete_grid(steps)
-
     def init_state(self, n, length, fixed, generator, opts):
         if opts['sampler'] not in ('ddpm', 'ddim'):
             raise ValueError(f"sampler={opts['sampler']!r}, expected 'ddpm' or 'ddim'")
-        if self.guidance_scale(opts) != 1.0 and self.config.cfg_drop == 0.0:
+        if opts.get('guidance_scale', 1.0) != 1.0 and self.config.cfg_drop == 0.0:
             raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
-        x = randn((n, length, self.table().shape[1]), generator, fixed.device).to(self.dtype_)
+        x = randn((n, length, self.table().shape[1]), generator, fixed.device).to(next(self.parameters()).dtype)
         known = self.clean(fixed.clamp(min=0))
         return {'x': x, 'x0_sc': None, 'x0_hat': None, 'out': None, 'known': known}
-
-    @property
-    def dtype_(self):
-        return next(self.parameters()).dtype
 
     def step(self, state, t, s, fixed, generator, opts):
         x = state['x']
         n, device = x.shape[0], x.device
         tt = torch.full((n,), t, dtype=torch.long, device=device)
-        ss = torch.full((n,), self.landing_time(t, s, opts), dtype=torch.long, device=device)
+        # analog's td, Analog Bits' asymmetric time intervals: land further, at s - td (t - s) (not below 0), while the
+        # network is told the grid time; td > 0 helps when few steps are used (Chen et al. 2023, sec. 3)
+        ss = torch.full((n,), max(0, s - round(opts.get('td', 0.0) * (t - s))), dtype=torch.long, device=device)
         x0_hat, out = self.guided_prediction(x, tt, fixed, state['x0_sc'], opts)
         self.nfe += (2 if self.config.self_cond and state['x0_sc'] is None else 1) * \
-            (2 if self.guidance_scale(opts) != 1.0 else 1)
+            (2 if opts.get('guidance_scale', 1.0) != 1.0 else 1)
         if opts['clamp']:
-            x0_hat = self.clean(self.round_tokens(out))  # the clamping trick: snap to the most likely token
+            x0_hat = self.clean(out.argmax(-1))  # the clamping trick: snap to the most likely token
         noise = randn(x.shape, generator, device).to(x.dtype)
         if opts['sampler'] == 'ddpm':
             x_s = self.diffusion.ddpm_step(x0_hat, x, tt, ss, noise)
@@ -624,42 +493,23 @@ class GaussianLM(DiffusionLM):
         return {**state, 'x': x_s, 'x0_sc': x0_hat if self.config.self_cond else None, 'x0_hat': x0_hat, 'out': out}
 
     def guided_prediction(self, x, t, fixed, x0_sc, opts):
-        """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) when the model has a condition."""
+        """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) (embed's option guidance_scale)."""
         cond = fixed if self.config.cfg_drop > 0 else None
         x0_hat, out, _ = self.denoise(x, t, cond, x0_sc)
-        w = self.guidance_scale(opts)
+        w = opts.get('guidance_scale', 1.0)
         if w != 1.0:
             x0_u, out_u, _ = self.denoise(x, t, torch.full_like(fixed, -1), x0_sc)
             x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
         return x0_hat, out
 
-    def guidance_scale(self, opts):
-        """The classifier-free guidance scale of a sampling call; 1 (none) for a family without the option."""
-        return 1.0
-
-    def landing_time(self, t, s, opts):
-        """The time a step from grid time t towards s lands at: s, unless the family steps further (analog's td)."""
-        return s
-
-    def round_tokens(self, logits):
-        return logits.argmax(-1)
-
-    def current_tokens(self, state):
-        return self.round_tokens(state['out'])
-
-    def final_tokens(self, state, generator, opts):
-        # the last step lands on s = 0 where x_0 = x0_hat; its most likely token
-        return self.round_tokens(state['out'])
+    def current_tokens(self, state):  # also the output: the last step lands on s = 0, where x_0 = x0_hat
+        return state['out'].argmax(-1)
 
 
 class EmbedDiffusion(GaussianLM):
-    """Diffusion-LM: Gaussian diffusion over learned token embeddings (width embed_dim), rounded to tokens.
-
-    predict='x0': the network's vocabulary logits give x0_hat as the posterior mean of the embeddings (see
-    GaussianLM); loss = ||x0_hat - x0||^2 + CE(logits, w) + the rounding CE -log p(w | x0) with distance logits
-    (which keeps the embeddings apart, Diffusion-LM) + the prior term at t = T. predict='eps': the network
-    regresses the noise; loss = ||eps_hat - eps||^2 + rounding CE + prior.
-    """
+    """Diffusion-LM: Gaussian diffusion over learned token embeddings (width embed_dim), rounded to tokens. Loss
+    (predict='x0'): ||x0_hat - x0||^2 + CE(logits, w) + the rounding CE -log p(w | x0) with distance logits (it keeps
+    the embeddings apart) + the prior term at t = T; predict='eps': ||eps_hat - eps||^2 + the last two."""
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'guidance_scale': 1.0}
     lookup_only = ('backbone.wpe.weight', 'cond_emb.weight')
     no_decay = ('tok_emb.weight',)  # decaying the diffused embeddings would shrink the signal to the noise
@@ -668,8 +518,7 @@ class EmbedDiffusion(GaussianLM):
         super().__init__(config)
         D = config.embed_dim
         self.tok_emb = nn.Embedding(self.padded_vocab, D)
-        in_dim = 2 * D if config.self_cond else D
-        self.in_proj = nn.Linear(in_dim, config.n_embd, bias=config.bias)
+        self.in_proj = nn.Linear(2 * D if config.self_cond else D, config.n_embd, bias=config.bias)
         # the prompt condition: a clean token embedding per conditioned position, a learned null elsewhere
         self.cond_emb = nn.Embedding(self.padded_vocab + 1, config.n_embd) if config.cfg_drop > 0 else None
         self.backbone = Backbone(config, causal=False, time_cond=True)
@@ -691,9 +540,6 @@ class EmbedDiffusion(GaussianLM):
             h = h + self.cond_emb(c)
         return h
 
-    def guidance_scale(self, opts):
-        return opts['guidance_scale']
-
     def training_condition(self, idx):
         """With cfg_drop > 0: condition on a random-length prefix (up to half the sequence), dropped with
         probability cfg_drop so the same network also learns the unconditional model guidance needs."""
@@ -707,17 +553,14 @@ class EmbedDiffusion(GaussianLM):
 
     def extra_loss(self, x0, idx):
         """The rounding cross-entropy -log p(w | x_0) and the prior term at t = T."""
-        ce = F.cross_entropy(self.rounding_logits(x0).flatten(0, 1).float(), idx.flatten())
+        ce = F.cross_entropy(rounding_logits(x0, self.table()).flatten(0, 1).float(), idx.flatten())
         return ce + self.diffusion.prior_kl(x0).mean().float()
 
 
 class AnalogBitDiffusion(GaussianLM):
     """Analog Bits (Chen, Zhang & Hinton 2023): the 16 bits of the id as +-scale reals under the Gaussian process.
-
-    The network reads x_t through BitCodeInput (its signs as a code, and the reals themselves, with the
-    self-conditioning estimate) and returns logits over the valid ids; the x0 estimate is the posterior mean of
-    the +-scale codes, which is never an invalid code's. Loss: ||x0_hat - x0||^2 + CE(logits, w).
-    """
+    The network reads x_t (and x0_sc) through BitCodeInput; x0_hat, the posterior mean of the valid ids' codes, is
+    never an invalid code's. Loss: ||x0_hat - x0||^2 + CE(logits, w)."""
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'td': 0.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
 
@@ -735,33 +578,19 @@ class AnalogBitDiffusion(GaussianLM):
     def features(self, x_t, x0_sc, cond):
         return self.bit_input(x_t, x0_sc if self.config.self_cond else None)
 
-    def landing_time(self, t, s, opts):
-        """Analog Bits' asymmetric time intervals: step further, to s - td (t - s) (never below 0), while the network
-        keeps being told the grid time; td > 0 helps when few steps are used (Chen et al. 2023, sec. 3)."""
-        return max(0, s - round(opts['td'] * (t - s)))
-
 
 def vocab_logits(h, tok_emb, vocab_size):
-    """Output layer tied to the input embedding, over the real vocabulary only: slicing the weight rows (not
-    the logits) keeps [MASK] and the padding ids out of every softmax at no extra cost."""
+    """Output layer tied to the input embedding; slicing its rows keeps [MASK] and padding out of every softmax."""
     return F.linear(h, tok_emb.weight[:vocab_size])
 
 
-# ----------------------------------------------------------------------------------------------------
-# bits: discrete diffusion on the 16 bits of the id by independent bit flips
-
-class BitDiffusion(DiffusionLM):
-    """Each bit flips independently: q(b_t != b_0) = (1 - abar_t) / 2, so at t = T the bits are uniform.
-
-    Between any s < t a bit flips with probability (1 - abar_t/abar_s) / 2. The network reads the noisy code
-    through BitCodeInput and returns logits over the valid ids, p(w | b_t); the clean-bit probabilities it
-    implies are the marginals P(b_0,k = 1) = sum_w p(w | b_t) bit_k(w), which a factorised head over 16 bits
-    could only learn by memorising the code of every id. Loss: CE(logits, w) + the binary cross-entropy of those
-    marginals. The model's transition is the mixture p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t, b_0 = code(w))
-    for any s < t (D3PM's x0-parameterisation): the sampler draws w, then b_s from the exact posterior, so any
-    number of steps works; the bound scores the same mixture; the last step draws the id from the decoder
-    p(w | b_1).
-    """
+# -------- bits: discrete diffusion on the 16 bits of the id by independent bit flips
+class BitDiffusion(LanguageModel):
+    """Bit flips of the id's 16 bits (BitFlipDiffusion) with a head over the ids, p(w | b_t): its clean-bit marginals
+    sum_w p(w | b_t) bit_k(w) would take a factorised 16-bit head a memorised code of every id. Loss: CE(logits, w)
+    + the binary CE of those marginals. The transition is p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t, b_0 = code(w)),
+    any s < t (D3PM's x0-parameterisation): the sampler draws w, then b_s from the exact posterior; the bound scores
+    the same mixture; the last step draws the id from the decoder p(w | b_1)."""
     sample_options = {'temperature': 1.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
 
@@ -778,10 +607,8 @@ class BitDiffusion(DiffusionLM):
         init_weights(self, config.n_layer)
 
     def predict(self, b_t, t):
-        """Logits over the valid ids given the noisy bits b_t (0/1): the network's, plus the exact log-likelihood
-        of b_t under each id, log q(b_t | w) = n_agree log(stay_t) + (16 - n_agree) log(1 - stay_t)
-        = logit(stay_t) (s_t . s_w) / 2 + const with s = 2b - 1, so that at low noise, where the flips say almost
-        everything, the posterior is right by construction and the network only adds the context."""
+        """Logits over the valid ids given b_t (0/1): the network's plus the exact log q(b_t | w) (code_loglik), so
+        at low noise, where the flips say almost everything, the posterior is right by construction."""
         h = self.backbone(self.bit_input(2 * b_t - 1), t.float() / self.config.T)
         return self.lm_head(h).float() + self.diffusion.code_loglik(b_t, t, self.codes)
 
@@ -789,40 +616,27 @@ class BitDiffusion(DiffusionLM):
         """P(b_0,k = 1) = sum_w softmax(logits)_w bit_k(w): (..., V) -> (..., 16)."""
         return logits.to(dtype).softmax(-1) @ self.codes.to(dtype)
 
-    def bit_logliks(self, b_s, b_t, t, s, dtype=torch.float64):
-        """log q(b_s,k | b_t,k, b_0,k = 1) and the same given b_0,k = 0, per bit: two (..., 16) tables."""
-        tiny = torch.finfo(dtype).tiny  # log(0) would make -inf x 0 = nan in the matmuls that use these
-        up = b_s > 0.5
-        post1 = self.diffusion.posterior_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k=1 | b_t, b_0,k=1)
-        post0 = self.diffusion.posterior_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k=1 | b_t, b_0,k=0)
-        return (torch.where(up, post1, 1 - post1).clamp_min(tiny).log(),
-                torch.where(up, post0, 1 - post0).clamp_min(tiny).log())
-
     def joint_logprob(self, b_s, b_t, logits, t, s, dtype=torch.float64):
         """log p(w | b_t) + log q(b_s | b_t, b_0 = code(w)) for every id w: (..., V), one (16 x V) matmul per
         position. Its logsumexp over w is log p(b_s | b_t) (transition_logprob)."""
-        log_if1, log_if0 = self.bit_logliks(b_s, b_t, t, s, dtype)
+        log_if1, log_if0 = self.diffusion.bit_logliks(b_s, b_t, t, s, dtype)
         codes = self.codes.to(dtype)
         return logits.to(dtype).log_softmax(-1) + log_if1 @ codes.t() + log_if0 @ (1 - codes).t()
 
     def transition_logprob(self, b_s, b_t, logits, t, s, dtype=torch.float64):
-        """log p(b_s | b_t) per position under the model's transition: the mixture over clean ids
-            p(b_s | b_t) = sum_w p(w | b_t) prod_k q(b_s,k | b_t,k, b_0,k = bit_k(w))
-        (D3PM's x0-parameterisation). Within a token the bits stay correlated through w, which a product of
-        per-bit marginals would lose."""
+        """log p(b_s | b_t) = log sum_w p(w | b_t) prod_k q(b_s,k | b_t,k, b_0,k = bit_k(w)) per position: the bits
+        of a token stay correlated through w, which a product of per-bit marginals would lose."""
         return torch.logsumexp(self.joint_logprob(b_s, b_t, logits, t, s, dtype), -1)
 
     def step_kl(self, b0, b_t, logits, t, generator=None, dtype=torch.float64, near=True):
         """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias.
 
-        q is a product over the 16 bits and puts almost all its mass on its mode m and the 16 codes m^k one flip
-        away (the set S). With near=True those 17 terms are summed exactly and only the rest is drawn, once:
+        q, a product over the 16 bits, puts almost all its mass on its mode m and the 16 codes m^k one flip away (S);
+        near=True sums those 17 terms exactly and draws only the rest, once:
             KL = sum_{b in S} q(b) log(q(b) / p(b)) + E_{b ~ q}[1{b not in S} log(q(b) / p(b))].
-        The 17 values of p come from one pass over the ids: flipping bit k multiplies the joint term a_w of id w
-        by r1_k where bit_k(w) = 1 and by r0_k where it is 0, so p(m^k) = r1_k sum_{bit_k(w)=1} a_w +
-        r0_k sum_{bit_k(w)=0} a_w, two (V x 16) matmuls. A plain one-draw estimate log q(b) - log p(b) (near=False,
-        what training records for the time proposal) is heavy-tailed: a rare draw that the model did not expect
-        costs about -log p(w | b_t), tens of nats."""
+        Flipping bit k multiplies the joint term a_w of id w by r1_k where bit_k(w) = 1, by r0_k where it is 0, so
+        p(m^k) = r1_k sum_{bit_k(w)=1} a_w + r0_k sum_{bit_k(w)=0} a_w: two (V x 16) matmuls. The one-draw estimate
+        (near=False, what training records) is heavy-tailed: a surprising draw costs ~-log p(w | b_t), tens of nats."""
         q1 = self.diffusion.posterior_one(b_t, b0, t, t - 1).to(dtype)
         tiny = torch.finfo(dtype).tiny
 
@@ -839,8 +653,8 @@ class BitDiffusion(DiffusionLM):
         e = (a - top).exp()
         codes = self.codes.to(dtype)
         log_s1, log_s0 = (e @ codes).log(), (e @ (1 - codes)).log()                 # (..., 16)
-        keep1, keep0 = self.bit_logliks(mode, b_t, t, t - 1, dtype)
-        flip1, flip0 = self.bit_logliks(1 - mode, b_t, t, t - 1, dtype)
+        keep1, keep0 = self.diffusion.bit_logliks(mode, b_t, t, t - 1, dtype)
+        flip1, flip0 = self.diffusion.bit_logliks(1 - mode, b_t, t, t - 1, dtype)
         log_p_mode = top.squeeze(-1) + e.sum(-1).log()
         log_p_flip = top + torch.logaddexp(log_s1 + flip1 - keep1, log_s0 + flip0 - keep0)
         log_q_mode = log_q(mode).sum(-1)
@@ -869,16 +683,12 @@ class BitDiffusion(DiffusionLM):
 
     @exact
     def nll(self, idx, generator=None):
-        """Variational bound in bits per token with exact per-bit KL terms:
+        """Variational bound in bits per token, one unbiased estimate per sequence:
 
         -log p(w) <= E[-log p(w | b_1)] + sum_{t=2}^T E KL(q(b_{t-1}|b_t,b_0) || p(b_{t-1}|b_t)) + KL(q(b_T|b_0) || U),
-        the sum estimated without bias by importance sampling one t per sequence from the adaptive proposal
-        (BoundTimeProposal), KL_t / q(t), and KL_t itself summed over the likeliest b_{t-1} plus one draw for the rest
-        (step_kl); p(b_{t-1} | b_t) is
-        the model's transition, the mixture over clean ids (transition_logprob).
-        """
-        B, L = idx.shape
-        device = idx.device
+        the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t by step_kl against the model's
+        transition, the mixture over clean ids (transition_logprob)."""
+        (B, L), device = idx.shape, idx.device
         b0 = ids_to_bits(idx).double()
         prior = self.diffusion.prior_kl(L)
         t, q_t = self.time_proposal.draw(B, generator, device)
@@ -891,18 +701,14 @@ class BitDiffusion(DiffusionLM):
         return (prior + kl / q_t + decoder) / (L * math.log(2))
 
     # -- sampler hooks
-    def time_grid(self, steps, fixed):
-        return self.discrete_grid(steps)
-
     def init_state(self, n, length, fixed, generator, opts):
         b = (rand((n, length, NUM_BITS), generator, fixed.device) < 0.5).float()
         return {'b': b, 'logits': None, 'known': ids_to_bits(fixed.clamp(min=0)).float()}
 
     def step(self, state, t, s, fixed, generator, opts):
         b = state['b']
-        n = b.shape[0]
-        tt = torch.full((n,), t, dtype=torch.long, device=b.device)
-        ss = torch.full((n,), s, dtype=torch.long, device=b.device)
+        tt = torch.full(b.shape[:1], t, dtype=torch.long, device=b.device)
+        ss = torch.full(b.shape[:1], s, dtype=torch.long, device=b.device)
         logits = self.predict(b, tt).float() / max(opts['temperature'], 1e-8)
         self.nfe += 1
         if s > 0:
@@ -925,22 +731,16 @@ class BitDiffusion(DiffusionLM):
         # the last step (s = 0) read b_1: draw the id from the decoder p(w | b_1), its logits already divided by
         # the temperature as in the earlier steps (0: the most likely id)
         logp = self.decoder_logprobs(state['b_in'], state['logits'])
-        tau = opts['temperature']
-        return draw_categorical(logp.flatten(0, 1), generator, 1.0 if tau > 0 else 0.0).view(logp.shape[:-1])
+        return draw_categorical(logp.flatten(0, 1), generator, float(opts['temperature'] > 0)).view(logp.shape[:-1])
 
 
-# ----------------------------------------------------------------------------------------------------
-# mask: masked (absorbing-state) diffusion, MDLM
-
-class MaskedDiffusion(DiffusionLM):
-    """MDLM (Sahoo et al. 2024): each token is replaced by [MASK] with probability 1 - alpha_t, t in [0, 1].
-
-    SUBS parameterisation: the network's distribution over clean tokens never puts mass on [MASK] (or the
-    padding ids), and unmasked tokens are carried over unchanged (the sampler never touches them, and the loss
-    only counts masked positions). Loss: the continuous-time ELBO
-        E_t [ -alpha'_t / (1 - alpha_t) sum_{masked l} -log p(x_l | z_t) ] / L,   in nats per token,
-    estimated with t integrated out (forward, nll): the same number for every schedule alpha_t.
-    """
+# -------- mask: masked (absorbing-state) diffusion, MDLM
+class MaskedDiffusion(LanguageModel):
+    """MDLM (Sahoo et al. 2024): each token is replaced by [MASK] with probability 1 - alpha_t, t in [0, 1]. SUBS
+    parameterisation: p(x_0 | z_t) puts no mass on [MASK] or the padding ids, and unmasked tokens are carried over
+    (the sampler never touches them, the loss counts only masked positions). Loss: the continuous-time ELBO
+        E_t [ -alpha'_t / (1 - alpha_t) sum_{masked l} -log p(x_l | z_t) ] / L  nats per token,
+    with t integrated out (nll): the same number for every schedule alpha_t."""
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'cached': True}
     extra_ids = 1  # the [MASK] id, vocab_size
 
@@ -960,46 +760,30 @@ class MaskedDiffusion(DiffusionLM):
         return vocab_logits(h, self.tok_emb, self.config.vocab_size).float().log_softmax(-1)
 
     def masked_subset(self, idx, generator, stratified):
-        """The ELBO with t integrated out (see nll): m ~ U{1..L} masked positions, a uniform subset of that size,
-        and, for a time-conditioned network, a t drawn from its posterior given m. Returns (z, masked, m, t).
-        stratified: the B draws of m share one uniform shift of a regular grid (lower variance in training)."""
+        """(z, masked, m, t) for the ELBO with t integrated out (nll): m ~ U{1..L} of the positions masked, and for a
+        time-conditioned network a t given m."""
         B, L = idx.shape
-        device = idx.device
-        u = rand((B,), generator, device)
-        if stratified:
-            u = (u[:1] + torch.arange(B, device=device, dtype=torch.float64) / B) % 1.0
-        m = 1 + (u * L).floor().long().clamp(max=L - 1)
-        keys = rand((B, L), generator, device)
-        masked = keys.argsort(1).argsort(1) < m[:, None]  # a uniform subset of m positions
-        t = None
-        if self.config.time_cond:
-            gdev = generator.device if generator is not None else device
-            g1 = torch._standard_gamma(m.double().to(gdev), generator=generator)  # Beta(m, L-m+1) from gammas
-            g2 = torch._standard_gamma((L - m + 1).double().to(gdev), generator=generator)
-            t = self.diffusion.time_of_mask_rate((g1 / (g1 + g2)).to(device)).float()
+        masked, m = self.diffusion.random_subset(B, L, generator, idx.device, stratified)
+        t = self.diffusion.time_given_count(m, L, generator, idx.device) if self.config.time_cond else None
         return torch.where(masked, self.mask_id, idx), masked, m, t
 
     def forward(self, idx):
-        """The ELBO per token, in nats, by the same bounded-variance estimator as nll(): each sequence's loss is
-        the mean NLL over its m masked positions, m ~ U{1..L} (stratified over the batch). Its expectation is the
-        1/t-weighted MDLM loss; but where that weight reaches 1/t ~ 1000 on a handful of masked tokens, here
-        every sequence carries the same total weight."""
+        """The ELBO per token in nats by nll()'s estimator: the mean NLL over the m masked positions. Its expectation
+        is MDLM's 1/t-weighted loss, but where that puts a weight ~1000 on a handful of tokens, here every sequence
+        carries the same total weight."""
         z, masked, m, t = self.masked_subset(idx, None, stratified=True)
         nll = -self.log_probs(z, t).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         return ((nll * masked).sum(1) / m).mean()
 
     @exact
     def nll(self, idx, generator=None):
-        """The continuous-time ELBO in bits per token, one unbiased draw per sequence.
-
-        Integrating t out analytically (the mask rate pi = 1 - alpha_t has dt weight dpi / pi, and
-        int_0^1 pi^(m-1) (1-pi)^(L-m) C(L, m) dpi = 1/m) turns the ELBO into
+        """The continuous-time ELBO in bits per token, one unbiased draw per sequence. Integrating t out analytically
+        (the mask rate pi = 1 - alpha_t has dt weight dpi / pi, and int_0^1 pi^(m-1) (1-pi)^(L-m) C(L, m) dpi = 1/m)
+        turns the ELBO into
             sum_{m=1}^L (1/m) E_{|M| = m} [ sum_{l in M} -log p(x_l | x with M masked) ]
           = E_{m ~ U{1..L}} [ (L/m) sum_{l in M} -log p(x_l | ...) ],
-        one draw of m and of a uniform subset M of size m per sequence: the same bound for every schedule,
-        with bounded variance (unlike the 1/t weight). A time-conditioned network is given the t whose mask
-        rate is drawn from its posterior given |M| = m, Beta(m, L - m + 1).
-        """
+        one draw of m and of a subset M per sequence: the same bound for every schedule, with bounded variance
+        (unlike the 1/t weight). A time-conditioned network gets a t drawn given |M| = m (time_given_count)."""
         z, masked, m, t = self.masked_subset(idx, generator, stratified=False)
         nll = -self.log_probs(z, t).gather(-1, idx.unsqueeze(-1)).squeeze(-1).double()
         return (nll * masked).sum(1) / m.double() / math.log(2)
@@ -1036,15 +820,11 @@ class MaskedDiffusion(DiffusionLM):
         return state['z']
 
 
-# ----------------------------------------------------------------------------------------------------
-# ar: the autoregressive baseline (and the judge for generative perplexity)
-
-class AutoregressiveLM(DiffusionLM):
-    """GPT on the same backbone: causal attention, no time input (adaLN from a learned constant).
-
-    Windows are block_size + 1 tokens: the network reads the first block_size and predicts the next token at
-    each position. Generation is left to right with a KV cache, starting from <|endoftext|> (the last id).
-    """
+# -------- ar: the autoregressive baseline (and the judge for generative perplexity)
+class AutoregressiveLM(LanguageModel):
+    """GPT on the same backbone: causal attention, no time input (adaLN from a learned constant). Windows are
+    block_size + 1 tokens: it reads the first block_size and predicts the next token at each position. Generation is
+    left to right with a KV cache, starting from <|endoftext|> (the last id)."""
     extra_tokens = 1
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
     fixed_steps = True
@@ -1073,12 +853,6 @@ class AutoregressiveLM(DiffusionLM):
         nll = -logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1).double()
         return nll.mean(1) / math.log(2)
 
-    def check_sample_args(self, length, steps, options):
-        if steps is not None:  # (fixed_steps)
-            raise ValueError("model_type='ar' draws one token per step, so the number of steps is set by the "
-                             "length; leave steps unset")
-        return super().check_sample_args(length, None, options)
-
     # -- sampler hooks: one "step" per generated position
     def time_grid(self, steps, fixed):
         prompt = fixed >= 0
@@ -1105,13 +879,8 @@ class AutoregressiveLM(DiffusionLM):
     def current_tokens(self, state):
         return state['out']
 
-    def final_tokens(self, state, generator, opts):
-        return state['out']
 
-
-# ----------------------------------------------------------------------------------------------------
-# Construction and checkpoints
-
+# -------- Construction (checkpoints: checkpoint.py)
 FAMILIES = {'embed': EmbedDiffusion, 'bits': BitDiffusion, 'analog': AnalogBitDiffusion,
             'mask': MaskedDiffusion, 'ar': AutoregressiveLM}
 
@@ -1126,50 +895,3 @@ def build_model(config):
         config = ModelConfig(**config)
     return FAMILIES[config.model_type](config)
 
-
-def save_checkpoint(path, ckpt):
-    """torch.save, atomically (see write_atomic)."""
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-def load_checkpoint(path, device='cpu', use_ema=True):
-    """Rebuild the model from `model_args` and load its weights (EMA ones when present and use_ema).
-
-    `path` is a checkpoint file or an out_dir holding ckpt.pt. Returns (model in eval mode, checkpoint dict).
-    """
-    if os.path.isdir(path):
-        path = os.path.join(path, 'ckpt.pt')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path} (train one with train.py, which writes out_dir/ckpt.pt)")
-    with open(path, 'rb') as f:
-        head = f.read(8)
-    if not head:
-        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint (a copy or a save that did not finish?)")
-    if not head.startswith((b'PK', b'\x80')):  # torch.save writes a zip archive (or, long ago, a bare pickle)
-        raise ValueError(f"{path} is not a PyTorch checkpoint: it starts with {head!r}, not a zip or pickle header")
-    try:
-        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
-            warnings.simplefilter('ignore')
-            ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every way a file can fail to unpickle ends in the same one line
-        # weights_only=True refuses any pickle that would build objects other than tensors and plain data (so a
-        # malicious one never runs); torch's own message suggests weights_only=False, the one thing not to do
-        msg = str(e)
-        detail = (msg.split('WeightsUnpickler error:', 1)[1].strip().splitlines() or [''])[0] \
-            if 'WeightsUnpickler error:' in msg else f"{type(e).__name__}: {(msg.strip().splitlines() or [''])[0]}"
-        raise ValueError(f"{path} is not a checkpoint this project can load: torch.load(weights_only=True), which "
-                         f"never runs code from a file, refused it ({detail})") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (train.py saves a dict with "
-                         f"model_args and model)")
-    missing = [k for k in ('model_args', 'model') if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a checkpoint of this project: missing key(s) {missing}")
-    try:
-        model = build_model(dict(ckpt['model_args']))
-        state = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
-        model.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise ValueError(f"{path}: its weights do not fit its model_args ({str(e).strip().splitlines()[0]})") from None
-    model.to(device).eval()
-    return model, ckpt

@@ -35,6 +35,7 @@ are checked writable before sampling starts. Without the GPT-2 tokenizer (no net
 without a prompt goes on with a warning and prints token ids (text is null in out_file); a prompt needs it.
 """
 
+import functools
 import json
 import re
 import sys
@@ -42,9 +43,11 @@ import time
 
 import torch
 
+from checkpoint import load_checkpoint
 from configurator import configure
-from model import load_checkpoint
+from model import FAMILIES
 from prepare import PrepareError, get_encoding
+import util
 from util import autocast_context, check_writable, line_buffered_stdout, resolve_device, write_atomic
 
 # -----------------------------------------------------------------------------------------------------
@@ -77,7 +80,8 @@ device = 'auto'                 # 'auto' (cuda if available, else cpu) | 'cpu' |
 dtype = 'auto'                  # 'auto' | 'float32' | 'bfloat16' | 'float16': autocast as in train.py
 _config_keys = [k for k, v in list(globals().items())
                 if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
-_FAMILY_OPTIONS = ('sampler', 'eta', 'clamp', 'guidance_scale', 'td', 'temperature', 'top_k', 'top_p', 'cached')
+# every family's sampler options, read from the families themselves (test_sample.py checks each has a knob above)
+_FAMILY_OPTIONS = tuple(dict.fromkeys(k for family in FAMILIES.values() for k in family.sample_options))
 # -----------------------------------------------------------------------------------------------------
 
 EOT_STR = '<|endoftext|>'
@@ -95,8 +99,7 @@ def evenly(n, k):
     return {round(j * (n - 1) / (k - 1)) for j in range(k)}
 
 
-def fail(msg):
-    raise SystemExit(f"sample.py: {msg}")
+fail = functools.partial(util.fail, 'sample.py')
 
 
 class _Recorder(dict):

@@ -24,6 +24,7 @@ distinct-n, rep-4). The plot draws the panels named in `panels` (see PANELS).
 
 import concurrent.futures
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import sys
 import time
 
 from configurator import configure
+import util
 from util import save_figure, write_atomic, write_json
 
 # -----------------------------------------------------------------------------------------------------
@@ -61,8 +63,7 @@ _DEFAULTS = copy.deepcopy({k: globals()[k] for k in _config_keys})  # main() may
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def fail(msg):
-    raise SystemExit(f"sweep.py: {msg}")
+fail = functools.partial(util.fail, 'sweep.py')
 
 
 def train_settings(run):
@@ -178,7 +179,7 @@ def temperature_rows(rows_in, ev, judge_dir, work, log):
     scored with evaluate.py's metrics under the judge. Temperature 1.0 is evaluate.py's own rows."""
     import torch
     import evaluate
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     cfg, dev = ev['config'], ev['device']
     judge_model, bos = None, evaluate.prepare.EOT
     if judge_dir:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from bounds import BoundTimeProposal
 from conftest import train_steps
 from diffusion import abar_schedule, ids_to_bits, randn
-from model import BoundTimeProposal, ModelConfig, build_model
+from model import ModelConfig, build_model
 from prepare import unigram_logprobs
 from test_model import TOY_SEQS
 

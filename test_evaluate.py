@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import evaluate
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import tinystories_documents, train_steps
 from evaluate import checkpoint_data_dir, distinct_n, generative_bits, repetition_rate, unigram_entropy
-from model import build_model, load_checkpoint, save_checkpoint
+from model import build_model
 from prepare import PrepareError, TokenWindows, load_meta, prepare, unigram_logprobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import best_match, compact_vocab, train_steps
 from diffusion import GaussianDiffusion, abar_schedule, ids_to_bits
-from model import (ModelConfig, TimestepEmbedder, apply_rotary, build_model, load_checkpoint,
-                   rotary_tables, save_checkpoint)
+from model import ModelConfig, TimestepEmbedder, apply_rotary, build_model, rotary_tables
 
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import sample
-from model import ModelConfig, build_model, save_checkpoint
+from checkpoint import save_checkpoint
+from model import FAMILIES, ModelConfig, build_model
 from prepare import EOT, PrepareError, get_encoding
 from sample import build_fixed, decode, encode, evenly
 
@@ -55,6 +56,17 @@ def test_gaps_share_the_free_positions_and_exact_gaps_keep_their_size(enc):
 def test_templates_that_do_not_fit_are_errors(enc, template, length, message):
     with pytest.raises(ValueError, match=message):
         build_fixed(template, length, enc)
+
+
+def test_every_family_option_has_a_knob():
+    """sample.py passes a family's sampler option from the module-level knob of the same name (the configurator only
+    accepts keys it has): each option of each family needs one, with the family's default and its type."""
+    for name, family in FAMILIES.items():
+        for key, default in family.sample_options.items():
+            assert key in sample._config_keys, f"{name}: sampler option {key!r} has no knob in sample.py"
+            knob = getattr(sample, key)
+            assert knob == default and type(knob) is type(default), (name, key, knob, default)
+            assert key in sample._FAMILY_OPTIONS
 
 
 def test_evenly_spaced_steps():

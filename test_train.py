@@ -24,9 +24,10 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint
 from configurator import configure
 from conftest import tinystories_documents
-from model import ModelConfig, load_checkpoint
+from model import ModelConfig
 from prepare import TokenWindows, unigram_logprobs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

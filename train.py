@@ -21,6 +21,7 @@ iter_num counts optimizer steps done: a checkpoint written at iter_num N holds t
 
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -34,8 +35,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import load_checkpoint, save_checkpoint
 from configurator import configure
-from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from model import ModelConfig, build_model
+import util
 from util import (autocast_context, check_writable, keep_freed_memory, line_buffered_stdout, lock_dir,
                   measure_peak_flops, resolve_device)
 from prepare import TokenWindows, load_meta, one_line, unigram_logprobs
@@ -124,8 +127,7 @@ def fingerprint(tensors):
     return h.hexdigest()[:16]
 
 
-def fail(msg):
-    raise SystemExit(f"train.py: {msg}")
+fail = functools.partial(util.fail, 'train.py')
 
 
 def check_config(c, rank, world_size):

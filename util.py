@@ -1,12 +1,14 @@
 """
-Helpers every script shares: device and precision resolution, the autocast context, the matmul peak probe for
-MFU, device synchronisation, atomic file writes (checkpoints, samples, results and plots), the check that an
-output path is writable before the work starts, the out_dir lock, and line-buffered logs.
+Helpers every script shares: device and precision resolution, the autocast context, eval mode for a method, the
+matmul peak probe for MFU, device synchronisation, atomic file writes (checkpoints, samples, results and plots),
+the check that an output path is writable before the work starts, the out_dir lock, line-buffered logs, and the
+one-line exit of a script.
 """
 
 import atexit
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import socket
@@ -60,6 +62,11 @@ def measure_peak_flops(device, dtype, seconds=0.5):
             return 2 * n ** 3 * done / elapsed
 
 
+def fail(prog, msg):
+    """End a script with one line, `prog: msg`, and no traceback (each script binds its name: fail(msg))."""
+    raise SystemExit(f"{prog}: {msg}")
+
+
 def resolve_device(device, dtype, prog='train.py'):
     """Concrete (device, device_type, dtype) for the 'auto' settings, with checks; shared by the scripts.
 
@@ -88,6 +95,19 @@ def autocast_context(device_type, dtype):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def in_eval_mode(method):
+    """Run a method with the module in eval mode (no dropout), restoring the previous mode afterwards."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        was_training = self.training
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+    return wrapper
 
 
 def sync(device):
