@@ -11,6 +11,10 @@ For each checkpoint in `ckpts`:
               exact for `ar`, the family's variational bound otherwise (a Monte Carlo estimate, one draw per
               window per mc_samples). Reported: the mean over windows, its standard error (std / sqrt(n) across
               windows, which includes the Monte Carlo noise), the tokens used, and the perplexity 2 ** bits.
+              by_position: the same per range of positions in the window (position_buckets ranges, each with the
+              unigram bits of its tokens): for ar, position j is predicted from the j + 1 tokens before it; for the
+              bidirectional families every position sees the whole window, so a flat profile is expected there and
+              a falling one for ar (does a token far into the window get a better prediction?).
   samples     num_samples unconditional samples of sample_length tokens at each number of steps in `steps`
               (ar has no such knob: it runs once, one step per token, and is reported with steps = length).
               For each (checkpoint, steps) row:
@@ -70,6 +74,7 @@ data_dir = ''               # '' -> each checkpoint's own data_dir (from its tra
 split = 'test'              # the split the likelihood is measured on
 max_windows = 0             # cap on likelihood windows per checkpoint (the first ones); 0 = the whole split
 mc_samples = 1              # Monte Carlo draws of the bound per window, averaged (more = smaller standard error)
+position_buckets = 4        # also report bits/token in this many equal ranges of window positions (0: not at all)
 eval_batch_size = 32        # windows per forward pass (likelihood and judge)
 num_samples = 16            # samples per (checkpoint, steps) row
 sample_batch_size = 16      # samples per sampler call
@@ -204,7 +209,7 @@ def text_metrics(samples, judge_model, batch_size, bos=prepare.EOT):
 # ---- likelihood on held-out windows
 
 @torch.no_grad()
-def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen):
+def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets=0):
     """Mean bits/token (exact for ar, the bound otherwise) over the split's non-overlapping windows, and beside
     it the unigram baseline (a unigram model of the train split, add-1/2 smoothed) on exactly the tokens the
     model scored, and the context gain: unigram bits minus the model's, window by window, so its standard error
@@ -217,17 +222,25 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen):
     n = min(n, max_windows) if max_windows > 0 else n
     device = next(model.parameters()).device
     unigram = torch.from_numpy(unigram_logprobs(data_dir, 'train', model.config.vocab_size)) / -math.log(2)
-    per_window, uni_window = [], []
+    per_position, uni_position = [], []
     for start in range(0, n, batch_size):
         x = windows.eval_batch(start, min(batch_size, n - start), bs)
-        est = torch.stack([model.nll(x.to(device), generator=gen).double() for _ in range(mc)]).mean(0)
-        per_window.append(est.cpu())
-        uni_window.append(unigram[x[:, model.extra_tokens:]].mean(1))  # the tokens nll() scores
-    per_window, uni_window = torch.cat(per_window), torch.cat(uni_window)
+        est = torch.stack([model.position_nll(x.to(device), generator=gen).double() for _ in range(mc)]).mean(0)
+        per_position.append(est.cpu())
+        uni_position.append(unigram[x[:, model.extra_tokens:]])  # the tokens position_nll() scores
+    per_position, uni_position = torch.cat(per_position), torch.cat(uni_position)
+    per_window, uni_window = per_position.mean(1), uni_position.mean(1)
     bits, se = mean_se(per_window)
     gain, gain_se = mean_se(uni_window - per_window)
+    by_position = []
+    for k in range(buckets if buckets > 0 else 0):
+        a, b = k * bs // buckets, (k + 1) * bs // buckets
+        if b > a:
+            b_bits, b_se = mean_se(per_position[:, a:b].mean(1))
+            by_position.append({'positions': [a, b], 'bits': b_bits, 'bits_se': b_se,
+                                'unigram_bits': uni_position[:, a:b].mean().item()})
     return {'bits': bits, 'bits_se': se, 'ppl': perplexity(bits), 'windows': n, 'tokens': n * bs,
-            'mc_samples': mc, 'exact': model.exact_likelihood,
+            'mc_samples': mc, 'exact': model.exact_likelihood, 'by_position': by_position,
             'unigram_bits': uni_window.mean().item(), 'context_gain': gain, 'context_gain_se': gain_se}
 
 
@@ -400,6 +413,8 @@ def check_settings(c):
     bad = [s for s in c['steps'] if not isinstance(s, int) or s < 1]
     if bad or not c['steps']:
         fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
+    if c['position_buckets'] < 0:
+        fail(f"position_buckets={c['position_buckets']}, expected >= 0 (0: no per-position report)")
     check_writable(c['out_dir'], 'out_dir', 'evaluate.py', is_dir=True)  # now, not after hours of sampling
 
 
@@ -444,7 +459,8 @@ def score_model(c, path, name, head, results, add_row, dev, ctx, length):
     print(f"{name}: {cfg.model_type}, {model.get_num_params() / 1e6:.2f}M parameters, iteration {iter_num}")
     gen = torch.Generator(device=dev).manual_seed(c['seed'])
     try:
-        lk = likelihood(model, ddir, c['split'], c['max_windows'], c['eval_batch_size'], c['mc_samples'], gen)
+        lk = likelihood(model, ddir, c['split'], c['max_windows'], c['eval_batch_size'], c['mc_samples'], gen,
+                        c['position_buckets'])
     except (OSError, ValueError) as e:
         fail(f"likelihood of {path!r} on {ddir!r}: {e}")
     results['likelihood'][name] = lk
@@ -455,6 +471,10 @@ def score_model(c, path, name, head, results, add_row, dev, ctx, length):
           f"({'exact' if lk['exact'] else 'bound'}, {lk['tokens']:,} {c['split']} tokens), "
           f"PPL {fmt_ppl(lk['ppl'])}; unigram {lk['unigram_bits']:.4f}, context gain "
           f"{lk['context_gain']:+.4f} ± {fmt(lk['context_gain_se'], '.4f')} bits/token")
+    if lk['by_position']:
+        print(f"{name}: by position " + ', '.join(f"{p['positions'][0]}-{p['positions'][1] - 1}: {p['bits']:.3f} ± "
+                                                  f"{fmt(p['bits_se'])} (unigram {p['unigram_bits']:.3f})"
+                                                  for p in lk['by_position']))
     # samples: ar once (steps is the length), the others at every step count they accept
     grid = [None] if model.fixed_steps else c['steps']
     sample_row(model, 1, length, None if model.fixed_steps else 1, 1, c['seed'], dev, ctx)  # warm-up

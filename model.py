@@ -155,10 +155,9 @@ class MLP(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN attention and MLP, each modulated (shift, scale) and gated by the conditioning: with a time input by a
-    zero-initialised linear map of c (adaLN-zero: gates at 0, the block starts as the identity, DiT); without one
-    (ar, mask by default) by learned constants, gates at 1, a plain pre-LN GPT block (a matmul on a constant c would
-    cost 6 n_embd^2 weights for nothing; gates starting at 0 or 1 made no measurable difference to mask at 500 CPU
+    """Pre-LN attention and MLP, each modulated (shift, scale) and gated: with a time input by a zero-initialised
+    linear map of c (adaLN-zero: the block starts as the identity, DiT); without one (ar, mask by default) by learned
+    constants with gates at 1, a pre-LN GPT block (gates at 0 or 1 made no measurable difference to mask at 500 CPU
     iterations: 0.070 vs 0.063 nats above the unigram line, standard error 0.03)."""
 
     def __init__(self, config, causal, time_cond=True):
@@ -228,8 +227,8 @@ def init_weights(module, n_layer):
     for m in module.modules():
         if isinstance(m, (DiTBlock, Backbone)):
             if hasattr(m, 'adaLN_modulation'):  # adaLN-zero
-                nn.init.zeros_(m.adaLN_modulation[-1].weight)
-                nn.init.zeros_(m.adaLN_modulation[-1].bias)
+                for p in m.adaLN_modulation[-1].parameters():
+                    nn.init.zeros_(p)
             else:  # constant modulation: shift 0, scale 0, and for blocks gates 1 (rows 2 and 5)
                 with torch.no_grad():
                     m.modulation.zero_()
@@ -257,15 +256,15 @@ class BitCodeInput(nn.Module):
 # -------- The shared skeleton of every family
 class LanguageModel(nn.Module):
     """Base of the families: parameter accounting, optimizer, MFU, and the sampling loop. A family implements
-    `forward(idx) -> loss`, `nll(idx) -> bits/token per sequence` and the sampler hooks `init_state`, `step` and
-    `current_tokens` (`time_grid` and `final_tokens` have defaults)."""
+    `forward(idx) -> loss`, `position_nll(idx) -> (B, L) bits` (its bound, or exact NLL, split over the positions it
+    scores) and the sampler hooks `init_state`, `step`, `current_tokens` (`time_grid`, `final_tokens` have defaults)."""
     extra_tokens = 0        # windows are block_size + extra_tokens long (ar needs one more for its targets)
     sample_options = {}     # option -> default, the sampler knobs of the family
     lookup_only = ('backbone.wpe.weight',)  # tables only indexed, never multiplied (no FLOPs, not "model size")
     no_decay = ()           # matrices that must not be weight-decayed
     extra_ids = 0           # ids past the vocabulary the family's tables need (mask: one for [MASK])
     fixed_steps = False     # True where the length sets the number of sampling steps (ar: one token per step)
-    exact_likelihood = False  # True where nll() is the exact NLL rather than a bound (ar)
+    exact_likelihood = False  # True where position_nll() is the exact NLL rather than a bound (ar)
     default_steps = None    # sampling steps when none are asked for
     max_steps = None
 
@@ -282,6 +281,10 @@ class LanguageModel(nn.Module):
             self.diffusion.abar_dev = self.abar
         return self
 
+    def nll(self, idx, generator=None):
+        """Bits per token of each sequence (B,): one unbiased estimate of the bound (exact for ar)."""
+        return self.position_nll(idx, generator).mean(1)
+
     def get_num_params(self, non_embedding=True):
         skip = set(self.lookup_only) if non_embedding else set()
         return sum(p.numel() for n, p in self.named_parameters() if n not in skip)
@@ -290,15 +293,13 @@ class LanguageModel(nn.Module):
         """6N for the matmuls (forward + backward) plus 12 L d T for attention scores and values. The
         conditioning path (time MLP, adaLN modulations) runs once per sequence, so it counts 1/block_size."""
         c = self.config
-        per_seq = sum(p.numel() for n, p in self.named_parameters()
-                      if 't_embedder' in n or 'modulation' in n)
+        per_seq = sum(p.numel() for n, p in self.named_parameters() if 't_embedder' in n or 'modulation' in n)
         per_tok = self.get_num_params() - per_seq
         return 6 * per_tok + 6 * per_seq / c.block_size + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (measured for the device, passed in)."""
-        tokens = fwdbwd_per_iter * self.config.block_size
-        return self.flops_per_token() * tokens / dt / peak_flops
+        return self.flops_per_token() * fwdbwd_per_iter * self.config.block_size / dt / peak_flops
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (not biases, gains or the tables in `no_decay`)."""
@@ -306,8 +307,8 @@ class LanguageModel(nn.Module):
         decay = [p for n, p in params if p.dim() >= 2 and n not in self.no_decay]
         other = [p for n, p in params if not (p.dim() >= 2 and n not in self.no_decay)]
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
-        fused = device_type == 'cuda'
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+        fused = {'fused': True} if device_type == 'cuda' else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
     # -- the sampling loop
     def check_sample_args(self, length, steps, options):
@@ -388,10 +389,9 @@ class GaussianLM(LanguageModel):
 
     def denoise(self, x_t, t, cond=None, x0_sc=None):
         """x0 estimate at (x_t, t); with self-conditioning and no previous estimate, a first pass supplies it."""
-        if self.config.self_cond and x0_sc is None:
-            x0_sc = self.predict(x_t, t, torch.zeros_like(x_t), cond)[0]
+        zero = torch.zeros_like(x_t)
         if x0_sc is None:
-            x0_sc = torch.zeros_like(x_t)
+            x0_sc = self.predict(x_t, t, zero, cond)[0] if self.config.self_cond else zero
         return self.predict(x_t, t, x0_sc, cond)
 
     def forward(self, idx):
@@ -410,9 +410,8 @@ class GaussianLM(LanguageModel):
             use = (torch.rand(B, 1, 1, device=idx.device) < 0.5).to(x_t.dtype)
             x0_sc = use * first
         x0_hat, out, eps_hat = self.predict(x_t, t, x0_sc, cond)
-        # the bound's term at this t, recorded for the adaptive time proposal of nll()
-        t2 = t.clamp(min=2)  # (t = 1 is the decoder's step, which update() skips)
-        self.time_proposal.update(t, self.diffusion.kl_step(x0.detach(), x0_hat.detach(), t2).sum((1, 2)) / L)
+        kl = self.diffusion.kl_step(x0.detach(), x0_hat.detach(), t.clamp(min=2)).sum((1, 2)) / L
+        self.time_proposal.update(t, kl)  # the bound's term at this t, for the adaptive time proposal (skips t = 1)
         if self.config.predict == 'eps':
             return F.mse_loss(eps_hat.float(), noise.float()) + self.extra_loss(x0, idx)
         mse = F.mse_loss(x0_hat.float(), x0.float())
@@ -438,8 +437,9 @@ class GaussianLM(LanguageModel):
         return logp
 
     @exact
-    def nll(self, idx, generator=None):
-        """Discrete-time variational bound in bits per token, one unbiased estimate per sequence:
+    def position_nll(self, idx, generator=None):
+        """Discrete-time variational bound in bits per token, one unbiased estimate per position (every term is a sum
+        over positions):
 
         -log p(w) <= E_q[-log p(w | x_1)] + sum_{t=2}^T E_q KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
                      + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w).
@@ -447,24 +447,22 @@ class GaussianLM(LanguageModel):
         decoder term one draw of x_1. With self-conditioning p(x_{t-1} | x_t) uses the two-pass estimate
         x0(x_t, x0(x_t, 0)), a function of x_t alone, so this bounds a Markov model; the sampler feeds the previous
         step's estimate and rounds at the end: the bound is for the model, not for the sampler's output."""
-        (B, L), device = idx.shape, idx.device
+        B, device = idx.shape[0], idx.device
         x0 = self.clean(idx)
-        prior = self.diffusion.prior_kl(x0.double()).sum((1, 2))
+        prior = self.diffusion.prior_kl(x0.double()).sum(-1)
         t, q_t = self.time_proposal.draw(B, generator, device)
         x_t = self.diffusion.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
-        x0_hat = self.denoise(x_t, t)[0]
-        diffusion = self.diffusion.kl_step(x0, x0_hat, t).sum((1, 2)) / q_t
+        diffusion = self.diffusion.kl_step(x0, self.denoise(x_t, t)[0], t).sum(-1) / q_t[:, None]
         one = torch.ones(B, dtype=torch.long, device=device)
         x_1 = self.diffusion.q_sample(x0, one, randn(x0.shape, generator, device).to(x0.dtype))
         logp = self.decoder_logprobs(x_1, self.denoise(x_1, one)[1])
-        decoder = -logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(1)
-        return (prior + diffusion + decoder) / (L * math.log(2))
+        return (prior + diffusion - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
 
     # -- sampler hooks
     def init_state(self, n, length, fixed, generator, opts):
         if opts['sampler'] not in ('ddpm', 'ddim'):
             raise ValueError(f"sampler={opts['sampler']!r}, expected 'ddpm' or 'ddim'")
-        if opts.get('guidance_scale', 1.0) != 1.0 and self.config.cfg_drop == 0.0:
+        if self.guidance_scale(opts) != 1.0 and self.config.cfg_drop == 0.0:
             raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
         x = randn((n, length, self.table().shape[1]), generator, fixed.device).to(next(self.parameters()).dtype)
         known = self.clean(fixed.clamp(min=0))
@@ -474,12 +472,10 @@ class GaussianLM(LanguageModel):
         x = state['x']
         n, device = x.shape[0], x.device
         tt = torch.full((n,), t, dtype=torch.long, device=device)
-        # analog's td, Analog Bits' asymmetric time intervals: land further, at s - td (t - s) (not below 0), while the
-        # network is told the grid time; td > 0 helps when few steps are used (Chen et al. 2023, sec. 3)
-        ss = torch.full((n,), max(0, s - round(opts.get('td', 0.0) * (t - s))), dtype=torch.long, device=device)
+        ss = torch.full((n,), self.landing_time(t, s, opts), dtype=torch.long, device=device)
         x0_hat, out = self.guided_prediction(x, tt, fixed, state['x0_sc'], opts)
         self.nfe += (2 if self.config.self_cond and state['x0_sc'] is None else 1) * \
-            (2 if opts.get('guidance_scale', 1.0) != 1.0 else 1)
+            (2 if self.guidance_scale(opts) != 1.0 else 1)
         if opts['clamp']:
             x0_hat = self.clean(out.argmax(-1))  # the clamping trick: snap to the most likely token
         noise = randn(x.shape, generator, device).to(x.dtype)
@@ -493,14 +489,20 @@ class GaussianLM(LanguageModel):
         return {**state, 'x': x_s, 'x0_sc': x0_hat if self.config.self_cond else None, 'x0_hat': x0_hat, 'out': out}
 
     def guided_prediction(self, x, t, fixed, x0_sc, opts):
-        """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) (embed's option guidance_scale)."""
+        """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) when the model has a condition."""
         cond = fixed if self.config.cfg_drop > 0 else None
         x0_hat, out, _ = self.denoise(x, t, cond, x0_sc)
-        w = opts.get('guidance_scale', 1.0)
+        w = self.guidance_scale(opts)
         if w != 1.0:
             x0_u, out_u, _ = self.denoise(x, t, torch.full_like(fixed, -1), x0_sc)
             x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
         return x0_hat, out
+
+    def guidance_scale(self, opts):  # the classifier-free guidance weight of a sampling call (embed has the option)
+        return 1.0
+
+    def landing_time(self, t, s, opts):  # where a step from grid time t towards s lands (analog may step further)
+        return s
 
     def current_tokens(self, state):  # also the output: the last step lands on s = 0, where x_0 = x0_hat
         return state['out'].argmax(-1)
@@ -540,6 +542,9 @@ class EmbedDiffusion(GaussianLM):
             h = h + self.cond_emb(c)
         return h
 
+    def guidance_scale(self, opts):
+        return opts['guidance_scale']
+
     def training_condition(self, idx):
         """With cfg_drop > 0: condition on a random-length prefix (up to half the sequence), dropped with
         probability cfg_drop so the same network also learns the unconditional model guidance needs."""
@@ -577,6 +582,11 @@ class AnalogBitDiffusion(GaussianLM):
 
     def features(self, x_t, x0_sc, cond):
         return self.bit_input(x_t, x0_sc if self.config.self_cond else None)
+
+    def landing_time(self, t, s, opts):
+        """Analog Bits' asymmetric time intervals: land further, at s - td (t - s) (not below 0), while the network is
+        told the grid time; td > 0 helps when few steps are used (Chen et al. 2023, sec. 3)."""
+        return max(0, s - round(opts['td'] * (t - s)))
 
 
 def vocab_logits(h, tok_emb, vocab_size):
@@ -632,11 +642,10 @@ class BitDiffusion(LanguageModel):
         """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias.
 
         q, a product over the 16 bits, puts almost all its mass on its mode m and the 16 codes m^k one flip away (S);
-        near=True sums those 17 terms exactly and draws only the rest, once:
-            KL = sum_{b in S} q(b) log(q(b) / p(b)) + E_{b ~ q}[1{b not in S} log(q(b) / p(b))].
-        Flipping bit k multiplies the joint term a_w of id w by r1_k where bit_k(w) = 1, by r0_k where it is 0, so
-        p(m^k) = r1_k sum_{bit_k(w)=1} a_w + r0_k sum_{bit_k(w)=0} a_w: two (V x 16) matmuls. The one-draw estimate
-        (near=False, what training records) is heavy-tailed: a surprising draw costs ~-log p(w | b_t), tens of nats."""
+        near=True sums those 17 terms exactly and draws the rest: KL = sum_{b in S} q(b) log(q(b) / p(b)) +
+        E_{b ~ q}[1{b not in S} log(q(b) / p(b))]. Flipping bit k scales the joint term a_w of id w by r1_k where
+        bit_k(w) = 1, r0_k where 0: p(m^k) = r1_k sum_{bit_k(w)=1} a_w + r0_k sum_{bit_k(w)=0} a_w, two matmuls. The
+        one-draw estimate (near=False, what training records) is heavy-tailed (~-log p(w | b_t) when surprised)."""
         q1 = self.diffusion.posterior_one(b_t, b0, t, t - 1).to(dtype)
         tiny = torch.finfo(dtype).tiny
 
@@ -682,23 +691,21 @@ class BitDiffusion(LanguageModel):
         return ce + F.binary_cross_entropy(p1, b0)
 
     @exact
-    def nll(self, idx, generator=None):
-        """Variational bound in bits per token, one unbiased estimate per sequence:
+    def position_nll(self, idx, generator=None):
+        """Variational bound in bits per token, one unbiased estimate per position:
 
         -log p(w) <= E[-log p(w | b_1)] + sum_{t=2}^T E KL(q(b_{t-1}|b_t,b_0) || p(b_{t-1}|b_t)) + KL(q(b_T|b_0) || U),
         the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t by step_kl against the model's
         transition, the mixture over clean ids (transition_logprob)."""
-        (B, L), device = idx.shape, idx.device
+        B, device = idx.shape[0], idx.device
         b0 = ids_to_bits(idx).double()
-        prior = self.diffusion.prior_kl(L)
         t, q_t = self.time_proposal.draw(B, generator, device)
         b_t = self.diffusion.q_sample(b0, t, generator)
-        kl = self.step_kl(b0, b_t, self.predict(b_t, t), t, generator).sum(1)
+        kl = self.step_kl(b0, b_t, self.predict(b_t, t), t, generator) / q_t[:, None]
         one = torch.ones(B, dtype=torch.long, device=device)
         b_1 = self.diffusion.q_sample(b0, one, generator)
         logp = self.decoder_logprobs(b_1, self.predict(b_1, one))
-        decoder = -logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(1)
-        return (prior + kl / q_t + decoder) / (L * math.log(2))
+        return (self.diffusion.prior_kl(1) + kl - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
 
     # -- sampler hooks
     def init_state(self, n, length, fixed, generator, opts):
@@ -711,25 +718,22 @@ class BitDiffusion(LanguageModel):
         ss = torch.full(b.shape[:1], s, dtype=torch.long, device=b.device)
         logits = self.predict(b, tt).float() / max(opts['temperature'], 1e-8)
         self.nfe += 1
-        if s > 0:
-            # ancestral step from the mixture p(b_s | b_t): draw a clean id from p(w | b_t), then every bit of b_s
-            # from the exact posterior q(b_s | b_t, b_0 = its code), so a token's bits move together
-            w = draw_categorical(logits.flatten(0, 1), generator, 1.0 if opts['temperature'] > 0 else 0.0)
-            p1 = self.diffusion.posterior_one(b, self.codes[w].view(b.shape).double(), tt, ss)
-            b_next = (rand(b.shape, generator, b.device) < p1).float()
-            # infilling by imputation: known positions get a fresh draw of q(b_s | b_0 = known)
-            known_s = self.diffusion.q_sample(state['known'], ss, generator)
-            b_next = torch.where((fixed >= 0).unsqueeze(-1), known_s, b_next)
-        else:
-            b_next = b
-        return {**state, 'b': b_next, 'b_in': b, 'logits': logits}
+        if s == 0:  # the last step read b_1: final_tokens draws from the decoder p(w | b_1)
+            return {**state, 'b_in': b, 'logits': logits}
+        # ancestral step from the mixture p(b_s | b_t): draw a clean id from p(w | b_t), then every bit of b_s
+        # from the exact posterior q(b_s | b_t, b_0 = its code), so a token's bits move together
+        w = draw_categorical(logits.flatten(0, 1), generator, 1.0 if opts['temperature'] > 0 else 0.0)
+        p1 = self.diffusion.posterior_one(b, self.codes[w].view(b.shape).double(), tt, ss)
+        b_next = (rand(b.shape, generator, b.device) < p1).float()
+        # infilling by imputation: known positions get a fresh draw of q(b_s | b_0 = known)
+        known_s = self.diffusion.q_sample(state['known'], ss, generator)
+        return {**state, 'b': torch.where((fixed >= 0).unsqueeze(-1), known_s, b_next), 'b_in': b, 'logits': logits}
 
     def current_tokens(self, state):
         return state['logits'].argmax(-1)
 
     def final_tokens(self, state, generator, opts):
-        # the last step (s = 0) read b_1: draw the id from the decoder p(w | b_1), its logits already divided by
-        # the temperature as in the earlier steps (0: the most likely id)
+        # the id from the decoder p(w | b_1) of the last step, its logits divided by the temperature (0: the argmax)
         logp = self.decoder_logprobs(state['b_in'], state['logits'])
         return draw_categorical(logp.flatten(0, 1), generator, float(opts['temperature'] > 0)).view(logp.shape[:-1])
 
@@ -748,8 +752,7 @@ class MaskedDiffusion(LanguageModel):
         super().__init__(config)
         self.mask_id = config.vocab_size
         self.diffusion = MaskSchedule(config.mask_schedule)
-        self.default_steps = config.block_size
-        self.max_steps = 100_000
+        self.default_steps, self.max_steps = config.block_size, 100_000
         self.tok_emb = nn.Embedding(self.padded_vocab, config.n_embd)  # also the output layer (tied)
         self.backbone = Backbone(config, causal=False, time_cond=config.time_cond)
         init_weights(self, config.n_layer)
@@ -776,17 +779,16 @@ class MaskedDiffusion(LanguageModel):
         return ((nll * masked).sum(1) / m).mean()
 
     @exact
-    def nll(self, idx, generator=None):
-        """The continuous-time ELBO in bits per token, one unbiased draw per sequence. Integrating t out analytically
-        (the mask rate pi = 1 - alpha_t has dt weight dpi / pi, and int_0^1 pi^(m-1) (1-pi)^(L-m) C(L, m) dpi = 1/m)
-        turns the ELBO into
+    def position_nll(self, idx, generator=None):
+        """The continuous-time ELBO in bits per token, one unbiased draw per position. Integrating t out (the mask rate
+        pi = 1 - alpha_t has dt weight dpi / pi, and int_0^1 pi^(m-1) (1-pi)^(L-m) C(L, m) dpi = 1/m) turns it into
             sum_{m=1}^L (1/m) E_{|M| = m} [ sum_{l in M} -log p(x_l | x with M masked) ]
           = E_{m ~ U{1..L}} [ (L/m) sum_{l in M} -log p(x_l | ...) ],
         one draw of m and of a subset M per sequence: the same bound for every schedule, with bounded variance
         (unlike the 1/t weight). A time-conditioned network gets a t drawn given |M| = m (time_given_count)."""
         z, masked, m, t = self.masked_subset(idx, generator, stratified=False)
         nll = -self.log_probs(z, t).gather(-1, idx.unsqueeze(-1)).squeeze(-1).double()
-        return (nll * masked).sum(1) / m.double() / math.log(2)
+        return nll * masked * (idx.shape[1] / m.double()[:, None]) / math.log(2)
 
     # -- sampler hooks
     def time_grid(self, steps, fixed):
@@ -847,11 +849,11 @@ class AutoregressiveLM(LanguageModel):
         return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
     @exact
-    def nll(self, idx, generator=None):
-        """Exact NLL of idx[:, 1:] given its prefix, in bits per token."""
+    def position_nll(self, idx, generator=None):
+        """Exact NLL of each token of idx[:, 1:] given its prefix, in bits."""
         logp = self.logits(idx[:, :-1]).float().log_softmax(-1)
         nll = -logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1).double()
-        return nll.mean(1) / math.log(2)
+        return nll / math.log(2)
 
     # -- sampler hooks: one "step" per generated position
     def time_grid(self, steps, fixed):

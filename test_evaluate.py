@@ -157,6 +157,19 @@ def test_evaluate_end_to_end(tiny_run):
     assert res['unigram']['bits'] == pytest.approx(lk['out-ar']['unigram_bits'])  # the first checkpoint's tokens
     for v in lk.values():
         assert v['context_gain'] == pytest.approx(v['unigram_bits'] - v['bits']) and v['context_gain_se'] > 0
+    # bits by position (4 ranges by default): for ar the mean of its exact per-token NLL over each range of the
+    # window, computed here from the logits, beside the unigram bits of the same tokens
+    ar, _ = load_checkpoint(ck['ar'])
+    with torch.no_grad():
+        logp = ar.logits(x[:, :32]).double().log_softmax(-1)
+    per_token = -logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) / math.log(2)
+    by_position = lk['out-ar']['by_position']
+    assert [p['positions'] for p in by_position] == [[0, 8], [8, 16], [16, 24], [24, 32]]
+    for p in by_position:
+        a, b = p['positions']
+        assert p['bits'] == pytest.approx(per_token[:, a:b].mean().item(), abs=1e-5)
+        assert p['unigram_bits'] == pytest.approx(lp[x[:, 1 + a:1 + b]].mean().item(), abs=1e-9)
+    assert len(lk['out-embed']['by_position']) == 4 and all(p['bits_se'] > 0 for p in lk['out-embed']['by_position'])
 
 
 def test_evaluate_rejects_a_non_ar_judge(tiny_run):
