@@ -308,6 +308,16 @@ def _by_x(ax, res, key, label):
     ax.set(xlabel=x, ylabel=label, xscale='log', yscale='log' if key == 'gen_ppl' else 'linear')
 
 
+def _by_position(ax, res):
+    for r in res['runs']:
+        by_pos = (r.get('likelihood') or {}).get('by_position') or []
+        if by_pos:
+            mid = [(p['positions'][0] + p['positions'][1] - 1) / 2 for p in by_pos]
+            ax.errorbar(mid, [p['bits'] for p in by_pos], [p['bits_se'] or 0 for p in by_pos], marker='o', capsize=3,
+                        label=r['name'])
+    ax.set(xlabel='position in the window (middle of each range)', ylabel='test bits/token ± SE', xscale='log')
+
+
 def _frontier(ax, res):
     groups = dict.fromkeys((s['name'], s['steps']) for s in res['samples'])
     for name, steps in groups:
@@ -331,6 +341,7 @@ PANELS = {
     'bits_x': lambda ax, res: _by_x(ax, res, 'bits', 'test bits/token ± SE'),
     'gen_ppl_x': lambda ax, res: _by_x(ax, res, 'gen_ppl', 'gen-PPL under the judge'),
     'frontier': _frontier,
+    'bits_position': _by_position,
 }
 
 

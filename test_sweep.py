@@ -103,7 +103,9 @@ def test_sweep_end_to_end(shared, name):
     if name == 'ctx':  # bits/token per length, each on windows of its own length
         assert [r['settings']['block_size'] for r in res['runs']] == [64, 128, 256] * 2
         assert [r['likelihood']['tokens'] for r in res['runs']] == [4 * L for L in (64, 128, 256)] * 2
-        assert 'per position bucket' in md  # the note on what evaluate.py cannot report yet
+        for r in res['runs']:  # bits/token per range of positions, within each run's own window
+            by_pos = r['likelihood']['by_position']
+            assert by_pos[0]['positions'][0] == 0 and by_pos[-1]['positions'][1] == r['settings']['block_size']
     if name == 'diversity':  # the frontier: each run at temperature 0.5 (sample.py) and 1.0 (evaluate.py)
         temps = {(s['name'], s['temperature']) for s in res['samples']}
         assert temps == {(r['name'], t) for r in res['runs'] for t in (0.5, 1.0)}

@@ -11,10 +11,7 @@ runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if L ==
 results_dir = 'sweep-ctx'
 columns = ['block_size', 'batch_size']
 x = 'block_size'
-panels = ['bits_x', 'bits_tokens', 'gen_ppl_steps']
-notes = ['Bits/token per position bucket (does a token far into the window get a better prediction?) is not '
-         'reported: evaluate.py and model.nll return one number per window, so this needs an evaluate.py option '
-         '(per-position bits/token from the families\' nll), not code in sweep.py. The table gives bits/token per '
-         'context length instead.',
-         'Samples are all at the judge\'s length (64 tokens); samples at each length need a judge with the longest '
+panels = ['bits_x', 'bits_position', 'bits_tokens', 'gen_ppl_steps']
+eval_overrides = {'position_buckets': 8}  # bits/token in 8 ranges of positions: far into the window, better?
+notes = ['Samples are all at the judge\'s length (64 tokens); samples at each length need a judge with the longest '
          'block_size.']
