@@ -639,13 +639,12 @@ class BitDiffusion(LanguageModel):
         return torch.logsumexp(self.joint_logprob(b_s, b_t, logits, t, s, dtype), -1)
 
     def step_kl(self, b0, b_t, logits, t, generator=None, dtype=torch.float64, near=True):
-        """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias.
-
-        q, a product over the 16 bits, puts almost all its mass on its mode m and the 16 codes m^k one flip away (S);
-        near=True sums those 17 terms exactly and draws the rest: KL = sum_{b in S} q(b) log(q(b) / p(b)) +
-        E_{b ~ q}[1{b not in S} log(q(b) / p(b))]. Flipping bit k scales the joint term a_w of id w by r1_k where
-        bit_k(w) = 1, r0_k where 0: p(m^k) = r1_k sum_{bit_k(w)=1} a_w + r0_k sum_{bit_k(w)=0} a_w, two matmuls. The
-        one-draw estimate (near=False, what training records) is heavy-tailed (~-log p(w | b_t) when surprised)."""
+        """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias. q, a product
+        over the 16 bits, puts almost all its mass on its mode m and the 16 codes m^k one flip away (S); near=True
+        sums those 17 terms exactly and draws the rest: KL = sum_{b in S} q(b) log(q(b) / p(b)) + E_{b ~ q}[1{b not in
+        S} log(q(b) / p(b))]. Flipping bit k scales id w's joint term a_w by r1_k if bit_k(w) = 1, else r0_k: p(m^k) =
+        r1_k sum_{bit_k(w)=1} a_w + r0_k sum_{bit_k(w)=0} a_w, two matmuls. The one-draw estimate (near=False, what
+        training records) is heavy-tailed: a surprising draw costs ~-log p(w | b_t), tens of nats."""
         q1 = self.diffusion.posterior_one(b_t, b0, t, t - 1).to(dtype)
         tiny = torch.finfo(dtype).tiny
 
@@ -653,9 +652,8 @@ class BitDiffusion(LanguageModel):
             return torch.where(b > 0.5, q1, 1 - q1).clamp_min(tiny).log()  # per bit
 
         b_draw = (rand(q1.shape, generator, q1.device) < q1).to(dtype)
-        drawn = log_q(b_draw).sum(-1) - self.transition_logprob(b_draw, b_t, logits, t, t - 1, dtype)
         if not near:
-            return drawn
+            return log_q(b_draw).sum(-1) - self.transition_logprob(b_draw, b_t, logits, t, t - 1, dtype)
         mode = (q1 > 0.5).to(dtype)
         a = self.joint_logprob(mode, b_t, logits, t, t - 1, dtype)
         top = a.amax(-1, keepdim=True)
@@ -668,9 +666,11 @@ class BitDiffusion(LanguageModel):
         log_p_flip = top + torch.logaddexp(log_s1 + flip1 - keep1, log_s0 + flip0 - keep0)
         log_q_mode = log_q(mode).sum(-1)
         log_q_flip = log_q_mode.unsqueeze(-1) - log_q(mode) + log_q(1 - mode)
-        near_terms = log_q_mode.exp() * (log_q_mode - log_p_mode) + \
-            (log_q_flip.exp() * (log_q_flip - log_p_flip)).sum(-1)
-        return near_terms + torch.where((b_draw != mode).sum(-1) > 1, drawn, 0.0)
+        kl = log_q_mode.exp() * (log_q_mode - log_p_mode) + (log_q_flip.exp() * (log_q_flip - log_p_flip)).sum(-1)
+        far = (b_draw != mode).sum(-1) > 1  # the draw left S: p of the drawn code is needed only there
+        tt = t.view(-1, *([1] * (far.dim() - 1))).expand(far.shape)[far]
+        log_p = self.transition_logprob(b_draw[far], b_t[far], logits[far], tt, tt - 1, dtype)
+        return kl.index_put((far,), kl[far] + log_q(b_draw)[far].sum(-1) - log_p)
 
     def decoder_logprobs(self, b_1, logits):
         """log p(w | b_1) (float64): the logits of predict(b_1, 1) already hold the flip likelihood of b_1."""
