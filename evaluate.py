@@ -133,8 +133,8 @@ def self_bleu(samples, max_n=4):
     references, a tensor (N,) (float64); high means the samples repeat each other (low diversity).
 
     BLEU = BP exp(sum_{n=1}^4 log(p_n) / 4), p_n = sum_g min(count_hyp(g), max_ref count_ref(g)) / sum_g count_hyp(g)
-    over the hypothesis' n-grams g (clipped counts), and BP = min(1, exp(1 - r / c)) for hypothesis length c and
-    the closest reference length r. A p_n with no match counts as 0.1 / (its n-grams) (Chen & Cherry's smoothing
+    over the hypothesis' n-grams g (clipped counts). The brevity penalty BP = min(1, exp(1 - r / c)) is 1 here: the
+    rows of one tensor share a length. A p_n with no match counts as 0.1 / (its n-grams) (Chen & Cherry's smoothing
     1), so a short sample without a 4-gram match does not zero the score."""
     rows = samples.tolist()
     if len(rows) < 2:
@@ -161,10 +161,7 @@ def self_bleu(samples, max_n=4):
                 first, owner, second = top[n][g]
                 match += min(c, second if owner == i else first)
             log_p += math.log(match / total if match else 0.1 / total) / max_n
-        others = [len(r) for j, r in enumerate(rows) if j != i]
-        r = min(others, key=lambda length: (abs(length - len(hyp)), length))
-        bp = 1.0 if len(hyp) >= r else math.exp(1 - r / max(len(hyp), 1))
-        out.append(bp * math.exp(log_p))
+        out.append(math.exp(log_p))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -233,7 +230,7 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
     bits, se = mean_se(per_window)
     gain, gain_se = mean_se(uni_window - per_window)
     by_position = []
-    for k in range(buckets if buckets > 0 else 0):
+    for k in range(buckets):  # empty for buckets <= 0
         a, b = k * bs // buckets, (k + 1) * bs // buckets
         if b > a:
             b_bits, b_se = mean_se(per_position[:, a:b].mean(1))
