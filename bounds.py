@@ -1,8 +1,8 @@
 """
 What the families' likelihood bounds share beyond the maths of diffusion.py: the mode position_nll() runs in
-(`exact`), and the adaptive proposal over time steps with which the discrete-time bounds (embed, analog, bits)
-importance-sample their sum over steps. BoundTimeProposal is a module for its buffers alone: its statistics travel in checkpoints as
-the family's `time_proposal.*` entries.
+(`eval_in_full_precision`), and the adaptive proposal over time steps with which the discrete-time bounds (embed,
+analog, bits) importance-sample their sum over steps. BoundTimeProposal is a module for its buffers alone: its
+statistics travel in checkpoints as the family's `time_proposal.*` entries.
 """
 
 import functools
@@ -14,7 +14,7 @@ from diffusion import log_snr_drop_proposal, rand
 from util import in_eval_mode
 
 
-def exact(method):
+def eval_in_full_precision(method):
     """For position_nll(): no gradients, eval mode, no autocast: the Gaussian bounds multiply every error in the x0
     estimate by SNR/2 (~1e4 near t = 1), so bf16 rounding alone would add bits per token."""
     @functools.wraps(method)

@@ -231,18 +231,18 @@ class BitFlipDiffusion:
         flip = rand(b0.shape, generator, b0.device) >= self.stay_prob(t, torch.zeros_like(t), b0)
         return (b0.long() ^ flip.long()).to(b0.dtype)
 
-    def posterior_one(self, b_t, p0, t, s):
+    def posterior_prob_one(self, b_t, p0, t, s):
         """P(b_s = 1 | b_t) when P(b_0 = 1) = p0 (0/1 for the exact posterior, a model's marginal otherwise):
 
         q(b_s = 1 | b_t, b_0) = q(b_t | b_s = 1) q(b_s = 1 | b_0) / sum over b_s, mixed over b_0 with p0.
         """
-        a = self.stay_prob(t, s, b_t)                   # s -> t
-        c = self.stay_prob(s, torch.zeros_like(s), b_t)  # 0 -> s
-        like1 = torch.where(b_t > 0.5, a, 1 - a)         # q(b_t | b_s = 1)
-        like0 = 1 - like1                                # q(b_t | b_s = 0)
+        stay_st = self.stay_prob(t, s, b_t)                    # s -> t
+        stay_0s = self.stay_prob(s, torch.zeros_like(s), b_t)  # 0 -> s
+        like1 = torch.where(b_t > 0.5, stay_st, 1 - stay_st)   # q(b_t | b_s = 1)
+        like0 = 1 - like1                                      # q(b_t | b_s = 0)
         post_given = []
         for b0 in (1.0, 0.0):
-            prior1 = c if b0 == 1.0 else 1 - c           # q(b_s = 1 | b_0)
+            prior1 = stay_0s if b0 == 1.0 else 1 - stay_0s     # q(b_s = 1 | b_0)
             post_given.append(like1 * prior1 / (like1 * prior1 + like0 * (1 - prior1)))
         return p0 * post_given[0] + (1 - p0) * post_given[1]
 
@@ -250,8 +250,8 @@ class BitFlipDiffusion:
         """log q(b_s,k | b_t,k, b_0,k = 1) and the same given b_0,k = 0, per bit: two (..., 16) tables."""
         tiny = torch.finfo(dtype).tiny  # log(0) would make -inf x 0 = nan in the matmuls that use these
         up = b_s > 0.5
-        post1 = self.posterior_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k=1 | b_t, b_0,k=1)
-        post0 = self.posterior_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k=1 | b_t, b_0,k=0)
+        post1 = self.posterior_prob_one(b_t, torch.ones_like(b_t), t, s).to(dtype)   # P(b_s,k=1 | b_t, b_0,k=1)
+        post0 = self.posterior_prob_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k=1 | b_t, b_0,k=0)
         return (torch.where(up, post1, 1 - post1).clamp_min(tiny).log(),
                 torch.where(up, post0, 1 - post0).clamp_min(tiny).log())
 

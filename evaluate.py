@@ -244,19 +244,19 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
 # ---- sampling
 
 @torch.no_grad()
-def sample_row(model, n, length, steps_, batch_size, seed_, device_, ctx):
-    """n samples with `steps_` steps (None for ar): (tokens (n, length) on CPU, mean NFE per call, seconds).
+def sample_row(model, n, length, num_steps, batch_size, seed, device, ctx):
+    """n samples with `num_steps` steps (None for ar): (tokens (n, length) on CPU, mean NFE per call, seconds).
 
     NFE counts batched network calls, so it is also the NFE per sample; it can differ between calls where
     the sampler skips the network (mask's cache), hence the mean."""
-    gen = torch.Generator(device=device_).manual_seed(seed_)
+    gen = torch.Generator(device=device).manual_seed(seed)
     out, nfes, seconds = [], [], 0.0
     for i in range(0, n, batch_size):
-        sync(device_)
+        sync(device)
         t0 = time.perf_counter()
         with ctx:
-            x = model.sample(min(batch_size, n - i), length, steps=steps_, generator=gen)
-        sync(device_)
+            x = model.sample(min(batch_size, n - i), length, steps=num_steps, generator=gen)
+        sync(device)
         seconds += time.perf_counter() - t0
         out.append(x.cpu())
         nfes.append(model.nfe)
@@ -422,7 +422,7 @@ def load(path, dev, use_ema):
         fail(f"cannot load checkpoint {path!r}: {e}")
 
 
-def load_judge(c, dev, heads):
+def load_judge(c, dev, ckpt_info):
     """(judge model or None, the id its texts start with, whether it is a Hugging Face model), checked against
     every checkpoint's tokenizer."""
     judge_model, bos, hf_judge = None, prepare.EOT, bool(c['judge']) and not is_checkpoint(c['judge'])
@@ -437,7 +437,7 @@ def load_judge(c, dev, heads):
         if not judge_model.exact_likelihood:
             fail(f"judge={c['judge']!r} is a {judge_model.config.model_type!r} model; the judge must be an 'ar' "
                  "checkpoint (its likelihood is exact)")
-    for path, (cfg, _, _, tokenizer) in heads.items():
+    for path, (cfg, _, _, tokenizer) in ckpt_info.items():
         if hf_judge and tokenizer != 'gpt2':
             fail(f"{path} was trained on tokenizer={tokenizer!r} data; the judge {c['judge']} reads GPT-2 ids")
         if judge_model is not None and cfg.vocab_size != judge_model.config.vocab_size:
@@ -446,10 +446,10 @@ def load_judge(c, dev, heads):
     return judge_model, bos, hf_judge
 
 
-def score_model(c, path, name, head, results, add_row, dev, ctx, length):
+def score_model(c, path, name, info, results, add_row, dev, ctx, length):
     """One checkpoint: its likelihood on the split (beside the unigram line), then samples at every step count."""
     model, ckpt = load(path, dev, c['use_ema'])
-    cfg, ddir, iter_num, _ = head
+    cfg, ddir, iter_num, _ = info
     results['models'][name] = {'ckpt': path, 'model_type': cfg.model_type, 'model_args': ckpt['model_args'],
                                'iter_num': iter_num, 'params': model.get_num_params(), 'data_dir': ddir}
     del ckpt
@@ -492,14 +492,14 @@ def main(argv=None):
     dev, device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='evaluate.py')
     ctx = autocast_context(device_type, c['dtype'])
     # load every checkpoint up front (a typo fails before hours of work), keeping only the configs
-    heads = {}
+    ckpt_info = {}
     for path in c['ckpts']:
         model, ckpt = load(path, dev, c['use_ema'])
-        heads[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir'], path), ckpt.get('iter_num'),
-                       (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
+        ckpt_info[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir'], path), ckpt.get('iter_num'),
+                           (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
         del model, ckpt
-    judge_model, bos, hf_judge = load_judge(c, dev, heads)
-    limits = [h[0].block_size for h in heads.values()] + ([judge_model.config.block_size] if judge_model else [])
+    judge_model, bos, hf_judge = load_judge(c, dev, ckpt_info)
+    limits = [h[0].block_size for h in ckpt_info.values()] + ([judge_model.config.block_size] if judge_model else [])
     length = c['sample_length'] or min(limits)
     if length > min(limits):
         fail(f"sample_length={length} exceeds the smallest block_size ({min(limits)}) among the checkpoints "
@@ -514,17 +514,17 @@ def main(argv=None):
                'sample_length': length, 'num_samples': c['num_samples'], 'likelihood': {}, 'models': {},
                'rows': [], 'skipped': []}
 
-    def add_row(name, family, path, steps_, nfe, seconds, samples, fixed_steps=False):
-        row = {'name': name, 'family': family, 'ckpt': path, 'steps': steps_, 'fixed_steps': fixed_steps,
+    def add_row(name, family, path, num_steps, nfe, seconds, samples, fixed_steps=False):
+        row = {'name': name, 'family': family, 'ckpt': path, 'steps': num_steps, 'fixed_steps': fixed_steps,
                'nfe': nfe, 'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
                **text_metrics(samples, judge_model, c['eval_batch_size'], bos),
                'example': enc.decode(samples[0].tolist()) if enc is not None else None}
         results['rows'].append(row)
-        print(f"{name} steps={steps_}: NFE {fmt(nfe, '.0f')}, {fmt(row['tokens_per_s'], ',.0f')} tok/s, "
+        print(f"{name} steps={num_steps}: NFE {fmt(nfe, '.0f')}, {fmt(row['tokens_per_s'], ',.0f')} tok/s, "
               f"gen-PPL {fmt_ppl(row.get('gen_ppl'))}, entropy {row['entropy']:.2f}, rep-4 {fmt(row['rep_4'])}")
 
     # the reference: held-out text itself, scored like the samples (from the first checkpoint's data)
-    ref_dir = next(iter(heads.values()))[1]
+    ref_dir = next(iter(ckpt_info.values()))[1]
     try:
         ref = TokenWindows(ref_dir, c['split'], length)
     except (OSError, ValueError) as e:
@@ -534,7 +534,7 @@ def main(argv=None):
     for path in c['ckpts']:
         # short names (the out_dir), unless two checkpoints would share one
         unique = sum(checkpoint_name(p) == checkpoint_name(path) for p in c['ckpts']) == 1
-        score_model(c, path, checkpoint_name(path) if unique else path, heads[path], results, add_row, dev, ctx,
+        score_model(c, path, checkpoint_name(path) if unique else path, ckpt_info[path], results, add_row, dev, ctx,
                     length)
 
     write_json(os.path.join(c['out_dir'], 'results.json'), results)

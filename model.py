@@ -2,9 +2,8 @@
 The transformer backbone and every model family of the project, in two parts as in DiT: the network (blocks
 modulated by a time embedding through adaLN-zero), and the families `embed`, `bits`, `analog`, `mask` and `ar`,
 each with its input, head, training loss, sampler step and likelihood bound side by side. All five share the
-sampling loop (LanguageModel.sample); the parameter-free maths (schedules, the three processes, time and
-categorical draws, the bit code) is in diffusion.py, what the bounds share in bounds.py, checkpoint files
-in checkpoint.py.
+sampling loop (LanguageModel.sample); the parameter-free maths (schedules, the three processes, time and categorical
+draws, the bit code) is in diffusion.py, what the bounds share in bounds.py, checkpoint files in checkpoint.py.
 
 Token ids are GPT-2 BPE ids (50,257; 50256 = <|endoftext|>). Time is discrete, t = 1..T, for the Gaussian and bit
 families (abar_0 = 1: clean data) and continuous in [0, 1] for `mask`; the network always sees t in [0, 1].
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bounds import BoundTimeProposal, exact
+from bounds import BoundTimeProposal, eval_in_full_precision
 from diffusion import (NUM_BITS, BitFlipDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
                        categorical_mean, draw_categorical, ids_to_bits, rand, randn, rounding_logits,
                        stratified_times, valid_codes)
@@ -40,7 +39,7 @@ class ModelConfig:
     rotary: bool = False             # rotary position embedding instead of a learned absolute one
     T: int = 1000                    # diffusion steps of the discrete-time process (embed, bits, analog)
     noise_schedule: str = 'sqrt'     # linear | cosine | sqrt (Diffusion-LM's; bits configs use cosine)
-    predict: str = 'x0'              # embed: the network predicts eps or x0
+    predict: str = 'x0'              # embed/analog: the network predicts eps or x0
     embed_dim: int = 64              # embed: width of the diffused token embedding (projected to n_embd)
     self_cond: bool = True           # embed/analog: feed the previous estimate of x0 back (self-conditioning)
     cfg_drop: float = 0.0            # embed: >0 trains a prompt-condition channel, dropped with this rate (CFG)
@@ -63,7 +62,7 @@ class ModelConfig:
         need(self.noise_schedule in ('linear', 'cosine', 'sqrt'),
              f"noise_schedule={self.noise_schedule!r}, expected linear | cosine | sqrt")
         need(self.predict in ('eps', 'x0'), f"predict={self.predict!r}, expected eps | x0")
-        need(self.predict == 'x0' or self.model_type == 'embed', "predict='eps' is only for model_type='embed'")
+        need(self.predict == 'x0' or self.model_type in ('embed', 'analog'), "predict='eps' is for embed and analog")
         need(self.embed_dim >= 1, f"embed_dim={self.embed_dim}, expected >= 1")
         need(0.0 <= self.cfg_drop < 1.0, f"cfg_drop={self.cfg_drop}, expected in [0, 1)")
         need(self.cfg_drop == 0.0 or self.model_type == 'embed', "cfg_drop (guidance) is only for model_type='embed'")
@@ -171,19 +170,19 @@ class DiTBlock(nn.Module):
         else:
             self.modulation = nn.Parameter(torch.zeros(6, config.n_embd))  # init_weights sets the gates to 1
 
-    def forward(self, x, c, kv_cache=None, pos_offset=0):
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation_vectors(self, c, 6)
+    def forward(self, x, t_emb, kv_cache=None, pos_offset=0):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation_vectors(self, t_emb, 6)
         x = x + gate_a * self.attn(modulate(self.ln_1(x), shift_a, scale_a), kv_cache, pos_offset)
         x = x + gate_m * self.mlp(modulate(self.ln_2(x), shift_m, scale_m))
         return x
 
 
-def modulation_vectors(module, c, n):
-    """The n modulation vectors of a block, shaped to broadcast over (B, L, C): from c (B, C) through the
-    module's adaLN layer, or its learned constant (n, C) when there is no time input (c is None)."""
-    if c is None:
+def modulation_vectors(module, t_emb, n):
+    """The n modulation vectors of a block, shaped to broadcast over (B, L, C): from the time embedding (B, C)
+    through the module's adaLN layer, or its learned constant (n, C) when there is no time input (t_emb None)."""
+    if t_emb is None:
         return module.modulation.view(n, 1, 1, -1).unbind(0)
-    return module.adaLN_modulation(c).unsqueeze(1).chunk(n, dim=2)
+    return module.adaLN_modulation(t_emb).unsqueeze(1).chunk(n, dim=2)
 
 
 class Backbone(nn.Module):
@@ -208,11 +207,11 @@ class Backbone(nn.Module):
             raise ValueError(f"sequence of {pos_offset + L} positions exceeds block_size={self.config.block_size}")
         if self.wpe is not None:
             h = h + self.wpe(torch.arange(pos_offset, pos_offset + L, device=h.device))
-        c = self.t_embedder(t) if self.t_embedder is not None else None
+        t_emb = self.t_embedder(t) if self.t_embedder is not None else None
         h = self.drop(h)
         for i, block in enumerate(self.blocks):
-            h = block(h, c, None if kv_caches is None else kv_caches[i], pos_offset)
-        shift, scale = modulation_vectors(self, c, 2)
+            h = block(h, t_emb, None if kv_caches is None else kv_caches[i], pos_offset)
+        shift, scale = modulation_vectors(self, t_emb, 2)
         return modulate(self.ln_f(h), shift, scale)
 
 
@@ -265,8 +264,7 @@ class LanguageModel(nn.Module):
     extra_ids = 0           # ids past the vocabulary the family's tables need (mask: one for [MASK])
     fixed_steps = False     # True where the length sets the number of sampling steps (ar: one token per step)
     exact_likelihood = False  # True where position_nll() is the exact NLL rather than a bound (ar)
-    default_steps = None    # sampling steps when none are asked for
-    max_steps = None
+    default_steps = max_steps = None  # sampling steps when none are asked for, and the most a call may ask for
 
     def __init__(self, config):
         super().__init__()
@@ -292,10 +290,10 @@ class LanguageModel(nn.Module):
     def flops_per_token(self):
         """6N for the matmuls (forward + backward) plus 12 L d T for attention scores and values. The
         conditioning path (time MLP, adaLN modulations) runs once per sequence, so it counts 1/block_size."""
-        c = self.config
+        cfg = self.config
         per_seq = sum(p.numel() for n, p in self.named_parameters() if 't_embedder' in n or 'modulation' in n)
         per_tok = self.get_num_params() - per_seq
-        return 6 * per_tok + 6 * per_seq / c.block_size + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * per_tok + 6 * per_seq / cfg.block_size + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (measured for the device, passed in)."""
@@ -373,7 +371,12 @@ class GaussianLM(LanguageModel):
         self.time_proposal = BoundTimeProposal(self.diffusion.abar)
         self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
 
-    def predict(self, x_t, t, x0_sc, cond=None):
+    def add_head(self, width):  # the output layer: eps_hat (the state's width) if predict='eps', else vocab logits
+        cfg = self.config
+        self.eps_head = nn.Linear(cfg.n_embd, width, bias=cfg.bias) if cfg.predict == 'eps' else None
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if cfg.predict == 'x0' else None
+
+    def x0_estimate(self, x_t, t, x0_sc, cond=None):
         """(x0_hat, logits over the vocabulary, eps_hat or None) at (x_t, t)."""
         h = self.backbone(self.features(x_t, x0_sc, cond), t.float() / self.config.T)
         if self.config.predict == 'eps':
@@ -391,8 +394,8 @@ class GaussianLM(LanguageModel):
         """x0 estimate at (x_t, t); with self-conditioning and no previous estimate, a first pass supplies it."""
         zero = torch.zeros_like(x_t)
         if x0_sc is None:
-            x0_sc = self.predict(x_t, t, zero, cond)[0] if self.config.self_cond else zero
-        return self.predict(x_t, t, x0_sc, cond)
+            x0_sc = self.x0_estimate(x_t, t, zero, cond)[0] if self.config.self_cond else zero
+        return self.x0_estimate(x_t, t, x0_sc, cond)
 
     def forward(self, idx):
         B, L = idx.shape
@@ -406,10 +409,10 @@ class GaussianLM(LanguageModel):
             # half the sequences see the stop-gradient estimate they would get at sampling time (a tensor
             # mask, not a Python coin: no host sync, one graph under torch.compile)
             with torch.no_grad():
-                first = self.predict(x_t, t, x0_sc, cond)[0].detach()
+                first = self.x0_estimate(x_t, t, x0_sc, cond)[0].detach()
             use = (torch.rand(B, 1, 1, device=idx.device) < 0.5).to(x_t.dtype)
             x0_sc = use * first
-        x0_hat, out, eps_hat = self.predict(x_t, t, x0_sc, cond)
+        x0_hat, out, eps_hat = self.x0_estimate(x_t, t, x0_sc, cond)
         kl = self.diffusion.kl_step(x0.detach(), x0_hat.detach(), t.clamp(min=2)).sum((1, 2)) / L
         self.time_proposal.update(t, kl)  # the bound's term at this t, for the adaptive time proposal (skips t = 1)
         if self.config.predict == 'eps':
@@ -436,7 +439,7 @@ class GaussianLM(LanguageModel):
             logp = (logp + lik).log_softmax(-1)
         return logp
 
-    @exact
+    @eval_in_full_precision
     def position_nll(self, idx, generator=None):
         """Discrete-time variational bound in bits per token, one unbiased estimate per position (every term is a sum
         over positions):
@@ -471,20 +474,20 @@ class GaussianLM(LanguageModel):
     def step(self, state, t, s, fixed, generator, opts):
         x = state['x']
         n, device = x.shape[0], x.device
-        tt = torch.full((n,), t, dtype=torch.long, device=device)
-        ss = torch.full((n,), self.landing_time(t, s, opts), dtype=torch.long, device=device)
-        x0_hat, out = self.guided_prediction(x, tt, fixed, state['x0_sc'], opts)
+        t_batch = torch.full((n,), t, dtype=torch.long, device=device)
+        s_batch = torch.full((n,), self.landing_time(t, s, opts), dtype=torch.long, device=device)
+        x0_hat, out = self.guided_prediction(x, t_batch, fixed, state['x0_sc'], opts)
         self.nfe += (2 if self.config.self_cond and state['x0_sc'] is None else 1) * \
             (2 if self.guidance_scale(opts) != 1.0 else 1)
         if opts['clamp']:
             x0_hat = self.clean(out.argmax(-1))  # the clamping trick: snap to the most likely token
-        noise = randn(x.shape, generator, device).to(x.dtype)
+        noise, known_noise = (randn(x.shape, generator, device).to(x.dtype) for _ in range(2))
         if opts['sampler'] == 'ddpm':
-            x_s = self.diffusion.ddpm_step(x0_hat, x, tt, ss, noise)
+            x_s = self.diffusion.ddpm_step(x0_hat, x, t_batch, s_batch, noise)
         else:
-            x_s = self.diffusion.ddim_step(x0_hat, x, tt, ss, opts['eta'], noise)
+            x_s = self.diffusion.ddim_step(x0_hat, x, t_batch, s_batch, opts['eta'], noise)
         # infilling by imputation: known positions are reset to a fresh draw of q(x_s | x_0 = known)
-        known_s = self.diffusion.q_sample(state['known'], ss, randn(x.shape, generator, device).to(x.dtype))
+        known_s = self.diffusion.q_sample(state['known'], s_batch, known_noise)
         x_s = torch.where((fixed >= 0).unsqueeze(-1), known_s, x_s)
         return {**state, 'x': x_s, 'x0_sc': x0_hat if self.config.self_cond else None, 'x0_hat': x0_hat, 'out': out}
 
@@ -524,10 +527,7 @@ class EmbedDiffusion(GaussianLM):
         # the prompt condition: a clean token embedding per conditioned position, a learned null elsewhere
         self.cond_emb = nn.Embedding(self.padded_vocab + 1, config.n_embd) if config.cfg_drop > 0 else None
         self.backbone = Backbone(config, causal=False, time_cond=True)
-        if config.predict == 'eps':
-            self.eps_head = nn.Linear(config.n_embd, D, bias=config.bias)
-        else:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.add_head(D)
         init_weights(self, config.n_layer)
         nn.init.normal_(self.tok_emb.weight, std=1.0)  # unit-scale embeddings match the unit-variance noise
 
@@ -537,9 +537,9 @@ class EmbedDiffusion(GaussianLM):
     def features(self, x_t, x0_sc, cond):
         h = self.in_proj(torch.cat([x_t, x0_sc], -1) if self.config.self_cond else x_t)
         if self.cond_emb is not None:
-            c = torch.full(x_t.shape[:2], self.padded_vocab, dtype=torch.long, device=x_t.device) \
+            cond_ids = torch.full(x_t.shape[:2], self.padded_vocab, dtype=torch.long, device=x_t.device) \
                 if cond is None else torch.where(cond >= 0, cond, self.padded_vocab)
-            h = h + self.cond_emb(c)
+            h = h + self.cond_emb(cond_ids)
         return h
 
     def guidance_scale(self, opts):
@@ -565,7 +565,7 @@ class EmbedDiffusion(GaussianLM):
 class AnalogBitDiffusion(GaussianLM):
     """Analog Bits (Chen, Zhang & Hinton 2023): the 16 bits of the id as +-scale reals under the Gaussian process.
     The network reads x_t (and x0_sc) through BitCodeInput; x0_hat, the posterior mean of the valid ids' codes, is
-    never an invalid code's. Loss: ||x0_hat - x0||^2 + CE(logits, w)."""
+    never an invalid code's. Loss: ||x0_hat - x0||^2 + CE(logits, w); predict='eps': ||eps_hat - eps||^2 alone."""
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'td': 0.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
 
@@ -573,7 +573,7 @@ class AnalogBitDiffusion(GaussianLM):
         super().__init__(config)
         self.bit_input = BitCodeInput(2 * NUM_BITS if config.self_cond else NUM_BITS, config.n_embd, config.bias)
         self.backbone = Backbone(config, causal=False, time_cond=True)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.add_head(NUM_BITS)
         self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
         init_weights(self, config.n_layer)
 
@@ -616,7 +616,7 @@ class BitDiffusion(LanguageModel):
         self.time_proposal = BoundTimeProposal(self.abar)
         init_weights(self, config.n_layer)
 
-    def predict(self, b_t, t):
+    def id_logits(self, b_t, t):
         """Logits over the valid ids given b_t (0/1): the network's plus the exact log q(b_t | w) (code_loglik), so
         at low noise, where the flips say almost everything, the posterior is right by construction."""
         h = self.backbone(self.bit_input(2 * b_t - 1), t.float() / self.config.T)
@@ -645,7 +645,7 @@ class BitDiffusion(LanguageModel):
         S} log(q(b) / p(b))]. Flipping bit k scales id w's joint term a_w by r1_k if bit_k(w) = 1, else r0_k: p(m^k) =
         r1_k sum_{bit_k(w)=1} a_w + r0_k sum_{bit_k(w)=0} a_w, two matmuls. The one-draw estimate (near=False, what
         training records) is heavy-tailed: a surprising draw costs ~-log p(w | b_t), tens of nats."""
-        q1 = self.diffusion.posterior_one(b_t, b0, t, t - 1).to(dtype)
+        q1 = self.diffusion.posterior_prob_one(b_t, b0, t, t - 1).to(dtype)
         tiny = torch.finfo(dtype).tiny
 
         def log_q(b):
@@ -668,12 +668,12 @@ class BitDiffusion(LanguageModel):
         log_q_flip = log_q_mode.unsqueeze(-1) - log_q(mode) + log_q(1 - mode)
         kl = log_q_mode.exp() * (log_q_mode - log_p_mode) + (log_q_flip.exp() * (log_q_flip - log_p_flip)).sum(-1)
         far = (b_draw != mode).sum(-1) > 1  # the draw left S: p of the drawn code is needed only there
-        tt = t.view(-1, *([1] * (far.dim() - 1))).expand(far.shape)[far]
-        log_p = self.transition_logprob(b_draw[far], b_t[far], logits[far], tt, tt - 1, dtype)
+        t_far = t.view(-1, *([1] * (far.dim() - 1))).expand(far.shape)[far]
+        log_p = self.transition_logprob(b_draw[far], b_t[far], logits[far], t_far, t_far - 1, dtype)
         return kl.index_put((far,), kl[far] + log_q(b_draw)[far].sum(-1) - log_p)
 
     def decoder_logprobs(self, b_1, logits):
-        """log p(w | b_1) (float64): the logits of predict(b_1, 1) already hold the flip likelihood of b_1."""
+        """log p(w | b_1) (float64): the logits of id_logits(b_1, 1) already hold the flip likelihood of b_1."""
         return logits.double().log_softmax(-1)
 
     def forward(self, idx):
@@ -681,7 +681,7 @@ class BitDiffusion(LanguageModel):
         b0 = ids_to_bits(idx).float()
         t = stratified_times(B, self.config.T, None, idx.device)
         b_t = self.diffusion.q_sample(b0, t)
-        logits = self.predict(b_t, t).float()
+        logits = self.id_logits(b_t, t).float()
         p1 = self.marginals(logits).clamp(1e-6, 1 - 1e-6)
         # the bound's term at this t, recorded for the adaptive time proposal of nll()
         with torch.no_grad():
@@ -690,7 +690,7 @@ class BitDiffusion(LanguageModel):
         ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
         return ce + F.binary_cross_entropy(p1, b0)
 
-    @exact
+    @eval_in_full_precision
     def position_nll(self, idx, generator=None):
         """Variational bound in bits per token, one unbiased estimate per position:
 
@@ -701,10 +701,10 @@ class BitDiffusion(LanguageModel):
         b0 = ids_to_bits(idx).double()
         t, q_t = self.time_proposal.draw(B, generator, device)
         b_t = self.diffusion.q_sample(b0, t, generator)
-        kl = self.step_kl(b0, b_t, self.predict(b_t, t), t, generator) / q_t[:, None]
+        kl = self.step_kl(b0, b_t, self.id_logits(b_t, t), t, generator) / q_t[:, None]
         one = torch.ones(B, dtype=torch.long, device=device)
         b_1 = self.diffusion.q_sample(b0, one, generator)
-        logp = self.decoder_logprobs(b_1, self.predict(b_1, one))
+        logp = self.decoder_logprobs(b_1, self.id_logits(b_1, one))
         return (self.diffusion.prior_kl(1) + kl - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
 
     # -- sampler hooks
@@ -714,19 +714,19 @@ class BitDiffusion(LanguageModel):
 
     def step(self, state, t, s, fixed, generator, opts):
         b = state['b']
-        tt = torch.full(b.shape[:1], t, dtype=torch.long, device=b.device)
-        ss = torch.full(b.shape[:1], s, dtype=torch.long, device=b.device)
-        logits = self.predict(b, tt).float() / max(opts['temperature'], 1e-8)
+        t_batch = torch.full(b.shape[:1], t, dtype=torch.long, device=b.device)
+        s_batch = torch.full(b.shape[:1], s, dtype=torch.long, device=b.device)
+        logits = self.id_logits(b, t_batch).float() / max(opts['temperature'], 1e-8)
         self.nfe += 1
         if s == 0:  # the last step read b_1: final_tokens draws from the decoder p(w | b_1)
             return {**state, 'b_in': b, 'logits': logits}
         # ancestral step from the mixture p(b_s | b_t): draw a clean id from p(w | b_t), then every bit of b_s
         # from the exact posterior q(b_s | b_t, b_0 = its code), so a token's bits move together
         w = draw_categorical(logits.flatten(0, 1), generator, 1.0 if opts['temperature'] > 0 else 0.0)
-        p1 = self.diffusion.posterior_one(b, self.codes[w].view(b.shape).double(), tt, ss)
+        p1 = self.diffusion.posterior_prob_one(b, self.codes[w].view(b.shape).double(), t_batch, s_batch)
         b_next = (rand(b.shape, generator, b.device) < p1).float()
         # infilling by imputation: known positions get a fresh draw of q(b_s | b_0 = known)
-        known_s = self.diffusion.q_sample(state['known'], ss, generator)
+        known_s = self.diffusion.q_sample(state['known'], s_batch, generator)
         return {**state, 'b': torch.where((fixed >= 0).unsqueeze(-1), known_s, b_next), 'b_in': b, 'logits': logits}
 
     def current_tokens(self, state):
@@ -778,7 +778,7 @@ class MaskedDiffusion(LanguageModel):
         nll = -self.log_probs(z, t).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         return ((nll * masked).sum(1) / m).mean()
 
-    @exact
+    @eval_in_full_precision
     def position_nll(self, idx, generator=None):
         """The continuous-time ELBO in bits per token, one unbiased draw per position. Integrating t out (the mask rate
         pi = 1 - alpha_t has dt weight dpi / pi, and int_0^1 pi^(m-1) (1-pi)^(L-m) C(L, m) dpi = 1/m) turns it into
@@ -805,8 +805,8 @@ class MaskedDiffusion(LanguageModel):
         z, logp = state['z'].clone(), state['logp']
         n, device = z.shape[0], z.device
         if logp is None or state['changed'] or self.config.time_cond or not opts['cached']:
-            tt = torch.full((n,), t, device=device)
-            logp = self.log_probs(z, tt)
+            t_batch = torch.full((n,), t, device=device)
+            logp = self.log_probs(z, t_batch)
             self.nfe += 1
         rate = self.diffusion.reveal_prob(t, s)
         reveal = (z == self.mask_id) & (rand(z.shape, generator, device) < rate)
@@ -848,7 +848,7 @@ class AutoregressiveLM(LanguageModel):
         logits = self.logits(idx[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
-    @exact
+    @eval_in_full_precision
     def position_nll(self, idx, generator=None):
         """Exact NLL of each token of idx[:, 1:] given its prefix, in bits."""
         logp = self.logits(idx[:, :-1]).float().log_softmax(-1)

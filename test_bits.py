@@ -39,7 +39,7 @@ def test_bit_logits_add_the_exact_flip_likelihood_at_every_t():
         m.lm_head.weight.zero_()
     t = torch.tensor([1, 4, 9])
     b_t = (torch.rand(3, 2, NUM_BITS) < 0.5).float()
-    got = m.predict(b_t, t).double().log_softmax(-1)
+    got = m.id_logits(b_t, t).double().log_softmax(-1)
     for i in range(3):
         stay = (1 + m.abar[t[i]].item()) / 2
         lik = torch.tensor([[sum(math.log(stay if b_t[i, j, k] == ((w >> (15 - k)) & 1) else 1 - stay)
@@ -92,7 +92,7 @@ def test_bit_posterior_equals_bayes_rule_enumerated(t, s):
         for bt in (0, 1):
             joint = {bs: q(bs, b0, flip_0s) * q(bt, bs, flip_st) for bs in (0, 1)}
             expected = joint[1] / (joint[0] + joint[1])
-            got = m.diffusion.posterior_one(torch.tensor([[float(bt)]]), torch.tensor([[float(b0)]]),
+            got = m.diffusion.posterior_prob_one(torch.tensor([[float(bt)]]), torch.tensor([[float(b0)]]),
                                   torch.tensor([t]), torch.tensor([s])).item()
             assert got == pytest.approx(expected, rel=1e-9)
     # the model's forward draw and its posterior compose into the forward marginal at s: b_t ~ q(b_t | b_0), then
@@ -101,7 +101,7 @@ def test_bit_posterior_equals_bayes_rule_enumerated(t, s):
     b0 = (torch.rand(100_000, NUM_BITS, generator=g) < 0.5).float()
     n = b0.shape[0]
     b_t = m.diffusion.q_sample(b0, torch.full((n,), t), g)
-    p1 = m.diffusion.posterior_one(b_t, b0, torch.full((n,), t), torch.full((n,), s))
+    p1 = m.diffusion.posterior_prob_one(b_t, b0, torch.full((n,), t), torch.full((n,), s))
     b_s = (torch.rand(b0.shape, generator=g, dtype=torch.float64) < p1).float()
     rate = (b_s != b0).double().mean().item()
     assert rate == pytest.approx(flip_0s, abs=5 * math.sqrt(flip_0s * (1 - flip_0s) / b0.numel()) + 1e-9)
@@ -223,8 +223,8 @@ def test_step_kl_is_unbiased_and_tighter_than_one_draw():
     while (b_t != b0).sum() < 4:  # several flipped bits: q(b_{t-1}) is spread beyond the mode's neighbours
         b_t = m.diffusion.q_sample(b0, t, g)
     with torch.no_grad():
-        logits = m.predict(b_t, t).double()
-    q1 = m.diffusion.posterior_one(b_t, b0, t, t - 1)[0]                 # (3, 16)
+        logits = m.id_logits(b_t, t).double()
+    q1 = m.diffusion.posterior_prob_one(b_t, b0, t, t - 1)[0]                 # (3, 16)
     every = ids_to_bits(torch.arange(2 ** NUM_BITS)).double()            # (65536, 16)
     n = len(every)
     exact, outside = 0.0, 0.0
@@ -242,7 +242,7 @@ def test_step_kl_is_unbiased_and_tighter_than_one_draw():
     m, t = bits_model(1000), torch.tensor([100])
     b_t = m.diffusion.q_sample(b0, t, g)
     with torch.no_grad():
-        logits = m.predict(b_t, t).double()
+        logits = m.id_logits(b_t, t).double()
     near = torch.stack([m.step_kl(b0, b_t, logits, t, g).sum() for _ in range(200)])
     plain = torch.stack([m.step_kl(b0, b_t, logits, t, g, near=False).sum() for _ in range(200)])
     assert abs(near.mean() - plain.mean()) < 3 * plain.std() / math.sqrt(len(plain))

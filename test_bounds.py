@@ -41,16 +41,17 @@ def test_gaussian_logits_add_the_likelihood_of_x_t_under_each_token(model_type):
     t = torch.tensor([1, 7, 15])
     E = m.table().detach().double()
     x_t = torch.randn(3, 2, E.shape[1])
-    logits = m.predict(x_t, t, torch.zeros_like(x_t))[1]
+    logits = m.x0_estimate(x_t, t, torch.zeros_like(x_t))[1]
     for i in range(3):
         a = m.abar[t[i]].item()
         lik = torch.distributions.Normal(math.sqrt(a) * E, math.sqrt(1 - a)).log_prob(x_t.double()[i, :, None, :])
         assert torch.allclose(logits[i].double().log_softmax(-1), lik.sum(-1).log_softmax(-1), atol=1e-4)
 
 
-def test_eps_decoder_adds_the_likelihood_of_x1_under_each_token():
-    m = toy('embed', predict='eps')
-    x1, logits = torch.randn(2, 3, 4), torch.randn(2, 3, 8)
+@pytest.mark.parametrize('model_type', ['embed', 'analog'])
+def test_eps_decoder_adds_the_likelihood_of_x1_under_each_token(model_type):
+    m = toy(model_type, predict='eps')
+    x1, logits = torch.randn(2, 3, m.table().shape[1]), torch.randn(2, 3, 8)
     a = m.diffusion.abar_1
     E = m.table().detach().double()
     lik = torch.distributions.Normal(math.sqrt(a) * E, math.sqrt(1 - a)).log_prob(x1.double()[..., None, :]).sum(-1)
@@ -126,20 +127,20 @@ def full_sum_bound(model, rows, g):
             m = (1 + float(model.abar[-1])) / 2
             total = torch.full((B,), 16 * L * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m))), dtype=torch.float64)
             for t in range(2, T + 1):
-                tt = torch.full((B,), t)
-                b_t = model.diffusion.q_sample(b0, tt, g)
-                total += model.step_kl(b0, b_t, model.predict(b_t, tt), tt, g).sum(1)
+                t_batch = torch.full((B,), t)
+                b_t = model.diffusion.q_sample(b0, t_batch, g)
+                total += model.step_kl(b0, b_t, model.id_logits(b_t, t_batch), t_batch, g).sum(1)
             one = torch.ones(B, dtype=torch.long)
             b_1 = model.diffusion.q_sample(b0, one, g)
-            logp = model.decoder_logprobs(b_1, model.predict(b_1, one))
+            logp = model.decoder_logprobs(b_1, model.id_logits(b_1, one))
         else:
             x0 = model.clean(rows)
             d = model.diffusion
             total = d.prior_kl(x0.double()).sum((1, 2))
             for t in range(2, T + 1):
-                tt = torch.full((B,), t)
-                x_t = d.q_sample(x0, tt, randn(x0.shape, g, 'cpu').float())
-                total += d.kl_step(x0, model.denoise(x_t, tt)[0], tt).sum((1, 2))
+                t_batch = torch.full((B,), t)
+                x_t = d.q_sample(x0, t_batch, randn(x0.shape, g, 'cpu').float())
+                total += d.kl_step(x0, model.denoise(x_t, t_batch)[0], t_batch).sum((1, 2))
             one = torch.ones(B, dtype=torch.long)
             x_1 = d.q_sample(x0, one, randn(x0.shape, g, 'cpu').float())
             logp = model.decoder_logprobs(x_1, model.denoise(x_1, one)[1])

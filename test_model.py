@@ -126,14 +126,15 @@ def test_ddim_deterministic_at_eta0_and_ddpm_at_eta1():
     x0, xt = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     z1, z2 = torch.randn_like(xt), torch.randn_like(xt)
     for t, s in [(50, 49), (90, 30)]:
-        tt, ss = torch.full((3,), t), torch.full((3,), s)
-        assert torch.equal(d.ddim_step(x0, xt, tt, ss, 0.0, z1), d.ddim_step(x0, xt, tt, ss, 0.0, z2))
-        mean, var = d.q_posterior(x0, xt, tt, ss)
-        no_noise = d.ddim_step(x0, xt, tt, ss, 1.0, torch.zeros_like(xt))
+        t_batch, s_batch = torch.full((3,), t), torch.full((3,), s)
+        assert torch.equal(d.ddim_step(x0, xt, t_batch, s_batch, 0.0, z1),
+                           d.ddim_step(x0, xt, t_batch, s_batch, 0.0, z2))
+        mean, var = d.q_posterior(x0, xt, t_batch, s_batch)
+        no_noise = d.ddim_step(x0, xt, t_batch, s_batch, 1.0, torch.zeros_like(xt))
         assert torch.allclose(no_noise, mean, atol=1e-10)                        # same mean ...
-        sigma = (d.ddim_step(x0, xt, tt, ss, 1.0, z1) - no_noise) / z1
+        sigma = (d.ddim_step(x0, xt, t_batch, s_batch, 1.0, z1) - no_noise) / z1
         assert torch.allclose(sigma ** 2, var.expand_as(sigma), rtol=1e-6)      # ... and the DDPM variance
-        assert torch.allclose(d.ddpm_step(x0, xt, tt, ss, z1), no_noise + sigma * z1, atol=1e-10)
+        assert torch.allclose(d.ddpm_step(x0, xt, t_batch, s_batch, z1), no_noise + sigma * z1, atol=1e-10)
 
 
 def test_gaussian_kl_step_matches_generic_kl():
@@ -149,7 +150,8 @@ def test_gaussian_kl_step_matches_generic_kl():
 # ---------------------------------------------------------------- training signal
 
 @pytest.mark.parametrize('model_type,kw', [('embed', {}), ('embed', {'predict': 'eps', 'cfg_drop': 0.2}),
-                                            ('bits', {}), ('analog', {}), ('mask', {'time_cond': True}), ('ar', {})])
+                                            ('bits', {}), ('analog', {}), ('analog', {'predict': 'eps'}),
+                                            ('mask', {'time_cond': True}), ('ar', {})])
 def test_loss_is_finite_and_gradients_reach_every_parameter(model_type, kw):
     m = tiny(model_type, **kw)
     idx = torch.randint(0, 100, (4, 16 + m.extra_tokens))
@@ -229,11 +231,12 @@ def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, k
     fixed[0, 10:12] = torch.tensor([5, 9])
     keep = fixed[0] >= 0
     seen = []
-    net = m.log_probs if model_type == 'mask' else m.predict
+    name = {'mask': 'log_probs', 'bits': 'id_logits'}.get(model_type, 'x0_estimate')  # the network's one pass
+    net = getattr(m, name)
     def spy(x, t, *args, **kwargs):
         seen.append((x[:, keep].double(), t))
         return net(x, t, *args, **kwargs)
-    setattr(m, 'log_probs' if model_type == 'mask' else 'predict', spy)
+    setattr(m, name, spy)
     opts = {'guidance_scale': 2.0} if kw.get('cfg_drop') else {}
     m.sample(64, 16, steps=5, fixed=fixed, generator=torch.Generator().manual_seed(0), **opts)
     assert len({float(t[0]) for _, t in seen}) == 5  # the network saw every step's time
@@ -264,10 +267,10 @@ def test_guidance_extrapolates_from_the_unconditional_prediction():
     opts = m.check_sample_args(16, 5, {'guidance_scale': w})
     state = m.init_state(2, 16, fixed, torch.Generator().manual_seed(0), opts)
     new = m.step(state, T, T - 10, fixed, torch.Generator().manual_seed(1), opts)
-    tt = torch.full((2,), T)
+    t_batch = torch.full((2,), T)
     with torch.no_grad():
-        x0_c, out_c, _ = m.denoise(state['x'], tt, fixed)
-        x0_u, out_u, _ = m.denoise(state['x'], tt, torch.full_like(fixed, -1))
+        x0_c, out_c, _ = m.denoise(state['x'], t_batch, fixed)
+        x0_u, out_u, _ = m.denoise(state['x'], t_batch, torch.full_like(fixed, -1))
     assert not torch.allclose(out_c, out_u, atol=1e-3)  # the condition matters, so the formula is visible
     assert torch.allclose(new['out'], out_u + w * (out_c - out_u), atol=1e-5)
     assert torch.allclose(new['x0_hat'], x0_u + w * (x0_c - x0_u), atol=1e-5)

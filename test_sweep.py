@@ -98,7 +98,8 @@ def test_sweep_end_to_end(shared, name):
         assert sorted(r['settings']['T'] for r in res['runs']) == [100, 100, 250, 250, 1000, 1000, 4000, 4000]
         assert all(f"| {r['settings']['T']} |" in row for r, row in zip(res['runs'], rows))
     if name == 'eps_x0':
-        assert [r['settings']['predict'] for r in res['runs']] == ['x0', 'eps']
+        assert [(r['model_type'], r['settings']['predict']) for r in res['runs']] == \
+            [('embed', 'x0'), ('embed', 'eps'), ('analog', 'x0'), ('analog', 'eps')]
         assert all(len(r['curve']) >= 2 for r in res['runs'])  # the training curves (iterations 0 and 2)
     if name == 'ctx':  # bits/token per length, each on windows of its own length
         assert [r['settings']['block_size'] for r in res['runs']] == [64, 128, 256] * 2

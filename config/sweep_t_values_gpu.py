@@ -5,3 +5,4 @@ from config.sweep_common_gpu import *  # gpu(), judge, evaluation, budget at GPU
 
 runs = [gpu(r) for r in runs]
 results_dir = 'sweep-t-values-gpu'
+eval_overrides = {}  # the whole test split and the GPU evaluation's draws (the CPU sweep's cut is for the CPU)
