@@ -600,6 +600,24 @@ def describe(run, log):
         f"bits/token (a unigram model of the train split; the val loss of mask and ar is in the same nats)")
 
 
+def log_iteration(run, loggers, log, lossf, grad_norm, lr, dt, peak):
+    """One training log line and its scalars (dt: seconds per iteration); returns the peak FLOP/s for MFU."""
+    c = run.c
+    mfu = run.raw_model.estimate_mfu(c['batch_size'] * run.ga_steps, dt, peak) if peak > 0 else 0.0
+    if mfu > 1.0:
+        # faster than the peak: the probe at the start ran while the machine was busy (or peak_flops was set too
+        # low); the fastest rate seen is the better estimate of the peak, so MFU never passes 100%
+        log(f"train.py: {mfu * peak / 1e12:.4g} TFLOP/s achieved, above the peak {peak / 1e12:.4g} TFLOP/s; "
+            f"using it as the peak from now on")
+        peak, mfu = mfu * peak, 1.0
+    gn = grad_norm.item()
+    log(f"iter {run.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+        f"{run.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, grad norm {gn:.3f}")
+    loggers.scalars({'train/loss': lossf, 'train/lr': lr, 'train/grad_norm': gn, 'perf/ms_per_iter': dt * 1000,
+                     'perf/tokens_per_s': run.tokens_per_iter / dt, 'perf/mfu': mfu}, run.iter_num)
+    return peak
+
+
 def train(c, ddp, rank, world_size, device_type):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -644,20 +662,7 @@ def train(c, ddp, rank, world_size, device_type):
             log(f"first training iteration done {time.time() - t_start:.1f} s after the start of training "
                 f"(compilation included)")
         if log_now and master:
-            dt = (time.time() - t_last) / iters_timed
-            mfu = run.raw_model.estimate_mfu(c['batch_size'] * run.ga_steps, dt, peak) if peak > 0 else 0.0
-            if mfu > 1.0:
-                # faster than the peak: the probe at the start ran while the machine was busy (or peak_flops was
-                # set too low); the fastest rate seen is the better estimate of the peak, so MFU never passes 100%
-                log(f"train.py: {mfu * peak / 1e12:.4g} TFLOP/s achieved, above the peak {peak / 1e12:.4g} TFLOP/s; "
-                    f"using it as the peak from now on")
-                peak, mfu = mfu * peak, 1.0
-            gn = grad_norm.item()
-            log(f"iter {run.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{run.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, grad norm {gn:.3f}")
-            loggers.scalars({'train/loss': lossf, 'train/lr': lr, 'train/grad_norm': gn,
-                             'perf/ms_per_iter': dt * 1000, 'perf/tokens_per_s': run.tokens_per_iter / dt,
-                             'perf/mfu': mfu}, run.iter_num)
+            peak = log_iteration(run, loggers, log, lossf, grad_norm, lr, (time.time() - t_last) / iters_timed, peak)
             t_last, iters_timed = time.time(), 0
 
     if ddp and not c['eval_only']:
