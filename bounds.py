@@ -46,7 +46,10 @@ class BoundTimeProposal(nn.Module):
 
     @torch.no_grad()
     def update(self, t, kl):
-        """Record per-sequence terms kl (B,) at times t (B,); sequences at t = 1 (the decoder's step) are skipped."""
+        """Record per-sequence terms kl (B,) at times t (B,); sequences at t = 1 (the decoder's step) are skipped. A
+        real t (continuous time) counts in the cell (t - 1, t] that holds it."""
+        if t.is_floating_point():
+            t = t.ceil().long()
         keep = (t >= 2) & torch.isfinite(kl)
         b = self.bin_of[(t - 2).clamp(min=0)]
         n = torch.zeros_like(self.count).index_add_(0, b, keep.double())

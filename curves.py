@@ -55,8 +55,12 @@ def draw(curves, path, ymax):
     top = ymax or 1.2 * max(r['val_bits'] for c in curves for r in c['records'] if r['iter'] > 0)
     for ax, (key, label) in zip(axes, [('tokens', 'training tokens seen'), ('train_seconds', 'training seconds')]):
         for c in curves:
-            pts = [(r[key], r['val_bits']) for r in c['records'] if r['iter'] > 0]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', ms=3, label=f"{c['name']} ({c['family']})")
+            recs = [r for r in c['records'] if r['iter'] > 0]
+            line, = ax.plot([r[key] for r in recs], [r['val_bits'] for r in recs], marker='o', ms=3,
+                            label=f"{c['name']} ({c['family']})")
+            if all('val_bits_se' in r for r in recs):  # logs before the standard error was logged have none
+                ax.fill_between([r[key] for r in recs], [r['val_bits'] - r['val_bits_se'] for r in recs],
+                                [r['val_bits'] + r['val_bits_se'] for r in recs], color=line.get_color(), alpha=0.2)
         for u in sorted(set(round(u, 3) for u in unigram)):
             ax.axhline(u, color='gray', linestyle='--', linewidth=1)
         ax.set_yscale('log')  # loose early bounds and the ar line on one axis
@@ -65,9 +69,13 @@ def draw(curves, path, ymax):
                     color='gray', fontsize=8)
         ax.set_xlabel(label)
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel('val bits/token (bound; exact for ar)')
+    axes[0].set_ylabel('val bits/token (bound, ± 1 SE band; exact for ar)')
     axes[1].legend(fontsize=8)
     save_figure(fig, path, 'held-out bits/token during training, beside the unigram model of the train split')
+
+
+def se_text(rec):  # the standard error over the val windows (one draw of the bound each; for ar, windows alone)
+    return f" ± {rec['val_bits_se']:.3f}" if 'val_bits_se' in rec else ""
 
 
 def main(argv=None):
@@ -84,7 +92,7 @@ def main(argv=None):
     for cv in curves:
         r = cv['records'][-1]
         lines.append(f"| {cv['name']} | {cv['family']} | {r['iter']} | {r['tokens']:,} | {r['train_seconds']:.0f} | "
-                     f"{r['val_bits']:.3f} | {r['unigram_bits']:.3f} | {r['unigram_bits'] - r['val_bits']:+.3f} |")
+                     f"{r['val_bits']:.3f}{se_text(r)} | {r['unigram_bits']:.3f} | {r['unigram_bits'] - r['val_bits']:+.3f} |")
     os.makedirs(c['out_dir'], exist_ok=True)
     write_json(os.path.join(c['out_dir'], 'curves.json'), {'config': c, 'curves': curves})
     draw(curves, os.path.join(c['out_dir'], 'curves.png'), c['ymax'])

@@ -7,6 +7,7 @@ The three processes have one shape: the marginal q(x_t | x_0) (`q_sample`), the 
 any s < t, the prior at the end of the chain, and the likelihood of a noisy state under each clean token where
 the family's decoder needs it.
   GaussianDiffusion  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 1..T        (embed, analog)
+    ContinuousGaussianDiffusion  the same with t real in [0, T]                       (continuous_time=True)
   BitFlipDiffusion   each bit flips with probability (1 - abar_t) / 2, t = 1..T      (bits)
   MaskSchedule       each token is [MASK] with probability 1 - alpha_t, t in [0, 1]  (mask)
 """
@@ -109,6 +110,33 @@ def abar_schedule(name, T):
     return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
 
 
+def abar_continuous(name, T):
+    """abar(t) and d abar / dt for real t in [0, T] (float64 tensors in, float64 out): the function the discrete
+    tables of abar_schedule sample at t = 0..T, where they are not clipped. cosine and sqrt: abar(t) = f(t/T) / f(0)
+    (the discrete product of 1 - beta telescopes to that); linear: -log abar = 1000 int_0^u (1e-4 + 0.0199 v) dv =
+    0.1 u + 9.95 u^2, the limit of the rescaled betas. Floored at the discrete chain's abar_T (its betas are
+    clipped at 0.999, f(1) = 0 for cosine and < 0 for sqrt), where the slope is 0."""
+    floor = float(abar_schedule(name, T)[-1])
+
+    def schedule(t):
+        u = t.double() / T
+        if name == 'linear':
+            a = torch.exp(-(0.1 * u + 9.95 * u ** 2))
+            da = -a * (0.1 + 19.9 * u)
+        elif name == 'cosine':
+            k = math.pi / 2 / 1.008
+            f0 = math.cos(0.008 * k) ** 2
+            a = torch.cos((u + 0.008) * k) ** 2 / f0
+            da = -torch.sin(2 * (u + 0.008) * k) * k / f0
+        else:
+            f0 = 1 - math.sqrt(1e-4)
+            a = (1 - torch.sqrt(u + 1e-4)) / f0
+            da = -0.5 / torch.sqrt(u + 1e-4) / f0
+        low = a <= floor
+        return torch.where(low, floor, a), torch.where(low, 0.0, da / T)
+    return schedule
+
+
 class GaussianDiffusion:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 0..T, and everything derived from it.
 
@@ -116,6 +144,8 @@ class GaussianDiffusion:
     Coefficients are formed in float64 and cast to x's dtype only at the end (1 - abar_1 ~ 1e-3 must not be
     rounded away).
     """
+
+    time_dtype = torch.long  # t is a step index
 
     def __init__(self, abar):
         self.abar = abar
@@ -197,9 +227,38 @@ class GaussianDiffusion:
         return c ** 2 * (x0.double() - x0_hat.double()) ** 2 / (2 * var)
 
 
-def stratified_times(n, T, generator, device, low=1):
-    """Low-discrepancy draw of n integer times in [low, T]: one uniform shift of a regular grid."""
+class ContinuousGaussianDiffusion(GaussianDiffusion):
+    """GaussianDiffusion with t real in [0, T] (VDM, Kingma et al. 2021), abar(t) from abar_continuous. Everything
+    the parent derives from abar_t holds for real s < t; what changes is the bound. The KL of one ancestral step
+    from t to s is 0.5 (SNR_s - SNR_t) ||x0 - x0_hat||^2 (SNR = abar / (1 - abar)), so the sum over steps becomes
+
+        L_inf = int_1^T 0.5 (-dSNR/dt) E_q ||x0 - x0_hat(x_t, t)||^2 dt,
+
+    with the decoder at t = 1 and the prior at t = T as before. For an x0_hat that does not depend on t the integral
+    over the cell (t - 1, t] is the discrete step's KL exactly; a network's x0_hat improves as t falls inside the
+    cell, so L_inf is the limit the discrete bounds approach as the steps get finer. `kl_step(x0, x0_hat, t)` is
+    the integrand at real t: averaged over t uniform in a cell it is that cell's term."""
+    time_dtype = torch.float64
+
+    def __init__(self, name, T):
+        self.schedule = abar_continuous(name, T)
+        super().__init__(self.schedule(torch.arange(T + 1, dtype=torch.float64))[0])  # abar at the cell edges
+
+    def at(self, t, x):
+        return self.schedule(t)[0].view(-1, *([1] * (x.dim() - 1)))
+
+    def kl_step(self, x0, x0_hat, t):
+        """0.5 (-dSNR/dt) (x0 - x0_hat)^2 per element at real t, in nats per unit of t; dSNR/dt = abar' / (1 - abar)^2."""
+        a, da = (v.view(-1, *([1] * (x0.dim() - 1))) for v in self.schedule(t))
+        return 0.5 * (-da / (1 - a) ** 2) * (x0.double() - x0_hat.double()) ** 2
+
+
+def stratified_times(n, T, generator, device, low=1, continuous=False):
+    """Low-discrepancy draw of n times: one uniform shift of a regular grid, integers in [low, T] (or reals in
+    (low - 1, T] with continuous=True)."""
     u = (rand((1,), generator, device) + torch.arange(n, device=device, dtype=torch.float64) / n) % 1.0
+    if continuous:
+        return T - u * (T - low + 1)
     return (low + (u * (T - low + 1)).floor().long()).clamp(max=T)
 
 

@@ -6,7 +6,8 @@ sampling loop (LanguageModel.sample); the parameter-free maths (schedules, the t
 draws, the bit code) is in diffusion.py, what the bounds share in bounds.py, checkpoint files in checkpoint.py.
 
 Token ids are GPT-2 BPE ids (50,257; 50256 = <|endoftext|>). Time is discrete, t = 1..T, for the Gaussian and bit
-families (abar_0 = 1: clean data) and continuous in [0, 1] for `mask`; the network always sees t in [0, 1].
+families (abar_0 = 1: clean data; the Gaussian ones take real t in [0, T] with continuous_time=True) and continuous
+in [0, 1] for `mask`; the network always sees t in [0, 1].
 Likelihoods are in bits per token.
 """
 
@@ -18,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bounds import BoundTimeProposal, eval_in_full_precision
-from diffusion import (NUM_BITS, BitFlipDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
-                       categorical_mean, draw_categorical, ids_to_bits, rand, randn, rounding_logits,
-                       stratified_times, valid_codes)
+from diffusion import (NUM_BITS, BitFlipDiffusion, ContinuousGaussianDiffusion, GaussianDiffusion, MaskSchedule,
+                       abar_schedule, bits_to_ids, categorical_mean, draw_categorical, ids_to_bits, rand, randn,
+                       rounding_logits, stratified_times, valid_codes)
 from util import in_eval_mode
 
 MODEL_TYPES = ('embed', 'bits', 'analog', 'mask', 'ar')
@@ -38,6 +39,8 @@ class ModelConfig:
     bias: bool = True                # biases in Linear layers
     rotary: bool = False             # rotary position embedding instead of a learned absolute one
     T: int = 1000                    # diffusion steps of the discrete-time process (embed, bits, analog)
+    continuous_time: bool = False    # embed/analog: t real in [0, T] and the bound's sum an integral (VDM); T then
+                                     # sets the decoder's time t = 1, the bound's cells and the default steps
     noise_schedule: str = 'sqrt'     # linear | cosine | sqrt (Diffusion-LM's; bits configs use cosine)
     predict: str = 'x0'              # embed/analog: the network predicts eps or x0
     embed_dim: int = 64              # embed: width of the diffused token embedding (projected to n_embd)
@@ -59,6 +62,8 @@ class ModelConfig:
         need(not self.rotary or (self.n_embd // self.n_head) % 2 == 0, "rotary needs an even head size")
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout}, expected in [0, 1)")
         need(self.T >= 2, f"T={self.T}, expected >= 2")
+        need(not self.continuous_time or self.model_type in ('embed', 'analog'),
+             "continuous_time is for the Gaussian families (embed, analog); mask is continuous-time already")
         need(self.noise_schedule in ('linear', 'cosine', 'sqrt'),
              f"noise_schedule={self.noise_schedule!r}, expected linear | cosine | sqrt")
         need(self.predict in ('eps', 'x0'), f"predict={self.predict!r}, expected eps | x0")
@@ -366,7 +371,8 @@ class GaussianLM(LanguageModel):
     does not shrink. (predict='eps' regresses the noise; its logits are rounding logits of x0_hat.)"""
     def __init__(self, config):
         super().__init__(config)
-        self.diffusion = GaussianDiffusion(abar_schedule(config.noise_schedule, config.T))
+        self.diffusion = ContinuousGaussianDiffusion(config.noise_schedule, config.T) if config.continuous_time \
+            else GaussianDiffusion(abar_schedule(config.noise_schedule, config.T))
         self.default_steps = self.max_steps = config.T
         self.time_proposal = BoundTimeProposal(self.diffusion.abar)
         self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
@@ -400,7 +406,7 @@ class GaussianLM(LanguageModel):
     def forward(self, idx):
         B, L = idx.shape
         x0 = self.clean(idx)
-        t = stratified_times(B, self.config.T, None, idx.device)
+        t = stratified_times(B, self.config.T, None, idx.device, continuous=self.config.continuous_time)
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise)
         cond = self.training_condition(idx)
@@ -413,7 +419,8 @@ class GaussianLM(LanguageModel):
             use = (torch.rand(B, 1, 1, device=idx.device) < 0.5).to(x_t.dtype)
             x0_sc = use * first
         x0_hat, out, eps_hat = self.x0_estimate(x_t, t, x0_sc, cond)
-        kl = self.diffusion.kl_step(x0.detach(), x0_hat.detach(), t.clamp(min=2)).sum((1, 2)) / L
+        t_kl = t if self.config.continuous_time else t.clamp(min=2)  # a discrete step t = 1 has no KL term
+        kl = self.diffusion.kl_step(x0.detach(), x0_hat.detach(), t_kl).sum((1, 2)) / L
         self.time_proposal.update(t, kl)  # the bound's term at this t, for the adaptive time proposal (skips t = 1)
         if self.config.predict == 'eps':
             return F.mse_loss(eps_hat.float(), noise.float()) + self.extra_loss(x0, idx)
@@ -447,16 +454,19 @@ class GaussianLM(LanguageModel):
         -log p(w) <= E_q[-log p(w | x_1)] + sum_{t=2}^T E_q KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
                      + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w).
         The prior KL is exact, the sum is one t per sequence from BoundTimeProposal weighted KL_t / q(t), the
-        decoder term one draw of x_1. With self-conditioning p(x_{t-1} | x_t) uses the two-pass estimate
+        decoder term one draw of x_1. In continuous time the sum is the integral over (1, T] of kl_step's integrand
+        (ContinuousGaussianDiffusion), and t is uniform inside the cell (t - 1, t] the proposal drew: still / q(t). With self-conditioning p(x_{t-1} | x_t) uses the two-pass estimate
         x0(x_t, x0(x_t, 0)), a function of x_t alone, so this bounds a Markov model; the sampler feeds the previous
         step's estimate and rounds at the end: the bound is for the model, not for the sampler's output."""
         B, device = idx.shape[0], idx.device
         x0 = self.clean(idx)
         prior = self.diffusion.prior_kl(x0.double()).sum(-1)
         t, q_t = self.time_proposal.draw(B, generator, device)
+        if self.config.continuous_time:
+            t = t - rand((B,), generator, device)
         x_t = self.diffusion.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
         diffusion = self.diffusion.kl_step(x0, self.denoise(x_t, t)[0], t).sum(-1) / q_t[:, None]
-        one = torch.ones(B, dtype=torch.long, device=device)
+        one = torch.ones(B, dtype=self.diffusion.time_dtype, device=device)
         x_1 = self.diffusion.q_sample(x0, one, randn(x0.shape, generator, device).to(x0.dtype))
         logp = self.decoder_logprobs(x_1, self.denoise(x_1, one)[1])
         return (prior + diffusion - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
@@ -474,8 +484,8 @@ class GaussianLM(LanguageModel):
     def step(self, state, t, s, fixed, generator, opts):
         x = state['x']
         n, device = x.shape[0], x.device
-        t_batch = torch.full((n,), t, dtype=torch.long, device=device)
-        s_batch = torch.full((n,), self.landing_time(t, s, opts), dtype=torch.long, device=device)
+        t_batch = torch.full((n,), t, dtype=self.diffusion.time_dtype, device=device)
+        s_batch = torch.full((n,), self.landing_time(t, s, opts), dtype=self.diffusion.time_dtype, device=device)
         x0_hat, out = self.guided_prediction(x, t_batch, fixed, state['x0_sc'], opts)
         self.nfe += (2 if self.config.self_cond and state['x0_sc'] is None else 1) * \
             (2 if self.guidance_scale(opts) != 1.0 else 1)
@@ -490,6 +500,13 @@ class GaussianLM(LanguageModel):
         known_s = self.diffusion.q_sample(state['known'], s_batch, known_noise)
         x_s = torch.where((fixed >= 0).unsqueeze(-1), known_s, x_s)
         return {**state, 'x': x_s, 'x0_sc': x0_hat if self.config.self_cond else None, 'x0_hat': x0_hat, 'out': out}
+
+    def time_grid(self, steps, fixed):
+        """Discrete time: the integer grid of LanguageModel.time_grid. Continuous: `steps` equal real intervals."""
+        if not self.config.continuous_time:
+            return super().time_grid(steps, fixed)
+        ts = torch.linspace(self.config.T, 0, steps + 1, dtype=torch.float64).tolist()
+        return list(zip(ts[:-1], ts[1:]))
 
     def guided_prediction(self, x, t, fixed, x0_sc, opts):
         """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) when the model has a condition."""
@@ -586,7 +603,8 @@ class AnalogBitDiffusion(GaussianLM):
     def landing_time(self, t, s, opts):
         """Analog Bits' asymmetric time intervals: land further, at s - td (t - s) (not below 0), while the network is
         told the grid time; td > 0 helps when few steps are used (Chen et al. 2023, sec. 3)."""
-        return max(0, s - round(opts['td'] * (t - s)))
+        further = opts['td'] * (t - s)
+        return max(0, s - (further if self.config.continuous_time else round(further)))
 
 
 def vocab_logits(h, tok_emb, vocab_size):

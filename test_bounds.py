@@ -8,7 +8,8 @@ import torch
 
 from bounds import BoundTimeProposal
 from conftest import train_steps
-from diffusion import abar_schedule, ids_to_bits, randn
+from diffusion import (ContinuousGaussianDiffusion, GaussianDiffusion, abar_continuous, abar_schedule, ids_to_bits,
+                       rand, randn)
 from model import ModelConfig, build_model
 from prepare import unigram_logprobs
 from test_model import TOY_SEQS
@@ -72,6 +73,56 @@ def test_time_proposal_follows_the_root_second_moment_per_bin():
     base_mass = torch.zeros(4, dtype=torch.float64).index_add_(0, p.bin_of, p.base)
     adapted = (mass - 0.1 * base_mass) / 0.9
     assert torch.allclose(adapted / adapted.sum(), level / level.sum(), atol=1e-9)  # sqrt(E[KL^2]) = level
+
+
+@pytest.mark.parametrize('name', ['linear', 'cosine', 'sqrt'])
+def test_continuous_schedule_passes_through_the_discrete_table_with_its_slope(name):
+    """abar(t) of continuous time is the function the discrete table samples (cosine, sqrt: at every step, the
+    clipped last one included; linear: its limit, so only close), and d abar / dt is its derivative."""
+    for T in (20, 1000):
+        a, _ = abar_continuous(name, T)(torch.arange(T + 1, dtype=torch.float64))
+        table = abar_schedule(name, T)
+        if name == 'linear':  # the discrete betas approach the continuous rate as T grows: 28% off at T = 20
+            assert T == 20 or torch.allclose(a[:T // 2], table[:T // 2], rtol=0.01)
+        else:
+            assert torch.allclose(a, table, rtol=1e-10, atol=0)
+    schedule = abar_continuous(name, 100)
+    t = torch.linspace(0.5, 99.5, 199, dtype=torch.float64)
+    h = 1e-5
+    slope = (schedule(t + h)[0] - schedule(t - h)[0]) / (2 * h)
+    assert torch.allclose(schedule(t)[1], slope, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize('name', ['cosine', 'sqrt'])
+def test_continuous_kl_integrates_over_a_cell_to_the_discrete_step(name):
+    """For an x0 estimate that does not depend on t, the integrand 0.5 (-dSNR/dt) (x0 - x0_hat)^2 integrated over the
+    cell (t - 1, t] is the discrete step's KL, 0.5 (SNR_{t-1} - SNR_t) (x0 - x0_hat)^2, for every cell (the
+    clipped last one too)."""
+    T = 20
+    cont, disc = ContinuousGaussianDiffusion(name, T), GaussianDiffusion(abar_schedule(name, T))
+    g = torch.Generator().manual_seed(0)
+    x0, x0_hat = torch.randn(1, 3, generator=g, dtype=torch.float64), torch.randn(1, 3, generator=g, dtype=torch.float64)
+    n = 20000  # midpoints in each cell
+    for t in range(2, T + 1):
+        u = t - 1 + (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        integral = cont.kl_step(x0.expand(n, 3), x0_hat.expand(n, 3), u).mean(0)
+        assert torch.allclose(integral, disc.kl_step(x0, x0_hat, torch.tensor([t]))[0], rtol=1e-3), t
+
+
+def test_continuous_bound_evaluates_a_uniform_time_inside_the_drawn_cell(monkeypatch):
+    """The proposal draws a cell t (here always 7, q = 0.25); the continuous bound evaluates its integrand at a real
+    time uniform in (6, 7] (then one network call at the decoder's t = 1)."""
+    m = toy('embed', continuous_time=True)
+    monkeypatch.setattr(m.time_proposal, 'draw', lambda n, g, device: (torch.full((n,), 7),
+                                                                       torch.full((n,), 0.25, dtype=torch.float64)))
+    seen, denoise = [], m.denoise
+    monkeypatch.setattr(m, 'denoise', lambda x_t, t, *a: seen.append(t) or denoise(x_t, t, *a))
+    B = 512
+    m.nll(TOY_SEQS.repeat(B // len(TOY_SEQS), 1), torch.Generator().manual_seed(0))
+    u, one = seen
+    assert torch.equal(one, torch.ones(B, dtype=torch.float64))
+    assert u.dtype == torch.float64 and (u > 6).all() and (u <= 7).all()
+    assert abs(u.mean().item() - 6.5) < 4 / math.sqrt(12 * B) and u.min() < 6.05 and u.max() > 6.95
 
 
 @pytest.mark.parametrize('model_type,scale', [('embed', 20.0), ('embed', 0.3), ('analog', 20.0), ('analog', 0.3)])
@@ -139,9 +190,11 @@ def full_sum_bound(model, rows, g):
             total = d.prior_kl(x0.double()).sum((1, 2))
             for t in range(2, T + 1):
                 t_batch = torch.full((B,), t)
+                if model.config.continuous_time:  # the integral over the cell (t - 1, t]: one uniform point in it
+                    t_batch = t - rand((B,), g, 'cpu')
                 x_t = d.q_sample(x0, t_batch, randn(x0.shape, g, 'cpu').float())
                 total += d.kl_step(x0, model.denoise(x_t, t_batch)[0], t_batch).sum((1, 2))
-            one = torch.ones(B, dtype=torch.long)
+            one = torch.ones(B, dtype=d.time_dtype)
             x_1 = d.q_sample(x0, one, randn(x0.shape, g, 'cpu').float())
             logp = model.decoder_logprobs(x_1, model.denoise(x_1, one)[1])
         total += -logp.gather(-1, rows.unsqueeze(-1)).squeeze(-1).sum(1)
@@ -158,11 +211,13 @@ def adapted(model):
     return model
 
 
-@pytest.mark.parametrize('model_type', ['embed', 'analog', 'bits'])
-def test_importance_sampled_bound_equals_the_full_sum_over_t(model_type):
+@pytest.mark.parametrize('model_type,kw', [('embed', {}), ('analog', {}), ('bits', {}),
+                                            ('embed', {'continuous_time': True})])
+def test_importance_sampled_bound_equals_the_full_sum_over_t(model_type, kw):
     """nll() draws one t per sequence from the adaptive q and weights KL_t / q(t): its mean over many draws
-    must equal the bound with every step summed (within 3 standard errors)."""
-    m = toy(model_type)
+    must equal the bound with every step summed (within 3 standard errors). In continuous time the sum is of
+    the cells' integrals, each estimated at one uniform point of the cell."""
+    m = toy(model_type, **kw)
     train_steps(m, TOY_SEQS.repeat(4, 1), 30, lr=1e-2)  # a network past its trivial initialisation
     adapted(m)
     rows = TOY_SEQS.repeat(64, 1)

@@ -150,7 +150,9 @@ def test_gaussian_kl_step_matches_generic_kl():
 # ---------------------------------------------------------------- training signal
 
 @pytest.mark.parametrize('model_type,kw', [('embed', {}), ('embed', {'predict': 'eps', 'cfg_drop': 0.2}),
+                                            ('embed', {'continuous_time': True}),
                                             ('bits', {}), ('analog', {}), ('analog', {'predict': 'eps'}),
+                                            ('analog', {'predict': 'eps', 'continuous_time': True}),
                                             ('mask', {'time_cond': True}), ('ar', {})])
 def test_loss_is_finite_and_gradients_reach_every_parameter(model_type, kw):
     m = tiny(model_type, **kw)
@@ -217,7 +219,7 @@ def test_embed_same_seed_same_text_and_clamping_reproduces_text(overfit_embed):
 
 
 @pytest.mark.parametrize('model_type,kw', [('embed', {}), ('embed', {'cfg_drop': 0.1}), ('analog', {}), ('bits', {}),
-                                            ('mask', {})])
+                                            ('mask', {}), ('embed', {'continuous_time': True})])
 def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, kw):
     """Infilling by imputation: at every step the network's input at the fixed positions is a fresh draw of
     q(x_t | x_0 = the fixed tokens) at the time t it is told (mask: the tokens themselves, never [MASK]). The
@@ -240,11 +242,13 @@ def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, k
     opts = {'guidance_scale': 2.0} if kw.get('cfg_drop') else {}
     m.sample(64, 16, steps=5, fixed=fixed, generator=torch.Generator().manual_seed(0), **opts)
     assert len({float(t[0]) for _, t in seen}) == 5  # the network saw every step's time
+    if kw.get('continuous_time'):  # real times, each a fresh draw of q(x_t | x_0) at that real t (below)
+        assert all(t.dtype == torch.float64 for _, t in seen)
     for x, t in seen:
         if model_type == 'mask':
             assert torch.equal(x, fixed[0, keep].double().expand_as(x))
             continue
-        a = m.abar[t[0]].item()
+        a = m.diffusion.at(t[:1], t).item() if kw.get('continuous_time') else m.abar[t[0]].item()
         if model_type == 'bits':
             flips = (x != ids_to_bits(fixed[0, keep]).double()).double()
             p = (1 - a) / 2
@@ -254,6 +258,19 @@ def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, k
             n = z.numel()
             assert abs(z.mean().item()) < 5 / math.sqrt(n), (t[0], z.mean())
             assert abs((z ** 2).mean().item() - 1) < 5 * math.sqrt(2 / n), (t[0], (z ** 2).mean())
+
+
+def test_continuous_time_samples_on_equal_real_steps_down_to_zero():
+    """Continuous time: 7 steps from T = 50 are 7 equal real intervals (discrete time rounds them to steps), and a
+    step lands where it was sent: at s = 0 the state is the x0 estimate (abar = 1, no noise left)."""
+    m = tiny('embed', continuous_time=True).eval()
+    grid = m.time_grid(7, None)
+    assert [t for t, _ in grid] == pytest.approx([50 * (1 - i / 7) for i in range(7)], abs=1e-12)
+    assert [s for _, s in grid] == [t for t, _ in grid[1:]] + [0.0]
+    assert grid[-1][1] == 0.0 and grid[2][0] == pytest.approx(50 * 5 / 7) and grid[2][0] != round(grid[2][0])
+    state = m.init_state(2, 16, torch.full((2, 16), -1), torch.Generator().manual_seed(0), m.sample_options)
+    state = m.step(state, 50 / 7, 0.0, torch.full((2, 16), -1), torch.Generator().manual_seed(1), m.sample_options)
+    assert torch.allclose(state['x'], state['x0_hat'], atol=1e-6)
 
 
 def test_guidance_extrapolates_from_the_unconditional_prediction():

@@ -219,6 +219,34 @@ def test_eval_log_holds_the_bound_beside_the_unigram_line(short_run):
     assert all(abs(r['unigram_bits'] - expected) < 1e-9 for r in recs)
     assert f"unigram {expected:.3f})" in out
     assert recs[-1]['val_bits'] < recs[0]['val_bits'] and recs[-1]['train_seconds'] > recs[1]['train_seconds'] > 0
+    # the last figure again from the saved weights: one draw per window, its standard error from the windows' spread
+    model, _ = load_checkpoint(out_dir, use_ema=False)
+    bits = torch.cat([model.nll(val.random_batch(8, step=k, seed=train._EVAL_SEED, rank=0),
+                                generator=torch.Generator().manual_seed(train.stream_seed(train._EVAL_SEED, 1, k)))
+                      for k in range(2)]).double()
+    assert abs(recs[-1]['val_bits'] - bits.mean().item()) < 1e-6
+    assert abs(recs[-1]['val_bits_se'] - (bits.std() / math.sqrt(len(bits))).item()) < 1e-6
+    assert f"{bits.mean().item():.3f} ± {recs[-1]['val_bits_se']:.3f} bits/token" in out
+
+
+def test_curves_table_and_picture_from_the_eval_logs(short_run, tmp_path, capsys):
+    """curves.py reads each run's eval_log.jsonl: the table row of the last evaluation carries the bound with its
+    standard error where the log has one (an older log without it still draws), and the PNG is written."""
+    import curves
+    out_dir, _ = short_run
+    old = tmp_path / 'old-run'
+    old.mkdir()
+    with open(old / 'eval_log.jsonl', 'w') as f:  # a log written before val_bits_se existed
+        for it, bits in ((0, 16.5), (10, 12.25)):
+            f.write(json.dumps({'iter': it, 'tokens': it * 256, 'train_seconds': it * 0.5, 'val_bits': bits,
+                                'unigram_bits': 11.0, 'model_type': 'mask'}) + '\n')
+    res = curves.main([f"--runs={[out_dir, str(old)]}", f'--out_dir={tmp_path / "curves"}'])
+    table = capsys.readouterr().out
+    last = [json.loads(line) for line in open(os.path.join(out_dir, 'eval_log.jsonl'))][-1]
+    assert f"| {last['val_bits']:.3f} ± {last['val_bits_se']:.3f} | {last['unigram_bits']:.3f} |" in table, table
+    assert "| old-run | mask | 10 | 2,560 | 5 | 12.250 | 11.000 | -1.250 |" in table, table
+    assert [len(c['records']) for c in res] == [4, 2]
+    assert os.path.getsize(tmp_path / 'curves' / 'curves.png') > 0
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(data_dir, tmp_path):

@@ -410,12 +410,20 @@ def estimate_loss(run):
                 total += m(X).double()
         out[name] = all_reduced_mean(run, total)
     if c['eval_bound']:
+        # one draw of the bound per window; the windows' spread gives the standard error, because the per-window
+        # bound is right-skewed and a mean of a few dozen single draws can sit well below the test-split figure
         m = run.ema if run.ema is not None else run.raw_model
-        total = torch.zeros((), dtype=torch.float64, device=run.device)
+        moments = torch.zeros(3, dtype=torch.float64, device=run.device)  # count, sum, sum of squares
         for k in range(run.rank, c['eval_iters'], run.world_size):
             gen = torch.Generator(device=run.device).manual_seed(stream_seed(_EVAL_SEED, 1, k))
-            total += m.nll(get_batch(run, run.val_data, k, _EVAL_SEED, 0), generator=gen).double().mean()
-        out['val_bits'] = all_reduced_mean(run, total)
+            bits = m.nll(get_batch(run, run.val_data, k, _EVAL_SEED, 0), generator=gen).double()
+            moments += torch.stack([torch.tensor(float(bits.numel()), dtype=torch.float64, device=run.device),
+                                    bits.sum(), bits.square().sum()])
+        if run.ddp:
+            dist.all_reduce(moments)
+        n, mean = moments[0].item(), (moments[1] / moments[0]).item()
+        var = max(moments[2].item() / n - mean * mean, 0.0) * n / max(n - 1, 1)  # unbiased sample variance
+        out['val_bits'], out['val_bits_se'] = mean, math.sqrt(var / n)
     run.model.train()
     return out
 
@@ -463,14 +471,14 @@ def evaluate(run, loggers, log):
     c, it = run.c, run.iter_num
     losses = estimate_loss(run)
     ema_part = f", val (EMA) {losses['val_ema']:.4f}" if 'val_ema' in losses else ""
-    bits_part = f", val {losses['val_bits']:.3f} bits/token (unigram {run.unigram_bits:.3f})" \
-        if 'val_bits' in losses else ""
+    bits_part = f", val {losses['val_bits']:.3f} ± {losses['val_bits_se']:.3f} bits/token (unigram " \
+        f"{run.unigram_bits:.3f})" if 'val_bits' in losses else ""
     log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_part}{bits_part}")
     if c['eval_only']:
         return
-    loggers.scalars({f'eval/{k}_loss': v for k, v in losses.items() if k != 'val_bits'}, it)
+    loggers.scalars({f'eval/{k}_loss': v for k, v in losses.items() if not k.startswith('val_bits')}, it)
     if 'val_bits' in losses:
-        loggers.scalars({'eval/val_bits_per_token': losses['val_bits'],
+        loggers.scalars({'eval/val_bits_per_token': losses['val_bits'], 'eval/val_bits_se': losses['val_bits_se'],
                          'eval/unigram_bits_per_token': run.unigram_bits}, it)
     if run.rank == 0:
         append_eval_log(run.log_path, {'iter': it, 'tokens': it * run.tokens_per_iter,
