@@ -7,7 +7,7 @@ The three processes have one shape: the marginal q(x_t | x_0) (`q_sample`), the 
 any s < t, the prior at the end of the chain, and the likelihood of a noisy state under each clean token where
 the family's decoder needs it.
   GaussianDiffusion  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 1..T        (embed, analog)
-    ContinuousGaussianDiffusion  the same with t real in [0, T]                       (continuous_time=True)
+  ContinuousGaussianDiffusion, ContinuousBitFlipDiffusion: the same with t real in [0, T] (continuous_time=True)
   BitFlipDiffusion   each bit flips with probability (1 - abar_t) / 2, t = 1..T      (bits)
   MaskSchedule       each token is [MASK] with probability 1 - alpha_t, t in [0, 1]  (mask)
 """
@@ -154,8 +154,11 @@ class GaussianDiffusion:
         # Python floats, so the compiled graph holds constants rather than syncing on .item()
         self.abar_1, self.abar_T = float(abar[1]), float(abar[-1])
 
+    def abar_of(self, t):
+        return self.abar_dev[t]
+
     def at(self, t, x):
-        return self.abar_dev[t].view(-1, *([1] * (x.dim() - 1)))
+        return self.abar_of(t).view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
         """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
@@ -227,9 +230,22 @@ class GaussianDiffusion:
         return c ** 2 * (x0.double() - x0_hat.double()) ** 2 / (2 * var)
 
 
-class ContinuousGaussianDiffusion(GaussianDiffusion):
-    """GaussianDiffusion with t real in [0, T] (VDM, Kingma et al. 2021), abar(t) from abar_continuous. Everything
-    the parent derives from abar_t holds for real s < t; what changes is the bound. The KL of one ancestral step
+class ContinuousTime:
+    """Mixin for a process class: t real in [0, T], abar(t) from abar_continuous instead of the table (which still
+    holds abar at the integer times, for the time proposal's cells). Everything the process derives from abar_t
+    holds for real s < t; the bound's sum over steps becomes an integral (the subclasses' kl_step / rate_kl)."""
+    time_dtype = torch.float64
+
+    def __init__(self, name, T):
+        self.schedule = abar_continuous(name, T)
+        super().__init__(self.schedule(torch.arange(T + 1, dtype=torch.float64))[0])
+
+    def abar_of(self, t):
+        return self.schedule(t)[0]
+
+
+class ContinuousGaussianDiffusion(ContinuousTime, GaussianDiffusion):
+    """GaussianDiffusion with t real in [0, T] (VDM, Kingma et al. 2021). The KL of one ancestral step
     from t to s is 0.5 (SNR_s - SNR_t) ||x0 - x0_hat||^2 (SNR = abar / (1 - abar)), so the sum over steps becomes
 
         L_inf = int_1^T 0.5 (-dSNR/dt) E_q ||x0 - x0_hat(x_t, t)||^2 dt,
@@ -238,14 +254,6 @@ class ContinuousGaussianDiffusion(GaussianDiffusion):
     over the cell (t - 1, t] is the discrete step's KL exactly; a network's x0_hat improves as t falls inside the
     cell, so L_inf is the limit the discrete bounds approach as the steps get finer. `kl_step(x0, x0_hat, t)` is
     the integrand at real t: averaged over t uniform in a cell it is that cell's term."""
-    time_dtype = torch.float64
-
-    def __init__(self, name, T):
-        self.schedule = abar_continuous(name, T)
-        super().__init__(self.schedule(torch.arange(T + 1, dtype=torch.float64))[0])  # abar at the cell edges
-
-    def at(self, t, x):
-        return self.schedule(t)[0].view(-1, *([1] * (x.dim() - 1)))
 
     def kl_step(self, x0, x0_hat, t):
         """0.5 (-dSNR/dt) (x0 - x0_hat)^2 per element at real t, in nats per unit of t; dSNR/dt = abar' / (1 - abar)^2."""
@@ -275,15 +283,19 @@ class BitFlipDiffusion:
     """Each bit of a 16-bit code flips independently: q(b_t != b_0) = (1 - abar_t) / 2, so at t = T the bits are
     uniform. Between any s < t a bit flips with probability (1 - abar_t/abar_s) / 2. Bits are 0/1 floats."""
 
+    time_dtype = torch.long  # t is a step index
+
     def __init__(self, abar):
         self.abar = abar
         self.abar_dev = abar  # the same table on the model's device (kept there by the family's _apply)
         self.T = len(abar) - 1
 
+    def abar_of(self, t):
+        return self.abar_dev[t]
+
     def stay_prob(self, t, s, like):
         """P(bit unchanged from time s to time t) = (1 + abar_t / abar_s) / 2, shaped to broadcast on `like`."""
-        a = self.abar_dev
-        return ((1 + a[t] / a[s]) / 2).view(-1, *([1] * (like.dim() - 1)))
+        return ((1 + self.abar_of(t) / self.abar_of(s)) / 2).view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, b0, t, generator=None):
         """Flip each bit of b0 (0/1) with probability (1 - abar_t) / 2."""
@@ -327,6 +339,31 @@ class BitFlipDiffusion:
         half_logit = (0.5 * (stay.log() - (1 - stay).log())).float()
         with torch.autocast(b_t.device.type, enabled=False):
             return half_logit * ((2 * b_t.float() - 1) @ (2 * codes.float() - 1).t())
+
+
+class ContinuousBitFlipDiffusion(ContinuousTime, BitFlipDiffusion):
+    """BitFlipDiffusion with t real in [0, T]: each bit flips at rate lambda(t) = -abar'(t) / (2 abar(t)), so that
+    q(b_t != b_0) = (1 - abar_t) / 2 as before. The reverse process is a jump process too: in time dt a bit in
+    state b flips with rate lambda(t) q_t(1 - b | b_0) / q_t(b | b_0), i.e. lambda r_s when b = b_0 and lambda r_d
+    when it is not, r_s = (1 - abar_t) / (1 + abar_t) = 1 / r_d. The model's rate mixes the same over its clean
+    ids; being linear in p(w | b_t) it needs only the marginal pi = P(b_0,k = b_t,k): lambda (pi r_s + (1 - pi) r_d).
+    The sum of the discrete steps' KLs becomes the path KL of the two jump processes (Campbell et al. 2022):
+
+        L_inf = int_1^T E_q sum_k [ R_model - R_true + R_true log(R_true / R_model) ] dt   (per bit k),
+
+    decoder at t = 1 and prior at t = T as before; `rate_kl` is the integrand at real t."""
+
+    def rate_kl(self, b0, b_t, p1, t):
+        """sum over the bits of R_model - R_true + R_true log(R_true / R_model), nats per unit of t, per position;
+        p1 = the model's P(b_0,k = 1 | b_t) (..., 16), float64."""
+        a, da = (v.view(-1, *([1] * (b_t.dim() - 1))) for v in self.schedule(t))
+        rate = -da / (2 * a)
+        r_s = (1 - a) / (1 + a)
+        up = b_t > 0.5
+        pi = torch.where(up, p1, 1 - p1).clamp(0.0, 1.0)                   # model: P(clean bit = current bit)
+        r_model = pi * r_s + (1 - pi) / r_s
+        r_true = torch.where(b0 == b_t, r_s, 1 / r_s).expand_as(r_model)
+        return (rate * (r_model - r_true + r_true * (r_true.log() - r_model.log()))).sum(-1)
 
 
 class MaskSchedule:

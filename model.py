@@ -6,8 +6,8 @@ sampling loop (LanguageModel.sample); the parameter-free maths (schedules, the t
 draws, the bit code) is in diffusion.py, what the bounds share in bounds.py, checkpoint files in checkpoint.py.
 
 Token ids are GPT-2 BPE ids (50,257; 50256 = <|endoftext|>). Time is discrete, t = 1..T, for the Gaussian and bit
-families (abar_0 = 1: clean data; the Gaussian ones take real t in [0, T] with continuous_time=True) and continuous
-in [0, 1] for `mask`; the network always sees t in [0, 1].
+families (abar_0 = 1: clean data; real t in [0, T] with continuous_time=True) and continuous in [0, 1] for `mask`;
+the network always sees t in [0, 1].
 Likelihoods are in bits per token.
 """
 
@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bounds import BoundTimeProposal, eval_in_full_precision
-from diffusion import (NUM_BITS, BitFlipDiffusion, ContinuousGaussianDiffusion, GaussianDiffusion, MaskSchedule,
-                       abar_schedule, bits_to_ids, categorical_mean, draw_categorical, ids_to_bits, rand, randn,
-                       rounding_logits, stratified_times, valid_codes)
+from diffusion import (NUM_BITS, BitFlipDiffusion, ContinuousBitFlipDiffusion, ContinuousGaussianDiffusion,
+                       GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids, categorical_mean, draw_categorical,
+                       ids_to_bits, rand, randn, rounding_logits, stratified_times, valid_codes)
 from util import in_eval_mode
 
 MODEL_TYPES = ('embed', 'bits', 'analog', 'mask', 'ar')
@@ -39,8 +39,9 @@ class ModelConfig:
     bias: bool = True                # biases in Linear layers
     rotary: bool = False             # rotary position embedding instead of a learned absolute one
     T: int = 1000                    # diffusion steps of the discrete-time process (embed, bits, analog)
-    continuous_time: bool = False    # embed/analog: t real in [0, T] and the bound's sum an integral (VDM); T then
-                                     # sets the decoder's time t = 1, the bound's cells and the default steps
+    continuous_time: bool = False    # embed/analog/bits: t real in [0, T] and the bound's sum an integral (VDM;
+                                     # for bits a jump process); T then sets the decoder's time t = 1, the bound's
+                                     # cells and the default steps
     noise_schedule: str = 'sqrt'     # linear | cosine | sqrt (Diffusion-LM's; bits configs use cosine)
     predict: str = 'x0'              # embed/analog: the network predicts eps or x0
     embed_dim: int = 64              # embed: width of the diffused token embedding (projected to n_embd)
@@ -62,8 +63,8 @@ class ModelConfig:
         need(not self.rotary or (self.n_embd // self.n_head) % 2 == 0, "rotary needs an even head size")
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout}, expected in [0, 1)")
         need(self.T >= 2, f"T={self.T}, expected >= 2")
-        need(not self.continuous_time or self.model_type in ('embed', 'analog'),
-             "continuous_time is for the Gaussian families (embed, analog); mask is continuous-time already")
+        need(not self.continuous_time or self.model_type in ('embed', 'analog', 'bits'),
+             "continuous_time is for embed, analog and bits; mask is continuous-time already, ar has no time")
         need(self.noise_schedule in ('linear', 'cosine', 'sqrt'),
              f"noise_schedule={self.noise_schedule!r}, expected linear | cosine | sqrt")
         need(self.predict in ('eps', 'x0'), f"predict={self.predict!r}, expected eps | x0")
@@ -353,8 +354,12 @@ class LanguageModel(nn.Module):
         return torch.where(fixed >= 0, fixed, self.final_tokens(state, generator, opts))
 
     def time_grid(self, steps, fixed):
-        """`steps` pairs (t, s) of integer times from T down to 0, evenly spaced (DDIM's striding)."""
-        ts = torch.linspace(self.config.T, 0, steps + 1).round().long().tolist()
+        """`steps` pairs (t, s) of times from T down to 0, evenly spaced: integers (DDIM's striding), or `steps`
+        equal real intervals in continuous time."""
+        if self.config.continuous_time:
+            ts = torch.linspace(self.config.T, 0, steps + 1, dtype=torch.float64).tolist()
+        else:
+            ts = torch.linspace(self.config.T, 0, steps + 1).round().long().tolist()
         return list(zip(ts[:-1], ts[1:]))
 
     def final_tokens(self, state, generator, opts):
@@ -501,13 +506,6 @@ class GaussianLM(LanguageModel):
         x_s = torch.where((fixed >= 0).unsqueeze(-1), known_s, x_s)
         return {**state, 'x': x_s, 'x0_sc': x0_hat if self.config.self_cond else None, 'x0_hat': x0_hat, 'out': out}
 
-    def time_grid(self, steps, fixed):
-        """Discrete time: the integer grid of LanguageModel.time_grid. Continuous: `steps` equal real intervals."""
-        if not self.config.continuous_time:
-            return super().time_grid(steps, fixed)
-        ts = torch.linspace(self.config.T, 0, steps + 1, dtype=torch.float64).tolist()
-        return list(zip(ts[:-1], ts[1:]))
-
     def guided_prediction(self, x, t, fixed, x0_sc, opts):
         """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) when the model has a condition."""
         cond = fixed if self.config.cfg_drop > 0 else None
@@ -624,7 +622,8 @@ class BitDiffusion(LanguageModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.diffusion = BitFlipDiffusion(abar_schedule(config.noise_schedule, config.T))
+        self.diffusion = ContinuousBitFlipDiffusion(config.noise_schedule, config.T) if config.continuous_time \
+            else BitFlipDiffusion(abar_schedule(config.noise_schedule, config.T))
         self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
         self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
         self.default_steps = self.max_steps = config.T
@@ -690,6 +689,14 @@ class BitDiffusion(LanguageModel):
         log_p = self.transition_logprob(b_draw[far], b_t[far], logits[far], t_far, t_far - 1, dtype)
         return kl.index_put((far,), kl[far] + log_q(b_draw)[far].sum(-1) - log_p)
 
+    def bound_term(self, b0, b_t, logits, t, generator, near=True):
+        """The bound's term at t per position, nats: the step's KL (step_kl; t = 1 has none, its entry is
+        meaningless) or, in continuous time, the jump processes' rate integrand at real t (no draw needed)."""
+        if self.config.continuous_time:
+            return self.diffusion.rate_kl(b0, b_t, self.marginals(logits, torch.float64), t)
+        return self.step_kl(b0, b_t, logits, t.clamp(min=2), generator, dtype=torch.float64 if near else torch.float32,
+                            near=near)
+
     def decoder_logprobs(self, b_1, logits):
         """log p(w | b_1) (float64): the logits of id_logits(b_1, 1) already hold the flip likelihood of b_1."""
         return logits.double().log_softmax(-1)
@@ -697,14 +704,14 @@ class BitDiffusion(LanguageModel):
     def forward(self, idx):
         B, L = idx.shape
         b0 = ids_to_bits(idx).float()
-        t = stratified_times(B, self.config.T, None, idx.device)
+        t = stratified_times(B, self.config.T, None, idx.device, continuous=self.config.continuous_time)
         b_t = self.diffusion.q_sample(b0, t)
         logits = self.id_logits(b_t, t).float()
         p1 = self.marginals(logits).clamp(1e-6, 1 - 1e-6)
         # the bound's term at this t, recorded for the adaptive time proposal of nll()
         with torch.no_grad():
-            kl = self.step_kl(b0, b_t, logits.detach(), t.clamp(min=2), dtype=torch.float32, near=False)
-        self.time_proposal.update(t, kl.sum(1) / L)
+            kl = self.bound_term(b0, b_t, logits.detach(), t, None, near=False)
+        self.time_proposal.update(t, kl.float().sum(1) / L)
         ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
         return ce + F.binary_cross_entropy(p1, b0)
 
@@ -714,13 +721,16 @@ class BitDiffusion(LanguageModel):
 
         -log p(w) <= E[-log p(w | b_1)] + sum_{t=2}^T E KL(q(b_{t-1}|b_t,b_0) || p(b_{t-1}|b_t)) + KL(q(b_T|b_0) || U),
         the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t by step_kl against the model's
-        transition, the mixture over clean ids (transition_logprob)."""
+        transition, the mixture over clean ids (transition_logprob). In continuous time the sum is the integral of
+        ContinuousBitFlipDiffusion.rate_kl over (1, T], at t uniform inside the cell the proposal drew."""
         B, device = idx.shape[0], idx.device
         b0 = ids_to_bits(idx).double()
         t, q_t = self.time_proposal.draw(B, generator, device)
+        if self.config.continuous_time:
+            t = t - rand((B,), generator, device)
         b_t = self.diffusion.q_sample(b0, t, generator)
-        kl = self.step_kl(b0, b_t, self.id_logits(b_t, t), t, generator) / q_t[:, None]
-        one = torch.ones(B, dtype=torch.long, device=device)
+        kl = self.bound_term(b0, b_t, self.id_logits(b_t, t), t, generator) / q_t[:, None]
+        one = torch.ones(B, dtype=self.diffusion.time_dtype, device=device)
         b_1 = self.diffusion.q_sample(b0, one, generator)
         logp = self.decoder_logprobs(b_1, self.id_logits(b_1, one))
         return (self.diffusion.prior_kl(1) + kl - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
@@ -732,8 +742,8 @@ class BitDiffusion(LanguageModel):
 
     def step(self, state, t, s, fixed, generator, opts):
         b = state['b']
-        t_batch = torch.full(b.shape[:1], t, dtype=torch.long, device=b.device)
-        s_batch = torch.full(b.shape[:1], s, dtype=torch.long, device=b.device)
+        t_batch = torch.full(b.shape[:1], t, dtype=self.diffusion.time_dtype, device=b.device)
+        s_batch = torch.full(b.shape[:1], s, dtype=self.diffusion.time_dtype, device=b.device)
         logits = self.id_logits(b, t_batch).float() / max(opts['temperature'], 1e-8)
         self.nfe += 1
         if s == 0:  # the last step read b_1: final_tokens draws from the decoder p(w | b_1)

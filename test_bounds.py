@@ -8,8 +8,8 @@ import torch
 
 from bounds import BoundTimeProposal
 from conftest import train_steps
-from diffusion import (ContinuousGaussianDiffusion, GaussianDiffusion, abar_continuous, abar_schedule, ids_to_bits,
-                       rand, randn)
+from diffusion import (ContinuousBitFlipDiffusion, ContinuousGaussianDiffusion, GaussianDiffusion, abar_continuous,
+                       abar_schedule, ids_to_bits, rand, randn)
 from model import ModelConfig, build_model
 from prepare import unigram_logprobs
 from test_model import TOY_SEQS
@@ -109,14 +109,41 @@ def test_continuous_kl_integrates_over_a_cell_to_the_discrete_step(name):
         assert torch.allclose(integral, disc.kl_step(x0, x0_hat, torch.tensor([t]))[0], rtol=1e-3), t
 
 
-def test_continuous_bound_evaluates_a_uniform_time_inside_the_drawn_cell(monkeypatch):
+@pytest.mark.parametrize('b0,p1', [(1.0, 0.3), (0.0, 0.3), (1.0, 0.95)])
+def test_bit_rate_integrand_is_the_limit_of_the_discrete_steps(b0, p1):
+    """One bit, clean value b0, a model that says P(b_0 = 1) = p1 whatever it sees. Cut a cell (t - 1, t] into 4000
+    steps: the sum of their KLs, KL(q(b_s | b_u, b_0) || p(b_s | b_u)) averaged exactly over b_u ~ q(b_u | b_0),
+    must match the integral of rate_kl over the cell (midpoints, the same exact average) as the steps shrink."""
+    d = ContinuousBitFlipDiffusion('cosine', 20)
+    n = 4000
+    clean, model = torch.full((n, 1), b0, dtype=torch.float64), torch.full((n, 1), p1, dtype=torch.float64)
+
+    def bern_kl(p, q):
+        return p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    for t in (2, 10, 19):  # (the last cell is where the cosine table is clipped)
+        edges = t - 1 + torch.arange(n + 1, dtype=torch.float64) / n
+        u, s, mid = edges[1:], edges[:-1], (edges[1:] + edges[:-1]) / 2
+        steps = integral = 0.0
+        for b in (0.0, 1.0):  # the bit's state at the later time, weighted by q(b | b0)
+            b_u = torch.full((n, 1), b)
+            def q_of(time):
+                stay = d.stay_prob(time, torch.zeros_like(time), b_u)[:, 0]
+                return stay if b == b0 else 1 - stay
+            true = d.posterior_prob_one(b_u, clean, u, s)[:, 0]
+            steps += (q_of(u) * bern_kl(true.clamp(1e-300, 1 - 1e-16), d.posterior_prob_one(b_u, model, u, s)[:, 0])).sum()
+            integral += (q_of(mid) * d.rate_kl(clean, b_u, model, mid)).mean()
+        assert steps.item() == pytest.approx(integral.item(), rel=1e-3), t
+
+
+@pytest.mark.parametrize('model_type,net', [('embed', 'denoise'), ('bits', 'id_logits')])
+def test_continuous_bound_evaluates_a_uniform_time_inside_the_drawn_cell(model_type, net, monkeypatch):
     """The proposal draws a cell t (here always 7, q = 0.25); the continuous bound evaluates its integrand at a real
     time uniform in (6, 7] (then one network call at the decoder's t = 1)."""
-    m = toy('embed', continuous_time=True)
+    m = toy(model_type, continuous_time=True)
     monkeypatch.setattr(m.time_proposal, 'draw', lambda n, g, device: (torch.full((n,), 7),
                                                                        torch.full((n,), 0.25, dtype=torch.float64)))
-    seen, denoise = [], m.denoise
-    monkeypatch.setattr(m, 'denoise', lambda x_t, t, *a: seen.append(t) or denoise(x_t, t, *a))
+    seen, call = [], getattr(m, net)
+    monkeypatch.setattr(m, net, lambda x_t, t, *a: seen.append(t) or call(x_t, t, *a))
     B = 512
     m.nll(TOY_SEQS.repeat(B // len(TOY_SEQS), 1), torch.Generator().manual_seed(0))
     u, one = seen
@@ -179,9 +206,11 @@ def full_sum_bound(model, rows, g):
             total = torch.full((B,), 16 * L * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m))), dtype=torch.float64)
             for t in range(2, T + 1):
                 t_batch = torch.full((B,), t)
+                if model.config.continuous_time:  # the integral over the cell (t - 1, t]: one uniform point in it
+                    t_batch = t - rand((B,), g, 'cpu')
                 b_t = model.diffusion.q_sample(b0, t_batch, g)
-                total += model.step_kl(b0, b_t, model.id_logits(b_t, t_batch), t_batch, g).sum(1)
-            one = torch.ones(B, dtype=torch.long)
+                total += model.bound_term(b0, b_t, model.id_logits(b_t, t_batch), t_batch, g).sum(1)
+            one = torch.ones(B, dtype=model.diffusion.time_dtype)
             b_1 = model.diffusion.q_sample(b0, one, g)
             logp = model.decoder_logprobs(b_1, model.id_logits(b_1, one))
         else:
@@ -212,7 +241,7 @@ def adapted(model):
 
 
 @pytest.mark.parametrize('model_type,kw', [('embed', {}), ('analog', {}), ('bits', {}),
-                                            ('embed', {'continuous_time': True})])
+                                            ('embed', {'continuous_time': True}), ('bits', {'continuous_time': True})])
 def test_importance_sampled_bound_equals_the_full_sum_over_t(model_type, kw):
     """nll() draws one t per sequence from the adaptive q and weights KL_t / q(t): its mean over many draws
     must equal the bound with every step summed (within 3 standard errors). In continuous time the sum is of

@@ -153,6 +153,7 @@ def test_gaussian_kl_step_matches_generic_kl():
                                             ('embed', {'continuous_time': True}),
                                             ('bits', {}), ('analog', {}), ('analog', {'predict': 'eps'}),
                                             ('analog', {'predict': 'eps', 'continuous_time': True}),
+                                            ('bits', {'continuous_time': True}),
                                             ('mask', {'time_cond': True}), ('ar', {})])
 def test_loss_is_finite_and_gradients_reach_every_parameter(model_type, kw):
     m = tiny(model_type, **kw)
@@ -219,7 +220,8 @@ def test_embed_same_seed_same_text_and_clamping_reproduces_text(overfit_embed):
 
 
 @pytest.mark.parametrize('model_type,kw', [('embed', {}), ('embed', {'cfg_drop': 0.1}), ('analog', {}), ('bits', {}),
-                                            ('mask', {}), ('embed', {'continuous_time': True})])
+                                            ('mask', {}), ('embed', {'continuous_time': True}),
+                                            ('bits', {'continuous_time': True})])
 def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, kw):
     """Infilling by imputation: at every step the network's input at the fixed positions is a fresh draw of
     q(x_t | x_0 = the fixed tokens) at the time t it is told (mask: the tokens themselves, never [MASK]). The
@@ -248,7 +250,7 @@ def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, k
         if model_type == 'mask':
             assert torch.equal(x, fixed[0, keep].double().expand_as(x))
             continue
-        a = m.diffusion.at(t[:1], t).item() if kw.get('continuous_time') else m.abar[t[0]].item()
+        a = m.diffusion.abar_of(t[:1]).item()  # abar at the (integer or real) time the network was told
         if model_type == 'bits':
             flips = (x != ids_to_bits(fixed[0, keep]).double()).double()
             p = (1 - a) / 2

@@ -96,13 +96,13 @@ def test_sweep_end_to_end(shared, name):
         assert all(r['tokens'] == 2 * 2 * 64 and r['curve'][-1]['tokens'] == r['tokens'] for r in res['runs'])
         assert all(s.get('gen_bits') is not None for s in res['samples'])  # the sweep's own judge scored them
     if name == 't_values':  # T is a column, and each run was trained with its T (and continuous time for one)
-        assert sorted(r['settings']['T'] for r in res['runs']) == [100, 100, 250, 250, 1000, 1000, 1000, 4000, 4000]
+        assert sorted(r['settings']['T'] for r in res['runs']) == [100, 100, 250, 250] + [1000] * 4 + [4000, 4000]
         assert all(f"| {r['settings']['T']} | {r['settings']['continuous_time']} |" in row
                    for r, row in zip(res['runs'], rows))
         args = [load_checkpoint(r['out_dir'])[1]['model_args'] for r in res['runs']]
         trained = {(a['model_type'], a['T'], a['continuous_time']) for a in args}
         assert trained == {(f, T, False) for f in ('embed', 'bits') for T in (100, 250, 1000, 4000)} | \
-            {('embed', 1000, True)}
+            {('embed', 1000, True), ('bits', 1000, True)}
     if name == 'eps_x0':
         assert [(r['model_type'], r['settings']['predict']) for r in res['runs']] == \
             [('embed', 'x0'), ('embed', 'eps'), ('analog', 'x0'), ('analog', 'eps')]

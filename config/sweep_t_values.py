@@ -1,24 +1,25 @@
 # Roadmap: the number of diffusion steps T (100, 250, 1000, 4000) for embed and bits: the bound and the samples
-# against T, and embed in continuous time (T -> infinity: VDM's integral bound, continuous_time=True; T = 1000
-# then only places the decoder at t = 1/1000 of the way and the default steps). Every run samples at the same
-# step counts (at most the smallest T), so the rows differ in T only. bits has no continuous-time form in
-# model.py; mask, the continuous-time discrete family, is in config/sweep_families.py.
+# against T, and both in continuous time (T -> infinity, continuous_time=True: VDM's integral bound for embed, the
+# path KL of two jump processes for bits; T = 1000 then only places the decoder at 1/1000 of the way and sets the
+# default steps). Every run samples at the same step counts (at most the smallest T), so the rows differ in T only.
+# mask, continuous-time by construction, is in config/sweep_families.py.
 #   python sweep.py config/sweep_t_values.py
 from config.sweep_common import *  # judge, evaluation, budget
 from config.sweep_common import _ITERS
 
 runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if T == 1000 else f'-T{T}'),
-             max_iters=_ITERS, T=T)
-        for f in ('embed', 'bits') for T in (100, 250, 1000, 4000)]
+             max_iters=_ITERS, T=T) for f in ('embed', 'bits') for T in (100, 250, 1000, 4000)]
 runs.insert(4, dict(config='config/embed_cpu.py', out_dir='out-sweep-embed-Tcont', max_iters=_ITERS, T=1000,
                     continuous_time=True))
+runs.append(dict(config='config/bits_cpu.py', out_dir='out-sweep-bits-Tcont', max_iters=_ITERS, T=1000,
+                 continuous_time=True))
 results_dir = 'sweep-t-values'
 columns = ['T', 'continuous_time']
 x = 'T'
 panels = ['bits_x', 'gen_ppl_x', 'bits_tokens']
-# eight checkpoints, four of them bits (its bound costs ~1 s per window and draw on the 2-core CPU): one draw of the
+# ten checkpoints, five of them bits (its bound costs ~1 s per window and draw on the 2-core CPU): one draw of the
 # bound on the first 128 test windows (8k tokens) instead of four on all of them, and samples at 25 steps only (a
 # step of 32 x 64 tokens costs ~2 s on the CPU); the standard errors say what the cut costs
 eval_overrides = {'mc_samples': 1, 'max_windows': 128, 'steps': [25]}
-notes = ['continuous_time=True (embed only) is drawn as its own point at T = 1000, the decoder time it shares with '
-         'the discrete T = 1000 run; bits has no continuous-time form in model.py.']
+notes = ['continuous_time=True is drawn as its own point at T = 1000, the decoder time it shares with the discrete '
+         'T = 1000 run of its family.']
