@@ -265,8 +265,8 @@ def stratified_times(n, T, generator, device, low=1, continuous=False):
     """Low-discrepancy draw of n times: one uniform shift of a regular grid, integers in [low, T] (or reals in
     (low - 1, T] with continuous=True)."""
     u = (rand((1,), generator, device) + torch.arange(n, device=device, dtype=torch.float64) / n) % 1.0
-    if continuous:
-        return T - u * (T - low + 1)
+    if continuous:  # not below 1e-6: at t -> 0, 1 - abar_t rounds to 0 and the flip odds and SNR become infinite
+        return (T - u * (T - low + 1)).clamp(min=1e-6)
     return (low + (u * (T - low + 1)).floor().long()).clamp(max=T)
 
 
