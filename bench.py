@@ -9,7 +9,7 @@ At the start a timed matmul probe measures the peak FLOP/s of the device in each
 measure_peak_flops): MFU is reported against that, not against a datasheet number the machine never reaches.
 Then, for each family at the same backbone size:
   training   ms per iteration (forward + backward + AdamW step; warmup iterations excluded, the median of
-             `iters`), tokens/s, MFU (model.flops_per_token() x tokens / time / peak of the dtype), and the
+             `iters`), tokens/s, MFU (util.flops_per_token(model) x tokens / time / peak of the dtype), and the
              time relative to `ar` in the same dtype; in float32 and bf16 autocast (CUDA float32 = TF32
              matmuls, as in train.py);
   sampling   tokens/s and network evaluations for batch_size samples of block_size tokens at sample_steps
@@ -89,7 +89,7 @@ def bench_training(model, c, dev, ctx, compiled=False):
     """(median seconds of one optimizer step (forward, backward, AdamW) after c['warmup'] untimed ones, seconds
     of the first step: with compiled=True that one includes the compilation)."""
     device_type = torch.device(dev).type
-    opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type)
+    opt = util.configure_optimizer(model, 0.1, 3e-4, (0.9, 0.95), device_type)
     run = torch.compile(model, mode=c['compile_mode']) if compiled else model
     batches = [x.to(dev) for x in make_batches(c, c['block_size'] + model.extra_tokens, 4)]
     model.train()
@@ -219,8 +219,8 @@ def bench_family(c, family, d, shape, dev, device_type, peak):
     dt, _ = bench_training(model, c, dev, ctx)
     row = {'family': family, 'dtype': d, 'params': model.get_num_params(), 'ms_per_iter': dt * 1000,
            'tokens_per_s': c['batch_size'] * c['block_size'] / dt,
-           'mfu': model.estimate_mfu(c['batch_size'], dt, peak),
-           'flops_per_token': model.flops_per_token(), 'vs_ar': None,
+           'mfu': util.estimate_mfu(model, c['batch_size'], dt, peak),
+           'flops_per_token': util.flops_per_token(model), 'vs_ar': None,
            'sample_steps': None, 'sample_nfe': None, 'sample_tokens_per_s': None,
            'compiled_ms_per_iter': None, 'first_compiled_step_s': None}
     if c['compile']:

@@ -33,12 +33,14 @@ class BoundTimeProposal(nn.Module):
     variance of KL_t / q(t) is smallest for q(t) ~ sqrt(E[KL_t^2]) (Nichol & Dhariwal 2021, sec. 3.3): q is that
     level per bin, shaped inside it by the schedule's proposal, and mixed with that proposal (weight `floor`) so
     no step is starved and KL_t / q(t) stays bounded; until every bin has `warm` values, the schedule's alone.
-    The statistics are buffers: they travel in checkpoints (and the EMA copies them)."""
+    The statistics are buffers: they travel in checkpoints (and the EMA copies them). In continuous time (an
+    integral over (1, T]) step t is the cell (t - 1, t], and a draw is a real time uniform inside the cell drawn."""
 
-    def __init__(self, abar, bins=50, decay=0.99, warm=10, floor=0.1):
+    def __init__(self, abar, bins=50, decay=0.99, warm=10, floor=0.1, continuous=False):
         super().__init__()
         T = len(abar) - 1
         self.T, self.bins, self.decay, self.warm, self.floor = T, min(bins, T - 1), decay, warm, floor
+        self.continuous = continuous
         self.register_buffer('base', log_snr_drop_proposal(abar), persistent=False)
         self.register_buffer('bin_of', (torch.arange(T - 1) * self.bins) // (T - 1), persistent=False)  # t - 2 -> bin
         self.register_buffer('m2', torch.zeros(self.bins, dtype=torch.float64))
@@ -72,8 +74,9 @@ class BoundTimeProposal(nn.Module):
         return (1 - self.floor) * adapted + self.floor * self.base
 
     def draw(self, n, generator, device):
-        """n times t in 2..T drawn from q by inverse CDF (float64, any generator device) and q(t) of each."""
+        """n times t in 2..T drawn from q by inverse CDF (float64, any generator device) and q(t) of each; in
+        continuous time, t - U[0, 1): a real time in the cell, whose density is q(t) too."""
         q = self.probs().to(device)
         cdf = q.cumsum(0)
         idx = torch.searchsorted(cdf, rand((n,), generator, device) * cdf[-1], right=True).clamp(max=self.T - 2)
-        return idx + 2, q[idx]
+        return (idx + 2 - rand((n,), generator, device) if self.continuous else idx + 2), q[idx]

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from util import keep_freed_memory
+from util import configure_optimizer, keep_freed_memory
 
 keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (util.py)
 
@@ -55,7 +55,7 @@ def compact_vocab(batch):
 def train_steps(model, batch, steps, lr=3e-3, seed=0):
     """Plain AdamW on one fixed batch; returns (first loss, mean of the last 10 losses)."""
     torch.manual_seed(seed)
-    opt = model.configure_optimizers(0.0, lr, (0.9, 0.99), 'cpu')
+    opt = configure_optimizer(model, 0.0, lr, (0.9, 0.99), 'cpu')
     model.train()
     losses = []
     for _ in range(steps):

@@ -512,7 +512,7 @@ def main(argv=None):
     results = {'config': c, 'device': dev, 'judge': c['judge'],
                'judge_name': (c['judge'] if hf_judge else checkpoint_name(c['judge'])) if c['judge'] else '',
                'sample_length': length, 'num_samples': c['num_samples'], 'likelihood': {}, 'models': {},
-               'rows': [], 'skipped': []}
+               'rows': [], 'skipped': [], 'code': util.code_version()}  # the commit of the code that scored them
 
     def add_row(name, family, path, num_steps, nfe, seconds, samples, fixed_steps=False):
         row = {'name': name, 'family': family, 'ckpt': path, 'steps': num_steps, 'fixed_steps': fixed_steps,

@@ -19,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bounds import BoundTimeProposal, eval_in_full_precision
-from diffusion import (NUM_BITS, BitFlipDiffusion, ContinuousBitFlipDiffusion, ContinuousGaussianDiffusion,
-                       GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids, categorical_mean, draw_categorical,
-                       ids_to_bits, rand, randn, rounding_logits, stratified_times, valid_codes)
+from continuous_time import ContinuousBitFlipDiffusion, ContinuousGaussianDiffusion
+from diffusion import (NUM_BITS, BitFlipDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
+                       categorical_mean, draw_categorical, ids_to_bits, rand, randn, rounding_logits,
+                       stratified_times, valid_codes)
 from util import in_eval_mode
 
 MODEL_TYPES = ('embed', 'bits', 'analog', 'mask', 'ar')
@@ -39,9 +40,8 @@ class ModelConfig:
     bias: bool = True                # biases in Linear layers
     rotary: bool = False             # rotary position embedding instead of a learned absolute one
     T: int = 1000                    # diffusion steps of the discrete-time process (embed, bits, analog)
-    continuous_time: bool = False    # embed/analog/bits: t real in [0, T] and the bound's sum an integral (VDM;
-                                     # for bits a jump process); T then sets the decoder's time t = 1, the bound's
-                                     # cells and the default steps
+    continuous_time: bool = False    # embed/analog/bits: real t in [0, T], the bound an integral (continuous_time.py);
+                                     # T then sets the decoder's time t = 1, the bound's cells and the default steps
     noise_schedule: str = 'sqrt'     # linear | cosine | sqrt (Diffusion-LM's; bits configs use cosine)
     predict: str = 'x0'              # embed/analog: the network predicts eps or x0
     embed_dim: int = 64              # embed: width of the diffused token embedding (projected to n_embd)
@@ -55,7 +55,9 @@ class ModelConfig:
         def need(ok, msg):
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
-        need(self.model_type in MODEL_TYPES, f"model_type={self.model_type!r}, expected one of {MODEL_TYPES}")
+        for key, allowed in (('model_type', MODEL_TYPES), ('noise_schedule', ('linear', 'cosine', 'sqrt')),
+                             ('predict', ('eps', 'x0')), ('mask_schedule', ('loglinear', 'cosine'))):
+            need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r}, expected one of {allowed}")
         need(self.vocab_size >= 2, f"vocab_size={self.vocab_size}, expected >= 2")
         need(self.block_size >= 1, f"block_size={self.block_size}, expected >= 1")
         need(self.n_layer >= 1 and self.n_head >= 1, "n_layer and n_head must be >= 1")
@@ -65,16 +67,11 @@ class ModelConfig:
         need(self.T >= 2, f"T={self.T}, expected >= 2")
         need(not self.continuous_time or self.model_type in ('embed', 'analog', 'bits'),
              "continuous_time is for embed, analog and bits; mask is continuous-time already, ar has no time")
-        need(self.noise_schedule in ('linear', 'cosine', 'sqrt'),
-             f"noise_schedule={self.noise_schedule!r}, expected linear | cosine | sqrt")
-        need(self.predict in ('eps', 'x0'), f"predict={self.predict!r}, expected eps | x0")
         need(self.predict == 'x0' or self.model_type in ('embed', 'analog'), "predict='eps' is for embed and analog")
         need(self.embed_dim >= 1, f"embed_dim={self.embed_dim}, expected >= 1")
         need(0.0 <= self.cfg_drop < 1.0, f"cfg_drop={self.cfg_drop}, expected in [0, 1)")
         need(self.cfg_drop == 0.0 or self.model_type == 'embed', "cfg_drop (guidance) is only for model_type='embed'")
         need(self.analog_scale > 0, f"analog_scale={self.analog_scale}, expected > 0")
-        need(self.mask_schedule in ('loglinear', 'cosine'),
-             f"mask_schedule={self.mask_schedule!r}, expected loglinear | cosine")
         need(not self.time_cond or self.model_type == 'mask', "time_cond is a mask-family switch")
         need(self.model_type not in ('bits', 'analog') or self.vocab_size <= 2 ** NUM_BITS,
              f"vocab_size={self.vocab_size} does not fit in {NUM_BITS} bits")
@@ -260,9 +257,9 @@ class BitCodeInput(nn.Module):
 
 # -------- The shared skeleton of every family
 class LanguageModel(nn.Module):
-    """Base of the families: parameter accounting, optimizer, MFU, and the sampling loop. A family implements
-    `forward(idx) -> loss`, `position_nll(idx) -> (B, L) bits` (its bound, or exact NLL, split over the positions it
-    scores) and the sampler hooks `init_state`, `step`, `current_tokens` (`time_grid`, `final_tokens` have defaults)."""
+    """Base of the families: parameter counts and the sampling loop. A family implements `forward(idx) -> loss`,
+    `position_nll(idx) -> (B, L) bits` (its bound, or exact NLL, split over the positions it scores) and the sampler
+    hooks `init_state`, `step`, `current_tokens` (`time_grid`, `final_tokens` have defaults)."""
     extra_tokens = 0        # windows are block_size + extra_tokens long (ar needs one more for its targets)
     sample_options = {}     # option -> default, the sampler knobs of the family
     lookup_only = ('backbone.wpe.weight',)  # tables only indexed, never multiplied (no FLOPs, not "model size")
@@ -292,27 +289,6 @@ class LanguageModel(nn.Module):
     def get_num_params(self, non_embedding=True):
         skip = set(self.lookup_only) if non_embedding else set()
         return sum(p.numel() for n, p in self.named_parameters() if n not in skip)
-
-    def flops_per_token(self):
-        """6N for the matmuls (forward + backward) plus 12 L d T for attention scores and values. The
-        conditioning path (time MLP, adaLN modulations) runs once per sequence, so it counts 1/block_size."""
-        cfg = self.config
-        per_seq = sum(p.numel() for n, p in self.named_parameters() if 't_embedder' in n or 'modulation' in n)
-        per_tok = self.get_num_params() - per_seq
-        return 6 * per_tok + 6 * per_seq / cfg.block_size + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (measured for the device, passed in)."""
-        return self.flops_per_token() * fwdbwd_per_iter * self.config.block_size / dt / peak_flops
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only (not biases, gains or the tables in `no_decay`)."""
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decay = [p for n, p in params if p.dim() >= 2 and n not in self.no_decay]
-        other = [p for n, p in params if not (p.dim() >= 2 and n not in self.no_decay)]
-        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
-        fused = {'fused': True} if device_type == 'cuda' else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
     # -- the sampling loop
     def check_sample_args(self, length, steps, options):
@@ -379,7 +355,7 @@ class GaussianLM(LanguageModel):
         self.diffusion = ContinuousGaussianDiffusion(config.noise_schedule, config.T) if config.continuous_time \
             else GaussianDiffusion(abar_schedule(config.noise_schedule, config.T))
         self.default_steps = self.max_steps = config.T
-        self.time_proposal = BoundTimeProposal(self.diffusion.abar)
+        self.time_proposal = BoundTimeProposal(self.diffusion.abar, continuous=config.continuous_time)
         self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
 
     def add_head(self, width):  # the output layer: eps_hat (the state's width) if predict='eps', else vocab logits
@@ -460,15 +436,14 @@ class GaussianLM(LanguageModel):
                      + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w).
         The prior KL is exact, the sum is one t per sequence from BoundTimeProposal weighted KL_t / q(t), the
         decoder term one draw of x_1. In continuous time the sum is the integral over (1, T] of kl_step's integrand
-        (ContinuousGaussianDiffusion), and t is uniform inside the cell (t - 1, t] the proposal drew: still / q(t). With self-conditioning p(x_{t-1} | x_t) uses the two-pass estimate
-        x0(x_t, x0(x_t, 0)), a function of x_t alone, so this bounds a Markov model; the sampler feeds the previous
-        step's estimate and rounds at the end: the bound is for the model, not for the sampler's output."""
+        (ContinuousGaussianDiffusion), at a real t from the proposal, still / q(t). With self-conditioning
+        p(x_{t-1} | x_t) uses the two-pass estimate x0(x_t, x0(x_t, 0)), a function of x_t alone, so this bounds a
+        Markov model; the sampler feeds the previous step's estimate and rounds at the end: the bound is for the
+        model, not for the sampler's output."""
         B, device = idx.shape[0], idx.device
         x0 = self.clean(idx)
         prior = self.diffusion.prior_kl(x0.double()).sum(-1)
         t, q_t = self.time_proposal.draw(B, generator, device)
-        if self.config.continuous_time:
-            t = t - rand((B,), generator, device)
         x_t = self.diffusion.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
         diffusion = self.diffusion.kl_step(x0, self.denoise(x_t, t)[0], t).sum(-1) / q_t[:, None]
         one = torch.ones(B, dtype=self.diffusion.time_dtype, device=device)
@@ -630,7 +605,7 @@ class BitDiffusion(LanguageModel):
         self.bit_input = BitCodeInput(NUM_BITS, config.n_embd, config.bias)
         self.backbone = Backbone(config, causal=False, time_cond=True)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.time_proposal = BoundTimeProposal(self.abar)
+        self.time_proposal = BoundTimeProposal(self.abar, continuous=config.continuous_time)
         init_weights(self, config.n_layer)
 
     def id_logits(self, b_t, t):
@@ -721,13 +696,10 @@ class BitDiffusion(LanguageModel):
 
         -log p(w) <= E[-log p(w | b_1)] + sum_{t=2}^T E KL(q(b_{t-1}|b_t,b_0) || p(b_{t-1}|b_t)) + KL(q(b_T|b_0) || U),
         the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t by step_kl against the model's
-        transition, the mixture over clean ids (transition_logprob). In continuous time the sum is the integral of
-        ContinuousBitFlipDiffusion.rate_kl over (1, T], at t uniform inside the cell the proposal drew."""
+        transition, the mixture over clean ids (transition_logprob); in continuous time the integral of rate_kl."""
         B, device = idx.shape[0], idx.device
         b0 = ids_to_bits(idx).double()
         t, q_t = self.time_proposal.draw(B, generator, device)
-        if self.config.continuous_time:
-            t = t - rand((B,), generator, device)
         b_t = self.diffusion.q_sample(b0, t, generator)
         kl = self.bound_term(b0, b_t, self.id_logits(b_t, t), t, generator) / q_t[:, None]
         one = torch.ones(B, dtype=self.diffusion.time_dtype, device=device)

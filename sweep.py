@@ -245,7 +245,9 @@ def markdown(res):
         spi = num(r['train_seconds'] / r['iters'] if r['train_seconds'] and r['iters'] else None, '.2f')
         lines.append('| ' + ' | '.join([r['name'], r['model_type'], *[str(r['settings'][k]) for k in cols],
                                         str(r['iters']), f"{r['tokens']:,}", spi, bits, gain]) + ' |')
-    out = ['## Runs', '', *lines]
+    scored = [f"Scored by the code at `{res['code'] or 'unknown'}` (git describe, as evaluate.py recorded it; a "
+              f"reused evaluation keeps the code that made it).", ''] if res['sweep']['score'] else []
+    out = scored + ['## Runs', '', *lines]
     if res['samples']:
         head = ['run', *cols, 'steps', 'temperature', 'NFE', 'tok/s', 'gen-PPL (judge bits/token ± SE)',
                 'entropy ± SE', 'dist-1', 'dist-2', 'dist-3', 'rep-4', 'self-BLEU ± SE']
@@ -381,7 +383,7 @@ def main(argv=None, log=print):
     if {'bits_x', 'gen_ppl_x'} & set(panels) and x not in columns:
         fail(f"x={x!r} must be one of columns={columns!r} (the settings the tables and plot know)")
     res = {'sweep': c, 'columns': columns, 'notes': list(notes), 'skipped': [], 'runs': [], 'samples': [],
-           'judge': '', 'num_samples': None, 'sample_length': None}
+           'judge': '', 'num_samples': None, 'sample_length': None, 'code': None}
     judge_dir, todo = '', list(runs)
     if judge:
         s, _ = train_settings(judge)
@@ -402,7 +404,7 @@ def main(argv=None, log=print):
         res['samples'] = [{**row, 'temperature': 1.0} for row in ev['rows'] if row['family'] != 'data']
         res['reference'] = next((row for row in ev['rows'] if row['family'] == 'data'), None)
         res.update(unigram=ev.get('unigram'), num_samples=ev['num_samples'], sample_length=ev['sample_length'],
-                   skipped=ev['skipped'])
+                   skipped=ev['skipped'], code=ev.get('code'))  # the code that scored, as evaluate.py recorded it
         if temperatures:
             res['samples'] += temperature_rows(res['runs'], ev, judge_dir, os.path.join(ev_dir, 'samples'), log)
     os.makedirs(results_dir, exist_ok=True)

@@ -8,8 +8,8 @@ import torch
 
 from bounds import BoundTimeProposal
 from conftest import train_steps
-from diffusion import (ContinuousBitFlipDiffusion, ContinuousGaussianDiffusion, GaussianDiffusion, abar_continuous,
-                       abar_schedule, ids_to_bits, rand, randn)
+from continuous_time import ContinuousBitFlipDiffusion, ContinuousGaussianDiffusion, abar_continuous
+from diffusion import GaussianDiffusion, abar_schedule, ids_to_bits, rand, randn
 from model import ModelConfig, build_model
 from prepare import unigram_logprobs
 from test_model import TOY_SEQS
@@ -137,11 +137,12 @@ def test_bit_rate_integrand_is_the_limit_of_the_discrete_steps(b0, p1):
 
 @pytest.mark.parametrize('model_type,net', [('embed', 'denoise'), ('bits', 'id_logits')])
 def test_continuous_bound_evaluates_a_uniform_time_inside_the_drawn_cell(model_type, net, monkeypatch):
-    """The proposal draws a cell t (here always 7, q = 0.25); the continuous bound evaluates its integrand at a real
-    time uniform in (6, 7] (then one network call at the decoder's t = 1)."""
+    """The proposal draws a cell t (here always 7: all its mass there); the continuous bound evaluates its integrand
+    at a real time uniform in (6, 7] (then one network call at the decoder's t = 1)."""
     m = toy(model_type, continuous_time=True)
-    monkeypatch.setattr(m.time_proposal, 'draw', lambda n, g, device: (torch.full((n,), 7),
-                                                                       torch.full((n,), 0.25, dtype=torch.float64)))
+    only_7 = torch.zeros(TOY['T'] - 1, dtype=torch.float64)
+    only_7[7 - 2] = 1.0
+    monkeypatch.setattr(m.time_proposal, 'probs', lambda: only_7)
     seen, call = [], getattr(m, net)
     monkeypatch.setattr(m, net, lambda x_t, t, *a: seen.append(t) or call(x_t, t, *a))
     B = 512

@@ -8,6 +8,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from conftest import best_match, compact_vocab, train_steps
 from diffusion import GaussianDiffusion, abar_schedule, ids_to_bits
 from model import ModelConfig, TimestepEmbedder, apply_rotary, build_model, rotary_tables
+from util import configure_optimizer
 
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
 
@@ -326,7 +327,7 @@ def toy_model(model_type, steps, **kw):
                                 T=100, embed_dim=8, **kw))
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.99), 'cpu')
+    opt = configure_optimizer(m, 0.0, 3e-3, (0.9, 0.99), 'cpu')
     for _ in range(steps):
         rows = TOY_SEQS[torch.randint(0, 4, (64,), generator=g)]
         if m.extra_tokens:  # ar reads a leading <|endoftext|> (the last id) before each sequence

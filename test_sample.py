@@ -14,6 +14,7 @@ from checkpoint import save_checkpoint
 from model import FAMILIES, ModelConfig, build_model
 from prepare import EOT, PrepareError, get_encoding
 from sample import build_fixed, decode, encode, evenly
+from util import configure_optimizer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, T=100, embed_dim=32)
@@ -82,7 +83,7 @@ def train_checkpoint(out_dir, model_type, windows, iters):
     config = ModelConfig(model_type=model_type, **TINY)
     model = build_model(config)
     data = windows[:, :config.block_size + model.extra_tokens]
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), 'cpu')
+    opt = configure_optimizer(model, 0.0, 3e-3, (0.9, 0.99), 'cpu')
     g = torch.Generator().manual_seed(0)
     for _ in range(iters):
         loss = model(data[torch.randint(len(data), (8,), generator=g)])

@@ -77,6 +77,10 @@ def test_sweep_end_to_end(shared, name):
         assert os.path.getsize(os.path.join(results_dir, f)) > 0, f
     with open(os.path.join(results_dir, 'results.md')) as f:
         md = f.read()
+    # the code that scored it, as git names it (None where the sources are no git checkout)
+    git = subprocess.run(['git', '-C', ROOT, 'describe', '--always', '--dirty'], capture_output=True, text=True)
+    assert res['code'] == (git.stdout.strip() if git.returncode == 0 else None)
+    assert f"Scored by the code at `{res['code'] or 'unknown'}`" in md
     rows = [r for r in table_rows(md, 'Runs') if not r.startswith('| unigram')]
     assert [r.split(' | ')[0][2:] for r in rows] == [r['name'] for r in res['runs']], "one table row per run"
     assert json.load(open(os.path.join(results_dir, 'results.json')))['runs'][0]['name'] == res['runs'][0]['name']

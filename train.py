@@ -73,7 +73,7 @@ gradient_accumulation_steps = 1 # micro-batches per optimizer step, in total ove
                                 # multiple of the number of ranks, with a message)
 # model: every field of model.ModelConfig is a setting of the same name and default (see there for each)
 globals().update({f.name: f.default for f in dataclasses.fields(ModelConfig)})
-# optimizer (AdamW; weight decay on matrices only, see model.configure_optimizers)
+# optimizer (AdamW; weight decay on matrices only, see util.configure_optimizer)
 learning_rate = 6e-4            # peak learning rate
 max_iters = 5000                # total optimizer steps (0: none; the initial weights are evaluated and saved)
 weight_decay = 0.1
@@ -580,8 +580,8 @@ def setup(c, ddp, rank, world_size, device_type, log):
     run.train_data, run.val_data = open_windows(c, run.window)
     run.unigram_nats = unigram_baseline(run)
     run.unigram_bits = run.unigram_nats / math.log(2)
-    run.optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
-                                               device_type)
+    run.optimizer = util.configure_optimizer(model, c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
+                                             device_type)
     run.scaler = torch.amp.GradScaler(device_type, enabled=c['dtype'] == 'float16')
     run.ema = copy.deepcopy(model).requires_grad_(False).eval() if c['ema_decay'] > 0 else None
     if ckpt is not None:
@@ -611,7 +611,7 @@ def describe(run, log):
 def log_iteration(run, loggers, log, lossf, grad_norm, lr, dt, peak):
     """One training log line and its scalars (dt: seconds per iteration); returns the peak FLOP/s for MFU."""
     c = run.c
-    mfu = run.raw_model.estimate_mfu(c['batch_size'] * run.ga_steps, dt, peak) if peak > 0 else 0.0
+    mfu = util.estimate_mfu(run.raw_model, c['batch_size'] * run.ga_steps, dt, peak) if peak > 0 else 0.0
     if mfu > 1.0:
         # faster than the peak: the probe at the start ran while the machine was busy (or peak_flops was set too
         # low); the fastest rate seen is the better estimate of the peak, so MFU never passes 100%

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +61,30 @@ def measure_peak_flops(device, dtype, seconds=0.5):
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
             return 2 * n ** 3 * done / elapsed
+
+
+def flops_per_token(model):
+    """6N for the matmuls (forward + backward) plus 12 L d T for attention scores and values. The conditioning path
+    (time MLP, adaLN modulations) runs once per sequence, so it counts 1/block_size."""
+    cfg = model.config
+    per_seq = sum(p.numel() for n, p in model.named_parameters() if 't_embedder' in n or 'modulation' in n)
+    per_tok = model.get_num_params() - per_seq
+    return 6 * per_tok + 6 * per_seq / cfg.block_size + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def estimate_mfu(model, fwdbwd_per_iter, dt, peak_flops):
+    """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (measured for the device, passed in)."""
+    return flops_per_token(model) * fwdbwd_per_iter * model.config.block_size / dt / peak_flops
+
+
+def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on matrices only (not biases, gains or the tables in the family's `no_decay`)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2 and n not in model.no_decay]
+    other = [p for n, p in params if not (p.dim() >= 2 and n not in model.no_decay)]
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
+    fused = {'fused': True} if device_type == 'cuda' else {}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
 
 def fail(prog, msg):
@@ -132,6 +157,17 @@ def write_atomic(path, write):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def code_version(directory=os.path.dirname(os.path.abspath(__file__))):
+    """`git describe --always --dirty` of the checkout holding this code (a commit, '-dirty' with uncommitted
+    changes), or None where there is no git or no checkout: what a results file records as the code that made it."""
+    try:
+        p = subprocess.run(['git', '-C', directory, 'describe', '--always', '--dirty'], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (p.stdout.strip() or None) if p.returncode == 0 else None
 
 
 def write_json(path, obj):
