@@ -11,7 +11,8 @@ from model import MODEL_TYPES, ModelConfig, build_model
 
 
 @pytest.mark.parametrize('model_type,kw', [(t, {}) for t in MODEL_TYPES] + [('mask', {'time_cond': True}),
-                                            ('embed', {'predict': 'eps', 'cfg_drop': 0.1})])
+                                            ('embed', {'predict': 'eps', 'cfg_drop': 0.1}),
+                                            ('embed', {'continuous_time': True}), ('bits', {'continuous_time': True})])
 def test_training_and_evaluation_steps_compile_whole(model_type, kw):
     torch._dynamo.reset()
     counters.clear()
