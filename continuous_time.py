@@ -40,8 +40,9 @@ def abar_continuous(name, T):
 
 
 class ContinuousTime:
-    """Mixin for a process class: t real in [0, T], abar(t) from abar_continuous instead of the table (which still
-    holds abar at the integer times, for the time proposal's cells). Everything the process derives from abar_t
+    """Mixin for a process class, in place of its DiscreteTime: t real in [0, T], abar(t) from abar_continuous
+    instead of the table (which still holds abar at the integer times, for the time proposal's cells). Everything
+    the process derives from abar_t
     holds for real s < t; the bound's sum over steps becomes an integral (the subclasses' kl_step / rate_kl)."""
     time_dtype = torch.float64
 

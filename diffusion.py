@@ -110,7 +110,19 @@ def abar_schedule(name, T):
     return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
 
 
-class GaussianDiffusion:
+class DiscreteTime:
+    """The time of a process with a schedule table: t = 0..T indexes abar (float64); abar_dev is the same table on
+    the model's device (the family's _apply keeps it there). continuous_time.ContinuousTime replaces both."""
+    time_dtype = torch.long  # t is a step index
+
+    def __init__(self, abar):
+        self.abar, self.abar_dev, self.T = abar, abar, len(abar) - 1
+
+    def abar_of(self, t):
+        return self.abar_dev[t]
+
+
+class GaussianDiffusion(DiscreteTime):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 0..T, and everything derived from it.
 
     Holds the schedule in float64; `at(t, x)` gathers abar_t per sample, in float64, shaped to broadcast on x.
@@ -118,17 +130,10 @@ class GaussianDiffusion:
     rounded away).
     """
 
-    time_dtype = torch.long  # t is a step index
-
     def __init__(self, abar):
-        self.abar = abar
-        self.abar_dev = abar  # the same table on the model's device (GaussianLM._apply keeps it there)
-        self.T = len(abar) - 1
+        super().__init__(abar)
         # Python floats, so the compiled graph holds constants rather than syncing on .item()
         self.abar_1, self.abar_T = float(abar[1]), float(abar[-1])
-
-    def abar_of(self, t):
-        return self.abar_dev[t]
 
     def at(self, t, x):
         return self.abar_of(t).view(-1, *([1] * (x.dim() - 1)))
@@ -221,19 +226,9 @@ def log_snr_drop_proposal(abar):
     return 0.5 * drop / drop.sum() + 0.5 / (T - 1)
 
 
-class BitFlipDiffusion:
+class BitFlipDiffusion(DiscreteTime):
     """Each bit of a 16-bit code flips independently: q(b_t != b_0) = (1 - abar_t) / 2, so at t = T the bits are
     uniform. Between any s < t a bit flips with probability (1 - abar_t/abar_s) / 2. Bits are 0/1 floats."""
-
-    time_dtype = torch.long  # t is a step index
-
-    def __init__(self, abar):
-        self.abar = abar
-        self.abar_dev = abar  # the same table on the model's device (kept there by the family's _apply)
-        self.T = len(abar) - 1
-
-    def abar_of(self, t):
-        return self.abar_dev[t]
 
     def stay_prob(self, t, s, like):
         """P(bit unchanged from time s to time t) = (1 + abar_t / abar_s) / 2, shaped to broadcast on `like`."""

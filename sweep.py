@@ -295,10 +295,13 @@ def _by_steps(ax, res, key, label):
 def _by_x(ax, res, key, label):
     runs_ = [r for r in res['runs'] if x in r['settings']]
 
-    def series(r):  # one line per family and per value of the other columns that varies within the family
-        varied = [k for k in res['columns'] if k != x and len({q['settings'].get(k) for q in runs_
-                                                                if q['model_type'] == r['model_type']}) > 1]
-        return ' '.join([r['model_type'], *(f"{k}={r['settings'][k]}" for k in varied)])
+    # one line per family and per value of the other columns that vary within the family
+    varied = {f: [k for k in res['columns'] if k != x and len({q['settings'].get(k) for q in runs_
+                                                               if q['model_type'] == f}) > 1]
+              for f in {r['model_type'] for r in runs_}}
+
+    def series(r):
+        return ' '.join([r['model_type'], *(f"{k}={r['settings'][k]}" for k in varied[r['model_type']])])
     for fam in dict.fromkeys(series(r) for r in runs_):
         rs = sorted((r for r in runs_ if series(r) == fam), key=lambda r: r['settings'][x])
         if key == 'bits':
