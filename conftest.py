@@ -1,9 +1,13 @@
 """Shared test fixtures: real TinyStories text, tokenized with the project's GPT-2 encoding."""
+import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from prepare import load_meta
 from util import configure_optimizer, keep_freed_memory
 
 keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (util.py)
@@ -50,6 +54,22 @@ def compact_vocab(batch):
     the text is unchanged, only its ids. Returns (batch, K, inverse map)."""
     uniq, inv = torch.unique(batch, return_inverse=True)
     return inv, len(uniq), uniq
+
+
+def compact_prepared(data_dir):
+    """Renumber the ids of a prepared dataset densely (order kept, so <|endoftext|>, the largest GPT-2 id, becomes
+    the last one) and rewrite meta.json to match: the same text and format with a vocabulary of a few thousand,
+    so the vocabulary-sized layers of the tiny models cost little. Returns the new meta."""
+    meta = load_meta(data_dir)
+    arrays = {s: np.fromfile(os.path.join(data_dir, f'{s}.bin'), dtype=meta['dtype']) for s in meta['splits']}
+    uniq = np.unique(np.concatenate(list(arrays.values())))
+    assert uniq[-1] == meta['eot_token']
+    for s, a in arrays.items():
+        np.searchsorted(uniq, a).astype(meta['dtype']).tofile(os.path.join(data_dir, f'{s}.bin'))
+    meta.update(vocab_size=len(uniq), eot_token=len(uniq) - 1, special_tokens={'<|endoftext|>': len(uniq) - 1})
+    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return meta
 
 
 def train_steps(model, batch, steps, lr=3e-3, seed=0):

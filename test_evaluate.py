@@ -6,16 +6,15 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import evaluate
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import tinystories_documents, train_steps
+from conftest import compact_prepared, tinystories_documents, train_steps
 from evaluate import checkpoint_data_dir, distinct_n, generative_bits, repetition_rate, unigram_entropy
 from model import build_model
-from prepare import PrepareError, TokenWindows, load_meta, prepare, unigram_logprobs
+from prepare import PrepareError, TokenWindows, prepare, unigram_logprobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
@@ -38,22 +37,6 @@ def run(script, *args, timeout=120):
                        timeout=timeout, env=env)
     assert p.returncode == 0, f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout
-
-
-def compact_prepared(data_dir):
-    """Renumber the ids of a prepared dataset densely (order kept, so <|endoftext|>, the largest GPT-2 id, becomes
-    the last one) and rewrite meta.json to match: the same text and format with a vocabulary of a few thousand,
-    so the vocabulary-sized layers of the tiny models cost little. Returns the new meta."""
-    meta = load_meta(data_dir)
-    arrays = {s: np.fromfile(os.path.join(data_dir, f'{s}.bin'), dtype=meta['dtype']) for s in meta['splits']}
-    uniq = np.unique(np.concatenate(list(arrays.values())))
-    assert uniq[-1] == meta['eot_token']
-    for s, a in arrays.items():
-        np.searchsorted(uniq, a).astype(meta['dtype']).tofile(os.path.join(data_dir, f'{s}.bin'))
-    meta.update(vocab_size=len(uniq), eot_token=len(uniq) - 1, special_tokens={'<|endoftext|>': len(uniq) - 1})
-    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
-        json.dump(meta, f)
-    return meta
 
 
 @pytest.fixture(scope='module')

@@ -25,8 +25,7 @@ import pytest
 
 import sweep
 from checkpoint import load_checkpoint
-from conftest import tinystories_documents
-from test_evaluate import compact_prepared
+from conftest import compact_prepared, tinystories_documents
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SWEEPS = ['families', 't_values', 'eps_x0', 'ctx', 'diversity']
