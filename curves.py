@@ -1,7 +1,7 @@
 """
 Convergence curves: held-out bits/token of every family against tokens seen and against training seconds.
 
-    python curves.py                                   # the five long CPU runs (config/*_long_cpu.py)
+    python curves.py                                   # the long CPU runs (config/*_long_cpu.py, ar at 4000 too)
     python curves.py --runs="['out-ar-cpu','out-mask-cpu']" --out_dir=curves-demo
 
 It reads what train.py logs at each evaluation (out_dir/eval_log.jsonl: the val windows scored by the family's
@@ -18,7 +18,8 @@ from configurator import configure
 from util import save_figure, write_json
 
 # -----------------------------------------------------------------------------------------------------
-runs = ['out-ar-long-cpu', 'out-mask-long-cpu', 'out-embed-long-cpu', 'out-bits-long-cpu', 'out-analog-long-cpu']
+runs = ['out-ar-long-cpu', 'out-ar-long-cpu-4000', 'out-mask-long-cpu',
+        'out-embed-long-cpu', 'out-bits-long-cpu', 'out-analog-long-cpu']
 out_dir = 'curves'          # curves.png and curves.json go here
 ymax = 0.0                  # upper limit of the bits/token axis (log scale); 0 -> the largest value after iteration 0
 _config_keys = ['runs', 'out_dir', 'ymax']
