@@ -53,11 +53,11 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def small_vocab(data_dir, tmp_path_factory):
     """The same stories with their ids renumbered densely (a vocabulary of a few thousand): for the tests whose
-    subject is not the vocabulary (resume, DDP), where the 50,257-way layers would only cost time. Returns the
-    arguments that point train.py at it."""
+    subject is not the vocabulary (resume, DDP), where the 50,257-way layers would only cost time. Returns
+    (its data_dir, the arguments that point train.py at it)."""
     out = str(tmp_path_factory.mktemp('small_vocab') / 'data')
     shutil.copytree(data_dir, out)
-    return [f'--data_dir={out}', f"--vocab_size={compact_prepared(out)['vocab_size']}"]
+    return out, [f'--data_dir={out}', f"--vocab_size={compact_prepared(out)['vocab_size']}"]
 
 
 def run_train(args, check=True, timeout=240, launcher=()):
@@ -261,7 +261,7 @@ def test_curves_table_and_picture_from_the_eval_logs(short_run, tmp_path, capsys
 
 def test_resume_gives_the_same_weights_as_a_straight_run(small_vocab, tmp_path):
     # EMA and gradient accumulation on, so their state and the micro-step data stream are covered too
-    common = [*TINY, *small_vocab, '--eval_interval=3', '--always_save_checkpoint=True',
+    common = [*TINY, *small_vocab[1], '--eval_interval=3', '--always_save_checkpoint=True',
               '--ema_decay=0.9', '--gradient_accumulation_steps=2', '--lr_decay_iters=6']
     a, b = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
     run_train([*common, f'--out_dir={a}', '--max_iters=6'])
@@ -324,14 +324,14 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(short_run, tmp_path):
 def test_ddp_two_ranks_gloo(small_vocab, tmp_path):
     out_dir = str(tmp_path / 'out')
     # gradient_accumulation_steps=1 (the configs' value) on 2 ranks: rounded up to 2, with a message
-    _, out = run_train([*TINY, *small_vocab, f'--out_dir={out_dir}', '--max_iters=4',
+    _, out = run_train([*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--max_iters=4',
                         '--eval_interval=4', '--device=cpu'],
                        launcher=[sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'])
     assert 'gradient_accumulation_steps=1 rounded up to 2, a multiple of the 2 DDP ranks' in out
     # each rank drew the windows of its own rank in TokenWindows' stream, and they differ
     m = re.search(r"ddp: 2 ranks, first micro-batch fingerprints \['(\w+)', '(\w+)'\]", out)
     assert m, out
-    loader = TokenWindows(small_vocab[0].split('=', 1)[1], 'train', 32)
+    loader = TokenWindows(small_vocab[0], 'train', 32)
     expect = [train.fingerprint([loader.random_batch(8, step=0, seed=train.seed, rank=r)]) for r in (0, 1)]
     assert list(m.groups()) == expect and expect[0] != expect[1]
     # and they end with bitwise identical weights
