@@ -16,7 +16,9 @@ For each checkpoint in `ckpts`:
               bidirectional families every position sees the whole window, so a flat profile is expected there and
               a falling one for ar (does a token far into the window get a better prediction?).
   samples     num_samples unconditional samples of sample_length tokens at each number of steps in `steps`
-              (ar has no such knob: it runs once, one step per token, and is reported with steps = length).
+              (ar has no such knob: it runs once, one step per token, and is reported with steps = length);
+              `mask` once per reveal order in `orders` (random: the ancestral sampler; confidence: the most
+              probable draws first, its rows named "<ckpt> [confidence]").
               For each (checkpoint, steps) row:
                 gen-PPL   2 ** (mean bits/token of the samples under the judge, which reads each sample after an
                           <|endoftext|>): how plausible the text is to a fixed reader. The judge is an `ar`
@@ -80,6 +82,8 @@ num_samples = 16            # samples per (checkpoint, steps) row
 sample_batch_size = 16      # samples per sampler call
 sample_length = 0           # tokens per sample; 0 -> the smallest block_size among the checkpoints and the judge
 steps = [10, 100, 1000]     # numbers of sampling steps (values a family cannot take are skipped with a note)
+orders = ['random']         # mask: the reveal orders to sample with (sample.py's `order`: random | confidence), one
+                            # row each, named "<ckpt> [confidence]" for the latter; the other families sample once
 use_ema = True              # evaluate the EMA weights when a checkpoint has them
 seed = 1337                 # one seed for every row: the same noise for every checkpoint and step count
 device = 'auto'             # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
@@ -244,8 +248,9 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
 # ---- sampling
 
 @torch.no_grad()
-def sample_row(model, n, length, num_steps, batch_size, seed, device, ctx):
-    """n samples with `num_steps` steps (None for ar): (tokens (n, length) on CPU, mean NFE per call, seconds).
+def sample_row(model, n, length, num_steps, batch_size, seed, device, ctx, **options):
+    """n samples with `num_steps` steps (None for ar) and the family's sampler `options`: (tokens (n, length) on
+    CPU, mean NFE per call, seconds).
 
     NFE counts batched network calls, so it is also the NFE per sample; it can differ between calls where
     the sampler skips the network (mask's cache), hence the mean."""
@@ -255,7 +260,7 @@ def sample_row(model, n, length, num_steps, batch_size, seed, device, ctx):
         sync(device)
         t0 = time.perf_counter()
         with ctx:
-            x = model.sample(min(batch_size, n - i), length, steps=num_steps, generator=gen)
+            x = model.sample(min(batch_size, n - i), length, steps=num_steps, generator=gen, **options)
         sync(device)
         seconds += time.perf_counter() - t0
         out.append(x.cpu())
@@ -407,6 +412,8 @@ def check_settings(c):
     for key in ('eval_batch_size', 'num_samples', 'sample_batch_size', 'mc_samples'):
         if c[key] < 1:
             fail(f"{key}={c[key]}, expected >= 1")
+    if not c['orders'] or any(o not in ('random', 'confidence') for o in c['orders']):
+        fail(f"orders={c['orders']!r}: expected a non-empty list of 'random' and/or 'confidence'")
     bad = [s for s in c['steps'] if not isinstance(s, int) or s < 1]
     if bad or not c['steps']:
         fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
@@ -474,16 +481,22 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
                                                   for p in lk['by_position']))
     # samples: ar once (steps is the length), the others at every step count they accept
     grid = [None] if model.fixed_steps else c['steps']
+    orders = c['orders'] if 'order' in model.sample_options else [None]
     sample_row(model, 1, length, None if model.fixed_steps else 1, 1, c['seed'], dev, ctx)  # warm-up
-    for s in grid:
-        if s is not None and s > model.max_steps:
-            note = f"{name}: steps={s} skipped ({cfg.model_type} takes at most {model.max_steps})"
-            results['skipped'].append(note)
-            print(note)
-            continue
-        samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
-                                           c['seed'], dev, ctx)
-        add_row(name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, s is None)
+    for order in orders:
+        options, row_name = ({}, name) if order is None else ({'order': order}, name + (
+            '' if order == 'random' else f" [{order}]"))
+        for s in grid:
+            if s is not None and s > model.max_steps:
+                note = f"{name}: steps={s} skipped ({cfg.model_type} takes at most {model.max_steps})"
+                if note not in results['skipped']:
+                    results['skipped'].append(note)
+                    print(note)
+                continue
+            samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
+                                               c['seed'], dev, ctx, **options)
+            add_row(row_name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, s is None,
+                    options)
 
 
 def main(argv=None):
@@ -514,9 +527,9 @@ def main(argv=None):
                'sample_length': length, 'num_samples': c['num_samples'], 'likelihood': {}, 'models': {},
                'rows': [], 'skipped': [], 'code': util.code_version()}  # the commit of the code that scored them
 
-    def add_row(name, family, path, num_steps, nfe, seconds, samples, fixed_steps=False):
+    def add_row(name, family, path, num_steps, nfe, seconds, samples, fixed_steps=False, options=None):
         row = {'name': name, 'family': family, 'ckpt': path, 'steps': num_steps, 'fixed_steps': fixed_steps,
-               'nfe': nfe, 'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
+               'options': options or {}, 'nfe': nfe, 'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
                **text_metrics(samples, judge_model, c['eval_batch_size'], bos),
                'example': enc.decode(samples[0].tolist()) if enc is not None else None}
         results['rows'].append(row)

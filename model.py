@@ -745,7 +745,7 @@ class MaskedDiffusion(LanguageModel):
     (the sampler never touches them, the loss counts only masked positions). Loss: the continuous-time ELBO
         E_t [ -alpha'_t / (1 - alpha_t) sum_{masked l} -log p(x_l | z_t) ] / L  nats per token,
     with t integrated out (nll): the same number for every schedule alpha_t."""
-    sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'cached': True}
+    sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'cached': True, 'order': 'random'}
     extra_ids = 1  # the [MASK] id, vocab_size
 
     def __init__(self, config):
@@ -796,12 +796,18 @@ class MaskedDiffusion(LanguageModel):
         return list(zip(ts[:-1], ts[1:]))
 
     def init_state(self, n, length, fixed, generator, opts):
+        if opts['order'] not in ('random', 'confidence'):
+            raise ValueError(f"order={opts['order']!r}, expected 'random' or 'confidence'")
         return {'z': torch.where(fixed >= 0, fixed, self.mask_id), 'logp': None, 'changed': True}
 
     def step(self, state, t, s, fixed, generator, opts):
-        """Ancestral step t -> s: each masked token is revealed with probability (alpha_s - alpha_t)/(1 - alpha_t),
-        drawn from p(x_0 | z_t); revealed tokens never change again. The network is skipped when nothing
-        changed since its last call and it does not see t (its output would be identical)."""
+        """Step t -> s. order='random' is the ancestral step: each masked token is revealed with probability
+        r = (alpha_s - alpha_t)/(1 - alpha_t), drawn from p(x_0 | z_t). order='confidence' (MaskGIT; LLaDA's
+        low-confidence remasking) draws a token at every masked position and keeps the round(r x masked) of each row
+        whose draws are most probable, the rest masked again: the same number revealed per step on average, but
+        the easy tokens first. It is not the model's distribution (lower entropy, better judged text) and the bound
+        does not cover it. Revealed tokens never change again. The network is skipped when nothing changed since
+        its last call and it does not see t (its output would be identical)."""
         z, logp = state['z'].clone(), state['logp']
         n, device = z.shape[0], z.device
         if logp is None or state['changed'] or self.config.time_cond or not opts['cached']:
@@ -809,7 +815,20 @@ class MaskedDiffusion(LanguageModel):
             logp = self.log_probs(z, t_batch)
             self.nfe += 1
         rate = self.diffusion.reveal_prob(t, s)
-        reveal = (z == self.mask_id) & (rand(z.shape, generator, device) < rate)
+        masked = z == self.mask_id
+        if opts['order'] == 'random':
+            reveal = masked & (rand(z.shape, generator, device) < rate)
+        else:
+            count = (masked.sum(1, keepdim=True) * rate).round().long()
+            draws = torch.full_like(z, -1)
+            if count.any():
+                draws[masked] = draw_categorical(logp[masked], generator, opts['temperature'], opts['top_k'],
+                                                 opts['top_p'])
+            conf = torch.where(masked, logp.gather(-1, draws.clamp(min=0).unsqueeze(-1)).squeeze(-1), -math.inf)
+            rank = conf.argsort(dim=1, descending=True, stable=True).argsort(1)  # 0 = the most probable draw of the row
+            reveal = masked & (rank < count)
+            z[reveal] = draws[reveal]
+            return {'z': z, 'logp': logp, 'changed': bool(reveal.any())}
         if reveal.any():
             z[reveal] = draw_categorical(logp[reveal], generator, opts['temperature'], opts['top_k'], opts['top_p'])
         return {'z': z, 'logp': logp, 'changed': bool(reveal.any())}

@@ -21,7 +21,7 @@ Prompts and infilling. `prompt` (or the text of `prompt_file`) is a template rea
   the generated word brings its own (" happily" after a gap keeps its space). Text segments are tokenized
   separately, so each keeps exactly its own tokens. `ar` generates left to right: prefixes only.
 
-Options of a family (sampler, eta, clamp, guidance_scale, td, temperature, top_k, top_p, cached) are passed
+Options of a family (sampler, eta, clamp, guidance_scale, td, temperature, top_k, top_p, cached, order) are passed
 to model.sample only when set here, and only the ones the family has (model.sample_options); setting one the
 family lacks is an error, so a knob never silently does nothing. Unset ones take the family's defaults.
 
@@ -71,6 +71,8 @@ temperature = 1.0               # bits/mask/ar: temperature of the categorical d
 top_k = 0                       # mask/ar: keep only the k most likely tokens; 0 = all
 top_p = 1.0                     # mask/ar: nucleus sampling mass; 1 = all
 cached = True                   # mask: skip the network when no token changed since its last call
+order = 'random'                # mask: which masked tokens a step reveals: random (ancestral) | confidence (the most
+                                # probable draws first, as MaskGIT and LLaDA; lower entropy, not the model's law)
 # output
 show_steps = 0                  # print the first sample at this many evenly spaced steps
 trajectory_png = ''             # draw the first sample's trajectory (settled / not, per step and position) here

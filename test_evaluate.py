@@ -109,7 +109,8 @@ def test_evaluate_end_to_end(tiny_run):
     ck, out = tiny_run['ckpts'], str(tiny_run['root'] / 'eval')
     stdout = run('evaluate.py', f"--ckpts={[ck['ar'], ck['mask'], ck['embed']]!r}", f"--judge={ck['ar']}",
                  f"--data_dir={tiny_run['data_dir']}", f"--out_dir={out}", '--num_samples=4', '--sample_batch_size=2',
-                 '--steps=[2, 8, 60]', '--max_windows=6', '--mc_samples=2', '--device=cpu')
+                 '--steps=[2, 8, 60]', '--max_windows=6', '--mc_samples=2', "--orders=['random', 'confidence']",
+                 '--device=cpu')
     res = json.load(open(os.path.join(out, 'results.json')))
     assert os.path.getsize(os.path.join(out, 'eval.png')) > 1000
     lk = res['likelihood']
@@ -121,6 +122,10 @@ def test_evaluate_end_to_end(tiny_run):
     # ar once, with steps = the length; embed (T=50) cannot take 60 steps and says so; mask takes all three
     assert ('out-ar', 32) in rows and rows[('out-ar', 32)]['nfe'] == 32
     assert {s for n, s in rows if n == 'out-mask'} == {2, 8, 60}
+    # mask samples once per reveal order, the other families once (they have no such option)
+    assert {s for n, s in rows if n == 'out-mask [confidence]'} == {2, 8, 60}
+    assert rows[('out-mask [confidence]', 8)]['options'] == {'order': 'confidence'}
+    assert rows[('out-mask', 8)]['options'] == {'order': 'random'} and rows[('out-embed', 8)]['options'] == {}
     assert {s for n, s in rows if n == 'out-embed'} == {2, 8} and any('60' in n for n in res['skipped'])
     assert rows[('out-embed', 8)]['nfe'] == 9  # self-conditioning: the first step evaluates the network twice
     assert ('test text', None) in rows

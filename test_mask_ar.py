@@ -77,7 +77,8 @@ def test_ar_top_k_one_is_greedy_and_top_p_keeps_the_head():
 
 # ---------------------------------------------------------------- mask
 
-def test_mask_sampler_keeps_revealed_tokens_and_ends_unmasked():
+@pytest.mark.parametrize('order', ['random', 'confidence'])
+def test_mask_sampler_keeps_revealed_tokens_and_ends_unmasked(order):
     m = tiny('mask').eval()
     train_steps(m, torch.randint(0, 100, (8, 16)), 5, lr=1e-2)
     states = []
@@ -85,7 +86,7 @@ def test_mask_sampler_keeps_revealed_tokens_and_ends_unmasked():
     m.step = lambda *a: states.append(step(*a)) or states[-1]
     fixed = torch.full((1, 16), -1)
     fixed[0, [0, 7, 15]] = torch.tensor([1, 2, 3])
-    out = m.sample(4, 16, steps=10, fixed=fixed, generator=torch.Generator().manual_seed(0))
+    out = m.sample(4, 16, steps=10, fixed=fixed, generator=torch.Generator().manual_seed(0), order=order)
     prev = torch.where(fixed >= 0, fixed, m.mask_id).expand(4, 16)
     for st in states:
         z = st['z']
@@ -96,6 +97,31 @@ def test_mask_sampler_keeps_revealed_tokens_and_ends_unmasked():
     assert (prev != m.mask_id).all() and torch.equal(prev, out)
     assert (out[:, [0, 7, 15]] == torch.tensor([1, 2, 3])).all()
     assert (out < 100).all()  # SUBS: never [MASK] nor a padding id
+
+
+def test_mask_confidence_order_reveals_the_most_probable_draws_first():
+    """order='confidence' with argmax draws and as many steps as positions (loglinear: one reveal per step): each
+    step reveals, in every row, the one masked position whose most probable token is the most probable of the row,
+    and fills it with that token."""
+    m = tiny('mask').eval()
+    train_steps(m, torch.randint(0, 100, (8, 16)), 5, lr=1e-2)
+    calls = []
+    step = m.step
+    m.step = lambda state, *a: calls.append((state, step(state, *a))) or calls[-1][1]
+    m.sample(3, 16, steps=16, generator=torch.Generator().manual_seed(0), order='confidence', temperature=0.0)
+    assert len(calls) == 16
+    for before, after in calls:
+        new = (before['z'] == m.mask_id) & (after['z'] != m.mask_id)
+        assert (new.sum(1) == 1).all()  # round(masked x (t - s) / t) = 1 each step
+        best = after['logp'].max(-1)  # the logits the step read
+        conf = torch.where(before['z'] == m.mask_id, best.values, -math.inf)
+        assert torch.equal(new.float().argmax(1), conf.argmax(1))
+        assert torch.equal(after['z'][new], best.indices[new])
+
+
+def test_mask_rejects_an_unknown_order():
+    with pytest.raises(ValueError, match="order='lowest'"):
+        tiny('mask').sample(1, 16, steps=4, order='lowest')
 
 
 def test_mask_never_predicts_mask_or_padding():
