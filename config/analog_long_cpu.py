@@ -5,7 +5,7 @@
 from config.analog_cpu import *  # backbone, batch, learning rate and the family's own settings
 
 out_dir = 'out-analog-long-cpu'
-max_iters = 600     # 600 x 8 x 64 = 307k tokens: what fit into one 2-core session beside the others
+max_iters = 4000    # 4000 x 8 x 64 = 2.05M tokens: mask's and ar's long budget, for a comparison at equal tokens
 warmup_iters = 100
 eval_interval = 250
 always_save_checkpoint = True  # the last weights, whatever the val loss does (the curves are in eval_log.jsonl)
