@@ -18,7 +18,6 @@ standard errors over windows. Writes a markdown table to stdout and, with out_fi
 """
 
 import functools
-import math
 
 import torch
 
@@ -26,7 +25,7 @@ import util
 from checkpoint import load_checkpoint
 from configurator import configure
 from diffusion import ids_to_bits
-from evaluate import checkpoint_data_dir
+from evaluate import checkpoint_data_dir, fmt, mean_se
 from prepare import TokenWindows, unigram_logprobs
 
 # -----------------------------------------------------------------------------------------------------
@@ -43,10 +42,6 @@ _config_keys = ['ckpt', 'data_dir', 'split', 'windows', 'fractions', 'steps', 'b
 # -----------------------------------------------------------------------------------------------------
 
 fail = functools.partial(util.fail, 'probe.py')
-
-
-def mean_se(x):
-    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else float('nan')
 
 
 def target_nll(logp, x, pos):
@@ -140,14 +135,14 @@ def main(argv=None):
         for f in levels:
             v, se = mean_se(torch.cat([p[f] for p in parts]))
             rows.append({'fraction': f, 'nats': v, 'se': se})
-            lines.append(f"| {f:.0%} | {v:.3f} ± {se:.3f} |")
+            lines.append(f"| {f:.0%} | {v:.3f} ± {fmt(se)} |")
     else:
         lines = ['| t | own context | another window\'s context | gain from context |', '|---|---|---|---|']
         for t in levels:
             own, other = (torch.cat([p[t][k] for p in parts]) for k in (0, 1))
             (o, o_se), (a, a_se), (g, g_se) = mean_se(own), mean_se(other), mean_se(other - own)
             rows.append({'t': t, 'own': o, 'own_se': o_se, 'other': a, 'other_se': a_se, 'gain': g, 'gain_se': g_se})
-            lines.append(f"| {t} | {o:.3f} ± {o_se:.3f} | {a:.3f} ± {a_se:.3f} | {g:+.3f} ± {g_se:.3f} |")
+            lines.append(f"| {t} | {o:.3f} ± {fmt(o_se)} | {a:.3f} ± {fmt(a_se)} | {g:+.3f} ± {fmt(g_se)} |")
     print(head + '\n' + '\n'.join(lines))
     result = {'config': c, 'family': family, 'iter_num': ck.get('iter_num'), 'windows': n,
               'unigram_nats': uni_nats, 'rows': rows}
