@@ -60,6 +60,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from configurator import configure
+from model import MaskedDiffusion
 import prepare
 from prepare import PrepareError, TokenWindows, get_encoding, one_line, unigram_logprobs
 import util
@@ -412,8 +413,8 @@ def check_settings(c):
     for key in ('eval_batch_size', 'num_samples', 'sample_batch_size', 'mc_samples'):
         if c[key] < 1:
             fail(f"{key}={c[key]}, expected >= 1")
-    if not c['orders'] or any(o not in ('random', 'confidence') for o in c['orders']):
-        fail(f"orders={c['orders']!r}: expected a non-empty list of 'random' and/or 'confidence'")
+    if not c['orders'] or any(o not in MaskedDiffusion.orders for o in c['orders']):
+        fail(f"orders={c['orders']!r}: expected a non-empty list of values in {MaskedDiffusion.orders}")
     bad = [s for s in c['steps'] if not isinstance(s, int) or s < 1]
     if bad or not c['steps']:
         fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
@@ -481,18 +482,18 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
                                                   for p in lk['by_position']))
     # samples: ar once (steps is the length), the others at every step count they accept
     grid = [None] if model.fixed_steps else c['steps']
+    for s in grid:
+        if s is not None and s > model.max_steps:
+            note = f"{name}: steps={s} skipped ({cfg.model_type} takes at most {model.max_steps})"
+            results['skipped'].append(note)
+            print(note)
+    grid = [s for s in grid if s is None or s <= model.max_steps]
     orders = c['orders'] if 'order' in model.sample_options else [None]
     sample_row(model, 1, length, None if model.fixed_steps else 1, 1, c['seed'], dev, ctx)  # warm-up
     for order in orders:
-        options, row_name = ({}, name) if order is None else ({'order': order}, name + (
-            '' if order == 'random' else f" [{order}]"))
+        options = {} if order is None else {'order': order}
+        row_name = name if order in (None, 'random') else f"{name} [{order}]"
         for s in grid:
-            if s is not None and s > model.max_steps:
-                note = f"{name}: steps={s} skipped ({cfg.model_type} takes at most {model.max_steps})"
-                if note not in results['skipped']:
-                    results['skipped'].append(note)
-                    print(note)
-                continue
             samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
                                                c['seed'], dev, ctx, **options)
             add_row(row_name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, s is None,
@@ -529,7 +530,8 @@ def main(argv=None):
 
     def add_row(name, family, path, num_steps, nfe, seconds, samples, fixed_steps=False, options=None):
         row = {'name': name, 'family': family, 'ckpt': path, 'steps': num_steps, 'fixed_steps': fixed_steps,
-               'options': options or {}, 'nfe': nfe, 'seconds': seconds, 'tokens_per_s': samples.numel() / seconds if seconds else None,
+               'options': options or {}, 'nfe': nfe, 'seconds': seconds,
+               'tokens_per_s': samples.numel() / seconds if seconds else None,
                **text_metrics(samples, judge_model, c['eval_batch_size'], bos),
                'example': enc.decode(samples[0].tolist()) if enc is not None else None}
         results['rows'].append(row)

@@ -11,6 +11,7 @@ the network always sees t in [0, 1].
 Likelihoods are in bits per token.
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -746,6 +747,7 @@ class MaskedDiffusion(LanguageModel):
         E_t [ -alpha'_t / (1 - alpha_t) sum_{masked l} -log p(x_l | z_t) ] / L  nats per token,
     with t integrated out (nll): the same number for every schedule alpha_t."""
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'cached': True, 'order': 'random'}
+    orders = ('random', 'confidence')  # the values of the `order` option (see step)
     extra_ids = 1  # the [MASK] id, vocab_size
 
     def __init__(self, config):
@@ -796,8 +798,8 @@ class MaskedDiffusion(LanguageModel):
         return list(zip(ts[:-1], ts[1:]))
 
     def init_state(self, n, length, fixed, generator, opts):
-        if opts['order'] not in ('random', 'confidence'):
-            raise ValueError(f"order={opts['order']!r}, expected 'random' or 'confidence'")
+        if opts['order'] not in self.orders:
+            raise ValueError(f"order={opts['order']!r}, expected one of {self.orders}")
         return {'z': torch.where(fixed >= 0, fixed, self.mask_id), 'logp': None, 'changed': True}
 
     def step(self, state, t, s, fixed, generator, opts):
@@ -816,21 +818,21 @@ class MaskedDiffusion(LanguageModel):
             self.nfe += 1
         rate = self.diffusion.reveal_prob(t, s)
         masked = z == self.mask_id
+        draw = functools.partial(draw_categorical, generator=generator, temperature=opts['temperature'],
+                                 top_k=opts['top_k'], top_p=opts['top_p'])
         if opts['order'] == 'random':
             reveal = masked & (rand(z.shape, generator, device) < rate)
+            if reveal.any():
+                z[reveal] = draw(logp[reveal])
         else:
             count = (masked.sum(1, keepdim=True) * rate).round().long()
             draws = torch.full_like(z, -1)
             if count.any():
-                draws[masked] = draw_categorical(logp[masked], generator, opts['temperature'], opts['top_k'],
-                                                 opts['top_p'])
+                draws[masked] = draw(logp[masked])
             conf = torch.where(masked, logp.gather(-1, draws.clamp(min=0).unsqueeze(-1)).squeeze(-1), -math.inf)
-            rank = conf.argsort(dim=1, descending=True, stable=True).argsort(1)  # 0 = the most probable draw of the row
+            rank = conf.argsort(dim=1, descending=True, stable=True).argsort(1)  # 0: the row's most probable draw
             reveal = masked & (rank < count)
             z[reveal] = draws[reveal]
-            return {'z': z, 'logp': logp, 'changed': bool(reveal.any())}
-        if reveal.any():
-            z[reveal] = draw_categorical(logp[reveal], generator, opts['temperature'], opts['top_k'], opts['top_p'])
         return {'z': z, 'logp': logp, 'changed': bool(reveal.any())}
 
     def current_tokens(self, state):
