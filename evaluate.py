@@ -17,8 +17,9 @@ For each checkpoint in `ckpts`:
               a falling one for ar (does a token far into the window get a better prediction?).
   samples     num_samples unconditional samples of sample_length tokens at each number of steps in `steps`
               (ar has no such knob: it runs once, one step per token, and is reported with steps = length);
-              `mask` once per reveal order in `orders` (random: the ancestral sampler; confidence: the most
-              probable draws first, its rows named "<ckpt> [confidence]").
+              Each checkpoint once per sampler setting in `sample_settings` that its family takes (e.g.
+              {'temperature': 0.8} for bits/mask/ar, {'order': 'confidence'} for mask), rows named
+              "<ckpt> [temperature=0.8]"; the empty setting {} is the family's default sampler, named "<ckpt>".
               For each (checkpoint, steps) row:
                 gen-PPL   2 ** (mean bits/token of the samples under the judge, which reads each sample after an
                           <|endoftext|>): how plausible the text is to a fixed reader. The judge is an `ar`
@@ -60,7 +61,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from configurator import configure
-from model import MaskedDiffusion
+from model import FAMILIES
 import prepare
 from prepare import PrepareError, TokenWindows, get_encoding, one_line, unigram_logprobs
 import util
@@ -83,8 +84,9 @@ num_samples = 16            # samples per (checkpoint, steps) row
 sample_batch_size = 16      # samples per sampler call
 sample_length = 0           # tokens per sample; 0 -> the smallest block_size among the checkpoints and the judge
 steps = [10, 100, 1000]     # numbers of sampling steps (values a family cannot take are skipped with a note)
-orders = ['random']         # mask: the reveal orders to sample with (sample.py's `order`: random | confidence), one
-                            # row each, named "<ckpt> [confidence]" for the latter; the other families sample once
+sample_settings = [{}]      # sampler options (sample.py's knobs), one set of rows each; a family samples with the
+                            # settings whose keys its sampler takes, e.g. [{}, {'temperature': 0.8}, {'order':
+                            # 'confidence'}]: {} for all, the second for bits/mask/ar, the third for mask only
 use_ema = True              # evaluate the EMA weights when a checkpoint has them
 seed = 1337                 # one seed for every row: the same noise for every checkpoint and step count
 device = 'auto'             # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
@@ -413,14 +415,39 @@ def check_settings(c):
     for key in ('eval_batch_size', 'num_samples', 'sample_batch_size', 'mc_samples'):
         if c[key] < 1:
             fail(f"{key}={c[key]}, expected >= 1")
-    if not c['orders'] or any(o not in MaskedDiffusion.orders for o in c['orders']):
-        fail(f"orders={c['orders']!r}: expected a non-empty list of values in {MaskedDiffusion.orders}")
+    known = set().union(*(f.sample_options for f in FAMILIES.values()))
+    settings = c['sample_settings']
+    if (not isinstance(settings, list) or not settings or not all(isinstance(o, dict) for o in settings)
+            or len({setting_label(o) for o in settings}) < len(settings)):
+        fail(f"sample_settings={settings!r}: expected a non-empty list of distinct dicts of sampler options, "
+             "e.g. [{}, {'temperature': 0.8}]")
+    for o in settings:
+        if set(o) - known:
+            fail(f"sample_settings: {o!r} has option(s) {sorted(set(o) - known)} that no family's sampler takes; "
+                 f"the options are {sorted(known)}")
     bad = [s for s in c['steps'] if not isinstance(s, int) or s < 1]
     if bad or not c['steps']:
         fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
     if c['position_buckets'] < 0:
         fail(f"position_buckets={c['position_buckets']}, expected >= 0 (0: no per-position report)")
     check_writable(c['out_dir'], 'out_dir', 'evaluate.py', is_dir=True)  # now, not after hours of sampling
+
+
+def setting_label(options):
+    """'order=confidence, temperature=0.8': a sampler setting as it appears in row names."""
+    return ', '.join(f"{k}={v}" for k, v in sorted(options.items()))
+
+
+def family_settings(c, model, path):
+    """The sample_settings this checkpoint's family takes, each tried once on one token, so a bad value
+    fails here, when the checkpoints load, instead of after hours of likelihoods."""
+    settings = [o for o in c['sample_settings'] if set(o) <= set(model.sample_options)]
+    for o in settings:
+        try:
+            model.sample(1, 1, steps=None if model.fixed_steps else 1, **o)
+        except ValueError as e:
+            fail(f"sample_settings: {o!r} for {path} ({model.config.model_type}): {e}")
+    return settings
 
 
 def load(path, dev, use_ema):
@@ -488,11 +515,16 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
             results['skipped'].append(note)
             print(note)
     grid = [s for s in grid if s is None or s <= model.max_steps]
-    orders = c['orders'] if 'order' in model.sample_options else [None]
+    settings = family_settings(c, model, path)
+    for options in c['sample_settings']:
+        if options not in settings:
+            missing = sorted(set(options) - set(model.sample_options))
+            note = f"{name}: sample setting {options!r} skipped ({cfg.model_type}'s sampler has no {missing})"
+            results['skipped'].append(note)
+            print(note)
     sample_row(model, 1, length, None if model.fixed_steps else 1, 1, c['seed'], dev, ctx)  # warm-up
-    for order in orders:
-        options = {} if order is None else {'order': order}
-        row_name = name if order in (None, 'random') else f"{name} [{order}]"
+    for options in settings:
+        row_name = f"{name} [{setting_label(options)}]" if options else name
         for s in grid:
             samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
                                                c['seed'], dev, ctx, **options)
@@ -511,6 +543,7 @@ def main(argv=None):
         model, ckpt = load(path, dev, c['use_ema'])
         ckpt_info[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir'], path), ckpt.get('iter_num'),
                            (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
+        family_settings(c, model, path)
         del model, ckpt
     judge_model, bos, hf_judge = load_judge(c, dev, ckpt_info)
     limits = [h[0].block_size for h in ckpt_info.values()] + ([judge_model.config.block_size] if judge_model else [])

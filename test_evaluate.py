@@ -109,8 +109,8 @@ def test_evaluate_end_to_end(tiny_run):
     ck, out = tiny_run['ckpts'], str(tiny_run['root'] / 'eval')
     stdout = run('evaluate.py', f"--ckpts={[ck['ar'], ck['mask'], ck['embed']]!r}", f"--judge={ck['ar']}",
                  f"--data_dir={tiny_run['data_dir']}", f"--out_dir={out}", '--num_samples=4', '--sample_batch_size=2',
-                 '--steps=[2, 8, 60]', '--max_windows=6', '--mc_samples=2', "--orders=['random', 'confidence']",
-                 '--device=cpu')
+                 '--steps=[2, 8, 60]', '--max_windows=6', '--mc_samples=2',
+                 "--sample_settings=[{}, {'order': 'confidence'}, {'temperature': 0.25}]", '--device=cpu')
     res = json.load(open(os.path.join(out, 'results.json')))
     assert os.path.getsize(os.path.join(out, 'eval.png')) > 1000
     lk = res['likelihood']
@@ -122,10 +122,16 @@ def test_evaluate_end_to_end(tiny_run):
     # ar once, with steps = the length; embed (T=50) cannot take 60 steps and says so; mask takes all three
     assert ('out-ar', 32) in rows and rows[('out-ar', 32)]['nfe'] == 32
     assert {s for n, s in rows if n == 'out-mask'} == {2, 8, 60}
-    # mask samples once per reveal order, the other families once (they have no such option)
-    assert {s for n, s in rows if n == 'out-mask [confidence]'} == {2, 8, 60}
-    assert rows[('out-mask [confidence]', 8)]['options'] == {'order': 'confidence'}
-    assert rows[('out-mask', 8)]['options'] == {'order': 'random'} and rows[('out-embed', 8)]['options'] == {}
+    # one set of rows per sampler setting the family takes: mask all three, ar the temperature, embed neither
+    assert {s for n, s in rows if n == 'out-mask [order=confidence]'} == {2, 8, 60}
+    assert {s for n, s in rows if n == 'out-mask [temperature=0.25]'} == {2, 8, 60}
+    assert rows[('out-mask [order=confidence]', 8)]['options'] == {'order': 'confidence'}
+    assert rows[('out-mask', 8)]['options'] == {} and rows[('out-embed', 8)]['options'] == {}
+    assert ('out-ar [temperature=0.25]', 32) in rows and not any(n.startswith('out-embed [') for n, _ in rows)
+    assert sum("out-embed: sample setting" in n for n in res['skipped']) == 2
+    # the settings reach the sampler: a cooler draw from the same seed is other text, and more likely to ar's judge
+    cool, plain = rows[('out-ar [temperature=0.25]', 32)], rows[('out-ar', 32)]
+    assert cool['example'] != plain['example'] and cool['gen_bits'] < plain['gen_bits']
     assert {s for n, s in rows if n == 'out-embed'} == {2, 8} and any('60' in n for n in res['skipped'])
     assert rows[('out-embed', 8)]['nfe'] == 9  # self-conditioning: the first step evaluates the network twice
     assert ('test text', None) in rows
@@ -158,6 +164,19 @@ def test_evaluate_end_to_end(tiny_run):
         assert p['bits'] == pytest.approx(per_token[:, a:b].mean().item(), abs=1e-5)
         assert p['unigram_bits'] == pytest.approx(lp[x[:, 1 + a:1 + b]].mean().item(), abs=1e-9)
     assert len(lk['out-embed']['by_position']) == 4 and all(p['bits_se'] > 0 for p in lk['out-embed']['by_position'])
+
+
+@pytest.mark.parametrize('settings, message', [
+    ("[{'temprature': 0.8}]", "has option(s) ['temprature'] that no family's sampler takes"),
+    ("[{}, {}]", "expected a non-empty list of distinct dicts"),
+    ("[{'top_p': 1.5}]", "sample_settings: {'top_p': 1.5} for"),  # found when the checkpoints load
+])
+def test_evaluate_rejects_bad_sample_settings(tiny_run, tmp_path, settings, message):
+    p = subprocess.run([sys.executable, 'evaluate.py', f"--ckpts=['{tiny_run['ckpts']['mask']}']", "--judge=",
+                        f"--sample_settings={settings}", f"--out_dir={tmp_path / 'eval'}", '--device=cpu'],
+                       cwd=HERE, capture_output=True, text=True, timeout=60, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert 'bits/token' not in p.stdout  # before any likelihood is measured
 
 
 def test_evaluate_rejects_a_non_ar_judge(tiny_run):
