@@ -438,16 +438,19 @@ def setting_label(options):
     return ', '.join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
-def family_settings(c, model, path):
-    """The sample_settings this checkpoint's family takes, each tried once on one token, so a bad value
-    fails here, when the checkpoints load, instead of after hours of likelihoods."""
-    settings = [o for o in c['sample_settings'] if set(o) <= set(model.sample_options)]
-    for o in settings:
+def family_settings(c, model):
+    """The sample_settings whose options this checkpoint's family takes."""
+    return [o for o in c['sample_settings'] if set(o) <= set(model.sample_options)]
+
+
+def check_family_settings(c, model, path):
+    """Each of the checkpoint's sample_settings tried once on one token, so a bad value fails when the
+    checkpoints load instead of after hours of likelihoods."""
+    for o in family_settings(c, model):
         try:
             model.sample(1, 1, steps=None if model.fixed_steps else 1, **o)
         except ValueError as e:
             fail(f"sample_settings: {o!r} for {path} ({model.config.model_type}): {e}")
-    return settings
 
 
 def load(path, dev, use_ema):
@@ -515,7 +518,7 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
             results['skipped'].append(note)
             print(note)
     grid = [s for s in grid if s is None or s <= model.max_steps]
-    settings = family_settings(c, model, path)
+    settings = family_settings(c, model)
     for options in c['sample_settings']:
         if options not in settings:
             missing = sorted(set(options) - set(model.sample_options))
@@ -543,7 +546,7 @@ def main(argv=None):
         model, ckpt = load(path, dev, c['use_ema'])
         ckpt_info[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir'], path), ckpt.get('iter_num'),
                            (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
-        family_settings(c, model, path)
+        check_family_settings(c, model, path)
         del model, ckpt
     judge_model, bos, hf_judge = load_judge(c, dev, ckpt_info)
     limits = [h[0].block_size for h in ckpt_info.values()] + ([judge_model.config.block_size] if judge_model else [])

@@ -198,8 +198,12 @@ def claim_out_dir(c, rank):
     return release
 
 
+def launched_by_torchrun():
+    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+
+
 def main(argv=None):
-    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # launched by torchrun
+    ddp = launched_by_torchrun()
     rank = int(os.environ.get('RANK', 0)) if ddp else 0
     world_size = int(os.environ['WORLD_SIZE']) if ddp else 1
     # a copy of the defaults, so main() can run twice in one process (tests) with different arguments
@@ -687,7 +691,7 @@ def train(c, ddp, rank, world_size, device_type):
 if __name__ == '__main__':
     line_buffered_stdout()
     main()
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+    if launched_by_torchrun():
         # A finished DDP rank leaves without Python's interpreter teardown. Gloo's worker threads free each
         # collective's work object some time after the collective completes, and that object holds a Python
         # reference (its captured thread-local state): a worker that gets there after the interpreter began
