@@ -16,7 +16,7 @@ import math
 
 import torch
 
-NUM_BITS = 16  # 50,257 GPT-2 ids < 2**16 = 65,536
+NUM_BITS = 16  # GPT-2's 50,257 ids < 2**16 = 65,536; a compact vocabulary needs fewer (code_bits)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,10 +263,10 @@ class BitFlipDiffusion(DiscreteTime):
         return (torch.where(up, post1, 1 - post1).clamp_min(tiny).log(),
                 torch.where(up, post0, 1 - post0).clamp_min(tiny).log())
 
-    def prior_kl(self, length):
-        """KL(q(b_T | b_0) || uniform) of a sequence of `length` codes, in nats (the same for every b_0)."""
+    def prior_kl(self, num_bits):
+        """KL(q(b_T | b_0) || uniform) of `num_bits` bits (one code), in nats (the same for every b_0)."""
         m = (1 + float(self.abar[-1])) / 2
-        return NUM_BITS * length * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m)) if m < 1 else 0.0)
+        return num_bits * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m)) if m < 1 else 0.0)
 
     def code_loglik(self, b_t, t, codes):
         """log q(b_t | w) for every row of codes (V, 16), up to a constant per position:
@@ -320,19 +320,25 @@ class MaskSchedule:
 # ----------------------------------------------------------------------------------------------------
 # The bit code (bits, analog)
 
-def ids_to_bits(idx):
-    """Token ids -> NUM_BITS bits, most significant first: bit k of id is (id >> (15 - k)) & 1."""
-    shifts = torch.arange(NUM_BITS - 1, -1, -1, device=idx.device)
+def code_bits(vocab_size):
+    """Bits of the code of ids 0..vocab_size-1: 16 for GPT-2's 50,257, 13 for a compact vocabulary of 8k."""
+    return max(1, (vocab_size - 1).bit_length())
+
+
+def ids_to_bits(idx, num_bits=NUM_BITS):
+    """Token ids -> num_bits bits, most significant first: bit k of id is (id >> (num_bits - 1 - k)) & 1."""
+    shifts = torch.arange(num_bits - 1, -1, -1, device=idx.device)
     return (idx.unsqueeze(-1) >> shifts) & 1
 
 
 def bits_to_ids(bits):
-    """The inverse of ids_to_bits: a 16-bit code (0/1, or booleans) -> the integer it spells, in [0, 65536)."""
-    shifts = torch.arange(NUM_BITS - 1, -1, -1, device=bits.device)
+    """The inverse of ids_to_bits: a code of k bits (0/1, or booleans; k = the last dim) -> the integer it spells,
+    in [0, 2**k)."""
+    shifts = torch.arange(bits.shape[-1] - 1, -1, -1, device=bits.device)
     return (bits.long() << shifts).sum(-1)
 
 
 def valid_codes(vocab_size):
-    """The bit codes of the valid ids 0..vocab_size-1 as a (V, 16) 0/1 float table (the bit families keep it as
-    a buffer, so it lives on their device)."""
-    return ids_to_bits(torch.arange(vocab_size)).float()
+    """The bit codes of the valid ids 0..vocab_size-1 as a (V, code_bits(V)) 0/1 float table (the bit families keep
+    it as a buffer, so it lives on their device)."""
+    return ids_to_bits(torch.arange(vocab_size), code_bits(vocab_size)).float()

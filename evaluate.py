@@ -63,7 +63,7 @@ from checkpoint import load_checkpoint
 from configurator import configure
 from model import FAMILIES
 import prepare
-from prepare import PrepareError, TokenWindows, get_encoding, one_line, unigram_logprobs
+from prepare import PrepareError, TokenWindows, Vocab, get_encoding, load_meta, one_line, unigram_logprobs
 import util
 from util import (autocast_context, check_writable, line_buffered_stdout, resolve_device, save_figure, sync,
                   write_json)
@@ -184,6 +184,12 @@ def mean_se(x):
     return x.mean().item(), se
 
 
+def judge_ids(samples, vocab, hf_judge):
+    """Samples as the judge reads them: a Hugging Face judge reads GPT-2 ids, so a compact vocabulary's ids are
+    mapped back to GPT-2's (-1 for <|unk|>, see HFJudge); an `ar` judge shares the checkpoints' vocabulary."""
+    return vocab.to_gpt2(samples) if hf_judge else samples
+
+
 @torch.no_grad()
 def generative_bits(judge_model, samples, batch_size, bos=prepare.EOT):
     """Bits per token of each sample under an `ar` judge, which reads <|endoftext|> (`bos`, the end-of-text id
@@ -212,13 +218,30 @@ def text_metrics(samples, judge_model, batch_size, bos=prepare.EOT):
 
 # ---- likelihood on held-out windows
 
+def ratio_se(num, den):
+    """sum(num) / sum(den) over windows, and its standard error by the delta method (windows independent)."""
+    r = (num.sum() / den.sum()).item()
+    n = len(num)
+    se = ((num - r * den).square().sum() / (n * (n - 1))).sqrt().item() / den.mean().item() if n > 1 else None
+    return r, se
+
+
 @torch.no_grad()
 def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets=0):
     """Mean bits/token (exact for ar, the bound otherwise) over the split's non-overlapping windows, and beside
     it the unigram baseline (a unigram model of the train split, add-1/2 smoothed) on exactly the tokens the
     model scored, and the context gain: unigram bits minus the model's, window by window, so its standard error
-    is that of the paired differences. A model with no gain has learned token frequencies, not context."""
+    is that of the paired differences. A model with no gain has learned token frequencies, not context.
+    Bits are per GPT-2 token (on a compact vocabulary, <|unk|> is charged its share of the unseen ids, for the
+    model and the unigram alike: prepare.Vocab), and per UTF-8 byte of the scored text (the figure that compares
+    across tokenizers; None without the tokenizer's files)."""
     bs = model.config.block_size
+    meta = load_meta(data_dir)
+    vocab = Vocab(meta)
+    try:
+        token_bytes = torch.from_numpy(vocab.token_bytes(meta['splits'].get(split)))
+    except PrepareError:
+        token_bytes = None
     windows = TokenWindows(data_dir, split, bs + model.extra_tokens, vocab_size=model.config.vocab_size)
     # count windows as an `ar` model of this block size would (one token longer), so the same windows are
     # scored whichever the family: ar's targets are the window's last block_size tokens, the others' its first
@@ -226,16 +249,25 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
     n = min(n, max_windows) if max_windows > 0 else n
     device = next(model.parameters()).device
     unigram = torch.from_numpy(unigram_logprobs(data_dir, 'train', model.config.vocab_size)) / -math.log(2)
-    per_position, uni_position = [], []
+    per_position, uni_position, window_bytes = [], [], []
     for start in range(0, n, batch_size):
         x = windows.eval_batch(start, min(batch_size, n - start), bs)
         est = torch.stack([model.position_nll(x.to(device), generator=gen).double() for _ in range(mc)]).mean(0)
-        per_position.append(est.cpu())
-        uni_position.append(unigram[x[:, model.extra_tokens:]])  # the tokens position_nll() scores
+        scored = x[:, model.extra_tokens:]  # the tokens position_nll() scores
+        per_position.append(est.cpu() + vocab.gpt2_bits(scored))
+        uni_position.append(unigram[scored] + vocab.gpt2_bits(scored))
+        if token_bytes is not None:
+            window_bytes.append(token_bytes[scored].sum(1))
     per_position, uni_position = torch.cat(per_position), torch.cat(uni_position)
     per_window, uni_window = per_position.mean(1), uni_position.mean(1)
     bits, se = mean_se(per_window)
     gain, gain_se = mean_se(uni_window - per_window)
+    per_byte = {}
+    if token_bytes is not None:
+        nbytes = torch.cat(window_bytes)
+        per_byte['bits_per_byte'], per_byte['bits_per_byte_se'] = ratio_se(per_position.sum(1), nbytes)
+        per_byte['unigram_bits_per_byte'] = (uni_position.sum() / nbytes.sum()).item()
+        per_byte['bytes'] = nbytes.sum().item()
     by_position = []
     for k in range(buckets):  # empty for buckets <= 0
         a, b = k * bs // buckets, (k + 1) * bs // buckets
@@ -245,7 +277,8 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
                                 'unigram_bits': uni_position[:, a:b].mean().item()})
     return {'bits': bits, 'bits_se': se, 'ppl': perplexity(bits), 'windows': n, 'tokens': n * bs,
             'mc_samples': mc, 'exact': model.exact_likelihood, 'by_position': by_position,
-            'unigram_bits': uni_window.mean().item(), 'context_gain': gain, 'context_gain_se': gain_se}
+            'unigram_bits': uni_window.mean().item(), 'context_gain': gain, 'context_gain_se': gain_se,
+            'vocab': str(vocab), **per_byte}
 
 
 # ---- sampling
@@ -278,6 +311,7 @@ class HFJudge(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model.float().eval()
+        self.unseen = None  # the GPT-2 ids a compact vocabulary's <|unk|> (-1 in idx) stands for, set per checkpoint
         cfg = model.config
         positions = getattr(cfg, 'n_positions', None) or cfg.max_position_embeddings
         # block_size as for an ar checkpoint: the longest sample it reads after its <|endoftext|>
@@ -285,8 +319,16 @@ class HFJudge(torch.nn.Module):
 
     @torch.no_grad()
     def nll(self, idx, generator=None):
+        """-1 in idx is a compact vocabulary's <|unk|> (which its models all but never draw: the train split has
+        none): it scores the judge's total probability of the unseen GPT-2 ids, and is read as the first of them."""
+        unk = idx < 0
+        if unk.any():
+            idx = torch.where(unk, self.unseen[0].item(), idx)
         logp = self.model(idx[:, :-1]).logits.float().log_softmax(-1)
-        return -logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1).double().mean(1) / math.log(2)
+        tok = logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+        if unk.any():
+            tok = torch.where(unk[:, 1:], logp[..., self.unseen.to(logp.device)].logsumexp(-1), tok)
+        return -tok.double().mean(1) / math.log(2)
 
 
 def is_checkpoint(path):
@@ -356,19 +398,22 @@ def fmt_ppl(v):
 
 def markdown_table(results):
     gen = f"gen-PPL ({results['judge_name']})" if results['judge_name'] else 'gen-PPL'  # which judge scored
-    head = ['model', 'family', 'test bits/tok', 'context gain', 'test PPL', 'steps', 'NFE', 'tok/s', gen,
+    head = ['model', 'family', 'test bits/tok', 'context gain', 'bits/byte', 'test PPL', 'steps', 'NFE', 'tok/s', gen,
             'entropy', 'dist-1', 'dist-2', 'dist-3', 'rep-4', 'self-BLEU']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     uni = results.get('unigram')
     if uni:
-        lines.append('| ' + ' | '.join(['unigram', 'baseline', f"{uni['bits']:.3f} (exact)", '0', fmt_ppl(uni['ppl'])]
-                                       + ['-'] * (len(head) - 5)) + ' |')
+        lines.append('| ' + ' | '.join(['unigram', 'baseline', f"{uni['bits']:.3f} (exact)", '0',
+                                        fmt(uni.get('bits_per_byte')), fmt_ppl(uni['ppl'])]
+                                       + ['-'] * (len(head) - 6)) + ' |')
     for r in results['rows']:
         lk = results['likelihood'].get(r['name'])
         bits = '-' if lk is None else f"{lk['bits']:.3f} (exact)" if lk['exact'] else \
             f"{lk['bits']:.3f} ± {fmt(lk['bits_se'])} (bound)"
         gain = '-' if lk is None else f"{lk['context_gain']:+.3f} ± {fmt(lk['context_gain_se'])}"
-        cells = [r['name'], r['family'], bits, gain, fmt_ppl(lk and lk['ppl']), fmt(r['steps'], 'd'), fmt(r['nfe'], '.0f'),
+        bpb = '-' if lk is None or lk.get('bits_per_byte') is None else \
+            f"{lk['bits_per_byte']:.3f} ± {fmt(lk['bits_per_byte_se'])}"
+        cells = [r['name'], r['family'], bits, gain, bpb, fmt_ppl(lk and lk['ppl']), fmt(r['steps'], 'd'), fmt(r['nfe'], '.0f'),
                  fmt(r['tokens_per_s'], ',.0f'), fmt_ppl(r.get('gen_ppl')), fmt(r['entropy'], '.2f'),
                  fmt(r['distinct_1']), fmt(r['distinct_2']), fmt(r['distinct_3']), fmt(r['rep_4']),
                  fmt(r.get('self_bleu'))]
@@ -470,24 +515,25 @@ def load_judge(c, dev, ckpt_info):
         bos = prepare.EOT if bos is None else bos  # GPT-2's <|endoftext|>
     elif c['judge']:
         judge_model, judge_ckpt = load(c['judge'], dev, c['use_ema'])
-        bos = (judge_ckpt.get('meta') or {}).get('eot_token', prepare.EOT)
+        judge_vocab = Vocab(judge_ckpt.get('meta') or {})
+        bos = judge_vocab.eot_token
         del judge_ckpt
         if not judge_model.exact_likelihood:
             fail(f"judge={c['judge']!r} is a {judge_model.config.model_type!r} model; the judge must be an 'ar' "
                  "checkpoint (its likelihood is exact)")
-    for path, (cfg, _, _, tokenizer) in ckpt_info.items():
+    for path, (cfg, _, _, tokenizer, vocab) in ckpt_info.items():
         if hf_judge and tokenizer != 'gpt2':
             fail(f"{path} was trained on tokenizer={tokenizer!r} data; the judge {c['judge']} reads GPT-2 ids")
-        if judge_model is not None and cfg.vocab_size != judge_model.config.vocab_size:
-            fail(f"{path} has vocab_size={cfg.vocab_size} but the judge {c['judge']} has "
-                 f"{judge_model.config.vocab_size}: they must share the tokenizer")
+        if judge_model is not None and not hf_judge and vocab.key != judge_vocab.key:
+            fail(f"{path} was trained on {vocab} but the judge {c['judge']} on {judge_vocab}: an `ar` judge must "
+                 f"share the checkpoints' vocabulary (a Hugging Face judge reads any, through GPT-2's ids)")
     return judge_model, bos, hf_judge
 
 
 def score_model(c, path, name, info, results, add_row, dev, ctx, length):
     """One checkpoint: its likelihood on the split (beside the unigram line), then samples at every step count."""
     model, ckpt = load(path, dev, c['use_ema'])
-    cfg, ddir, iter_num, _ = info
+    cfg, ddir, iter_num, _, _ = info
     results['models'][name] = {'ckpt': path, 'model_type': cfg.model_type, 'model_args': ckpt['model_args'],
                                'iter_num': iter_num, 'params': model.get_num_params(), 'data_dir': ddir}
     del ckpt
@@ -501,11 +547,14 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
     results['likelihood'][name] = lk
     if 'unigram' not in results:  # the baseline row: the first checkpoint's scored tokens
         results['unigram'] = {'bits': lk['unigram_bits'], 'ppl': perplexity(lk['unigram_bits']), 'data_dir': ddir,
-                              'tokens': lk['tokens'], 'fitted_on': 'train'}
+                              'tokens': lk['tokens'], 'fitted_on': 'train',
+                              'bits_per_byte': lk.get('unigram_bits_per_byte')}
     print(f"{name}: {lk['bits']:.4f} ± {fmt(lk['bits_se'], '.4f')} bits/token "
           f"({'exact' if lk['exact'] else 'bound'}, {lk['tokens']:,} {c['split']} tokens), "
           f"PPL {fmt_ppl(lk['ppl'])}; unigram {lk['unigram_bits']:.4f}, context gain "
-          f"{lk['context_gain']:+.4f} ± {fmt(lk['context_gain_se'], '.4f')} bits/token")
+          f"{lk['context_gain']:+.4f} ± {fmt(lk['context_gain_se'], '.4f')} bits/token"
+          + (f"; {lk['bits_per_byte']:.4f} ± {fmt(lk['bits_per_byte_se'], '.4f')} bits/byte (unigram "
+             f"{lk['unigram_bits_per_byte']:.4f})" if lk.get('bits_per_byte') is not None else ""))
     if lk['by_position']:
         print(f"{name}: by position " + ', '.join(f"{p['positions'][0]}-{p['positions'][1] - 1}: {p['bits']:.3f} ± "
                                                   f"{fmt(p['bits_se'])} (unigram {p['unigram_bits']:.3f})"
@@ -531,8 +580,8 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
         for s in grid:
             samples, nfe, seconds = sample_row(model, c['num_samples'], length, s, c['sample_batch_size'],
                                                c['seed'], dev, ctx, **options)
-            add_row(row_name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, s is None,
-                    options)
+            add_row(row_name, cfg.model_type, path, length if s is None else s, nfe, seconds, samples, info[4],
+                    s is None, options)
 
 
 def main(argv=None):
@@ -544,8 +593,17 @@ def main(argv=None):
     ckpt_info = {}
     for path in c['ckpts']:
         model, ckpt = load(path, dev, c['use_ema'])
-        ckpt_info[path] = (model.config, checkpoint_data_dir(ckpt, c['data_dir'], path), ckpt.get('iter_num'),
-                           (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
+        ddir = checkpoint_data_dir(ckpt, c['data_dir'], path)
+        vocab = Vocab(ckpt.get('meta') or {})
+        try:
+            data_vocab = Vocab(load_meta(ddir))
+        except (OSError, ValueError) as e:
+            fail(f"data for checkpoint {path!r}: {e}")
+        if data_vocab.key != vocab.key:
+            fail(f"{path} was trained on {vocab}, but its data_dir {ddir} holds {data_vocab}: its ids mean other "
+                 f"tokens there; give the data it was trained on with --data_dir")
+        ckpt_info[path] = (model.config, ddir, ckpt.get('iter_num'), (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'),
+                           vocab)
         check_family_settings(c, model, path)
         del model, ckpt
     judge_model, bos, hf_judge = load_judge(c, dev, ckpt_info)
@@ -559,29 +617,33 @@ def main(argv=None):
     except PrepareError as e:  # scoring works on ids; only the example texts need the tokenizer
         enc = None
         print(f"evaluate.py: warning: {e}; scoring goes on, without example texts", file=sys.stderr)
+    for info in ckpt_info.values():
+        info[4]._enc = enc  # the vocabularies decode through this one tokenizer
     results = {'config': c, 'device': dev, 'judge': c['judge'],
                'judge_name': (c['judge'] if hf_judge else checkpoint_name(c['judge'])) if c['judge'] else '',
                'sample_length': length, 'num_samples': c['num_samples'], 'likelihood': {}, 'models': {},
                'rows': [], 'skipped': [], 'code': util.code_version()}  # the commit of the code that scored them
 
-    def add_row(name, family, path, num_steps, nfe, seconds, samples, fixed_steps=False, options=None):
+    def add_row(name, family, path, num_steps, nfe, seconds, samples, vocab, fixed_steps=False, options=None):
+        if hf_judge and vocab.compact:
+            judge_model.unseen = vocab.unseen_gpt2_ids()
         row = {'name': name, 'family': family, 'ckpt': path, 'steps': num_steps, 'fixed_steps': fixed_steps,
                'options': options or {}, 'nfe': nfe, 'seconds': seconds,
                'tokens_per_s': samples.numel() / seconds if seconds else None,
-               **text_metrics(samples, judge_model, c['eval_batch_size'], bos),
-               'example': enc.decode(samples[0].tolist()) if enc is not None else None}
+               **text_metrics(judge_ids(samples, vocab, hf_judge), judge_model, c['eval_batch_size'], bos),
+               'example': vocab.decode(samples[0].tolist()) if enc is not None else None}
         results['rows'].append(row)
         print(f"{name} steps={num_steps}: NFE {fmt(nfe, '.0f')}, {fmt(row['tokens_per_s'], ',.0f')} tok/s, "
               f"gen-PPL {fmt_ppl(row.get('gen_ppl'))}, entropy {row['entropy']:.2f}, rep-4 {fmt(row['rep_4'])}")
 
     # the reference: held-out text itself, scored like the samples (from the first checkpoint's data)
-    ref_dir = next(iter(ckpt_info.values()))[1]
+    _, ref_dir, _, _, ref_vocab = next(iter(ckpt_info.values()))
     try:
         ref = TokenWindows(ref_dir, c['split'], length)
     except (OSError, ValueError) as e:
         fail(f"data for checkpoint {c['ckpts'][0]!r} ({ref_dir!r}): {e}")
     ref_n = min(c['num_samples'], ref.num_eval_windows(length))
-    add_row('test text', 'data', ref_dir, None, None, None, ref.eval_batch(0, ref_n, length))
+    add_row('test text', 'data', ref_dir, None, None, None, ref.eval_batch(0, ref_n, length), ref_vocab)
     for path in c['ckpts']:
         # short names (the out_dir), unless two checkpoints would share one
         unique = sum(checkpoint_name(p) == checkpoint_name(path) for p in c['ckpts']) == 1

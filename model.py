@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from bounds import BoundTimeProposal, eval_in_full_precision
 from continuous_time import ContinuousBitFlipDiffusion, ContinuousGaussianDiffusion
 from diffusion import (NUM_BITS, BitFlipDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
-                       categorical_mean, draw_categorical, ids_to_bits, rand, randn, rounding_logits,
+                       categorical_mean, code_bits, draw_categorical, ids_to_bits, rand, randn, rounding_logits,
                        stratified_times, valid_codes)
 from util import in_eval_mode
 
@@ -240,18 +240,19 @@ def init_weights(module, n_layer):
 
 
 class BitCodeInput(nn.Module):
-    """The network's input from a noisy 16-bit code (bits: the flipped bits, analog: the signs of x_t): a linear map
-    of its +-1 bits plus an embedding of the whole code as an integer (65,536 rows). With the linear part alone the
+    """The network's input from a noisy k-bit code (bits: the flipped bits, analog: the signs of x_t; k = 16 for
+    GPT-2's ids, 13 for a compact vocabulary): a linear map of its +-1 bits plus an embedding of the whole code as
+    an integer (2**k rows). With the linear part alone the
     bit families never got past per-bit frequencies (a small network cannot rebuild 50k ids from 16 arbitrary
     bits); where the code is intact the embedding is a token embedding, where bits flipped the linear part helps."""
 
-    def __init__(self, in_dim, n_embd, bias):
+    def __init__(self, in_dim, n_embd, bias, num_bits):
         super().__init__()
         self.proj = nn.Linear(in_dim, n_embd, bias=bias)
-        self.code_emb = nn.Embedding(2 ** NUM_BITS, n_embd)
+        self.code_emb = nn.Embedding(2 ** num_bits, n_embd)
 
     def forward(self, signed_bits, extra=None):
-        """signed_bits (..., 16) real, > 0 read as bit 1; extra (..., k) more features for the linear part."""
+        """signed_bits (..., k) real, > 0 read as bit 1; extra (..., k) more features for the linear part."""
         x = signed_bits if extra is None else torch.cat([signed_bits, extra], -1)
         return self.proj(x.to(self.proj.weight.dtype)) + self.code_emb(bits_to_ids(signed_bits > 0))
 
@@ -554,7 +555,7 @@ class EmbedDiffusion(GaussianLM):
 
 
 class AnalogBitDiffusion(GaussianLM):
-    """Analog Bits (Chen, Zhang & Hinton 2023): the 16 bits of the id as +-scale reals under the Gaussian process.
+    """Analog Bits (Chen, Zhang & Hinton 2023): the k = code_bits(V) bits of the id as +-scale reals under the Gaussian process.
     The network reads x_t (and x0_sc) through BitCodeInput; x0_hat, the posterior mean of the valid ids' codes, is
     never an invalid code's. Loss: ||x0_hat - x0||^2 + CE(logits, w); predict='eps': ||eps_hat - eps||^2 alone."""
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'td': 0.0}
@@ -562,9 +563,10 @@ class AnalogBitDiffusion(GaussianLM):
 
     def __init__(self, config):
         super().__init__(config)
-        self.bit_input = BitCodeInput(2 * NUM_BITS if config.self_cond else NUM_BITS, config.n_embd, config.bias)
+        self.num_bits = nb = code_bits(config.vocab_size)  # 16 for GPT-2's ids, 13 for a compact 8k
+        self.bit_input = BitCodeInput(2 * nb if config.self_cond else nb, config.n_embd, config.bias, nb)
         self.backbone = Backbone(config, causal=False, time_cond=True)
-        self.add_head(NUM_BITS)
+        self.add_head(nb)
         self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
         init_weights(self, config.n_layer)
 
@@ -586,9 +588,9 @@ def vocab_logits(h, tok_emb, vocab_size):
     return F.linear(h, tok_emb.weight[:vocab_size])
 
 
-# -------- bits: discrete diffusion on the 16 bits of the id by independent bit flips
+# -------- bits: discrete diffusion on the k = code_bits(V) bits of the id (16 for GPT-2) by independent bit flips
 class BitDiffusion(LanguageModel):
-    """Bit flips of the id's 16 bits (BitFlipDiffusion) with a head over the ids, p(w | b_t): its clean-bit marginals
+    """Bit flips of the id's k bits (BitFlipDiffusion) with a head over the ids, p(w | b_t): its clean-bit marginals
     sum_w p(w | b_t) bit_k(w) would take a factorised 16-bit head a memorised code of every id. Loss: CE(logits, w)
     + the binary CE of those marginals. The transition is p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t, b_0 = code(w)),
     any s < t (D3PM's x0-parameterisation): the sampler draws w, then b_s from the exact posterior; the bound scores
@@ -603,7 +605,8 @@ class BitDiffusion(LanguageModel):
         self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
         self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
         self.default_steps = self.max_steps = config.T
-        self.bit_input = BitCodeInput(NUM_BITS, config.n_embd, config.bias)
+        self.num_bits = code_bits(config.vocab_size)  # 16 for GPT-2's ids, 13 for a compact 8k
+        self.bit_input = BitCodeInput(self.num_bits, config.n_embd, config.bias, self.num_bits)
         self.backbone = Backbone(config, causal=False, time_cond=True)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.time_proposal = BoundTimeProposal(self.abar, continuous=config.continuous_time)
@@ -679,7 +682,7 @@ class BitDiffusion(LanguageModel):
 
     def forward(self, idx):
         B, L = idx.shape
-        b0 = ids_to_bits(idx).float()
+        b0 = ids_to_bits(idx, self.num_bits).float()
         t = stratified_times(B, self.config.T, None, idx.device, continuous=self.config.continuous_time)
         b_t = self.diffusion.q_sample(b0, t)
         logits = self.id_logits(b_t, t).float()
@@ -699,19 +702,19 @@ class BitDiffusion(LanguageModel):
         the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t by step_kl against the model's
         transition, the mixture over clean ids (transition_logprob); in continuous time the integral of rate_kl."""
         B, device = idx.shape[0], idx.device
-        b0 = ids_to_bits(idx).double()
+        b0 = ids_to_bits(idx, self.num_bits).double()
         t, q_t = self.time_proposal.draw(B, generator, device)
         b_t = self.diffusion.q_sample(b0, t, generator)
         kl = self.bound_term(b0, b_t, self.id_logits(b_t, t), t, generator) / q_t[:, None]
         one = torch.ones(B, dtype=self.diffusion.time_dtype, device=device)
         b_1 = self.diffusion.q_sample(b0, one, generator)
         logp = self.decoder_logprobs(b_1, self.id_logits(b_1, one))
-        return (self.diffusion.prior_kl(1) + kl - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
+        return (self.diffusion.prior_kl(self.num_bits) + kl - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
 
     # -- sampler hooks
     def init_state(self, n, length, fixed, generator, opts):
-        b = (rand((n, length, NUM_BITS), generator, fixed.device) < 0.5).float()
-        return {'b': b, 'logits': None, 'known': ids_to_bits(fixed.clamp(min=0)).float()}
+        b = (rand((n, length, self.num_bits), generator, fixed.device) < 0.5).float()
+        return {'b': b, 'logits': None, 'known': ids_to_bits(fixed.clamp(min=0), self.num_bits).float()}
 
     def step(self, state, t, s, fixed, generator, opts):
         b = state['b']

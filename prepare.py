@@ -15,12 +15,19 @@ every document is preceded by <|endoftext|> (50256, each document's BOS and the 
 out_dir/meta.json. A document's split comes from a keyed hash of its text, so the same input always gives
 byte-identical files whatever --num_proc is, and a story that occurs twice never lands in two splits.
 
-The second half of this file is the reader of that format (load_meta, TokenWindows).
+--vocab=compact keeps GPT-2's BPE but renumbers its ids densely: the K distinct ids of the train split other than
+<|endoftext|>, most frequent first, are 0..K-1; K is <|unk|>, which stands for every GPT-2 id the train split
+never uses; K+1 is <|endoftext|>, the last id as in GPT-2. On TinyStories that is ~8,000 ids instead of 50,257, so
+the vocabulary-sized layers of a small model shrink six-fold. The map (compact id -> GPT-2 id, -1 for <|unk|>) is
+stored in meta.json, so it travels into every checkpoint; Vocab reads it. Its default out_dir is data/<name>_compact.
+
+The second half of this file is the reader of that format (load_meta, Vocab, TokenWindows).
 """
 import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -45,6 +52,8 @@ DEFAULTS = {
     'seed': 1337,           # key of the hash that assigns documents to splits
     'num_proc': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),  # all cores
     'errors': 'strict',     # invalid UTF-8 in --input: 'strict' stops at it (file, byte offset); 'replace': U+FFFD
+    'vocab': 'gpt2',        # 'gpt2': GPT-2's 50,257 ids; 'compact': only the ids the train split uses (see below)
+    'overwrite': False,     # let --vocab replace an out_dir prepared with the other vocabulary
 }
 CHUNK_BYTES = 1 << 20  # text per worker task: ~60 ms of BPE, so pickling it to and from the worker is noise
 SPLITS = ('train', 'val', 'test')
@@ -326,6 +335,85 @@ def _doc_end(tokens, k):
     return int(starts[k]) if k < len(starts) else len(tokens)
 
 # -----------------------------------------------------------------------------
+# the compact vocabulary (--vocab=compact), made from the written GPT-2 splits before they are renamed into place
+
+UNK_STR = '<|unk|>'
+_token_bytes = {}  # id(encoding) -> gpt2_token_bytes, computed once
+
+
+def gpt2_token_bytes(enc):
+    """UTF-8 bytes of each GPT-2 id's text, float64 (50257,); <|endoftext|> is a separator, not text: 0 bytes."""
+    if id(enc) not in _token_bytes:
+        out = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.float64)
+        out[EOT] = 0
+        _token_bytes[id(enc)] = out
+    return _token_bytes[id(enc)].copy()
+
+
+def _compact_in_place(tmp, dtype, enc, chunk=1 << 24):
+    """Renumbers the three split files (paths in tmp) to the train split's ids, most frequent first, <|unk|> for the
+    others, <|endoftext|> last. Returns the meta.json entries and, per split, how many <|unk|> it holds and their
+    UTF-8 bytes (what bits per byte needs for tokens whose GPT-2 id is no longer known)."""
+    train = np.memmap(tmp['train'], dtype=dtype, mode='r')
+    counts = np.zeros(enc.n_vocab, dtype=np.int64)
+    for i in range(0, len(train), chunk):
+        counts += np.bincount(train[i:i + chunk], minlength=enc.n_vocab)
+    del train
+    counts[EOT] = 0  # <|endoftext|> takes the last id whatever its count
+    seen = np.flatnonzero(counts)
+    seen = seen[np.lexsort((seen, -counts[seen]))]  # most frequent first; equal counts by GPT-2 id
+    K = len(seen)
+    lut = np.full(enc.n_vocab, K, dtype=np.int64)  # GPT-2 id -> compact id; <|unk|> = K for the rest
+    lut[seen] = np.arange(K)
+    lut[EOT] = K + 1
+    nbytes = gpt2_token_bytes(enc)
+    splits = {}
+    for s in SPLITS:
+        data = np.memmap(tmp[s], dtype=dtype, mode='r+') if os.path.getsize(tmp[s]) else np.zeros(0, dtype)
+        unk, unk_bytes = 0, 0
+        for i in range(0, len(data), chunk):
+            piece = data[i:i + chunk]
+            out = lut[piece]
+            hit = out == K
+            unk += int(hit.sum())
+            unk_bytes += int(nbytes[piece[hit]].sum())
+            data[i:i + chunk] = out.astype(dtype)
+        if isinstance(data, np.memmap):
+            data.flush()
+        del data
+        splits[s] = {'unk_tokens': unk, 'unk_bytes': unk_bytes}
+    gpt2_ids = [*seen.tolist(), -1, EOT]
+    meta = {'vocab_size': K + 2, 'eot_token': K + 1, 'special_tokens': {EOT_STR: K + 1, UNK_STR: K},
+            'compact': {'gpt2_ids': gpt2_ids, 'unk_token': K, 'unseen_gpt2_ids': enc.n_vocab - K - 1,
+                        'rule': 'the GPT-2 ids of the train split other than <|endoftext|>, most frequent first; '
+                                'then <|unk|> for every other GPT-2 id; then <|endoftext|>'}}
+    return {'meta': meta, 'splits': splits}
+
+
+def _check_vocab_kind(out_dir, vocab, overwrite):
+    """An out_dir prepared with the other vocabulary is replaced only with --overwrite=True (the same kind is
+    rewritten, as any rerun of prepare.py)."""
+    path = os.path.join(out_dir, 'meta.json')
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return  # nothing there, or nothing readable to protect
+    old_kind = 'compact' if isinstance(old, dict) and 'compact' in old else 'gpt2'
+    if old_kind != vocab and not overwrite:
+        raise PrepareError(f"{path} holds data prepared with --vocab={old_kind}; --vocab={vocab} would replace it: "
+                           f"choose another --out_dir, or replace it with --overwrite=True")
+
+
+def meta_json(meta):
+    """meta.json's text: indented, with the compact map (thousands of ids) on one line."""
+    ids = (meta.get('compact') or {}).get('gpt2_ids')
+    if ids is None:
+        return json.dumps(meta, indent=2) + '\n'
+    placeholder = {**meta, 'compact': {**meta['compact'], 'gpt2_ids': '@gpt2_ids@'}}
+    return json.dumps(placeholder, indent=2).replace('"@gpt2_ids@"', json.dumps(ids)) + '\n'
+
+# -----------------------------------------------------------------------------
 # the whole job
 
 
@@ -370,10 +458,13 @@ def _report(out_dir, tokens, docs, nbytes, dt, num_proc, fracs):
 
 
 def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=0, out_dir='', val_frac=0.02,
-            test_frac=0.02, seed=1337, num_proc=DEFAULTS['num_proc'], errors='strict'):
+            test_frac=0.02, seed=1337, num_proc=DEFAULTS['num_proc'], errors='strict', vocab='gpt2',
+            overwrite=False):
     """Tokenizes --input or --dataset into out_dir/{train,val,test}.bin + meta.json; returns the meta dict.
     Raises PrepareError for bad input; the files of an earlier run in out_dir stay intact until the end."""
     _check_args(val_frac, test_frac, num_proc, max_docs, errors)
+    if vocab not in ('gpt2', 'compact'):
+        raise PrepareError(f"--vocab={vocab}: expected 'gpt2' (GPT-2's 50,257 ids) or 'compact' (the train split's)")
     if input:
         files = find_text_files(input)
         name = os.path.basename(os.path.normpath(input))
@@ -384,7 +475,8 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
         name = os.path.basename(os.path.normpath(dataset)).lower()
         source = {'dataset': dataset, 'dataset_split': 'train', 'text_column': text_column}
         total, unit = max_docs or None, 'docs'
-    out_dir = out_dir or os.path.join('data', name)
+    out_dir = out_dir or os.path.join('data', name + ('_compact' if vocab == 'compact' else ''))
+    _check_vocab_kind(out_dir, vocab, overwrite)
     enc = get_encoding()
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     t0 = time.time()
@@ -408,6 +500,7 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
             f.close()
         if sum(docs) == 0:
             raise PrepareError(f"{input or dataset}: no non-empty documents")
+        compact = _compact_in_place(tmp, dtype, enc) if vocab == 'compact' else None
         meta = {
             'tokenizer': 'gpt2', 'vocab_size': enc.n_vocab, 'eot_token': EOT, 'special_tokens': {EOT_STR: EOT},
             'dtype': np.dtype(dtype).name,
@@ -418,13 +511,16 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
                           'test if h < test_frac, else val if h < test_frac + val_frac, else train',
             'source': source, 'max_docs': max_docs, 'errors': errors, 'text_bytes': nbytes,
         }
+        if compact is not None:
+            meta.update(compact.pop('meta'))
+            for s in SPLITS:
+                meta['splits'][s].update(compact['splits'][s])
         # renamed only now that all is written; meta.json last, and readers check sizes against it
         for s in SPLITS:
             os.replace(tmp[s], os.path.join(out_dir, f'{s}.bin'))
         tmp['meta'] = os.path.join(out_dir, f'.meta.json.{os.getpid()}.tmp')
         with open(tmp['meta'], 'w') as f:
-            json.dump(meta, f, indent=2)
-            f.write('\n')
+            f.write(meta_json(meta))
         os.replace(tmp['meta'], os.path.join(out_dir, 'meta.json'))
     except BaseException:
         for f in outs.values():
@@ -479,7 +575,110 @@ def load_meta(data_dir):
         if isinstance(meta, dict) else ['everything (not a JSON object)']
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}; rerun prepare.py")
+    compact = meta.get('compact')
+    if compact is not None:
+        ids, V = compact.get('gpt2_ids'), meta['vocab_size']
+        ok = (isinstance(ids, list) and len(ids) == V and compact.get('unk_token') == V - 2 and ids[V - 2] == -1
+              and meta['eot_token'] == V - 1 and ids[V - 1] == EOT and len(set(ids)) == V)
+        if not ok:
+            raise ValueError(f"{path}: its compact map does not fit vocab_size={V} (expected {V} distinct GPT-2 ids "
+                             f"with <|unk|> = -1 at {V - 2} and <|endoftext|> = {EOT} at {V - 1}); rerun prepare.py")
     return meta
+
+
+class Vocab:
+    """What a data dir's ids mean as GPT-2 tokens: GPT-2's own ids, or the compact map of --vocab=compact (from
+    meta.json, which checkpoints carry). It is also a text codec with tiktoken's interface (encode_ordinary, decode,
+    eot_token, n_vocab) over those ids, so the scripts read and write compact ids as they do GPT-2's.
+
+    Bits per GPT-2 token. A compact model's bits for <|unk|> buy only "some GPT-2 id outside the vocabulary"; to
+    name the id, charge log2(U) more bits, uniform over the U GPT-2 ids it stands for. Then a compact model's
+    bits/token bound the NLL of the same GPT-2 token stream, and compact and full figures sit in one table
+    (gpt2_bits). Bits per byte divide them by the text's UTF-8 bytes (token_bytes)."""
+
+    def __init__(self, meta, enc=None):
+        compact = meta.get('compact')  # a meta of {} (a checkpoint without one) is GPT-2's
+        self.n_vocab, self.eot_token = meta.get('vocab_size', 50257), meta.get('eot_token', EOT)
+        self.compact = compact is not None
+        self.unk = compact['unk_token'] if self.compact else None
+        self.gpt2_ids = np.asarray(compact['gpt2_ids'], dtype=np.int64) if self.compact else None
+        self.unseen = compact['unseen_gpt2_ids'] if self.compact else 0
+        self.unk_bits = math.log2(self.unseen) if self.unseen > 1 else 0.0
+        self._enc = enc
+
+    @property
+    def enc(self):
+        if self._enc is None:
+            self._enc = get_encoding()
+        return self._enc
+
+    @property
+    def key(self):
+        """Equal for two data dirs iff their ids mean the same GPT-2 tokens."""
+        if not self.compact:
+            return ('gpt2', self.n_vocab)
+        return ('compact', hashlib.sha1(self.gpt2_ids.tobytes()).hexdigest()[:12])
+
+    def __str__(self):
+        if not self.compact:
+            return f"GPT-2's vocabulary ({self.n_vocab:,} ids)"
+        return f"a compact vocabulary ({self.n_vocab:,} ids, map {self.key[1]})"
+
+    def gpt2_bits(self, ids):
+        """The bits a position adds to be scored per GPT-2 token: unk_bits at <|unk|>, else 0 (like ids)."""
+        import torch
+        if not self.unk_bits:
+            return ids.new_zeros(ids.shape, dtype=torch.float64)
+        return (ids == self.unk).double() * self.unk_bits
+
+    def to_gpt2(self, ids):
+        """GPT-2 ids of these ids (a LongTensor), -1 for <|unk|>."""
+        import torch
+        return ids if not self.compact else torch.from_numpy(self.gpt2_ids).to(ids.device)[ids]
+
+    def unseen_gpt2_ids(self):
+        """The GPT-2 ids <|unk|> stands for (LongTensor)."""
+        import torch
+        seen = np.zeros(self.enc.n_vocab, dtype=bool)
+        seen[self.gpt2_ids[self.gpt2_ids >= 0]] = True
+        return torch.from_numpy(np.flatnonzero(~seen))
+
+    def from_gpt2(self, ids):
+        """These ids for GPT-2 ids (a list of ints): a GPT-2 id outside the vocabulary becomes <|unk|>."""
+        if not self.compact:
+            return list(ids)
+        lut = {g: i for i, g in enumerate(self.gpt2_ids.tolist()) if g >= 0}
+        return [lut.get(g, self.unk) for g in ids]
+
+    def encode_ordinary(self, text):
+        return self.from_gpt2(self.enc.encode_ordinary(text))
+
+    def decode(self, ids):
+        """Text of these ids; <|unk|> shows as itself."""
+        if not self.compact:
+            return self.enc.decode(list(ids))
+        out, run = [], []
+        for t in [*ids, None]:
+            if t is not None and t != self.unk:
+                run.append(int(self.gpt2_ids[t]))
+                continue
+            if run:
+                out.append(self.enc.decode(run))
+                run = []
+            if t is not None:
+                out.append(UNK_STR)
+        return ''.join(out)
+
+    def token_bytes(self, split_meta=None):
+        """UTF-8 bytes of each id's text, float64 (V,) numpy; <|endoftext|> 0. <|unk|>'s GPT-2 id is no longer known:
+        it counts the mean bytes of the <|unk|> tokens of the split (split_meta, that split's entry in meta.json)."""
+        full = gpt2_token_bytes(self.enc)
+        if not self.compact:
+            return full[:self.n_vocab]
+        out = full[np.maximum(self.gpt2_ids, 0)]
+        n = (split_meta or {}).get('unk_tokens', 0)
+        out[self.unk] = (split_meta or {}).get('unk_bytes', 0) / n if n else 0.0
+        return out
 
 
 class TokenWindows:

@@ -72,7 +72,7 @@ def noisy_log_probs(model, x, t, gen):
     family: its logits (the network's plus the likelihood of z under each token), normalised."""
     tt = torch.full((len(x),), t, dtype=model.diffusion.time_dtype)
     if model.config.model_type == 'bits':
-        z = model.diffusion.q_sample(ids_to_bits(x).float(), tt, gen)
+        z = model.diffusion.q_sample(ids_to_bits(x, model.num_bits).float(), tt, gen)
         return z, lambda z: model.id_logits(z, tt).double().log_softmax(-1)
     x0 = model.clean(x)
     z = model.diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=gen).to(x0.dtype))

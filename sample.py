@@ -46,7 +46,7 @@ import torch
 from checkpoint import load_checkpoint
 from configurator import configure
 from model import FAMILIES
-from prepare import PrepareError, get_encoding
+from prepare import PrepareError, Vocab, get_encoding
 import util
 from util import autocast_context, check_writable, line_buffered_stdout, resolve_device, write_atomic
 
@@ -264,10 +264,11 @@ def load_model(c, explicit):
     return model, ckpt, options, length
 
 
-def read_template(c, length):
-    """(tokenizer or None, the prompt / template text, the fixed ids: -1 where the sampler draws)."""
+def read_template(c, length, meta):
+    """(tokenizer or None, the prompt / template text, the fixed ids: -1 where the sampler draws). The tokenizer is
+    GPT-2's BPE read through the checkpoint's vocabulary (prepare.Vocab: GPT-2's ids, or a compact map)."""
     try:
-        enc = get_encoding()
+        enc = Vocab(meta, get_encoding())
     except PrepareError as e:  # sampling needs no tokenizer, only turning a prompt into ids or ids into text
         if c['prompt'] or c['prompt_file']:
             fail(f"a prompt needs the GPT-2 tokenizer: {e}")
@@ -284,6 +285,10 @@ def read_template(c, length):
         fixed_row = build_fixed(template, length, enc) if enc is not None else [-1] * length
     except ValueError as e:
         fail(str(e))
+    unknown = sum(t == enc.unk for t in fixed_row) if enc is not None and enc.compact else 0
+    if unknown:  # the model saw none of these words in training: <|unk|> is what it knows of them
+        print(f"sample.py: note: {unknown} prompt token(s) are outside the checkpoint's {enc} and are fixed as "
+              f"<|unk|>", file=sys.stderr)
     return enc, template, torch.tensor([fixed_row], dtype=torch.long)
 
 
@@ -355,7 +360,7 @@ def main(argv=None):
     explicit = settings.assigned | {k for k in _config_keys if c[k] != defaults[k]}
     device_type = check_settings(c)
     model, ckpt, options, length = load_model(c, explicit)
-    enc, template, fixed = read_template(c, length)
+    enc, template, fixed = read_template(c, length, ckpt.get('meta') or {})
     mtype = model.config.model_type
     steps = c['steps'] if 'steps' in explicit else None
 

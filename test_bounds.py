@@ -202,9 +202,9 @@ def full_sum_bound(model, rows, g):
     T = model.config.T
     with torch.no_grad():
         if model.config.model_type == 'bits':
-            b0 = ids_to_bits(rows).double()
+            b0 = ids_to_bits(rows, model.num_bits).double()
             m = (1 + float(model.abar[-1])) / 2
-            total = torch.full((B,), 16 * L * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m))), dtype=torch.float64)
+            total = torch.full((B,), model.num_bits * L * (m * math.log(2 * m) + (1 - m) * math.log(2 * (1 - m))), dtype=torch.float64)
             for t in range(2, T + 1):
                 t_batch = torch.full((B,), t)
                 if model.config.continuous_time:  # the integral over the cell (t - 1, t]: one uniform point in it

@@ -191,15 +191,20 @@ def test_bench_end_to_end(tmp_path):
     text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=60)), encoding='utf-8')
     out = tmp_path / 'bench.json'
     stdout = run('bench.py', "--families=['ar','mask','bits']", '--n_layer=1', '--n_head=2', '--n_embd=32',
-                 '--block_size=16', '--batch_size=2', '--vocab_size=512', '--iters=2', '--warmup=1', '--sample_steps=4',
-                 '--cache_steps=20', '--peak_seconds=0.05', f'--prepare_text={text}', '--device=cpu',
-                 f'--json={out}')
+                 '--block_size=16', '--batch_size=2', '--vocab_sizes=[4096,512]', '--iters=2', '--warmup=1',
+                 '--sample_steps=4', '--cache_steps=20', '--peak_seconds=0.05', f'--prepare_text={text}',
+                 '--device=cpu', f'--json={out}')
     res = json.load(open(out))
     assert set(res['peak_flops']) == {'float32', 'bfloat16'} and all(v > 0 for v in res['peak_flops'].values())
-    rows = {(r['family'], r['dtype']): r for r in res['train']}
-    assert set(rows) == {(f, d) for f in ('ar', 'mask', 'bits') for d in ('float32', 'bfloat16')}
-    for r in rows.values():
+    rows = {(r['family'], r['dtype'], r['vocab_size']): r for r in res['train']}
+    assert set(rows) == {(f, d, v) for f in ('ar', 'mask', 'bits') for d in ('float32', 'bfloat16') for v in (4096, 512)}
+    for (f, d, v), r in rows.items():
         assert r['ms_per_iter'] > 0 and r['tokens_per_s'] > 0 and 0 < r['mfu'] and r['sample_tokens_per_s'] > 0
+        assert r['vs_ar'] == pytest.approx(r['ms_per_iter'] / rows[('ar', d, v)]['ms_per_iter'])  # ar of its vocab
+    assert rows[('bits', 'float32', 512)]['params'] < rows[('bits', 'float32', 4096)]['params']  # built at each size
+    ratio = {m['measure']: m['value'] for m in res['summary']}['mask float32 training step, vocab 4096 / vocab 512']
+    want = rows[('mask', 'float32', 4096)]['ms_per_iter'] / rows[('mask', 'float32', 512)]['ms_per_iter']
+    assert ratio == f'{want:.2f}x'
     assert res['mask_cache']['uncached_nfe'] == 20 and res['mask_cache']['cached_nfe'] <= 20
     assert res['prepare']['tokens'] == res['prepare']['raw_tokens'] > 0 and res['prepare']['ratio'] > 0
     assert 'MFU' in stdout and '| ar ' in stdout
@@ -295,3 +300,52 @@ def test_self_bleu_clips_counts_against_the_other_samples():
         (math.log(0.1 / 4) + math.log(0.1 / 3) + math.log(0.1 / 2) + math.log(0.1 / 1)) / 4))
     with pytest.raises(ValueError, match='at least 2'):
         self_bleu(torch.tensor([[1, 2]]))
+
+
+def test_bits_per_gpt2_token_and_per_byte_on_a_compact_vocabulary_by_hand(tmp_path):
+    """A compact vocabulary of ' the', ' and', <|unk|>, <|endoftext|> (ids 0-3), unigram counts and a model of
+    2 bits at every position: each figure below is worked out by hand. <|unk|> costs log2(50,254) more bits (the
+    GPT-2 ids it stands for, uniform), for the model and the unigram alike; its bytes are the split's mean."""
+    import types
+    import numpy as np
+    d = tmp_path / 'd'
+    d.mkdir()
+    train, test = [3, 0, 0, 1, 0, 1, 3, 0], [3, 0, 2, 1, 2, 0, 0, 0, 3]
+    np.array(train, np.uint16).tofile(d / 'train.bin')
+    np.array(test, np.uint16).tofile(d / 'test.bin')
+    meta = {'tokenizer': 'gpt2', 'vocab_size': 4, 'eot_token': 3, 'dtype': 'uint16',
+            'splits': {'train': {'tokens': 8, 'documents': 2, 'unk_tokens': 0, 'unk_bytes': 0},
+                       'test': {'tokens': 9, 'documents': 2, 'unk_tokens': 2, 'unk_bytes': 10}},
+            'compact': {'gpt2_ids': [262, 290, -1, 50256], 'unk_token': 2, 'unseen_gpt2_ids': 50254}}
+    (d / 'meta.json').write_text(json.dumps(meta))
+
+    class TwoBits(torch.nn.Module):  # a bidirectional "model" whose bound is 2 bits at every position
+        config = types.SimpleNamespace(block_size=4, vocab_size=4)
+        extra_tokens, exact_likelihood = 0, False
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def position_nll(self, x, generator=None):
+            return torch.full(x.shape, 2.0)
+
+    lk = evaluate.likelihood(TwoBits(), str(d), 'test', 0, 8, 1, None)
+    # windows [3, 0, 2, 1] and [2, 0, 0, 0] (the 9th token is ar's target only); unigram p = (count + 1/2) / 10
+    unk = math.log2(50254)
+    p = {0: 0.45, 1: 0.25, 2: 0.05, 3: 0.25}
+    tokens = [3, 0, 2, 1, 2, 0, 0, 0]
+    assert lk['windows'] == 2 and lk['tokens'] == 8
+    assert lk['bits'] == pytest.approx(2 + 2 * unk / 8, abs=1e-9)  # 2 bits, plus two <|unk|> in 8 tokens
+    unigram = [-math.log2(p[t]) + (unk if t == 2 else 0) for t in tokens]
+    assert lk['unigram_bits'] == pytest.approx(sum(unigram) / 8, abs=1e-9)
+    assert lk['context_gain'] == pytest.approx(sum(unigram) / 8 - (2 + 2 * unk / 8), abs=1e-9)
+    # bytes: ' the' 4, ' and' 4, <|unk|> 10 / 2 = 5, <|endoftext|> 0: windows of 13 and 17 bytes
+    assert lk['bytes'] == 30
+    assert lk['bits_per_byte'] == pytest.approx((16 + 2 * unk) / 30, abs=1e-9)
+    assert lk['unigram_bits_per_byte'] == pytest.approx(sum(unigram) / 30, abs=1e-9)
+    # the delta-method standard error of the ratio, by hand over the two windows
+    w_bits, w_bytes = [8 + unk, 8 + unk], [13, 17]
+    r = sum(w_bits) / 30
+    se = math.sqrt(sum((b - r * n) ** 2 for b, n in zip(w_bits, w_bytes)) / 2) / 15
+    assert lk['bits_per_byte_se'] == pytest.approx(se, rel=1e-9)

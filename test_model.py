@@ -253,7 +253,7 @@ def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, k
             continue
         a = m.diffusion.abar_of(t[:1]).item()  # abar at the (integer or real) time the network was told
         if model_type == 'bits':
-            flips = (x != ids_to_bits(fixed[0, keep]).double()).double()
+            flips = (x != ids_to_bits(fixed[0, keep], m.num_bits).double()).double()
             p = (1 - a) / 2
             assert abs(flips.mean().item() - p) < 5 * math.sqrt(p * (1 - p) / flips.numel()) + 1e-9, (t[0], p)
         else:

@@ -359,3 +359,81 @@ def test_meta_records_the_input_as_given(tmp_path, monkeypatch, stories):
     Path('text.txt').write_text('\n<|endoftext|>\n'.join(stories[:20]), encoding='utf-8')
     prepare.prepare(input='text.txt', out_dir='d', num_proc=1)
     assert json.loads(Path('d/meta.json').read_text())['source'] == {'input': 'text.txt'}  # not absolutized
+
+# -----------------------------------------------------------------------------
+# the compact vocabulary (--vocab=compact)
+
+
+@pytest.fixture(scope='module')
+def compact_prepared(prepared, tmp_path_factory):
+    """The shared text prepared by the CLI with --vocab=compact (its default out_dir name checked too)."""
+    work = tmp_path_factory.mktemp('compact')
+    rc, _, err = run_cli(f'--input={SHARED}', f'--out_dir={work / "c"}', '--vocab=compact', '--num_proc=2')
+    assert rc == 0, err
+    return work / 'c'
+
+
+def test_compact_vocabulary_is_the_train_split_renumbered(prepared, compact_prepared):
+    """Mapped back through its map, every split is the GPT-2 stream itself, with <|unk|> exactly where the GPT-2
+    id does not occur in train; the ids are ordered by train frequency; <|endoftext|> is the last id."""
+    meta = prepare.load_meta(compact_prepared)
+    ids = np.array(meta['compact']['gpt2_ids'])
+    full_train = read_split(prepared, 'train')
+    train_ids = set(np.unique(full_train).tolist())
+    K = meta['compact']['unk_token']
+    assert meta['vocab_size'] == K + 2 == len(train_ids) + 1 and meta['eot_token'] == K + 1
+    assert ids[K] == -1 and ids[K + 1] == prepare.EOT and set(ids[:K].tolist()) == train_ids - {prepare.EOT}
+    counts = np.bincount(full_train, minlength=50257)[ids[:K]]
+    assert (np.diff(counts) <= 0).all() and counts[-1] >= 1  # most frequent first
+    assert meta['compact']['unseen_gpt2_ids'] == 50257 - K - 1
+    enc = prepare.get_encoding()
+    for split in ('train', 'val', 'test'):
+        full, comp = read_split(prepared, split), read_split(compact_prepared, split)
+        back = ids[comp]
+        unk = back == -1
+        assert np.array_equal(back[~unk], full[~unk])
+        assert not any(t in train_ids for t in full[unk].tolist())
+        assert meta['splits'][split]['unk_tokens'] == int(unk.sum())
+        assert meta['splits'][split]['unk_bytes'] == sum(len(enc.decode_single_token_bytes(t)) for t in full[unk])
+    assert meta['splits']['test']['unk_tokens'] > 0  # the case that the accounting is about does occur
+
+
+def test_compact_vocab_reads_and_writes_text(compact_prepared, stories):
+    """Vocab is a codec over the compact ids: a train story round-trips; a word never seen in train becomes
+    <|unk|>, and decodes as such."""
+    v = prepare.Vocab(prepare.load_meta(compact_prepared))
+    ids = v.encode_ordinary(stories[0])
+    assert max(ids) < v.unk and v.decode(ids) == stories[0]
+    ids = v.encode_ordinary('Once upon a time, Zorblax')
+    assert v.unk in ids and v.decode(ids).startswith('Once upon a time,') and '<|unk|>' in v.decode(ids)
+    assert v.key != prepare.Vocab({}).key  # not GPT-2's own ids
+
+
+def test_compact_and_full_data_dirs_are_not_replaced_by_each_other(tmp_path):
+    """prepare.py into an out_dir of the other vocabulary stops in one line (nothing written) unless
+    --overwrite=True; the same kind is rewritten as before."""
+    text = tmp_path / 'a.txt'
+    text.write_text('One story here.\n<|endoftext|>\nAnother story there.\n')
+    out = tmp_path / 'd'
+    assert run_cli(f'--input={text}', f'--out_dir={out}', '--num_proc=1')[0] == 0
+    before = file_bytes(out)
+    rc, _, err = run_cli(f'--input={text}', f'--out_dir={out}', '--num_proc=1', '--vocab=compact')
+    assert rc != 0 and '--vocab=gpt2' in err and '--overwrite=True' in err and len(err.strip().splitlines()) == 1
+    assert file_bytes(out) == before
+    assert run_cli(f'--input={text}', f'--out_dir={out}', '--num_proc=1', '--vocab=compact',
+                   '--overwrite=True')[0] == 0
+    assert 'compact' in prepare.load_meta(out)
+    rc, _, err = run_cli(f'--input={text}', f'--out_dir={out}', '--num_proc=1')
+    assert rc != 0 and '--vocab=compact' in err
+
+
+def test_a_compact_map_that_does_not_fit_its_files_is_one_line(compact_prepared, tmp_path):
+    meta = json.loads((compact_prepared / 'meta.json').read_text())
+    for bad in ({'gpt2_ids': meta['compact']['gpt2_ids'][:-1]},            # one id short of vocab_size
+                {'gpt2_ids': [7] * meta['vocab_size']},                    # not distinct, no <|unk|>
+                {'unk_token': 0}):
+        d = tmp_path / 'bad'
+        d.mkdir(exist_ok=True)
+        (d / 'meta.json').write_text(json.dumps({**meta, 'compact': {**meta['compact'], **bad}}))
+        with pytest.raises(ValueError, match='compact map does not fit vocab_size'):
+            prepare.load_meta(d)

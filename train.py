@@ -42,7 +42,7 @@ from model import ModelConfig, build_model
 import util
 from util import (autocast_context, check_writable, keep_freed_memory, line_buffered_stdout, lock_dir,
                   measure_peak_flops, resolve_device)
-from prepare import TokenWindows, load_meta, one_line, unigram_logprobs
+from prepare import PrepareError, TokenWindows, Vocab, load_meta, one_line, unigram_logprobs
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -74,6 +74,7 @@ gradient_accumulation_steps = 1 # micro-batches per optimizer step, in total ove
                                 # multiple of the number of ranks, with a message)
 # model: every field of model.ModelConfig is a setting of the same name and default (see there for each)
 globals().update({f.name: f.default for f in dataclasses.fields(ModelConfig)})
+vocab_size = 0                  # 0 -> the data's vocab_size (meta.json): 50,257 for GPT-2's ids, ~8k for a compact one
 # optimizer (AdamW; weight decay on matrices only, see util.configure_optimizer)
 learning_rate = 6e-4            # peak learning rate
 max_iters = 5000                # total optimizer steps (0: none; the initial weights are evaluated and saved)
@@ -296,6 +297,9 @@ def build_or_resume(c, meta, ckpt_path):
         if k in old and k in meta and old[k] != meta[k]:
             fail(f"the checkpoint was trained on data with {k}={old[k]!r} but {c['data_dir']}/meta.json "
                  f"says {meta[k]!r}")
+    if old and Vocab(old).key != Vocab(meta).key:
+        fail(f"{ckpt_path} was trained on {Vocab(old)}, but {c['data_dir']} holds {Vocab(meta)}: its ids mean "
+             f"other tokens; resume on the data it was trained on")
     return model, dict(ckpt['model_args']), ckpt
 
 
@@ -323,15 +327,20 @@ def restore(run, ckpt, log):
 def unigram_baseline(run):
     """The baseline: a unigram model of the train split, scored on the very tokens the val loss predicts (ar
     predicts all but a window's first token), so a curve that stays at this line has learned no context.
-    Counting reads every train id once, so it also checks them all against the vocabulary. In nats/token."""
+    Counting reads every train id once, so it also checks them all against the vocabulary. Returns nats per token
+    of the data's ids (the unit of the val loss), bits per GPT-2 token and bits per byte (None without the
+    tokenizer), the units of val_bits (prepare.Vocab)."""
     c = run.c
     try:
         unigram = torch.from_numpy(unigram_logprobs(c['data_dir'], 'train', c['vocab_size']))
     except ValueError as e:
         fail(str(e))
     skip = run.raw_model.extra_tokens
-    windows = [get_batch(run, run.val_data, k, _EVAL_SEED, 0)[:, skip:].cpu() for k in range(c['eval_iters'])]
-    return -torch.cat([unigram[x.flatten()] for x in windows]).mean().item()
+    x = torch.cat([get_batch(run, run.val_data, k, _EVAL_SEED, 0)[:, skip:].cpu() for k in range(c['eval_iters'])])
+    nats = -unigram[x]
+    bits = nats / math.log(2) + run.vocab.gpt2_bits(x)
+    per_byte = bits.sum().item() / run.token_bytes[x].sum().item() if run.token_bytes is not None else None
+    return nats.mean().item(), bits.mean().item(), per_byte
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -416,19 +425,26 @@ def estimate_loss(run):
         out[name] = all_reduced_mean(run, total)
     if c['eval_bound']:
         # one draw of the bound per window; the windows' spread gives the standard error, because the per-window
-        # bound is right-skewed and a mean of a few dozen single draws can sit well below the test-split figure
-        m = run.ema if run.ema is not None else run.raw_model
-        moments = torch.zeros(3, dtype=torch.float64, device=run.device)  # count, sum, sum of squares
+        # bound is right-skewed and a mean of a few dozen single draws can sit well below the test-split figure.
+        # Bits per GPT-2 token (a compact vocabulary's <|unk|> charged its share of the unseen ids, prepare.Vocab)
+        m, skip = (run.ema if run.ema is not None else run.raw_model), run.raw_model.extra_tokens
+        sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # windows, sum, sum of squares, bits, bytes
         for k in range(run.rank, c['eval_iters'], run.world_size):
             gen = torch.Generator(device=run.device).manual_seed(stream_seed(_EVAL_SEED, 1, k))
-            bits = m.nll(get_batch(run, run.val_data, k, _EVAL_SEED, 0), generator=gen).double()
-            moments += torch.stack([torch.tensor(float(bits.numel()), dtype=torch.float64, device=run.device),
-                                    bits.sum(), bits.square().sum()])
+            X = get_batch(run, run.val_data, k, _EVAL_SEED, 0)
+            bits = m.position_nll(X, generator=gen).double() + run.vocab.gpt2_bits(X[:, skip:])
+            nbytes = run.token_bytes.to(run.device)[X[:, skip:]].sum() if run.token_bytes is not None else 0.0
+            window = bits.mean(1)
+            sums += torch.stack([torch.tensor(float(window.numel()), dtype=torch.float64, device=run.device),
+                                 window.sum(), window.square().sum(), bits.sum(),
+                                 torch.as_tensor(nbytes, dtype=torch.float64, device=run.device)])
         if run.ddp:
-            dist.all_reduce(moments)
-        n, mean = moments[0].item(), (moments[1] / moments[0]).item()
-        var = max(moments[2].item() / n - mean * mean, 0.0) * n / max(n - 1, 1)  # unbiased sample variance
+            dist.all_reduce(sums)
+        n, mean = sums[0].item(), (sums[1] / sums[0]).item()
+        var = max(sums[2].item() / n - mean * mean, 0.0) * n / max(n - 1, 1)  # unbiased sample variance
         out['val_bits'], out['val_bits_se'] = mean, math.sqrt(var / n)
+        if run.token_bytes is not None:
+            out['val_bits_per_byte'] = (sums[3] / sums[4]).item()
     run.model.train()
     return out
 
@@ -476,8 +492,10 @@ def evaluate(run, loggers, log):
     c, it = run.c, run.iter_num
     losses = estimate_loss(run)
     ema_part = f", val (EMA) {losses['val_ema']:.4f}" if 'val_ema' in losses else ""
+    bpb = f", {losses['val_bits_per_byte']:.3f} bits/byte (unigram {run.unigram_bpb:.3f})" \
+        if 'val_bits_per_byte' in losses else ""
     bits_part = f", val {losses['val_bits']:.3f} ± {losses['val_bits_se']:.3f} bits/token (unigram " \
-        f"{run.unigram_bits:.3f})" if 'val_bits' in losses else ""
+        f"{run.unigram_bits:.3f}){bpb}" if 'val_bits' in losses else ""
     log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_part}{bits_part}")
     if c['eval_only']:
         return
@@ -485,10 +503,14 @@ def evaluate(run, loggers, log):
     if 'val_bits' in losses:
         loggers.scalars({'eval/val_bits_per_token': losses['val_bits'], 'eval/val_bits_se': losses['val_bits_se'],
                          'eval/unigram_bits_per_token': run.unigram_bits}, it)
+    if 'val_bits_per_byte' in losses:
+        loggers.scalars({'eval/val_bits_per_byte': losses['val_bits_per_byte'],
+                         'eval/unigram_bits_per_byte': run.unigram_bpb}, it)
     if run.rank == 0:
         append_eval_log(run.log_path, {'iter': it, 'tokens': it * run.tokens_per_iter,
                                        'train_seconds': run.train_seconds, **losses,
-                                       'unigram_bits': run.unigram_bits, 'model_type': c['model_type']})
+                                       'unigram_bits': run.unigram_bits, 'unigram_bits_per_byte': run.unigram_bpb,
+                                       'model_type': c['model_type']})
     # the checkpoint is judged by the weights that sampling will use: the EMA's, when there is one
     score = losses.get('val_ema', losses['val'])
     if (it > 0 or c['max_iters'] == 0) and (score < run.best_val_loss or c['always_save_checkpoint']):
@@ -578,13 +600,22 @@ def setup(c, ddp, rank, world_size, device_type, log):
                                 log_path=os.path.join(c['out_dir'], 'eval_log.jsonl'),
                                 iter_num=0, best_val_loss=float('inf'), last_saved=None, train_seconds=0.0)
     run.meta = read_meta(c)
+    c['vocab_size'] = c['vocab_size'] or run.meta['vocab_size']
+    if c['model_type'] == 'ar' and c['vocab_size'] - 1 != run.meta['eot_token']:  # ar reads its last id as BOS
+        fail(f"model_type='ar' with vocab_size={c['vocab_size']} reads id {c['vocab_size'] - 1} as <|endoftext|>, but "
+             f"{c['data_dir']}/meta.json has eot_token={run.meta['eot_token']}: leave vocab_size=0 (the data's)")
     model, run.model_args, ckpt = build_or_resume(c, run.meta, run.ckpt_path)
     run.raw_model = model.to(run.device)
     run.window = c['block_size'] + model.extra_tokens
     run.tokens_per_iter = c['batch_size'] * c['block_size'] * run.ga_steps * world_size
     run.train_data, run.val_data = open_windows(c, run.window)
-    run.unigram_nats = unigram_baseline(run)
-    run.unigram_bits = run.unigram_nats / math.log(2)
+    run.vocab = Vocab(run.meta)
+    try:  # bytes of each id's text, for bits per byte: the tokenizer's files are needed
+        run.token_bytes = torch.from_numpy(run.vocab.token_bytes(run.meta['splits'].get('val')))
+    except PrepareError as e:
+        run.token_bytes = None
+        log(f"train.py: no bits per byte: {e}")
+    run.unigram_nats, run.unigram_bits, run.unigram_bpb = unigram_baseline(run)
     run.optimizer = util.configure_optimizer(model, c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
                                              device_type)
     run.scaler = torch.amp.GradScaler(device_type, enabled=c['dtype'] == 'float16')
@@ -609,8 +640,12 @@ def describe(run, log):
     split_tokens = {k: v.get('tokens') for k, v in run.meta.get('splits', {}).items()}
     log(f"data: {c['data_dir']}: {split_tokens} tokens, window {run.window}; {run.tokens_per_iter:,} tokens per "
         f"iteration ({run.world_size} ranks x {run.ga_steps} micro-batches x {c['batch_size']} x {c['block_size']})")
-    log(f"unigram baseline on the val windows: {run.unigram_nats:.4f} nats/token = {run.unigram_bits:.4f} "
-        f"bits/token (a unigram model of the train split; the val loss of mask and ar is in the same nats)")
+    bpb = f", {run.unigram_bpb:.4f} bits/byte" if run.unigram_bpb is not None else ""
+    log(f"unigram baseline on the val windows: {run.unigram_nats:.4f} nats/token (a unigram model of the train "
+        f"split; the val loss of mask and ar is in the same nats), {run.unigram_bits:.4f} bits per GPT-2 token{bpb}")
+    if run.vocab.compact:
+        log(f"data: {run.vocab}; bits/token are per GPT-2 token, <|unk|> charged log2({run.vocab.unseen:,}) = "
+            f"{run.vocab.unk_bits:.2f} bits more (the GPT-2 ids it stands for)")
 
 
 def log_iteration(run, loggers, log, lossf, grad_norm, lr, dt, peak):
