@@ -205,6 +205,30 @@ def test_mask_elbo_estimators_agree(schedule, time_cond):
     assert abs(train_form.mean() - sub.mean()) < 4 * se + 0.01, (train_form.mean(), sub.mean(), se)
 
 
+@pytest.mark.parametrize('schedule', ['loglinear', 'cosine'])
+def test_mask_time_given_count_is_the_exact_posterior(schedule):
+    """The t a time-conditioned network sees in nll() must be drawn from the posterior given m of L masked: the
+    ELBO's dt weight is d pi / pi in the mask rate pi = 1 - alpha_t, the likelihood of the count C(L, m) pi^m
+    (1 - pi)^(L - m), so the density of pi is proportional to pi^(m-1) (1 - pi)^(L-m). Its mean and variance,
+    by quadrature here, against those of the drawn rates, per m (an off-by-one or swapped Beta is many SEs off)."""
+    m = tiny('mask', mask_schedule=schedule, time_cond=True)
+    L = 16
+    _, masked, count, t = m.masked_subset(torch.zeros(160_000, L, dtype=torch.long), torch.Generator().manual_seed(0),
+                                          stratified=False)
+    assert torch.equal(masked.sum(1), count)
+    rate = 1 - m.diffusion.alpha(t.double())
+    pi = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000  # midpoint rule on (0, 1)
+    for k in range(1, L + 1):
+        u = rate[count == k]
+        assert len(u) > 8000
+        density = pi ** (k - 1) * (1 - pi) ** (L - k)
+        mean = (pi * density).sum() / density.sum()
+        var = ((pi - mean) ** 2 * density).sum() / density.sum()
+        se_mean, se_var = (var / len(u)).sqrt(), ((u - mean) ** 2).std() / math.sqrt(len(u))
+        assert abs(u.mean() - mean) < 5 * se_mean, (k, u.mean(), mean, se_mean)
+        assert abs(u.var() - var) < 5 * se_var, (k, u.var(), var, se_var)
+
+
 def test_mask_elbo_is_not_below_entropy_and_ar_nll_approaches_it():
     mask = toy_model('mask', 400)
     bound, se = toy_bound(mask)
