@@ -166,6 +166,25 @@ def test_evaluate_end_to_end(tiny_run):
     assert len(lk['out-embed']['by_position']) == 4 and all(p['bits_se'] > 0 for p in lk['out-embed']['by_position'])
 
 
+def test_context_gain_se_is_that_of_the_paired_window_differences(tiny_run):
+    """likelihood()'s context gain and its standard error by hand for ar (exact, so no Monte Carlo noise): per
+    window, the unigram bits of the tokens ar scores (the window's last 32) minus ar's own bits; the SE is the
+    std of those n differences / sqrt(n), which is not the unpaired sqrt(se_unigram^2 + se_model^2)."""
+    ar, _ = load_checkpoint(tiny_run['ckpts']['ar'])
+    lk = evaluate.likelihood(ar, tiny_run['data_dir'], 'test', 0, 16, 1, torch.Generator().manual_seed(0))
+    n = lk['windows']
+    x = TokenWindows(tiny_run['data_dir'], 'test', 33).eval_batch(0, n, 32)
+    with torch.no_grad():
+        logp = ar.logits(x[:, :32]).double().log_softmax(-1)
+    model = (-logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) / math.log(2)).mean(1)
+    unigram = (torch.from_numpy(unigram_logprobs(tiny_run['data_dir'], 'train')) / -math.log(2))[x[:, 1:]].mean(1)
+    diff = unigram - model
+    assert lk['context_gain'] == pytest.approx(diff.mean().item(), abs=1e-5)
+    assert lk['context_gain_se'] == pytest.approx((diff.std() / math.sqrt(n)).item(), rel=1e-4)
+    unpaired = math.sqrt(unigram.var() / n + model.var() / n)
+    assert abs(unpaired - lk['context_gain_se']) > 0.1 * lk['context_gain_se']  # the check tells the two apart
+
+
 @pytest.mark.parametrize('settings, message', [
     ("[{'temprature': 0.8}]", "has option(s) ['temprature'] that no family's sampler takes"),
     ("[{}, {}]", "expected a non-empty list of distinct dicts"),
