@@ -22,10 +22,11 @@ For each checkpoint in `ckpts`:
               "<ckpt> [temperature=0.8]"; the empty setting {} is the family's default sampler, named "<ckpt>".
               For each (checkpoint, steps) row:
                 gen-PPL   2 ** (mean bits/token of the samples under the judge, which reads each sample after an
-                          <|endoftext|>): how plausible the text is to a fixed reader. The judge is an `ar`
-                          checkpoint of this project, or a pretrained Hugging Face causal LM with GPT-2's
-                          tokenizer (judge='gpt2', 'gpt2-large', an id or a local directory; loaded through
-                          `transformers`, only then imported), as MDLM and SEDD report gen-PPL;
+                          <|endoftext|> and scores its tokens 2..L: the first is context only, as samples and
+                          test-text windows begin mid-document): how plausible the text is to a fixed reader.
+                          The judge is an `ar` checkpoint of this project, or a pretrained Hugging Face causal
+                          LM with GPT-2's tokenizer (judge='gpt2', 'gpt2-large', an id or a local directory;
+                          loaded through `transformers`, only then imported), as MDLM and SEDD report gen-PPL;
                 entropy   unigram entropy of each sample, H = -sum_v p_v log2 p_v with p_v the frequency of token
                           v within that sample, averaged over samples: low entropy means repetitive text, which
                           also lowers gen-PPL, so the two are read together;
@@ -187,12 +188,15 @@ def mean_se(x):
 @torch.no_grad()
 def generative_bits(judge_model, samples, batch_size, bos=prepare.EOT):
     """Bits per token of each sample under an `ar` judge, which reads <|endoftext|> (`bos`, the end-of-text id
-    of the judge's data) and then the sample, exactly as it read each document in training: a tensor (N,)."""
+    of the judge's data) and then the sample, exactly as it read each document in training: a tensor (N,).
+    The sample's first token is read but not scored (the mean is over tokens 2..L): diffusion samples and test-text
+    windows usually begin mid-document, ar's samples right after the separator; scored, it would count as a
+    document's first token for some and not others."""
     out = []
     for i in range(0, samples.shape[0], batch_size):
         x = samples[i:i + batch_size].to(next(judge_model.parameters()).device)
         first = torch.full((x.shape[0], 1), bos, dtype=torch.long, device=x.device)
-        out.append(judge_model.nll(torch.cat([first, x], 1)).cpu())
+        out.append(judge_model.position_nll(torch.cat([first, x], 1))[:, 1:].mean(1).cpu())
     return torch.cat(out)
 
 
@@ -273,7 +277,8 @@ def sample_row(model, n, length, num_steps, batch_size, seed, device, ctx, **opt
 
 class HFJudge(torch.nn.Module):
     """A pretrained Hugging Face causal LM behind the interface evaluate.py reads off an `ar` checkpoint:
-    config.{model_type, block_size, vocab_size} and nll(idx) in bits per token of idx[:, 1:] given its prefix."""
+    config.{model_type, block_size, vocab_size} and position_nll(idx), the bits of each token of idx[:, 1:] given
+    its prefix."""
 
     def __init__(self, model):
         super().__init__()
@@ -284,9 +289,9 @@ class HFJudge(torch.nn.Module):
         self.config = types.SimpleNamespace(model_type='ar', block_size=positions - 1, vocab_size=cfg.vocab_size)
 
     @torch.no_grad()
-    def nll(self, idx, generator=None):
+    def position_nll(self, idx, generator=None):
         logp = self.model(idx[:, :-1]).logits.float().log_softmax(-1)
-        return -logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1).double().mean(1) / math.log(2)
+        return -logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1).double() / math.log(2)
 
 
 def is_checkpoint(path):
