@@ -40,8 +40,11 @@ For each checkpoint in `ckpts`:
                           and sampled tokens per second.
   A reference row, `test text`, scores num_samples windows of held-out text the same way.
   baseline    a `unigram` row: a unigram model fitted on the train split (add-1/2), scored on the same test
-              tokens; each model's `context gain` is the unigram's bits/token minus its own (per window, with
-              the standard error of those paired differences). A gain near 0 means no context was learned.
+              windows, on their first block_size tokens (those every family but ar scores; ar scores the last
+              block_size, window[1:], and the row takes them only when every checkpoint is ar: window_offset 1);
+              each model's `context gain` is the unigram's bits/token on its own scored tokens minus its own bits
+              (per window, with the standard error of those paired differences). A gain near 0 means no context
+              was learned.
 
 Writes out_dir/results.json and out_dir/eval.png (gen-PPL and entropy against steps, one line per checkpoint),
 and prints a markdown table, one row per checkpoint and step count (its gen-PPL column names the judge). The
@@ -504,9 +507,11 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
     except (OSError, ValueError) as e:
         fail(f"likelihood of {path!r} on {ddir!r}: {e}")
     results['likelihood'][name] = lk
-    if 'unigram' not in results:  # the baseline row: the first checkpoint's scored tokens
+    # the baseline row: each window's first block_size tokens, which every family but ar scores (ar: window[1:]),
+    # from the first checkpoint that scores them; ar's tokens only when every checkpoint is ar
+    if 'unigram' not in results or (results['unigram']['window_offset'] and not model.extra_tokens):
         results['unigram'] = {'bits': lk['unigram_bits'], 'ppl': perplexity(lk['unigram_bits']), 'data_dir': ddir,
-                              'tokens': lk['tokens'], 'fitted_on': 'train'}
+                              'tokens': lk['tokens'], 'fitted_on': 'train', 'window_offset': model.extra_tokens}
     print(f"{name}: {lk['bits']:.4f} ± {fmt(lk['bits_se'], '.4f')} bits/token "
           f"({'exact' if lk['exact'] else 'bound'}, {lk['tokens']:,} {c['split']} tokens), "
           f"PPL {fmt_ppl(lk['ppl'])}; unigram {lk['unigram_bits']:.4f}, context gain "

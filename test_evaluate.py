@@ -150,7 +150,10 @@ def test_evaluate_end_to_end(tiny_run):
     x = TokenWindows(tiny_run['data_dir'], 'test', 33).eval_batch(0, 6, 32)
     assert lk['out-mask']['unigram_bits'] == pytest.approx(lp[x[:, :32]].mean().item(), abs=1e-9)
     assert lk['out-ar']['unigram_bits'] == pytest.approx(lp[x[:, 1:]].mean().item(), abs=1e-9)
-    assert res['unigram']['bits'] == pytest.approx(lk['out-ar']['unigram_bits'])  # the first checkpoint's tokens
+    # the unigram row: the first 32 tokens of each window, those every family but ar scores, though ar comes first
+    assert res['unigram']['bits'] == pytest.approx(lk['out-mask']['unigram_bits'], abs=1e-12)
+    assert res['unigram']['bits'] != pytest.approx(lk['out-ar']['unigram_bits'], abs=1e-6)
+    assert res['unigram']['window_offset'] == 0
     for v in lk.values():
         assert v['context_gain'] == pytest.approx(v['unigram_bits'] - v['bits']) and v['context_gain_se'] > 0
     # bits by position (4 ranges by default): for ar the mean of its exact per-token NLL over each range of the
@@ -230,6 +233,12 @@ def small(tiny_run, out_dir, *extra):
     """evaluate.py's arguments for a quick run on the ar checkpoint."""
     return [f"--ckpts=['{tiny_run['ckpts']['ar']}']", f"--judge={tiny_run['ckpts']['ar']}", f'--out_dir={out_dir}',
             '--num_samples=2', '--steps=[2]', '--max_windows=2', '--plot=False', '--device=cpu', *extra]
+
+
+def test_unigram_row_of_ar_alone_is_on_ar_tokens(tiny_run, tmp_path):
+    """With no other family in the table, the unigram row is scored on the tokens ar scores (window[1:])."""
+    res = evaluate.main(small(tiny_run, tmp_path / 'eval'))
+    assert res['unigram']['window_offset'] == 1 and res['unigram']['bits'] == res['likelihood']['out-ar']['unigram_bits']
 
 
 def test_unwritable_out_dir_stops_before_any_work(tiny_run, capsys):
