@@ -238,7 +238,8 @@ def small(tiny_run, out_dir, *extra):
 def test_unigram_row_of_ar_alone_is_on_ar_tokens(tiny_run, tmp_path):
     """With no other family in the table, the unigram row is scored on the tokens ar scores (window[1:])."""
     res = evaluate.main(small(tiny_run, tmp_path / 'eval'))
-    assert res['unigram']['window_offset'] == 1 and res['unigram']['bits'] == res['likelihood']['out-ar']['unigram_bits']
+    assert res['unigram']['window_offset'] == 1
+    assert res['unigram']['bits'] == res['likelihood']['out-ar']['unigram_bits']
 
 
 def test_unwritable_out_dir_stops_before_any_work(tiny_run, capsys):
@@ -317,7 +318,8 @@ def test_gen_ppl_reads_the_first_token_as_context_and_scores_the_rest():
     """A judge with a hand-built bigram table (behind HFJudge, as a Hugging Face model): gen-PPL scores tokens 2..L
     of each sample after <|endoftext|>, where scoring the first token too would change the number."""
     # vocabulary {0, 1, 2, 3 = <|endoftext|>}; row a: p(next | a)
-    p = torch.tensor([[1 / 4, 1 / 2, 1 / 8, 1 / 8], [1 / 2, 1 / 4, 1 / 8, 1 / 8], [1 / 4] * 4, [1 / 64] + [21 / 64] * 3])
+    p = torch.tensor([[1 / 4, 1 / 2, 1 / 8, 1 / 8], [1 / 2, 1 / 4, 1 / 8, 1 / 8], [1 / 4] * 4,
+                      [1 / 64] + [21 / 64] * 3])
 
     class Bigram(torch.nn.Module):
         config = types.SimpleNamespace(n_positions=8, vocab_size=4)
