@@ -22,10 +22,11 @@ For each checkpoint in `ckpts`:
               "<ckpt> [temperature=0.8]"; the empty setting {} is the family's default sampler, named "<ckpt>".
               For each (checkpoint, steps) row:
                 gen-PPL   2 ** (mean bits/token of the samples under the judge, which reads each sample after an
-                          <|endoftext|>): how plausible the text is to a fixed reader. The judge is an `ar`
-                          checkpoint of this project, or a pretrained Hugging Face causal LM with GPT-2's
-                          tokenizer (judge='gpt2', 'gpt2-large', an id or a local directory; loaded through
-                          `transformers`, only then imported), as MDLM and SEDD report gen-PPL;
+                          <|endoftext|> and scores its tokens 2..L: the first is context only, as samples and
+                          test-text windows begin mid-document): how plausible the text is to a fixed reader.
+                          The judge is an `ar` checkpoint of this project, or a pretrained Hugging Face causal
+                          LM with GPT-2's tokenizer (judge='gpt2', 'gpt2-large', an id or a local directory;
+                          loaded through `transformers`, only then imported), as MDLM and SEDD report gen-PPL;
                 entropy   unigram entropy of each sample, H = -sum_v p_v log2 p_v with p_v the frequency of token
                           v within that sample, averaged over samples: low entropy means repetitive text, which
                           also lowers gen-PPL, so the two are read together;
@@ -39,8 +40,11 @@ For each checkpoint in `ckpts`:
                           and sampled tokens per second.
   A reference row, `test text`, scores num_samples windows of held-out text the same way.
   baseline    a `unigram` row: a unigram model fitted on the train split (add-1/2), scored on the same test
-              tokens; each model's `context gain` is the unigram's bits/token minus its own (per window, with
-              the standard error of those paired differences). A gain near 0 means no context was learned.
+              windows, on their first block_size tokens (those every family but ar scores; ar scores the last
+              block_size, window[1:], and the row takes them only when every checkpoint is ar: window_offset 1);
+              each model's `context gain` is the unigram's bits/token on its own scored tokens minus its own bits
+              (per window, with the standard error of those paired differences). A gain near 0 means no context
+              was learned.
 
 Writes out_dir/results.json and out_dir/eval.png (gen-PPL and entropy against steps, one line per checkpoint),
 and prints a markdown table, one row per checkpoint and step count (its gen-PPL column names the judge). The
@@ -193,12 +197,15 @@ def judge_ids(samples, vocab, hf_judge):
 @torch.no_grad()
 def generative_bits(judge_model, samples, batch_size, bos=prepare.EOT):
     """Bits per token of each sample under an `ar` judge, which reads <|endoftext|> (`bos`, the end-of-text id
-    of the judge's data) and then the sample, exactly as it read each document in training: a tensor (N,)."""
+    of the judge's data) and then the sample, exactly as it read each document in training: a tensor (N,).
+    The sample's first token is read but not scored (the mean is over tokens 2..L): diffusion samples and test-text
+    windows usually begin mid-document, ar's samples right after the separator; scored, it would count as a
+    document's first token for some and not others."""
     out = []
     for i in range(0, samples.shape[0], batch_size):
         x = samples[i:i + batch_size].to(next(judge_model.parameters()).device)
         first = torch.full((x.shape[0], 1), bos, dtype=torch.long, device=x.device)
-        out.append(judge_model.nll(torch.cat([first, x], 1)).cpu())
+        out.append(judge_model.position_nll(torch.cat([first, x], 1))[:, 1:].mean(1).cpu())
     return torch.cat(out)
 
 
@@ -306,7 +313,8 @@ def sample_row(model, n, length, num_steps, batch_size, seed, device, ctx, **opt
 
 class HFJudge(torch.nn.Module):
     """A pretrained Hugging Face causal LM behind the interface evaluate.py reads off an `ar` checkpoint:
-    config.{model_type, block_size, vocab_size} and nll(idx) in bits per token of idx[:, 1:] given its prefix."""
+    config.{model_type, block_size, vocab_size} and position_nll(idx), the bits of each token of idx[:, 1:] given
+    its prefix."""
 
     def __init__(self, model):
         super().__init__()
@@ -318,7 +326,7 @@ class HFJudge(torch.nn.Module):
         self.config = types.SimpleNamespace(model_type='ar', block_size=positions - 1, vocab_size=cfg.vocab_size)
 
     @torch.no_grad()
-    def nll(self, idx, generator=None):
+    def position_nll(self, idx, generator=None):
         """-1 in idx is a compact vocabulary's <|unk|> (which its models all but never draw: the train split has
         none): it scores the judge's total probability of the unseen GPT-2 ids, and is read as the first of them."""
         unk = idx < 0
@@ -328,7 +336,7 @@ class HFJudge(torch.nn.Module):
         tok = logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
         if unk.any():
             tok = torch.where(unk[:, 1:], logp[..., self.unseen.to(logp.device)].logsumexp(-1), tok)
-        return -tok.double().mean(1) / math.log(2)
+        return -tok.double() / math.log(2)
 
 
 def is_checkpoint(path):
@@ -545,9 +553,11 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
     except (OSError, ValueError) as e:
         fail(f"likelihood of {path!r} on {ddir!r}: {e}")
     results['likelihood'][name] = lk
-    if 'unigram' not in results:  # the baseline row: the first checkpoint's scored tokens
+    # the baseline row: each window's first block_size tokens, which every family but ar scores (ar: window[1:]),
+    # from the first checkpoint that scores them; ar's tokens only when every checkpoint is ar
+    if 'unigram' not in results or (results['unigram']['window_offset'] and not model.extra_tokens):
         results['unigram'] = {'bits': lk['unigram_bits'], 'ppl': perplexity(lk['unigram_bits']), 'data_dir': ddir,
-                              'tokens': lk['tokens'], 'fitted_on': 'train',
+                              'tokens': lk['tokens'], 'fitted_on': 'train', 'window_offset': model.extra_tokens,
                               'bits_per_byte': lk.get('unigram_bits_per_byte')}
     print(f"{name}: {lk['bits']:.4f} ± {fmt(lk['bits_se'], '.4f')} bits/token "
           f"({'exact' if lk['exact'] else 'bound'}, {lk['tokens']:,} {c['split']} tokens), "

@@ -803,13 +803,16 @@ class MaskedDiffusion(LanguageModel):
     def init_state(self, n, length, fixed, generator, opts):
         if opts['order'] not in self.orders:
             raise ValueError(f"order={opts['order']!r}, expected one of {self.orders}")
-        return {'z': torch.where(fixed >= 0, fixed, self.mask_id), 'logp': None, 'changed': True}
+        z = torch.where(fixed >= 0, fixed, self.mask_id)
+        return {'z': z, 'logp': None, 'changed': True, 'expected': (z == self.mask_id).sum(1, keepdim=True).double()}
 
     def step(self, state, t, s, fixed, generator, opts):
         """Step t -> s. order='random' is the ancestral step: each masked token is revealed with probability
         r = (alpha_s - alpha_t)/(1 - alpha_t), drawn from p(x_0 | z_t). order='confidence' (MaskGIT; LLaDA's
-        low-confidence remasking) draws a token at every masked position and keeps the round(r x masked) of each row
-        whose draws are most probable, the rest masked again: the same number revealed per step on average, but
+        low-confidence remasking) draws a token at every masked position and keeps the k of each row whose draws
+        are most probable, the rest masked again; k carries the fraction over from step to step: the row's expected
+        count still masked under order='random', e_s = e_t (1 - r) from e = the masked count at the start, is kept
+        and k = masked - round(e_s), so the count follows that expectation within 1/2 at any number of steps, but
         the easy tokens first. It is not the model's distribution (lower entropy, better judged text) and the bound
         does not cover it. Revealed tokens never change again. The network is skipped when nothing changed since
         its last call and it does not see t (its output would be identical)."""
@@ -820,7 +823,7 @@ class MaskedDiffusion(LanguageModel):
             logp = self.log_probs(z, t_batch)
             self.nfe += 1
         rate = self.diffusion.reveal_prob(t, s)
-        masked = z == self.mask_id
+        masked, expected = z == self.mask_id, state['expected'] * (1 - rate)
         draw = functools.partial(draw_categorical, generator=generator, temperature=opts['temperature'],
                                  top_k=opts['top_k'], top_p=opts['top_p'])
         if opts['order'] == 'random':
@@ -828,7 +831,7 @@ class MaskedDiffusion(LanguageModel):
             if reveal.any():
                 z[reveal] = draw(logp[reveal])
         else:
-            count = (masked.sum(1, keepdim=True) * rate).round().long()
+            count = masked.sum(1, keepdim=True) - expected.round().long()
             draws = torch.full_like(z, -1)
             if count.any():
                 draws[masked] = draw(logp[masked])
@@ -836,7 +839,7 @@ class MaskedDiffusion(LanguageModel):
             rank = conf.argsort(dim=1, descending=True, stable=True).argsort(1)  # 0: the row's most probable draw
             reveal = masked & (rank < count)
             z[reveal] = draws[reveal]
-        return {'z': z, 'logp': logp, 'changed': bool(reveal.any())}
+        return {'z': z, 'logp': logp, 'changed': bool(reveal.any()), 'expected': expected}
 
     def current_tokens(self, state):
         z = state['z']

@@ -147,6 +147,14 @@ def _last_separator_end(buf, lo):
     return -1
 
 
+def recorded_input(path):
+    """--input as meta.json records it (it travels into every checkpoint, so never an absolute path): relative to
+    the working directory when it lies inside it, else its basename."""
+    rel = os.path.relpath(os.path.abspath(path))
+    inside = rel != os.pardir and not rel.startswith(os.pardir + os.sep) and not os.path.isabs(rel)
+    return rel.replace(os.sep, '/') if inside else os.path.basename(os.path.normpath(path))
+
+
 def find_text_files(path):
     """[(file, size)] for --input: the file itself, or every .txt below the directory in sorted order."""
     if os.path.isfile(path):
@@ -469,7 +477,7 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
         files = find_text_files(input)
         name = os.path.basename(os.path.normpath(input))
         name = name[:-4] if name.lower().endswith('.txt') else name
-        source = {'input': input}
+        source = {'input': recorded_input(input)}
         total, unit = sum(size for _, size in files), 'B'
     else:
         name = os.path.basename(os.path.normpath(dataset)).lower()

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -94,15 +95,16 @@ def test_judge_prefers_its_training_text_to_shuffled_tokens(tiny_run):
     own, mixed = generative_bits(judge, text, 8, bos=eot), generative_bits(judge, shuffled, 8, bos=eot)
     assert own.shape == (16,) and own.dtype == torch.float64
     assert 2 ** own.mean() < 0.5 * 2 ** mixed.mean(), (2 ** own.mean(), 2 ** mixed.mean())
-    # the judge's score is the exact NLL of the text after <|endoftext|>: here one position at a time, each from its
-    # prefix alone (not through model.nll, which generative_bits calls)
+    # the judge's score is the exact NLL of the text after <|endoftext|>, its first token left out (context only):
+    # here one position at a time, each from its prefix alone (not through model.position_nll, which it calls)
     seq = torch.cat([torch.full((16, 1), eot), text], 1)
-    direct = torch.zeros(16, dtype=torch.float64)
+    direct = torch.zeros(16, text.shape[1], dtype=torch.float64)
     with torch.no_grad():
         for j in range(text.shape[1]):
             logp = judge.logits(seq[:, :j + 1])[:, -1].double().log_softmax(-1)
-            direct -= logp.gather(1, seq[:, j + 1:j + 2]).squeeze(1)
-    assert torch.allclose(own, direct / text.shape[1] / math.log(2), atol=1e-5)
+            direct[:, j] = -logp.gather(1, seq[:, j + 1:j + 2]).squeeze(1) / math.log(2)
+    assert torch.allclose(own, direct[:, 1:].mean(1), atol=1e-5)
+    assert (own - direct.mean(1)).abs().max() > 0.01  # scoring the first token too would be another number
 
 
 def test_evaluate_end_to_end(tiny_run):
@@ -148,7 +150,10 @@ def test_evaluate_end_to_end(tiny_run):
     x = TokenWindows(tiny_run['data_dir'], 'test', 33).eval_batch(0, 6, 32)
     assert lk['out-mask']['unigram_bits'] == pytest.approx(lp[x[:, :32]].mean().item(), abs=1e-9)
     assert lk['out-ar']['unigram_bits'] == pytest.approx(lp[x[:, 1:]].mean().item(), abs=1e-9)
-    assert res['unigram']['bits'] == pytest.approx(lk['out-ar']['unigram_bits'])  # the first checkpoint's tokens
+    # the unigram row: the first 32 tokens of each window, those every family but ar scores, though ar comes first
+    assert res['unigram']['bits'] == pytest.approx(lk['out-mask']['unigram_bits'], abs=1e-12)
+    assert res['unigram']['bits'] != pytest.approx(lk['out-ar']['unigram_bits'], abs=1e-6)
+    assert res['unigram']['window_offset'] == 0
     for v in lk.values():
         assert v['context_gain'] == pytest.approx(v['unigram_bits'] - v['bits']) and v['context_gain_se'] > 0
     # bits by position (4 ranges by default): for ar the mean of its exact per-token NLL over each range of the
@@ -164,6 +169,25 @@ def test_evaluate_end_to_end(tiny_run):
         assert p['bits'] == pytest.approx(per_token[:, a:b].mean().item(), abs=1e-5)
         assert p['unigram_bits'] == pytest.approx(lp[x[:, 1 + a:1 + b]].mean().item(), abs=1e-9)
     assert len(lk['out-embed']['by_position']) == 4 and all(p['bits_se'] > 0 for p in lk['out-embed']['by_position'])
+
+
+def test_context_gain_se_is_that_of_the_paired_window_differences(tiny_run):
+    """likelihood()'s context gain and its standard error by hand for ar (exact, so no Monte Carlo noise): per
+    window, the unigram bits of the tokens ar scores (the window's last 32) minus ar's own bits; the SE is the
+    std of those n differences / sqrt(n), which is not the unpaired sqrt(se_unigram^2 + se_model^2)."""
+    ar, _ = load_checkpoint(tiny_run['ckpts']['ar'])
+    lk = evaluate.likelihood(ar, tiny_run['data_dir'], 'test', 0, 16, 1, torch.Generator().manual_seed(0))
+    n = lk['windows']
+    x = TokenWindows(tiny_run['data_dir'], 'test', 33).eval_batch(0, n, 32)
+    with torch.no_grad():
+        logp = ar.logits(x[:, :32]).double().log_softmax(-1)
+    model = (-logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) / math.log(2)).mean(1)
+    unigram = (torch.from_numpy(unigram_logprobs(tiny_run['data_dir'], 'train')) / -math.log(2))[x[:, 1:]].mean(1)
+    diff = unigram - model
+    assert lk['context_gain'] == pytest.approx(diff.mean().item(), abs=1e-5)
+    assert lk['context_gain_se'] == pytest.approx((diff.std() / math.sqrt(n)).item(), rel=1e-4)
+    unpaired = math.sqrt(unigram.var() / n + model.var() / n)
+    assert abs(unpaired - lk['context_gain_se']) > 0.1 * lk['context_gain_se']  # the check tells the two apart
 
 
 @pytest.mark.parametrize('settings, message', [
@@ -214,6 +238,13 @@ def small(tiny_run, out_dir, *extra):
     """evaluate.py's arguments for a quick run on the ar checkpoint."""
     return [f"--ckpts=['{tiny_run['ckpts']['ar']}']", f"--judge={tiny_run['ckpts']['ar']}", f'--out_dir={out_dir}',
             '--num_samples=2', '--steps=[2]', '--max_windows=2', '--plot=False', '--device=cpu', *extra]
+
+
+def test_unigram_row_of_ar_alone_is_on_ar_tokens(tiny_run, tmp_path):
+    """With no other family in the table, the unigram row is scored on the tokens ar scores (window[1:])."""
+    res = evaluate.main(small(tiny_run, tmp_path / 'eval'))
+    assert res['unigram']['window_offset'] == 1
+    assert res['unigram']['bits'] == res['likelihood']['out-ar']['unigram_bits']
 
 
 def test_unwritable_out_dir_stops_before_any_work(tiny_run, capsys):
@@ -279,11 +310,36 @@ def test_pretrained_hugging_face_judge(tmp_path):
     ref = next(r for r in res['rows'] if r['name'] == 'test text')
     x = TokenWindows(data_dir, 'test', 32).eval_batch(0, 3, 32)
     ids = torch.cat([torch.full((3, 1), 50256), x], 1)  # GPT-2 reads <|endoftext|> first
+    labels = ids.clone()
+    labels[:, 1] = -100  # gen-PPL reads the first token as context but does not score it
     with torch.no_grad():
-        loss = hf(ids, labels=ids).loss  # mean nats per predicted token: all samples have the same length
+        loss = hf(ids, labels=labels).loss  # mean nats per predicted token: all samples have the same length
     assert ref['gen_bits'] == pytest.approx(loss.item() / math.log(2), rel=1e-5)
     assert res['judge_name'] == judge_dir
     assert evaluate.markdown_table(res).splitlines()[0].count(f'gen-PPL ({judge_dir})') == 1
+
+
+def test_gen_ppl_reads_the_first_token_as_context_and_scores_the_rest():
+    """A judge with a hand-built bigram table (behind HFJudge, as a Hugging Face model): gen-PPL scores tokens 2..L
+    of each sample after <|endoftext|>, where scoring the first token too would change the number."""
+    # vocabulary {0, 1, 2, 3 = <|endoftext|>}; row a: p(next | a)
+    p = torch.tensor([[1 / 4, 1 / 2, 1 / 8, 1 / 8], [1 / 2, 1 / 4, 1 / 8, 1 / 8], [1 / 4] * 4,
+                      [1 / 64] + [21 / 64] * 3])
+
+    class Bigram(torch.nn.Module):
+        config = types.SimpleNamespace(n_positions=8, vocab_size=4)
+
+        def __init__(self):
+            super().__init__()
+            self.logp = torch.nn.Parameter(p.log(), requires_grad=False)
+
+        def forward(self, idx):
+            return types.SimpleNamespace(logits=self.logp[idx])
+
+    bits = generative_bits(evaluate.HFJudge(Bigram()), torch.tensor([[0, 1, 0], [1, 0, 2]]), 1, bos=3)
+    # [0, 1, 0]: p(1|0) = p(0|1) = 1/2, 1 bit a token; [1, 0, 2]: p(0|1) = 1/2, p(2|0) = 1/8, (1 + 3) / 2 bits.
+    # Scored, the first tokens would add p(0|<|endoftext|>) = 1/64 (6 bits: 8/3 bits a token) and 21/64 (1.6 bits)
+    assert bits.tolist() == pytest.approx([1.0, 2.0], abs=1e-6)
 
 
 def test_self_bleu_clips_counts_against_the_other_samples():

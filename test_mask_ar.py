@@ -112,11 +112,36 @@ def test_mask_confidence_order_reveals_the_most_probable_draws_first():
     assert len(calls) == 16
     for before, after in calls:
         new = (before['z'] == m.mask_id) & (after['z'] != m.mask_id)
-        assert (new.sum(1) == 1).all()  # round(masked x (t - s) / t) = 1 each step
+        assert (new.sum(1) == 1).all()  # 16 s still masked after each step t -> s
         best = after['logp'].max(-1)  # the logits the step read
         conf = torch.where(before['z'] == m.mask_id, best.values, -math.inf)
         assert torch.equal(new.float().argmax(1), conf.argmax(1))
         assert torch.equal(after['z'][new], best.indices[new])
+
+
+def masked_counts_per_step(m, n, steps, order):
+    """[(s, number of positions still masked in each row after the step t -> s)] of one sample() call."""
+    counts, step = [], m.step
+    m.step = lambda state, t, s, *a: counts.append((s, ((r := step(state, t, s, *a))['z'] == m.mask_id).sum(1))) or r
+    m.sample(n, 16, steps=steps, generator=torch.Generator().manual_seed(0), order=order)
+    del m.step
+    return counts
+
+
+def test_mask_confidence_order_reveals_as_many_as_the_ancestral_sampler_at_many_steps():
+    """With more steps than twice the length (L = 16, 64 steps) the expected reveal per step is below 1/2. The
+    confidence order still follows the ancestral (random-order) sampler's expected count at every step, 16 s still
+    masked at time s (loglinear), instead of revealing nothing until the last step and then everything at once."""
+    m = tiny('mask').eval()
+    ancestral = masked_counts_per_step(m, 256, 64, 'random')
+    at_half = next(c for s, c in ancestral if abs(s - 0.5) < 1e-9).double()
+    assert abs(at_half.mean() - 8) < 4 * at_half.std() / 16  # the ancestral sampler's expectation, 16 x 0.5
+    confidence = masked_counts_per_step(m, 4, 64, 'confidence')
+    assert len(confidence) == 64
+    for s, masked in confidence:
+        assert ((masked - 16 * s).abs() <= 0.5 + 1e-9).all(), (s, masked)  # at most 1/2 from the expectation
+    assert (next(c for s, c in confidence if abs(s - 0.5) < 1e-9) == 8).all()
+    assert (confidence[-2][1] <= 1).all()  # no big final jump: at most one position left for the last step
 
 
 def test_mask_rejects_an_unknown_order():
@@ -178,6 +203,30 @@ def test_mask_elbo_estimators_agree(schedule, time_cond):
     se = math.sqrt(t_form.var() / len(t_form) + sub.var() / len(sub))
     assert abs(t_form.mean() - sub.mean()) < 4 * se + 0.01, (t_form.mean(), sub.mean(), se)
     assert abs(train_form.mean() - sub.mean()) < 4 * se + 0.01, (train_form.mean(), sub.mean(), se)
+
+
+@pytest.mark.parametrize('schedule', ['loglinear', 'cosine'])
+def test_mask_time_given_count_is_the_exact_posterior(schedule):
+    """The t a time-conditioned network sees in nll() must be drawn from the posterior given m of L masked: the
+    ELBO's dt weight is d pi / pi in the mask rate pi = 1 - alpha_t, the likelihood of the count C(L, m) pi^m
+    (1 - pi)^(L - m), so the density of pi is proportional to pi^(m-1) (1 - pi)^(L-m). Its mean and variance,
+    by quadrature here, against those of the drawn rates, per m (an off-by-one or swapped Beta is many SEs off)."""
+    m = tiny('mask', mask_schedule=schedule, time_cond=True)
+    L = 16
+    _, masked, count, t = m.masked_subset(torch.zeros(160_000, L, dtype=torch.long), torch.Generator().manual_seed(0),
+                                          stratified=False)
+    assert torch.equal(masked.sum(1), count)
+    rate = 1 - m.diffusion.alpha(t.double())
+    pi = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000  # midpoint rule on (0, 1)
+    for k in range(1, L + 1):
+        u = rate[count == k]
+        assert len(u) > 8000
+        density = pi ** (k - 1) * (1 - pi) ** (L - k)
+        mean = (pi * density).sum() / density.sum()
+        var = ((pi - mean) ** 2 * density).sum() / density.sum()
+        se_mean, se_var = (var / len(u)).sqrt(), ((u - mean) ** 2).std() / math.sqrt(len(u))
+        assert abs(u.mean() - mean) < 5 * se_mean, (k, u.mean(), mean, se_mean)
+        assert abs(u.var() - var) < 5 * se_var, (k, u.var(), var, se_var)
 
 
 def test_mask_elbo_is_not_below_entropy_and_ar_nll_approaches_it():

@@ -102,7 +102,7 @@ def test_token_counts_match_an_independent_count(prepared, stories):
 def test_meta_matches_the_files(prepared):
     meta = json.loads((prepared / 'meta.json').read_text())
     assert meta['tokenizer'] == 'gpt2' and meta['vocab_size'] == 50257 and meta['eot_token'] == 50256
-    assert meta['dtype'] == 'uint16' and meta['seed'] == 1337 and meta['source'] == {'input': str(SHARED)}
+    assert meta['dtype'] == 'uint16' and meta['seed'] == 1337 and meta['source'] == {'input': SHARED.name}
     for split in prepare.SPLITS:
         tokens = read_split(prepared, split)
         assert len(tokens) == meta['splits'][split]['tokens'] > 0
@@ -359,6 +359,24 @@ def test_meta_records_the_input_as_given(tmp_path, monkeypatch, stories):
     Path('text.txt').write_text('\n<|endoftext|>\n'.join(stories[:20]), encoding='utf-8')
     prepare.prepare(input='text.txt', out_dir='d', num_proc=1)
     assert json.loads(Path('d/meta.json').read_text())['source'] == {'input': 'text.txt'}  # not absolutized
+
+def test_meta_records_no_absolute_input_path(tmp_path, monkeypatch, stories):
+    """meta.json travels into every checkpoint: an --input outside the working directory (absolute, or relative
+    through ..) is recorded as its basename; one inside it, relative to it (an absolute one too)."""
+    (tmp_path / 'corpus' / 'deep').mkdir(parents=True)
+    (tmp_path / 'work').mkdir()
+    text = tmp_path / 'corpus' / 'deep' / 'text.txt'
+    text.write_text('\n<|endoftext|>\n'.join(stories[:20]), encoding='utf-8')
+    monkeypatch.chdir(tmp_path / 'work')
+    for given, recorded in ((str(text), 'text.txt'), ('../corpus/deep/text.txt', 'text.txt'),
+                            (str(tmp_path / 'corpus'), 'corpus')):
+        prepare.prepare(input=given, out_dir='d', num_proc=1)
+        meta = Path('d/meta.json').read_text()
+        assert json.loads(meta)['source'] == {'input': recorded} and str(tmp_path) not in meta
+    monkeypatch.chdir(tmp_path)
+    prepare.prepare(input=str(text), out_dir='d', num_proc=1)
+    assert json.loads(Path('d/meta.json').read_text())['source'] == {'input': 'corpus/deep/text.txt'}
+
 
 # -----------------------------------------------------------------------------
 # the compact vocabulary (--vocab=compact)
