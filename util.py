@@ -1,8 +1,8 @@
 """
 Helpers every script shares: device and precision resolution, the autocast context, eval mode for a method, the
 matmul peak probe for MFU, device synchronisation, atomic file writes (checkpoints, samples, results and plots),
-the check that an output path is writable before the work starts, the out_dir lock, line-buffered logs, and the
-one-line exit of a script.
+the checks that an output path is writable and replaces nothing it should not before the work starts, the out_dir
+lock, line-buffered logs, the one-line exit of a script (also under torchrun), and a clean stop on SIGINT / SIGTERM.
 """
 
 import atexit
@@ -11,11 +11,13 @@ import ctypes.util
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from contextlib import nullcontext
 
 import torch
@@ -208,6 +210,97 @@ def check_writable(path, what, prog, is_dir=False):
         os.unlink(tmp)
     except OSError as e:
         raise SystemExit(f"{prog}: cannot write {what}={path!r}: {e.strerror or e}; choose another path")
+
+
+# -----------------------------------------------------------------------------------------------------
+# outputs replace only what they wrote themselves
+#
+# The rule every script follows for a file the user names (or a directory it writes fixed names into):
+#   - a path that does not exist is written;
+#   - an existing file is replaced only when it is this script's own output for the same purpose, recognised by its
+#     content (`ours`: e.g. sample.py's JSON lines of samples, a PNG tagged with what wrote it, a results.json with
+#     the script's own keys), or when the user says so with --overwrite=True;
+#   - a checkpoint (a torch.save file of any name, or *.pt / *.pth / *.ckpt), a token split (*.bin) or a dataset's
+#     meta.json is never replaced, not even with --overwrite=True: they are hours of work, and no script's output.
+
+def protected_kind(path):
+    """What `path` is when it is a file no script may write over, else None."""
+    name = os.path.basename(path)
+    if name == 'meta.json':
+        return "a dataset's meta.json"
+    if name.endswith('.bin'):
+        return 'a token split (.bin)'
+    if name.endswith(('.pt', '.pth', '.ckpt')):
+        return 'a checkpoint'
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(4)
+        if head[:1] == b'\x80':  # a pickle (protocol 2 or later), as torch.save wrote long ago
+            return 'a checkpoint'
+        if head == b'PK\x03\x04':  # a zip archive: torch.save's format when it holds a data.pkl
+            with zipfile.ZipFile(path) as z:
+                if any(n == 'data.pkl' or n.endswith('/data.pkl') for n in z.namelist()):
+                    return 'a checkpoint'
+    except (OSError, zipfile.BadZipFile):
+        pass  # unreadable or not a zip: not recognisably a checkpoint (check_writable reports what it must)
+    return None
+
+
+def json_with_keys(*keys, lines=False):
+    """A recogniser for check_output: a JSON object holding `keys` (with lines, the first line of a JSON-lines
+    file), the fingerprint of what one script writes for one purpose."""
+    def ours(path):
+        try:
+            with open(path, encoding='utf-8') as f:
+                obj = json.loads(f.readline() if lines else f.read())
+        except (OSError, ValueError):
+            return False
+        return isinstance(obj, dict) and all(k in obj for k in keys)
+    return ours
+
+
+def png_tag(prog, what):
+    """The tag a script writes into the PNGs it makes (their 'Software' text), so it knows them again."""
+    return f"{prog} {what}"
+
+
+def png_tagged(tag):
+    """A recogniser for check_output: a PNG whose text chunks (before the image data) carry `tag`."""
+    def ours(path):
+        try:
+            with open(path, 'rb') as f:
+                head = f.read(1 << 16)
+        except OSError:
+            return False
+        return head.startswith(b'\x89PNG') and tag.encode() in head
+    return ours
+
+
+def check_output(path, what, prog, overwrite=False, ours=None, label=None):
+    """Exit with one line now, before any work, if writing the file `path` (the setting `what`) would replace a file
+    it should not (the rule above; `ours(path)` says whether an existing file is this script's own `what`) or cannot
+    be written (check_writable). `label` names the path in the message (default: what=path)."""
+    label = label or f"{what}={path!r}"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        kind = protected_kind(path)
+        if kind:
+            raise SystemExit(f"{prog}: {label} is {kind}; {prog} never writes over one, not even with "
+                             f"--overwrite=True: choose another path")
+        if not overwrite and not (ours is not None and ours(path)):
+            raise SystemExit(f"{prog}: {label} exists and is not {prog}'s own {what}; choose another path, or "
+                             f"replace it with --overwrite=True")
+    check_writable(path, what, prog)
+
+
+def check_output_dir(directory, record, ours, others, prog, overwrite=False, what='out_dir'):
+    """check_output for a directory a script writes fixed names into: its `record` (e.g. results.json, recognised by
+    `ours`) and the `others` written with it (a table, a picture). Those are the script's own when the record is;
+    any of them that exists beside no record of ours needs --overwrite=True."""
+    check_writable(directory, what, prog, is_dir=True)
+    mine = ours(os.path.join(directory, record))
+    for name in (record, *others):
+        path = os.path.join(directory, name)
+        check_output(path, name, prog, overwrite, ours=lambda p: mine, label=f"{path!r} (in {what}={directory!r})")
 
 
 def _pid_alive(pid):
