@@ -554,6 +554,11 @@ def main(argv=None):
                            (ckpt.get('meta') or {}).get('tokenizer', 'gpt2'))
         check_family_settings(c, model, path)
         del model, ckpt
+    for ddir in dict.fromkeys(info[1] for info in ckpt_info.values()):  # each data_dir once
+        try:
+            prepare.check_ids(ddir, c['split'])  # every id of the scored split, before hours of work
+        except (OSError, ValueError) as e:
+            fail(f"data {ddir!r}, split {c['split']!r}: {e}")
     judge_model, bos, hf_judge = load_judge(c, dev, ckpt_info)
     limits = [h[0].block_size for h in ckpt_info.values()] + ([judge_model.config.block_size] if judge_model else [])
     length = c['sample_length'] or min(limits)

@@ -28,7 +28,7 @@ from checkpoint import load_checkpoint
 from configurator import configure
 from diffusion import ids_to_bits
 from evaluate import checkpoint_data_dir, fmt, mean_se
-from prepare import TokenWindows, unigram_logprobs
+from prepare import TokenWindows, check_ids, unigram_logprobs
 
 # -----------------------------------------------------------------------------------------------------
 ckpt = 'out-mask-cpu'       # the checkpoint: an out_dir or a .pt file
@@ -116,6 +116,7 @@ def main(argv=None):
     ddir, L = checkpoint_data_dir(ck, c['data_dir'], c['ckpt']), model.config.block_size
     try:
         data = TokenWindows(ddir, c['split'], L, vocab_size=model.config.vocab_size)
+        check_ids(ddir, c['split'])  # every id of the split now, not a traceback at the window that holds a bad one
         unigram = -torch.from_numpy(unigram_logprobs(ddir, 'train', model.config.vocab_size)).double()
     except (OSError, ValueError) as e:
         fail(f"data of {c['ckpt']!r} ({ddir!r}): {e}")

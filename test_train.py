@@ -583,3 +583,18 @@ def test_clearml_offline_records_the_tensorboard_scalars_and_the_config(data_dir
         task = json.load(f)
     assert task['name'] == 't1' and task['hyperparams']['config']['learning_rate']['value'] == '0.003'
     assert task['hyperparams']['config']['model_type']['value'] == 'embed'
+
+
+def test_val_ids_beyond_the_vocabulary_stop_the_run_at_start(data_dir, tmp_path):
+    """Every split train.py reads is checked whole at start, val too (its evaluation windows would meet an id past
+    the vocabulary only if they happened to cover it; here one id at the end of val.bin, which they do not)."""
+    bad = tmp_path / 'data'
+    shutil.copytree(data_dir, bad)
+    ids = np.fromfile(bad / 'val.bin', dtype=np.uint16)
+    ids[-1] = 65000
+    ids.tofile(bad / 'val.bin')
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={bad}', f'--out_dir={tmp_path}/out', '--max_iters=1'])
+    msg = str(e.value.code)
+    assert msg.startswith(f"train.py: {bad}/val.bin holds token id 65000, but its meta.json says vocab_size=50257"), msg
+    assert '\n' not in msg

@@ -42,7 +42,7 @@ from model import ModelConfig, build_model
 import util
 from util import (autocast_context, check_writable, keep_freed_memory, line_buffered_stdout, lock_dir,
                   measure_peak_flops, resolve_device)
-from prepare import TokenWindows, load_meta, one_line, unigram_logprobs
+from prepare import TokenWindows, check_ids, load_meta, one_line, unigram_logprobs
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -323,10 +323,12 @@ def restore(run, ckpt, log):
 def unigram_baseline(run):
     """The baseline: a unigram model of the train split, scored on the very tokens the val loss predicts (ar
     predicts all but a window's first token), so a curve that stays at this line has learned no context.
-    Counting reads every train id once, so it also checks them all against the vocabulary. In nats/token."""
+    Counting reads every train id once, so it also checks them all against the vocabulary; the val ids are checked
+    too, so a corrupt split stops the run now rather than at some evaluation. In nats/token."""
     c = run.c
     try:
         unigram = torch.from_numpy(unigram_logprobs(c['data_dir'], 'train', c['vocab_size']))
+        check_ids(c['data_dir'], 'val')
     except ValueError as e:
         fail(str(e))
     skip = run.raw_model.extra_tokens
