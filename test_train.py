@@ -598,3 +598,18 @@ def test_val_ids_beyond_the_vocabulary_stop_the_run_at_start(data_dir, tmp_path)
     msg = str(e.value.code)
     assert msg.startswith(f"train.py: {bad}/val.bin holds token id 65000, but its meta.json says vocab_size=50257"), msg
     assert '\n' not in msg
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--data_dir={tmp}/nothing'], "data_dir '{tmp}/nothing' does not exist"),
+    (['--n_head=3'], 'invalid model configuration'),
+])
+def test_a_run_that_fails_before_writing_leaves_no_new_out_dir(data_dir, tmp_path, argv, words):
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    new, old = tmp_path / 'new' / 'out', tmp_path / 'old'
+    old.mkdir()
+    for out_dir in (new, old):
+        with pytest.raises(SystemExit) as e:
+            train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1', *argv])
+        assert words.replace('{tmp}', str(tmp_path)) in str(e.value.code), e.value.code
+    assert not new.exists() and old.is_dir() and not list(old.iterdir())  # a pre-existing out_dir stays as it was

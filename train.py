@@ -187,8 +187,9 @@ def claim_out_dir(c, rank):
              f"replace it with --overwrite=True, or use another out_dir")
     if rank != 0 or c['eval_only']:
         return None
+    created = not os.path.exists(c['out_dir'])  # a run that fails before writing anything removes it again
     check_writable(c['out_dir'], 'out_dir', 'train.py', is_dir=True)
-    release = lock_dir(c['out_dir'], 'train.py')
+    release = lock_dir(c['out_dir'], 'train.py', created)
     # temp files of saves that a kill -9 interrupted (ours now: the lock says no other run writes here)
     stale = glob.glob(os.path.join(glob.escape(c['out_dir']), '.ckpt.pt.*.tmp'))
     for f in stale:

@@ -313,11 +313,13 @@ def _pid_alive(pid):
     return True
 
 
-def lock_dir(directory, prog):
+def lock_dir(directory, prog, created=False):
     """Take directory/run.lock for this process, so two runs never write one out_dir. The file holds the pid and
     host; another live run holding it is an error that names it. A lock left by a process of this host that no
     longer exists (kill -9) is taken over, with a message; one from another host cannot be checked and stops
-    the run. Returns release(), also registered to run at exit (call it earlier when the run ends in-process)."""
+    the run. Returns release(), also registered to run at exit (call it earlier when the run ends in-process); with
+    `created` (the run made the directory) it also removes the directory if the run left nothing in it, so a run
+    that fails before writing anything leaves no empty out_dir behind."""
     path = os.path.join(directory, 'run.lock')
     me = {'pid': os.getpid(), 'host': socket.gethostname()}
     os.makedirs(directory, exist_ok=True)
@@ -349,5 +351,10 @@ def lock_dir(directory, prog):
                     os.unlink(path)
         except (OSError, ValueError):
             pass  # already removed (release ran earlier) or unreadable: nothing of ours to remove
+        if created:
+            try:
+                os.rmdir(directory)  # only when empty: anything the run wrote keeps it
+            except OSError:
+                pass
     atexit.register(release)
     return release
