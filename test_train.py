@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 import train
+import util
 from checkpoint import load_checkpoint
 from configurator import configure
 from conftest import compact_prepared, tinystories_documents
@@ -613,3 +615,105 @@ def test_a_run_that_fails_before_writing_leaves_no_new_out_dir(data_dir, tmp_pat
             train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1', *argv])
         assert words.replace('{tmp}', str(tmp_path)) in str(e.value.code), e.value.code
     assert not new.exists() and old.is_dir() and not list(old.iterdir())  # a pre-existing out_dir stays as it was
+
+
+# --------------------------------------------------------------------------------------------------
+# hostile inputs: Ctrl-C, SIGTERM and torchrun
+
+STOP_LINE = re.compile(r"train\.py: (SIG\w+): stopped at iteration (\d+), saved in (\S+); resume with: (.+)")
+
+
+def start_and_signal(cmd, signum, after='iter 2:', timeout=180):
+    """Start a run, send it `signum` once its log shows `after`; returns (exit code, its whole output)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in p.stdout], daemon=True).start()
+    got, deadline = [], time.time() + timeout
+    while not any(line.startswith(after) for line in got) and time.time() < deadline and p.poll() is None:
+        try:
+            got.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass  # no line this second: keep waiting until the deadline
+    p.send_signal(signum)
+    try:
+        p.wait(timeout=120)
+    finally:
+        p.kill()
+    time.sleep(0.5)  # the reader thread drains the pipe
+    while not lines.empty():
+        got.append(lines.get())
+    return p.returncode, ''.join(got)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_current_iteration_and_says_how_to_resume(small_vocab, tmp_path, signum):
+    out_dir = str(tmp_path / 'out')
+    args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--max_iters=100000', '--eval_interval=100000']
+    rc, out = start_and_signal([sys.executable, 'train.py', *args], signum)
+    assert rc == 128 + signum and 'Traceback' not in out, out
+    m = STOP_LINE.search(out)
+    assert m and m.group(1) == signum.name and m.group(3) == f"{out_dir}/ckpt.pt", out
+    stopped = int(m.group(2))
+    assert weights(out_dir)['iter_num'] == stopped >= 2
+    assert not os.path.exists(os.path.join(out_dir, 'run.lock')) and not glob.glob(os.path.join(out_dir, '.*.tmp'))
+    assert m.group(4) == shlex.join(['python', 'train.py', *args, '--init_from=resume'])
+    if signum == signal.SIGTERM:  # the command it prints continues the run from there
+        cmd = shlex.split(m.group(4))
+        _, out = run_train([*cmd[2:], f'--max_iters={stopped + 1}'])
+        assert f"iter {stopped + 1}:" in out and weights(out_dir)['iter_num'] == stopped + 1
+
+
+def test_a_second_signal_during_the_save_keeps_the_previous_checkpoint(small_vocab, tmp_path, monkeypatch):
+    out_dir = str(tmp_path / 'out')
+    args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--eval_interval=2', '--always_save_checkpoint=True']
+    train.main([*args, '--max_iters=2'])
+    with open(os.path.join(out_dir, 'ckpt.pt'), 'rb') as f:
+        before = f.read()
+    real_step, real_save = train.train_step, train.save_checkpoint
+
+    def step_then_signal(run, *a, **k):
+        result = real_step(run, *a, **k)
+        if run.iter_num == 2:  # iteration 3 is done: the first signal, as a scheduler sends it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    def save_with_a_second_signal(path, ckpt):  # the second one arrives while the checkpoint is being written
+        util.write_atomic(path, lambda tmp: (torch.save(ckpt, tmp), os.kill(os.getpid(), signal.SIGTERM),
+                                             time.sleep(5)))
+    monkeypatch.setattr(train, 'train_step', step_then_signal)
+    monkeypatch.setattr(train, 'save_checkpoint', save_with_a_second_signal)
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, '--max_iters=100', '--eval_interval=100', '--init_from=resume'])
+    assert str(e.value.code) == (f"train.py: a second SIGTERM during the save at iteration 3: stopped without it; "
+                                 f"{out_dir}/ckpt.pt is left as it was (last checkpoint: iteration 2)")
+    with open(os.path.join(out_dir, 'ckpt.pt'), 'rb') as f:
+        assert f.read() == before
+    assert not glob.glob(os.path.join(out_dir, '.*.tmp')) and not os.path.exists(os.path.join(out_dir, 'run.lock'))
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGINT) is not None
+
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+
+
+def test_ddp_sigterm_rank_0_saves_and_every_rank_stops(small_vocab, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--max_iters=100000', '--eval_interval=100000']
+    rc, out = start_and_signal([*TORCHRUN, 'train.py', *args], signal.SIGTERM)  # to torchrun, which forwards it
+    assert rc != 0
+    m = STOP_LINE.search(out)
+    assert m and len(STOP_LINE.findall(out)) == 1, out  # one line, from rank 0
+    assert weights(out_dir)['iter_num'] == int(m.group(2)) >= 2
+    assert m.group(4).startswith('torchrun --standalone --nproc_per_node=2 train.py ')
+    assert 'train.py", line' not in out, out  # no traceback of ours from any rank
+    assert 'SIGKILL' not in out, out  # every rank left by itself within torchrun's grace period
+    assert not os.path.exists(os.path.join(out_dir, 'run.lock'))
+
+
+def test_torchrun_config_error_is_one_line_in_its_summary_without_a_traceback_of_ours(tmp_path):
+    p = subprocess.run([*TORCHRUN, 'train.py', '--init_from=bogus', '--device=cpu', f'--out_dir={tmp_path}/out'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    line = "train.py: init_from='bogus', expected 'scratch' or 'resume'"
+    assert p.returncode != 0
+    assert p.stderr.startswith(line + '\n') or (line + '\n') in p.stdout + p.stderr, p.stderr  # rank 0 prints it
+    assert f"traceback : {line}" in p.stderr, p.stderr  # and torchrun's summary names it
+    assert 'train.py", line' not in p.stdout + p.stderr

@@ -12,6 +12,9 @@ Continue a run (same schedule, optimizer, EMA and data stream), or only evaluate
     python train.py config/embed_cpu.py --init_from=resume --eval_only=True
 A fresh run into an out_dir that holds a checkpoint stops unless told to replace it:
     python train.py config/embed_cpu.py --overwrite=True
+Ctrl-C (SIGINT) or SIGTERM stops a run at the next step boundary: it saves the current iteration, removes its lock
+and prints the --init_from=resume command that continues it (under DDP every rank stops, rank 0 saves); a second
+signal stops at once, leaving the previous checkpoint as it was.
 Several machines: the same command on each, with torchrun's --nnodes, --node_rank and --rdzv_endpoint (README).
 
 Settings are the globals below; config files and --key=value override them (see configurator.py).
@@ -27,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import types
@@ -222,17 +226,29 @@ def main(argv=None):
         be = c['backend'] if c['backend'] != 'auto' else ('nccl' if device_type == 'cuda' else 'gloo')
         dist.init_process_group(backend=be)
     try:
-        result = train(c, ddp, rank, world_size, device_type)
+        with util.GracefulStop(enabled=not c['eval_only']) as stop:
+            result = train(c, ddp, rank, world_size, device_type, stop, resume_command(argv, world_size))
         if ddp:
             # no rank tears down its gloo/NCCL connections while another still talks on them (the exit after
             # main(), at the end of this file, covers the other teardown race: gloo's workers against Python's)
             dist.barrier()
         return result
+    except util.StopNow as e:  # a second signal before the run could say more (in train(), it does)
+        fail(f"a second {util.GracefulStop.name(e.signum)}: stopped at once; {os.path.join(c['out_dir'], 'ckpt.pt')} "
+             f"is left as it was")
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
         if release is not None:
             release()
+
+
+def resume_command(argv, world_size):
+    """The command that continues this run from its checkpoint: the same arguments with --init_from=resume."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith('--init_from=')]
+    script = sys.argv[0] if argv is None else 'train.py'
+    launcher = ['python'] if world_size == 1 else ['torchrun', '--standalone', f'--nproc_per_node={world_size}']
+    return shlex.join([*launcher, script, *args, '--init_from=resume'])
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -634,8 +650,42 @@ def log_iteration(run, loggers, log, lossf, grad_norm, lr, dt, peak):
     return peak
 
 
-def train(c, ddp, rank, world_size, device_type):
+def stop_requested(run, stop):
+    """Whether to stop before the next step on a signal. DDP ranks may get theirs at different steps, so they vote
+    (a max over ranks) every log_interval steps, where the loop reads the loss anyway: all stop at the same step."""
+    if not run.ddp:
+        return stop.signum is not None
+    if run.iter_num % run.c['log_interval']:
+        return False
+    vote = torch.tensor([stop.signum or 0], device=run.device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    stop.signum = stop.signum or int(vote.item()) or None  # a rank that got no signal stops with the others
+    return stop.signum is not None
+
+
+def stop_and_save(run, stop, resume_cmd):
+    """Stop at this step boundary: rank 0 saves the current iteration (atomically; a second signal during the save
+    abandons it, leaving the previous checkpoint) and says where it stopped and how to resume; every rank leaves
+    with 128 + the signal's number, as a process killed by it would."""
+    it, name = run.iter_num, util.GracefulStop.name(stop.signum)
+    if run.rank == 0:
+        try:
+            if run.last_saved != it:
+                save(run, it)
+        except util.StopNow as e:
+            where = f"iteration {run.last_saved}" if run.last_saved is not None else "none written yet"
+            fail(f"a second {util.GracefulStop.name(e.signum)} during the save at iteration {it}: stopped without "
+                 f"it; {run.ckpt_path} is left as it was (last checkpoint: {where})")
+        print(f"train.py: {name}: stopped at iteration {it}, saved in {run.ckpt_path}; resume with: {resume_cmd}",
+              file=sys.stderr)
+    if run.ddp:
+        dist.barrier()  # the other ranks wait for rank 0's save, then all leave together
+    raise SystemExit(128 + stop.signum)
+
+
+def train(c, ddp, rank, world_size, device_type, stop=None, resume_cmd=''):
     master = rank == 0
+    stop = stop or util.GracefulStop(enabled=False)
     log = print if master else (lambda *a, **k: None)
     if c['max_iters'] == 0 and not c['eval_only']:
         log("train.py: max_iters=0: no training steps; the initial weights are evaluated and saved as iteration 0")
@@ -666,6 +716,9 @@ def train(c, ddp, rank, world_size, device_type):
             t_last, iters_timed = time.time(), 0  # evaluation time is not training time
         if c['eval_only'] or it >= c['max_iters']:
             break
+        if stop_requested(run, stop):
+            loggers.close()
+            stop_and_save(run, stop, resume_cmd)
 
         lr = get_lr(it, c)
         log_now = (it + 1) % c['log_interval'] == 0
@@ -693,15 +746,11 @@ def train(c, ddp, rank, world_size, device_type):
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    main()
-    if launched_by_torchrun():
-        # A finished DDP rank leaves without Python's interpreter teardown. Gloo's worker threads free each
-        # collective's work object some time after the collective completes, and that object holds a Python
-        # reference (its captured thread-local state): a worker that gets there after the interpreter began
-        # finalizing cannot take the GIL and aborts the process ('terminate called without an active
-        # exception', exit -6), though every step, checkpoint and log line was done (pytorch/pytorch#179291;
-        # ~1 run in 4 on a loaded 2-core machine). main() has returned: the process group is destroyed, the
-        # checkpoint and logs are closed and renamed into place, so only the buffered streams need flushing.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # Under torchrun a DDP rank leaves without Python's interpreter teardown (util.run_script). Gloo's worker threads
+    # free each collective's work object some time after the collective completes, and that object holds a Python
+    # reference (its captured thread-local state): a worker that gets there after the interpreter began finalizing
+    # cannot take the GIL and aborts the process ('terminate called without an active exception', exit -6), though
+    # every step, checkpoint and log line was done (pytorch/pytorch#179291; ~1 run in 4 on a loaded 2-core machine).
+    # When main() has returned or exited, the process group is destroyed and the checkpoint and logs are closed and
+    # renamed into place, so only the buffered streams need flushing. A one-line error also reaches torchrun's summary.
+    util.run_script(main, torchrun=launched_by_torchrun())

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from contextlib import nullcontext
@@ -358,3 +359,73 @@ def lock_dir(directory, prog, created=False):
                 pass
     atexit.register(release)
     return release
+
+
+# -----------------------------------------------------------------------------------------------------
+# a clean stop on SIGINT / SIGTERM, and a script's exit (also under torchrun)
+
+class StopNow(BaseException):
+    """A second SIGINT / SIGTERM: stop at once. Raised wherever the program is, a save included (write_atomic then
+    removes its temp file, so the previous file is left as it was). A BaseException, so no `except Exception`
+    swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers and torchrun send) ask a long loop to stop at its next step
+    boundary: the handler only records the signal (`signum`), and the loop checks it where it is safe to save and
+    leave, never from inside the handler. A second signal raises StopNow, so one who insists is not kept waiting.
+    A context manager that installs the handlers (in the main thread, when enabled) and puts the old ones back."""
+
+    def __init__(self, enabled=True):
+        self.signum, self.enabled, self._old = None, enabled, {}
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise StopNow(signum)
+        self.signum = signum
+
+    @staticmethod
+    def name(signum):
+        return signal.Signals(signum).name
+
+
+def run_script(main, torchrun=False):
+    """Run a script's main() as its command. Alone, as Python does. Under torchrun: a one-line exit (SystemExit with
+    a message) is printed by rank 0 and also written to the error file torchrun reads, so torchrun's failure summary
+    shows that line (instead of 'To enable traceback see ...') for whichever rank failed; and every rank leaves
+    without the interpreter's teardown, where gloo's worker threads can abort a finished process (train.py's note)."""
+    if not torchrun:
+        return main()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+        if isinstance(code, str):
+            if int(os.environ.get('RANK', 0)) == 0:
+                print(code, file=sys.stderr)
+            if os.environ.get('TORCHELASTIC_ERROR_FILE'):
+                try:
+                    with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
+                        json.dump({'message': code, 'timestamp': int(time.time())}, f)
+                except OSError:
+                    pass  # the line was printed; the summary then says less
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
