@@ -717,3 +717,21 @@ def test_torchrun_config_error_is_one_line_in_its_summary_without_a_traceback_of
     assert p.stderr.startswith(line + '\n') or (line + '\n') in p.stdout + p.stderr, p.stderr  # rank 0 prints it
     assert f"traceback : {line}" in p.stderr, p.stderr  # and torchrun's summary names it
     assert 'train.py", line' not in p.stdout + p.stderr
+
+
+def test_eval_only_gives_the_figures_the_run_logged_at_that_iteration(small_vocab, tmp_path, monkeypatch):
+    """The same windows, the same draws and the same state: evaluating a checkpoint again reproduces the numbers its
+    run logged. T=8 makes the bound's adaptive time proposal warm within a few steps (its statistics are buffers
+    that a forward pass updates, evaluation's included)."""
+    out_dir = str(tmp_path / 'out')
+    args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--T=8', '--eval_iters=4', '--eval_interval=6']
+    train.main([*args, '--max_iters=12', '--always_save_checkpoint=True'])
+    with open(os.path.join(out_dir, 'eval_log.jsonl')) as f:
+        logged = [json.loads(line) for line in f][-1]
+    assert logged['iter'] == 12 and weights(out_dir)['iter_num'] == 12
+    got = {}
+    real = train.estimate_loss
+    monkeypatch.setattr(train, 'estimate_loss', lambda run: got.setdefault('out', real(run)))
+    train.main([*args, '--init_from=resume', '--eval_only=True'])
+    for k in ('train', 'val', 'val_bits', 'val_bits_se'):
+        assert got['out'][k] == logged[k], (k, got['out'][k], logged[k])

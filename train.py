@@ -493,7 +493,10 @@ def save(run, iter_num):
 def evaluate(run, loggers, log):
     """Evaluate, log (stdout, the loggers, eval_log.jsonl) and checkpoint when the score improved (or always)."""
     c, it = run.c, run.iter_num
-    losses = estimate_loss(run)
+    # evaluation leaves the buffers as training left them (its forward passes would feed the bound's time proposal),
+    # so a checkpoint saved below and evaluated again with eval_only=True gives these very figures
+    with util.buffers_kept(run.raw_model, run.ema):
+        losses = estimate_loss(run)
     ema_part = f", val (EMA) {losses['val_ema']:.4f}" if 'val_ema' in losses else ""
     bits_part = f", val {losses['val_bits']:.3f} ± {losses['val_bits_se']:.3f} bits/token (unigram " \
         f"{run.unigram_bits:.3f})" if 'val_bits' in losses else ""

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -136,6 +136,20 @@ def in_eval_mode(method):
         finally:
             self.train(was_training)
     return wrapper
+
+
+@contextmanager
+def buffers_kept(*modules):
+    """Put every buffer of the modules (None skipped) back as it was on leaving: for an evaluation, whose forward
+    passes would otherwise update running statistics (the bound's time proposal), so that it changes no state and
+    evaluating a saved checkpoint again reproduces its figures."""
+    saved = [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
 
 
 def sync(device):
