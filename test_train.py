@@ -259,6 +259,16 @@ def test_curves_table_and_picture_from_the_eval_logs(short_run, tmp_path, capsys
     assert "| old-run | mask | 10 | 2,560 | 5 | 12.250 | 11.000 | -1.250 |" in table, table
     assert [len(c['records']) for c in res] == [4, 2]
     assert os.path.getsize(tmp_path / 'curves' / 'curves.png') > 0
+    curves.main([f"--runs={[out_dir]}", f'--out_dir={tmp_path / "curves"}'])  # its own curves: rewritten
+    # a directory holding a picture curves.py did not write (no curves.json of its own beside it) is refused
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'curves.png').write_bytes(b'a picture of hours')
+    with pytest.raises(SystemExit) as e:
+        curves.main([f"--runs={[out_dir]}", f'--out_dir={tmp_path / "other"}'])
+    assert str(e.value.code) == (f"curves.py: '{tmp_path}/other/curves.png' (in out_dir='{tmp_path}/other') exists "
+                                 f"and is not curves.py's own curves.png; choose another path, or replace it with "
+                                 f"--overwrite=True")
+    assert (tmp_path / 'other' / 'curves.png').read_bytes() == b'a picture of hours'
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(small_vocab, tmp_path):
