@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
 import sys
 import time
 import types
@@ -227,7 +226,7 @@ def main(argv=None):
         dist.init_process_group(backend=be)
     try:
         with util.GracefulStop(enabled=not c['eval_only']) as stop:
-            result = train(c, ddp, rank, world_size, device_type, stop, resume_command(argv, world_size))
+            result = train(c, ddp, rank, world_size, device_type, stop, util.resume_command(argv, world_size))
         if ddp:
             # no rank tears down its gloo/NCCL connections while another still talks on them (the exit after
             # main(), at the end of this file, covers the other teardown race: gloo's workers against Python's)
@@ -241,14 +240,6 @@ def main(argv=None):
             dist.destroy_process_group()
         if release is not None:
             release()
-
-
-def resume_command(argv, world_size):
-    """The command that continues this run from its checkpoint: the same arguments with --init_from=resume."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith('--init_from=')]
-    script = sys.argv[0] if argv is None else 'train.py'
-    launcher = ['python'] if world_size == 1 else ['torchrun', '--standalone', f'--nproc_per_node={world_size}']
-    return shlex.join([*launcher, script, *args, '--init_from=resume'])
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -653,19 +644,6 @@ def log_iteration(run, loggers, log, lossf, grad_norm, lr, dt, peak):
     return peak
 
 
-def stop_requested(run, stop):
-    """Whether to stop before the next step on a signal. DDP ranks may get theirs at different steps, so they vote
-    (a max over ranks) every log_interval steps, where the loop reads the loss anyway: all stop at the same step."""
-    if not run.ddp:
-        return stop.signum is not None
-    if run.iter_num % run.c['log_interval']:
-        return False
-    vote = torch.tensor([stop.signum or 0], device=run.device)
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-    stop.signum = stop.signum or int(vote.item()) or None  # a rank that got no signal stops with the others
-    return stop.signum is not None
-
-
 def stop_and_save(run, stop, resume_cmd):
     """Stop at this step boundary: rank 0 saves the current iteration (atomically; a second signal during the save
     abandons it, leaving the previous checkpoint) and says where it stopped and how to resume; every rank leaves
@@ -719,7 +697,8 @@ def train(c, ddp, rank, world_size, device_type, stop=None, resume_cmd=''):
             t_last, iters_timed = time.time(), 0  # evaluation time is not training time
         if c['eval_only'] or it >= c['max_iters']:
             break
-        if stop_requested(run, stop):
+        # DDP ranks vote every log_interval steps, where the loop reads the loss anyway (a host sync)
+        if stop.requested(run.ddp, it % c['log_interval'] == 0, run.device):
             loggers.close()
             stop_and_save(run, stop, resume_cmd)
 

@@ -11,6 +11,7 @@ import ctypes.util
 import functools
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -413,9 +414,31 @@ class GracefulStop:
             raise StopNow(signum)
         self.signum = signum
 
+    def requested(self, ddp=False, vote=False, device='cpu'):
+        """Whether to stop now. Under DDP ranks may get their signals at different steps, so they stop only where
+        they vote (every rank calls with vote=True at the same step): a max over the ranks, so all stop together,
+        also one that got no signal itself."""
+        if not ddp:
+            return self.signum is not None
+        if not vote:
+            return False
+        import torch.distributed as dist
+        t = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.signum = self.signum or int(t.item()) or None
+        return self.signum is not None
+
     @staticmethod
     def name(signum):
         return signal.Signals(signum).name
+
+
+def resume_command(argv, world_size, script='train.py'):
+    """The command that continues a run from its checkpoint: its arguments (argv, or the command line's when None)
+    with --init_from=resume, launched as it was (torchrun for several ranks)."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith('--init_from=')]
+    launcher = ['python'] if world_size == 1 else ['torchrun', '--standalone', f'--nproc_per_node={world_size}']
+    return shlex.join([*launcher, sys.argv[0] if argv is None else script, *args, '--init_from=resume'])
 
 
 def run_script(main, torchrun=False):
