@@ -459,7 +459,9 @@ def run_script(main, torchrun=False):
             if os.environ.get('TORCHELASTIC_ERROR_FILE'):
                 try:
                     with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
-                        json.dump({'message': code, 'timestamp': int(time.time())}, f)
+                        # torchrun's own format; its summary shows py_callstack, here the one line
+                        json.dump({'message': {'message': code, 'extraInfo': {
+                            'py_callstack': code, 'timestamp': str(int(time.time()))}}}, f)
                 except OSError:
                     pass  # the line was printed; the summary then says less
             code = 1
