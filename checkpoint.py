@@ -5,6 +5,7 @@ ModelConfig fields), `model` (the state_dict), and optionally `ema`, `optimizer`
 """
 
 import os
+import re
 import warnings
 
 import torch
@@ -16,6 +17,23 @@ from util import write_atomic
 def save_checkpoint(path, ckpt):
     """torch.save, atomically (see write_atomic)."""
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def refusal(e):
+    """What a file is, from torch.load(weights_only=True)'s refusal, without torch's advice to load it with
+    weights_only=False: that runs whatever code the pickle names, the one thing not to do with a file one did
+    not make (and a checkpoint train.py wrote never needs it)."""
+    msg = str(e)
+    if 'Weights only load failed' not in msg and 'WeightsUnpickler' not in msg:
+        return f"it is not a readable PyTorch checkpoint ({type(e).__name__}: {(msg.strip().splitlines() or [''])[0]})"
+    called = re.search(r"GLOBAL ([\w.]+)", msg)
+    if called:
+        return (f"it is a pickle that calls {called.group(1)} when unpickled (code, not a checkpoint's tensors and "
+                f"plain data); torch.load(weights_only=True) never runs code from a file and refused it")
+    lines = [ln.strip() for ln in msg.split('WeightsUnpickler error:', 1)[-1].splitlines() if ln.strip() and not
+             any(w in ln.lower() for w in ('weights_only', 'weights only', 'documentation'))]
+    return (f"torch.load(weights_only=True), which never runs code from a file, refused it" +
+            (f" ({lines[0]})" if lines else "") + ": not a checkpoint train.py writes")
 
 
 def load_checkpoint(path, device='cpu', use_ema=True):
@@ -38,13 +56,7 @@ def load_checkpoint(path, device='cpu', use_ema=True):
             warnings.simplefilter('ignore')
             ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every way a file can fail to unpickle ends in the same one line
-        # weights_only=True refuses any pickle that would build objects other than tensors and plain data (so a
-        # malicious one never runs); torch's own message suggests weights_only=False, the one thing not to do
-        msg = str(e)
-        detail = (msg.split('WeightsUnpickler error:', 1)[1].strip().splitlines() or [''])[0] \
-            if 'WeightsUnpickler error:' in msg else f"{type(e).__name__}: {(msg.strip().splitlines() or [''])[0]}"
-        raise ValueError(f"{path} is not a checkpoint this project can load: torch.load(weights_only=True), which "
-                         f"never runs code from a file, refused it ({detail})") from None
+        raise ValueError(f"{path} was not loaded: {refusal(e)}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (train.py saves a dict with "
                          f"model_args and model)")

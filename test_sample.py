@@ -220,6 +220,9 @@ class _Payload:
     ('empty', 'is empty (0 bytes)'),
     ('plain pickle', 'torch.load(weights_only=True), which never runs code from a file, refused it'),
     ('malicious pickle', 'torch.load(weights_only=True), which never runs code from a file, refused it'),
+    # torch.save's zip format, the issue's case: torch's refusal advises weights_only=False; ours names the call
+    ('malicious checkpoint', 'was not loaded: it is a pickle that calls posix.system when unpickled (code, not a '
+                             "checkpoint's tensors and plain data); torch.load(weights_only=True) never runs code"),
     ('text', "is not a PyTorch checkpoint: it starts with b'Once upo'"),
     ('bare tensor', 'holds a Tensor, not a checkpoint'),
 ])
@@ -231,6 +234,8 @@ def test_bad_checkpoint_file_is_one_line_naming_it(kind, message, tmp_path):
         path.write_bytes(pickle.dumps({'model_args': {}, 'model': {}}))
     elif kind == 'malicious pickle':
         path.write_bytes(pickle.dumps(_Payload(marker)))
+    elif kind == 'malicious checkpoint':
+        torch.save({'model_args': {}, 'model': _Payload(marker)}, path)
     elif kind == 'text':
         path.write_text('Once upon a time\n')
     else:
@@ -239,7 +244,7 @@ def test_bad_checkpoint_file_is_one_line_naming_it(kind, message, tmp_path):
         sample.main([f'--out_dir={path}', '--device=cpu'])
     msg = str(e.value.code)
     assert msg.startswith(f"sample.py: cannot load a checkpoint from out_dir='{path}': {path} ") and message in msg, msg
-    assert '\n' not in msg and 'weights_only=False' not in msg
+    assert '\n' not in msg and 'weights_only=False' not in msg and 'False' not in msg and 'Re-running' not in msg
     assert not marker.exists()
 
 
@@ -256,3 +261,47 @@ def test_no_tokenizer_is_a_warning_and_samples_are_ids(ckpts, tmp_path, monkeypa
     with pytest.raises(SystemExit) as e:  # a prompt does need the tokenizer
         sample.main([f'--out_dir={ckpts["mask"]}', '--prompt=Once', '--device=cpu'])
     assert 'a prompt needs the GPT-2 tokenizer' in str(e.value.code)
+
+
+# ---------------------------------------------------------------- hostile inputs: outputs that would replace work
+
+@pytest.mark.parametrize('key, target, overwrite, message', [
+    ('out_file', 'ckpt.pt', False, 'is a checkpoint; sample.py never writes over one, not even with --overwrite=True'),
+    ('out_file', 'ckpt.pt', True, 'is a checkpoint; sample.py never writes over one'),
+    ('trajectory_png', 'ckpt.pt', True, 'is a checkpoint; sample.py never writes over one'),
+    ('out_file', 'renamed', True, 'is a checkpoint'),  # known by its content (torch's zip), whatever its name
+    ('out_file', 'train.bin', True, 'is a token split (.bin); sample.py never writes over one'),
+    ('trajectory_png', 'meta.json', True, "is a dataset's meta.json; sample.py never writes over one"),
+    ('out_file', 'notes.txt', False, "exists and is not sample.py's own out_file; choose another path, or replace it "
+                                     "with --overwrite=True"),
+    ('trajectory_png', 'notes.txt', False, "exists and is not sample.py's own trajectory_png"),
+])
+def test_an_output_never_replaces_a_checkpoint_a_split_or_a_file_it_did_not_write(ckpts, tmp_path, key, target,
+                                                                                   overwrite, message):
+    """The issue's three lost files (a checkpoint replaced by JSON or by a PNG, a train split by JSON) and their kin:
+    refused in one line before the model loads, the file left as it was."""
+    ckpt = os.path.join(ckpts['embed'], 'ckpt.pt')
+    path = tmp_path / target
+    if target in ('ckpt.pt', 'renamed'):
+        path.write_bytes(open(ckpt, 'rb').read())
+    else:
+        path.write_text('{"vocab_size": 50257}\n' if target == 'meta.json' else 'work of hours\n')
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        sample.main([f'--out_dir={ckpts["embed"]}', '--device=cpu', f'--{key}={path}', f'--overwrite={overwrite}'])
+    msg = str(e.value.code)
+    assert msg.startswith(f"sample.py: {key}='{path}' ") and message in msg and '\n' not in msg, msg
+    assert path.read_bytes() == before
+
+
+def test_an_output_of_its_own_is_rewritten_and_overwrite_replaces_another_file(ckpts, tmp_path):
+    out, png, other = tmp_path / 's.jsonl', tmp_path / 't.png', tmp_path / 'other.jsonl'
+    args = [f'--out_dir={ckpts["mask"]}', '--num_samples=1', '--steps=2', '--device=cpu', f'--out_file={out}',
+            f'--trajectory_png={png}']
+    sample.main(args)
+    first = out.read_text()
+    sample.main(args + ['--seed=2'])  # sample.py's own samples and picture: rewritten without asking
+    assert out.read_text() != first and png.is_file()
+    other.write_text('not samples\n')
+    sample.main([*args[:4], f'--out_file={other}', '--overwrite=True'])
+    assert json.loads(other.read_text().splitlines()[0])['sample'] == 0

@@ -178,3 +178,26 @@ def test_gpu_variant_is_the_cpu_sweep_at_gpu_scale(name, monkeypatch):
         s, _ = sweep.train_settings(g)
         assert (s['n_layer'], s['n_embd']) == (12, 768)
         assert all(s[k] == v for k, v in g.items() if k not in ('config', 'block_size', 'batch_size', 'max_iters'))
+
+
+@pytest.mark.parametrize('name, content, words', [
+    ('results.json', '{"likelihood": {}, "rows": [], "judge_name": ""}',  # evaluate.py's, not a sweep's
+     "(in results_dir='{d}') exists and is not sweep.py's own results.json; choose another path, or replace it with "
+     "--overwrite=True"),
+    ('results.md', '# notes of hours\n', "(in results_dir='{d}') exists and is not sweep.py's own results.md"),
+])
+def test_results_dir_files_it_did_not_write_are_refused_before_any_run(name, content, words, tmp_path):
+    d = tmp_path / 'results'
+    d.mkdir()
+    (d / name).write_text(content)
+    safe = f"--train_overrides={{'data_dir': '{tmp_path}/none', 'max_iters': 1}}"
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--runs=[{'out_dir': 'a'}]", safe, f'--run_root={tmp_path}', f'--results_dir={d}'],
+                   log=lambda *a: None)
+    msg = str(e.value.code)
+    assert msg.startswith(f"sweep.py: '{d / name}' " + words.replace('{d}', str(d))) and '\n' not in msg, msg
+    assert (d / name).read_text() == content and sorted(os.listdir(tmp_path)) == ['results']
+    with pytest.raises(SystemExit) as e:  # with --overwrite=True the sweep goes on (to the missing data here)
+        sweep.main(["--runs=[{'out_dir': 'a'}]", safe, f'--run_root={tmp_path}', f'--results_dir={d}',
+                    '--overwrite=True'], log=lambda *a: None)
+    assert 'overwrite' not in str(e.value.code), e.value.code

@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 import train
+import util
 from checkpoint import load_checkpoint
 from configurator import configure
 from conftest import compact_prepared, tinystories_documents
@@ -258,6 +260,16 @@ def test_curves_table_and_picture_from_the_eval_logs(short_run, tmp_path, capsys
     assert "| old-run | mask | 10 | 2,560 | 5 | 12.250 | 11.000 | -1.250 |" in table, table
     assert [len(c['records']) for c in res] == [4, 2]
     assert os.path.getsize(tmp_path / 'curves' / 'curves.png') > 0
+    curves.main([f"--runs={[out_dir]}", f'--out_dir={tmp_path / "curves"}'])  # its own curves: rewritten
+    # a directory holding a picture curves.py did not write (no curves.json of its own beside it) is refused
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'curves.png').write_bytes(b'a picture of hours')
+    with pytest.raises(SystemExit) as e:
+        curves.main([f"--runs={[out_dir]}", f'--out_dir={tmp_path / "other"}'])
+    assert str(e.value.code) == (f"curves.py: '{tmp_path}/other/curves.png' (in out_dir='{tmp_path}/other') exists "
+                                 f"and is not curves.py's own curves.png; choose another path, or replace it with "
+                                 f"--overwrite=True")
+    assert (tmp_path / 'other' / 'curves.png').read_bytes() == b'a picture of hours'
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(small_vocab, tmp_path):
@@ -584,3 +596,153 @@ def test_clearml_offline_records_the_tensorboard_scalars_and_the_config(data_dir
         task = json.load(f)
     assert task['name'] == 't1' and task['hyperparams']['config']['learning_rate']['value'] == '0.003'
     assert task['hyperparams']['config']['model_type']['value'] == 'embed'
+
+
+def test_val_ids_beyond_the_vocabulary_stop_the_run_at_start(data_dir, tmp_path):
+    """Every split train.py reads is checked whole at start, val too (its evaluation windows would meet an id past
+    the vocabulary only if they happened to cover it; here one id at the end of val.bin, which they do not)."""
+    bad = tmp_path / 'data'
+    shutil.copytree(data_dir, bad)
+    ids = np.fromfile(bad / 'val.bin', dtype=np.uint16)
+    ids[-1] = 65000
+    ids.tofile(bad / 'val.bin')
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={bad}', f'--out_dir={tmp_path}/out', '--max_iters=1'])
+    msg = str(e.value.code)
+    assert msg.startswith(f"train.py: {bad}/val.bin holds token id 65000, but its meta.json says vocab_size=50257"), msg
+    assert '\n' not in msg
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--data_dir={tmp}/nothing'], "data_dir '{tmp}/nothing' does not exist"),
+    (['--n_head=3'], 'invalid model configuration'),
+])
+def test_a_run_that_fails_before_writing_leaves_no_new_out_dir(data_dir, tmp_path, argv, words):
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    new, old = tmp_path / 'new' / 'out', tmp_path / 'old'
+    old.mkdir()
+    for out_dir in (new, old):
+        with pytest.raises(SystemExit) as e:
+            train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1', *argv])
+        assert words.replace('{tmp}', str(tmp_path)) in str(e.value.code), e.value.code
+    assert not new.exists() and old.is_dir() and not list(old.iterdir())  # a pre-existing out_dir stays as it was
+
+
+# --------------------------------------------------------------------------------------------------
+# hostile inputs: Ctrl-C, SIGTERM and torchrun
+
+STOP_LINE = re.compile(r"train\.py: (SIG\w+): stopped at iteration (\d+), saved in (\S+); resume with: (.+)")
+
+
+def start_and_signal(cmd, signum, after='iter 2:', timeout=180):
+    """Start a run, send it `signum` once its log shows `after`; returns (exit code, its whole output)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in p.stdout], daemon=True).start()
+    got, deadline = [], time.time() + timeout
+    while not any(line.startswith(after) for line in got) and time.time() < deadline and p.poll() is None:
+        try:
+            got.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass  # no line this second: keep waiting until the deadline
+    p.send_signal(signum)
+    try:
+        p.wait(timeout=120)
+    finally:
+        p.kill()
+    time.sleep(0.5)  # the reader thread drains the pipe
+    while not lines.empty():
+        got.append(lines.get())
+    return p.returncode, ''.join(got)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_current_iteration_and_says_how_to_resume(small_vocab, tmp_path, signum):
+    out_dir = str(tmp_path / 'out')
+    args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--max_iters=100000', '--eval_interval=100000']
+    rc, out = start_and_signal([sys.executable, 'train.py', *args], signum)
+    assert rc == 128 + signum and 'Traceback' not in out, out
+    m = STOP_LINE.search(out)
+    assert m and m.group(1) == signum.name and m.group(3) == f"{out_dir}/ckpt.pt", out
+    stopped = int(m.group(2))
+    assert weights(out_dir)['iter_num'] == stopped >= 2
+    assert not os.path.exists(os.path.join(out_dir, 'run.lock')) and not glob.glob(os.path.join(out_dir, '.*.tmp'))
+    assert m.group(4) == shlex.join(['python', 'train.py', *args, '--init_from=resume'])
+    if signum == signal.SIGTERM:  # the command it prints continues the run from there
+        cmd = shlex.split(m.group(4))
+        _, out = run_train([*cmd[2:], f'--max_iters={stopped + 1}'])
+        assert f"iter {stopped + 1}:" in out and weights(out_dir)['iter_num'] == stopped + 1
+
+
+def test_a_second_signal_during_the_save_keeps_the_previous_checkpoint(small_vocab, tmp_path, monkeypatch):
+    out_dir = str(tmp_path / 'out')
+    args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--eval_interval=2', '--always_save_checkpoint=True']
+    train.main([*args, '--max_iters=2'])
+    with open(os.path.join(out_dir, 'ckpt.pt'), 'rb') as f:
+        before = f.read()
+    real_step, real_save = train.train_step, train.save_checkpoint
+
+    def step_then_signal(run, *a, **k):
+        result = real_step(run, *a, **k)
+        if run.iter_num == 2:  # iteration 3 is done: the first signal, as a scheduler sends it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    def save_with_a_second_signal(path, ckpt):  # the second one arrives while the checkpoint is being written
+        util.write_atomic(path, lambda tmp: (torch.save(ckpt, tmp), os.kill(os.getpid(), signal.SIGTERM),
+                                             time.sleep(5)))
+    monkeypatch.setattr(train, 'train_step', step_then_signal)
+    monkeypatch.setattr(train, 'save_checkpoint', save_with_a_second_signal)
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, '--max_iters=100', '--eval_interval=100', '--init_from=resume'])
+    assert str(e.value.code) == (f"train.py: a second SIGTERM during the save at iteration 3: stopped without it; "
+                                 f"{out_dir}/ckpt.pt is left as it was (last checkpoint: iteration 2)")
+    with open(os.path.join(out_dir, 'ckpt.pt'), 'rb') as f:
+        assert f.read() == before
+    assert not glob.glob(os.path.join(out_dir, '.*.tmp')) and not os.path.exists(os.path.join(out_dir, 'run.lock'))
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGINT) is not None
+
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+
+
+def test_ddp_sigterm_rank_0_saves_and_every_rank_stops(small_vocab, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--max_iters=100000', '--eval_interval=100000']
+    rc, out = start_and_signal([*TORCHRUN, 'train.py', *args], signal.SIGTERM)  # to torchrun, which forwards it
+    assert rc != 0
+    m = STOP_LINE.search(out)
+    assert m and len(STOP_LINE.findall(out)) == 1, out  # one line, from rank 0
+    assert weights(out_dir)['iter_num'] == int(m.group(2)) >= 2
+    assert m.group(4).startswith('torchrun --standalone --nproc_per_node=2 train.py ')
+    assert 'train.py", line' not in out, out  # no traceback of ours from any rank
+    assert 'SIGKILL' not in out, out  # every rank left by itself within torchrun's grace period
+    assert not os.path.exists(os.path.join(out_dir, 'run.lock'))
+
+
+def test_torchrun_config_error_is_one_line_in_its_summary_without_a_traceback_of_ours(tmp_path):
+    p = subprocess.run([*TORCHRUN, 'train.py', '--init_from=bogus', '--device=cpu', f'--out_dir={tmp_path}/out'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    line = "train.py: init_from='bogus', expected 'scratch' or 'resume'"
+    assert p.returncode != 0
+    assert p.stderr.startswith(line + '\n') or (line + '\n') in p.stdout + p.stderr, p.stderr  # rank 0 prints it
+    assert f"traceback : {line}" in p.stderr, p.stderr  # and torchrun's summary names it
+    assert 'train.py", line' not in p.stdout + p.stderr
+
+
+def test_eval_only_gives_the_figures_the_run_logged_at_that_iteration(small_vocab, tmp_path, monkeypatch):
+    """The same windows, the same draws and the same state: evaluating a checkpoint again reproduces the numbers its
+    run logged. T=8 makes the bound's adaptive time proposal warm within a few steps (its statistics are buffers
+    that a forward pass updates, evaluation's included)."""
+    out_dir = str(tmp_path / 'out')
+    args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--T=8', '--eval_iters=4', '--eval_interval=6']
+    train.main([*args, '--max_iters=12', '--always_save_checkpoint=True'])
+    with open(os.path.join(out_dir, 'eval_log.jsonl')) as f:
+        logged = [json.loads(line) for line in f][-1]
+    assert logged['iter'] == 12 and weights(out_dir)['iter_num'] == 12
+    got = {}
+    real = train.estimate_loss
+    monkeypatch.setattr(train, 'estimate_loss', lambda run: got.setdefault('out', real(run)))
+    train.main([*args, '--init_from=resume', '--eval_only=True'])
+    for k in ('train', 'val', 'val_bits', 'val_bits_se'):
+        assert got['out'][k] == logged[k], (k, got['out'][k], logged[k])

@@ -12,6 +12,9 @@ Continue a run (same schedule, optimizer, EMA and data stream), or only evaluate
     python train.py config/embed_cpu.py --init_from=resume --eval_only=True
 A fresh run into an out_dir that holds a checkpoint stops unless told to replace it:
     python train.py config/embed_cpu.py --overwrite=True
+Ctrl-C (SIGINT) or SIGTERM stops a run at the next step boundary: it saves the current iteration, removes its lock
+and prints the --init_from=resume command that continues it (under DDP every rank stops, rank 0 saves); a second
+signal stops at once, leaving the previous checkpoint as it was.
 Several machines: the same command on each, with torchrun's --nnodes, --node_rank and --rdzv_endpoint (README).
 
 Settings are the globals below; config files and --key=value override them (see configurator.py).
@@ -42,7 +45,7 @@ from model import ModelConfig, build_model
 import util
 from util import (autocast_context, check_writable, keep_freed_memory, line_buffered_stdout, lock_dir,
                   measure_peak_flops, resolve_device)
-from prepare import PrepareError, TokenWindows, Vocab, load_meta, one_line, unigram_logprobs
+from prepare import PrepareError, TokenWindows, Vocab, check_ids, load_meta, one_line, unigram_logprobs
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -188,8 +191,9 @@ def claim_out_dir(c, rank):
              f"replace it with --overwrite=True, or use another out_dir")
     if rank != 0 or c['eval_only']:
         return None
+    created = not os.path.exists(c['out_dir'])  # a run that fails before writing anything removes it again
     check_writable(c['out_dir'], 'out_dir', 'train.py', is_dir=True)
-    release = lock_dir(c['out_dir'], 'train.py')
+    release = lock_dir(c['out_dir'], 'train.py', created)
     # temp files of saves that a kill -9 interrupted (ours now: the lock says no other run writes here)
     stale = glob.glob(os.path.join(glob.escape(c['out_dir']), '.ckpt.pt.*.tmp'))
     for f in stale:
@@ -222,12 +226,16 @@ def main(argv=None):
         be = c['backend'] if c['backend'] != 'auto' else ('nccl' if device_type == 'cuda' else 'gloo')
         dist.init_process_group(backend=be)
     try:
-        result = train(c, ddp, rank, world_size, device_type)
+        with util.GracefulStop(enabled=not c['eval_only']) as stop:
+            result = train(c, ddp, rank, world_size, device_type, stop, util.resume_command(argv, world_size))
         if ddp:
             # no rank tears down its gloo/NCCL connections while another still talks on them (the exit after
             # main(), at the end of this file, covers the other teardown race: gloo's workers against Python's)
             dist.barrier()
         return result
+    except util.StopNow as e:  # a second signal before the run could say more (in train(), it does)
+        fail(f"a second {util.GracefulStop.name(e.signum)}: stopped at once; {os.path.join(c['out_dir'], 'ckpt.pt')} "
+             f"is left as it was")
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
@@ -327,12 +335,14 @@ def restore(run, ckpt, log):
 def unigram_baseline(run):
     """The baseline: a unigram model of the train split, scored on the very tokens the val loss predicts (ar
     predicts all but a window's first token), so a curve that stays at this line has learned no context.
-    Counting reads every train id once, so it also checks them all against the vocabulary. Returns nats per token
-    of the data's ids (the unit of the val loss), bits per GPT-2 token and bits per byte (None without the
-    tokenizer), the units of val_bits (prepare.Vocab)."""
+    Counting reads every train id once, so it also checks them all against the vocabulary; the val ids are checked
+    too, so a corrupt split stops the run now rather than at some evaluation. Returns nats per token of the data's
+    ids (the unit of the val loss), bits per GPT-2 token and bits per byte (None without the tokenizer), the units
+    of val_bits (prepare.Vocab)."""
     c = run.c
     try:
         unigram = torch.from_numpy(unigram_logprobs(c['data_dir'], 'train', c['vocab_size']))
+        check_ids(c['data_dir'], 'val')
     except ValueError as e:
         fail(str(e))
     skip = run.raw_model.extra_tokens
@@ -490,7 +500,10 @@ def save(run, iter_num):
 def evaluate(run, loggers, log):
     """Evaluate, log (stdout, the loggers, eval_log.jsonl) and checkpoint when the score improved (or always)."""
     c, it = run.c, run.iter_num
-    losses = estimate_loss(run)
+    # evaluation leaves the buffers as training left them (its forward passes would feed the bound's time proposal),
+    # so a checkpoint saved below and evaluated again with eval_only=True gives these very figures
+    with util.buffers_kept(run.raw_model, run.ema):
+        losses = estimate_loss(run)
     ema_part = f", val (EMA) {losses['val_ema']:.4f}" if 'val_ema' in losses else ""
     bpb = f", {losses['val_bits_per_byte']:.3f} bits/byte (unigram {run.unigram_bpb:.3f})" \
         if 'val_bits_per_byte' in losses else ""
@@ -666,8 +679,29 @@ def log_iteration(run, loggers, log, lossf, grad_norm, lr, dt, peak):
     return peak
 
 
-def train(c, ddp, rank, world_size, device_type):
+def stop_and_save(run, stop, resume_cmd):
+    """Stop at this step boundary: rank 0 saves the current iteration (atomically; a second signal during the save
+    abandons it, leaving the previous checkpoint) and says where it stopped and how to resume; every rank leaves
+    with 128 + the signal's number, as a process killed by it would."""
+    it, name = run.iter_num, util.GracefulStop.name(stop.signum)
+    if run.rank == 0:
+        try:
+            if run.last_saved != it:
+                save(run, it)
+        except util.StopNow as e:
+            where = f"iteration {run.last_saved}" if run.last_saved is not None else "none written yet"
+            fail(f"a second {util.GracefulStop.name(e.signum)} during the save at iteration {it}: stopped without "
+                 f"it; {run.ckpt_path} is left as it was (last checkpoint: {where})")
+        print(f"train.py: {name}: stopped at iteration {it}, saved in {run.ckpt_path}; resume with: {resume_cmd}",
+              file=sys.stderr)
+    if run.ddp:
+        dist.barrier()  # the other ranks wait for rank 0's save, then all leave together
+    raise SystemExit(128 + stop.signum)
+
+
+def train(c, ddp, rank, world_size, device_type, stop=None, resume_cmd=''):
     master = rank == 0
+    stop = stop or util.GracefulStop(enabled=False)
     log = print if master else (lambda *a, **k: None)
     if c['max_iters'] == 0 and not c['eval_only']:
         log("train.py: max_iters=0: no training steps; the initial weights are evaluated and saved as iteration 0")
@@ -698,6 +732,10 @@ def train(c, ddp, rank, world_size, device_type):
             t_last, iters_timed = time.time(), 0  # evaluation time is not training time
         if c['eval_only'] or it >= c['max_iters']:
             break
+        # DDP ranks vote every log_interval steps, where the loop reads the loss anyway (a host sync)
+        if stop.requested(run.ddp, it % c['log_interval'] == 0, run.device):
+            loggers.close()
+            stop_and_save(run, stop, resume_cmd)
 
         lr = get_lr(it, c)
         log_now = (it + 1) % c['log_interval'] == 0
@@ -725,15 +763,11 @@ def train(c, ddp, rank, world_size, device_type):
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    main()
-    if launched_by_torchrun():
-        # A finished DDP rank leaves without Python's interpreter teardown. Gloo's worker threads free each
-        # collective's work object some time after the collective completes, and that object holds a Python
-        # reference (its captured thread-local state): a worker that gets there after the interpreter began
-        # finalizing cannot take the GIL and aborts the process ('terminate called without an active
-        # exception', exit -6), though every step, checkpoint and log line was done (pytorch/pytorch#179291;
-        # ~1 run in 4 on a loaded 2-core machine). main() has returned: the process group is destroyed, the
-        # checkpoint and logs are closed and renamed into place, so only the buffered streams need flushing.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # Under torchrun a DDP rank leaves without Python's interpreter teardown (util.run_script). Gloo's worker threads
+    # free each collective's work object some time after the collective completes, and that object holds a Python
+    # reference (its captured thread-local state): a worker that gets there after the interpreter began finalizing
+    # cannot take the GIL and aborts the process ('terminate called without an active exception', exit -6), though
+    # every step, checkpoint and log line was done (pytorch/pytorch#179291; ~1 run in 4 on a loaded 2-core machine).
+    # When main() has returned or exited, the process group is destroyed and the checkpoint and logs are closed and
+    # renamed into place, so only the buffered streams need flushing. A one-line error also reaches torchrun's summary.
+    util.run_script(main, torchrun=launched_by_torchrun())

@@ -1,8 +1,8 @@
 """
 Helpers every script shares: device and precision resolution, the autocast context, eval mode for a method, the
 matmul peak probe for MFU, device synchronisation, atomic file writes (checkpoints, samples, results and plots),
-the check that an output path is writable before the work starts, the out_dir lock, line-buffered logs, and the
-one-line exit of a script.
+the checks that an output path is writable and replaces nothing it should not before the work starts, the out_dir
+lock, line-buffered logs, the one-line exit of a script (also under torchrun), and a clean stop on SIGINT / SIGTERM.
 """
 
 import atexit
@@ -11,12 +11,16 @@ import ctypes.util
 import functools
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
+import zipfile
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -135,6 +139,20 @@ def in_eval_mode(method):
     return wrapper
 
 
+@contextmanager
+def buffers_kept(*modules):
+    """Put every buffer of the modules (None skipped) back as it was on leaving: for an evaluation, whose forward
+    passes would otherwise update running statistics (the bound's time proposal), so that it changes no state and
+    evaluating a saved checkpoint again reproduces its figures."""
+    saved = [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
 def sync(device):
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize(device)
@@ -210,6 +228,97 @@ def check_writable(path, what, prog, is_dir=False):
         raise SystemExit(f"{prog}: cannot write {what}={path!r}: {e.strerror or e}; choose another path")
 
 
+# -----------------------------------------------------------------------------------------------------
+# outputs replace only what they wrote themselves
+#
+# The rule every script follows for a file the user names (or a directory it writes fixed names into):
+#   - a path that does not exist is written;
+#   - an existing file is replaced only when it is this script's own output for the same purpose, recognised by its
+#     content (`ours`: e.g. sample.py's JSON lines of samples, a PNG tagged with what wrote it, a results.json with
+#     the script's own keys), or when the user says so with --overwrite=True;
+#   - a checkpoint (a torch.save file of any name, or *.pt / *.pth / *.ckpt), a token split (*.bin) or a dataset's
+#     meta.json is never replaced, not even with --overwrite=True: they are hours of work, and no script's output.
+
+def protected_kind(path):
+    """What `path` is when it is a file no script may write over, else None."""
+    name = os.path.basename(path)
+    if name == 'meta.json':
+        return "a dataset's meta.json"
+    if name.endswith('.bin'):
+        return 'a token split (.bin)'
+    if name.endswith(('.pt', '.pth', '.ckpt')):
+        return 'a checkpoint'
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(4)
+        if head[:1] == b'\x80':  # a pickle (protocol 2 or later), as torch.save wrote long ago
+            return 'a checkpoint'
+        if head == b'PK\x03\x04':  # a zip archive: torch.save's format when it holds a data.pkl
+            with zipfile.ZipFile(path) as z:
+                if any(n == 'data.pkl' or n.endswith('/data.pkl') for n in z.namelist()):
+                    return 'a checkpoint'
+    except (OSError, zipfile.BadZipFile):
+        pass  # unreadable or not a zip: not recognisably a checkpoint (check_writable reports what it must)
+    return None
+
+
+def json_with_keys(*keys, lines=False):
+    """A recogniser for check_output: a JSON object holding `keys` (with lines, the first line of a JSON-lines
+    file), the fingerprint of what one script writes for one purpose."""
+    def ours(path):
+        try:
+            with open(path, encoding='utf-8') as f:
+                obj = json.loads(f.readline() if lines else f.read())
+        except (OSError, ValueError):
+            return False
+        return isinstance(obj, dict) and all(k in obj for k in keys)
+    return ours
+
+
+def png_tag(prog, what):
+    """The tag a script writes into the PNGs it makes (their 'Software' text), so it knows them again."""
+    return f"{prog} {what}"
+
+
+def png_tagged(tag):
+    """A recogniser for check_output: a PNG whose text chunks (before the image data) carry `tag`."""
+    def ours(path):
+        try:
+            with open(path, 'rb') as f:
+                head = f.read(1 << 16)
+        except OSError:
+            return False
+        return head.startswith(b'\x89PNG') and tag.encode() in head
+    return ours
+
+
+def check_output(path, what, prog, overwrite=False, ours=None, label=None):
+    """Exit with one line now, before any work, if writing the file `path` (the setting `what`) would replace a file
+    it should not (the rule above; `ours(path)` says whether an existing file is this script's own `what`) or cannot
+    be written (check_writable). `label` names the path in the message (default: what=path)."""
+    label = label or f"{what}={path!r}"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        kind = protected_kind(path)
+        if kind:
+            raise SystemExit(f"{prog}: {label} is {kind}; {prog} never writes over one, not even with "
+                             f"--overwrite=True: choose another path")
+        if not overwrite and not (ours is not None and ours(path)):
+            raise SystemExit(f"{prog}: {label} exists and is not {prog}'s own {what}; choose another path, or "
+                             f"replace it with --overwrite=True")
+    check_writable(path, what, prog)
+
+
+def check_output_dir(directory, record, ours, others, prog, overwrite=False, what='out_dir'):
+    """check_output for a directory a script writes fixed names into: its `record` (e.g. results.json, recognised by
+    `ours`) and the `others` written with it (a table, a picture). Those are the script's own when the record is;
+    any of them that exists beside no record of ours needs --overwrite=True."""
+    check_writable(directory, what, prog, is_dir=True)
+    mine = ours(os.path.join(directory, record))
+    for name in (record, *others):
+        path = os.path.join(directory, name)
+        check_output(path, name, prog, overwrite, ours=lambda p: mine, label=f"{path!r} (in {what}={directory!r})")
+
+
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -220,11 +329,13 @@ def _pid_alive(pid):
     return True
 
 
-def lock_dir(directory, prog):
+def lock_dir(directory, prog, created=False):
     """Take directory/run.lock for this process, so two runs never write one out_dir. The file holds the pid and
     host; another live run holding it is an error that names it. A lock left by a process of this host that no
     longer exists (kill -9) is taken over, with a message; one from another host cannot be checked and stops
-    the run. Returns release(), also registered to run at exit (call it earlier when the run ends in-process)."""
+    the run. Returns release(), also registered to run at exit (call it earlier when the run ends in-process); with
+    `created` (the run made the directory) it also removes the directory if the run left nothing in it, so a run
+    that fails before writing anything leaves no empty out_dir behind."""
     path = os.path.join(directory, 'run.lock')
     me = {'pid': os.getpid(), 'host': socket.gethostname()}
     os.makedirs(directory, exist_ok=True)
@@ -256,5 +367,104 @@ def lock_dir(directory, prog):
                     os.unlink(path)
         except (OSError, ValueError):
             pass  # already removed (release ran earlier) or unreadable: nothing of ours to remove
+        if created:
+            try:
+                os.rmdir(directory)  # only when empty: anything the run wrote keeps it
+            except OSError:
+                pass
     atexit.register(release)
     return release
+
+
+# -----------------------------------------------------------------------------------------------------
+# a clean stop on SIGINT / SIGTERM, and a script's exit (also under torchrun)
+
+class StopNow(BaseException):
+    """A second SIGINT / SIGTERM: stop at once. Raised wherever the program is, a save included (write_atomic then
+    removes its temp file, so the previous file is left as it was). A BaseException, so no `except Exception`
+    swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers and torchrun send) ask a long loop to stop at its next step
+    boundary: the handler only records the signal (`signum`), and the loop checks it where it is safe to save and
+    leave, never from inside the handler. A second signal raises StopNow, so one who insists is not kept waiting.
+    A context manager that installs the handlers (in the main thread, when enabled) and puts the old ones back."""
+
+    def __init__(self, enabled=True):
+        self.signum, self.enabled, self._old = None, enabled, {}
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise StopNow(signum)
+        self.signum = signum
+
+    def requested(self, ddp=False, vote=False, device='cpu'):
+        """Whether to stop now. Under DDP ranks may get their signals at different steps, so they stop only where
+        they vote (every rank calls with vote=True at the same step): a max over the ranks, so all stop together,
+        also one that got no signal itself."""
+        if not ddp:
+            return self.signum is not None
+        if not vote:
+            return False
+        import torch.distributed as dist
+        t = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.signum = self.signum or int(t.item()) or None
+        return self.signum is not None
+
+    @staticmethod
+    def name(signum):
+        return signal.Signals(signum).name
+
+
+def resume_command(argv, world_size, script='train.py'):
+    """The command that continues a run from its checkpoint: its arguments (argv, or the command line's when None)
+    with --init_from=resume, launched as it was (torchrun for several ranks)."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith('--init_from=')]
+    launcher = ['python'] if world_size == 1 else ['torchrun', '--standalone', f'--nproc_per_node={world_size}']
+    return shlex.join([*launcher, sys.argv[0] if argv is None else script, *args, '--init_from=resume'])
+
+
+def run_script(main, torchrun=False):
+    """Run a script's main() as its command. Alone, as Python does. Under torchrun: a one-line exit (SystemExit with
+    a message) is printed by rank 0 and also written to the error file torchrun reads, so torchrun's failure summary
+    shows that line (instead of 'To enable traceback see ...') for whichever rank failed; and every rank leaves
+    without the interpreter's teardown, where gloo's worker threads can abort a finished process (train.py's note)."""
+    if not torchrun:
+        return main()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+        if isinstance(code, str):
+            if int(os.environ.get('RANK', 0)) == 0:
+                print(code, file=sys.stderr)
+            if os.environ.get('TORCHELASTIC_ERROR_FILE'):
+                try:
+                    with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
+                        # torchrun's own format; its summary shows py_callstack, here the one line
+                        json.dump({'message': {'message': code, 'extraInfo': {
+                            'py_callstack': code, 'timestamp': str(int(time.time()))}}}, f)
+                except OSError:
+                    pass  # the line was printed; the summary then says less
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
