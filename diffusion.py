@@ -187,10 +187,15 @@ class GaussianDiffusion(DiscreteTime):
         per position: (2 sqrt(a) x_t.c_w - a ||c_w||^2) / (2 (1 - a)); a = abar_t, a float or a float64 tensor
         shaped to broadcast on x_t. Autocast off: the term reaches ~1e3 nats, whose differences bf16 would lose."""
         a = torch.as_tensor(a, dtype=torch.float64, device=x_t.device)
+        n = a.numel()  # one abar for all, or one per row of x_t (shaped (B, 1, ...))
+        assert n in (1, x_t.shape[0]), (a.shape, x_t.shape)
         with torch.autocast(x_t.device.type, enabled=False):
             E = table.to(dtype)
-            return (a.sqrt() / (1 - a)).to(dtype) * (x_t.to(dtype) @ E.t()) - \
-                (a / (2 * (1 - a))).to(dtype) * (E * E).sum(-1)
+            x = (a.sqrt() / (1 - a)).to(dtype) * x_t.to(dtype)              # scaled before the matmul: D columns, not V
+            bias = -(a / (2 * (1 - a))).to(dtype).reshape(n, 1, 1) * (E * E).sum(-1)  # (n, 1, V)
+            # one batched GEMM that starts from the bias: (V-wide) output written once, no separate scale and subtract
+            out = torch.baddbmm(bias, x.reshape(n, -1, x.shape[-1]), E.t().expand(n, -1, -1))
+            return out.view(*x_t.shape[:-1], E.shape[0])
 
     def prior_kl(self, x0):
         """KL(q(x_T | x_0) || N(0, I)) per element, in nats, in x0's dtype (coefficients in float64)."""

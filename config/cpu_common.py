@@ -1,11 +1,11 @@
 # Shared by every config/*_cpu.py: one small backbone and one token budget on the TinyStories sample, so the
-# families compare like for like on two otherwise idle CPU cores (measured before the vocabulary-sized heads of
-# embed/bits/analog: ~0.3 s/iter for mask and ar; every family now pays for a 50,257-way output). Each *_cpu.py imports this, then sets
-# its family. Prepare the data once:  python prepare.py --input=../shared/data/tinystories
-dataset = 'tinystories'
+# families compare like for like on two otherwise idle CPU cores. Each *_cpu.py imports this, then sets its family.
+# The data is the sample on its compact vocabulary (the ~8k GPT-2 ids its train split uses, prepare.py --vocab=compact):
+# at this width a 50,257-way output would be most of every step. Prepare it once:
+#   python prepare.py --input=../shared/data/tinystories --vocab=compact
+dataset = 'tinystories_compact'  # python prepare.py --input=../shared/data/tinystories --vocab=compact
 
-# backbone: 4 DiT blocks of width 128 over 64-token windows. With GPT-2's 50,257-token vocabulary, most of
-# a CPU step goes to vocabulary-sized outputs, not to the blocks: hence the small batch below
+# backbone: 4 DiT blocks of width 128 over 64-token windows
 n_layer = 4
 n_head = 4
 n_embd = 128
