@@ -543,6 +543,10 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
         if pool is not None:
             pool.terminate()
     _report(out_dir, tokens, docs, nbytes, max(time.time() - t0, 1e-9), num_proc, (val_frac, test_frac))
+    if compact is not None:
+        unk = ', '.join(f"{s} {meta['splits'][s]['unk_tokens']:,}" for s in SPLITS[1:])
+        print(f"compact vocabulary: the train split's {meta['vocab_size'] - 2:,} GPT-2 ids, <|unk|> and <|endoftext|>: "
+              f"vocab_size {meta['vocab_size']:,} (GPT-2: {enc.n_vocab:,}); tokens that became <|unk|>: {unk}")
     return meta
 
 

@@ -5,7 +5,8 @@
 from config.ar_cpu import *  # backbone, batch, learning rate and the family's own settings
 
 out_dir = 'out-ar-long-cpu'
-max_iters = 1500        # 1500 x 8 x 64 = 768k tokens, ~0.8 epochs of the TinyStories sample's train split
+max_iters = 6000        # 6000 x 8 x 64 = 3.07M tokens, 3.3 epochs of the compact sample's train split: at 60-200 ms
+                        # a step (bench.py, 2 cores) every family's long run takes 6-20 minutes alone
 warmup_iters = 100
 eval_interval = 250
 always_save_checkpoint = True  # the last weights, whatever the val loss does (the curves are in eval_log.jsonl)

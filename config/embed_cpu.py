@@ -1,5 +1,5 @@
-# The CPU demo: the `embed` family (Diffusion-LM on DiT blocks), about half an hour on two idle cores (its
-# vocabulary-sized head makes a step ~1 s; the estimate is from the shared-machine runs, not re-timed alone).
+# The CPU demo and the README's quick start: the `embed` family (Diffusion-LM on DiT blocks) on the compact
+# vocabulary, about 6 minutes on two idle cores (results/quickstart/timings.txt).
 #   python train.py config/embed_cpu.py
 from config.cpu_common import *  # backbone, token budget and system settings shared by all *_cpu configs
 
