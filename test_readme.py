@@ -178,3 +178,25 @@ def test_families_table_says_how_the_bits_bound_is_computed():
     likelihood = row.strip('| ').split(' | ')[-1]
     assert 'per-bit' not in likelihood and 'joint 16-bit code' in likelihood and '17 codes' in likelihood
     assert 'one-draw' in likelihood and 'sums those 17 terms exactly and draws the rest' in BitDiffusion.step_kl.__doc__
+
+
+def test_quick_start_figures_come_from_the_committed_results():
+    """The quick-start paragraph's numbers, read again from results/quickstart (results.json, timings.txt)."""
+    import json
+    res = json.load(open(os.path.join(ROOT, 'results', 'quickstart', 'results.json')))
+    lk = res['likelihood']['out-embed-cpu']
+    rows = {(r['name'], r['steps']): r for r in res['rows']}
+    default = rows[('out-embed-cpu [clamp=True, eta=1.0]', 100)]
+    text = rows[('test text', None)]
+    para = README[README.index('The main job takes about'):README.index('## Data')]
+    para = ' '.join(para.split())
+    expected = [f"{lk['bits']:.2f} ± {lk['bits_se']:.2f} bits per GPT-2 token ({lk['bits_per_byte']:.2f} bits/byte)",
+                f"{lk['context_gain']:.2f} ± {lk['context_gain_se']:.2f} below the unigram line",
+                f"({lk['unigram_bits']:.2f})", f"gen-PPL {default['gen_ppl']:.0f}",
+                f"{default['gen_ppl'] / text['gen_ppl']:.0f}x held-out text's {text['gen_ppl']:.1f}",
+                f"entropy of {default['entropy']:.2f} bits against the text's {text['entropy']:.2f}",
+                f"plain DDIM scores {rows[('out-embed-cpu [clamp=False, eta=0.0]', 100)]['gen_ppl']:,.0f}"]
+    for e in expected:
+        assert e in para, e
+    times = re.findall(r'total ([\d.]+) s', open(os.path.join(ROOT, 'results', 'quickstart', 'timings.txt')).read())
+    assert f"three runs: {', '.join(str(round(float(t))) for t in times[:2])} and {round(float(times[2]))} s" in para
