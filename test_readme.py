@@ -198,5 +198,7 @@ def test_quick_start_figures_come_from_the_committed_results():
                 f"plain DDIM scores {rows[('out-embed-cpu [clamp=False, eta=0.0]', 100)]['gen_ppl']:,.0f}"]
     for e in expected:
         assert e in para, e
+    ar = json.load(open(os.path.join(ROOT, 'results', 'compact-vs-gpt2', 'results.json')))['likelihood']['out-ar-cpu']
+    assert f"scores {ar['bits']:.2f} ± {ar['bits_se']:.2f} exactly" in para
     times = re.findall(r'total ([\d.]+) s', open(os.path.join(ROOT, 'results', 'quickstart', 'timings.txt')).read())
     assert f"three runs: {', '.join(str(round(float(t))) for t in times[:2])} and {round(float(times[2]))} s" in para
