@@ -451,3 +451,17 @@ def test_its_own_results_are_rewritten_and_overwrite_replaces_others(tiny_run, t
     evaluate.main([*small(tiny_run, out), '--overwrite=True'])
     evaluate.main(small(tiny_run, out))  # its own results.json now: rewritten without asking
     assert 'rows' in json.loads((out / 'results.json').read_text())
+
+
+def test_a_checkpoint_on_data_of_another_vocabulary_is_one_line_before_any_work(tiny_run, tmp_path):
+    """The same stories prepared with --vocab=compact hold other ids: scoring the checkpoint there stops at once,
+    naming both vocabularies."""
+    text = tiny_run['root'] / 'stories.txt'
+    compact = str(tmp_path / 'compact')
+    prepare(input=str(text), out_dir=compact, val_frac=0.1, test_frac=0.1, num_proc=1, vocab='compact')
+    p = subprocess.run([sys.executable, 'evaluate.py', f"--ckpts=['{tiny_run['ckpts']['mask']}']", "--judge=",
+                        f"--data_dir={compact}", f"--out_dir={tmp_path / 'eval'}", '--device=cpu'],
+                       cwd=HERE, capture_output=True, text=True, timeout=60, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    msg = p.stderr.strip()
+    assert p.returncode == 1 and "was trained on GPT-2's vocabulary" in msg and 'a compact vocabulary' in msg
+    assert '\n' not in msg and 'bits/token' not in p.stdout, p.stderr

@@ -746,3 +746,20 @@ def test_eval_only_gives_the_figures_the_run_logged_at_that_iteration(small_voca
     train.main([*args, '--init_from=resume', '--eval_only=True'])
     for k in ('train', 'val', 'val_bits', 'val_bits_se'):
         assert got['out'][k] == logged[k], (k, got['out'][k], logged[k])
+
+
+def test_a_compact_data_dir_needs_no_flag_and_resuming_on_another_vocabulary_is_one_line(data_dir, tmp_path):
+    """vocab_size 0 takes the data's (a compact vocabulary of the same stories here); resuming that checkpoint on
+    the GPT-2-vocabulary data dir stops before any work, naming both vocabularies."""
+    import prepare
+    compact = str(tmp_path / 'compact')
+    meta = prepare.prepare(input=os.path.join(os.path.dirname(data_dir), "stories.txt"), out_dir=compact, num_proc=1,
+                           vocab='compact')
+    out_dir = str(tmp_path / 'out')
+    train.main([*TINY, f'--data_dir={compact}', f'--out_dir={out_dir}', '--max_iters=1', '--eval_interval=1'])
+    assert weights(out_dir)['model_args']['vocab_size'] == meta['vocab_size'] < 50257
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--init_from=resume', '--max_iters=2'])
+    msg = str(e.value.code)
+    assert 'was trained on a compact vocabulary' in msg and "holds GPT-2's vocabulary (50,257 ids)" in msg, msg
+    assert '\n' not in msg

@@ -295,19 +295,21 @@ def build_or_resume(c, meta, ckpt_path):
         fail(f"cannot resume: {e}")
     # the model is the checkpoint's: a shape setting that says otherwise is a mistake, not a silent choice
     # (dropout only changes training, so it may differ)
-    differ = [(k, c[k], v) for k, v in ckpt['model_args'].items() if k in c and c[k] != v and k != 'dropout']
+    old = ckpt.get('meta') or {}
+    if old and Vocab(old).key != Vocab(meta).key:
+        fail(f"{ckpt_path} was trained on {Vocab(old)}, but {c['data_dir']} holds {Vocab(meta)}: its ids mean "
+             f"other tokens; resume on the data it was trained on")
+    # vocab_size 0 (the data's) takes the checkpoint's, like the settings not given
+    differ = [(k, c[k], v) for k, v in ckpt['model_args'].items()
+              if k in c and c[k] != v and k != 'dropout' and not (k == 'vocab_size' and c[k] == 0)]
     if differ:
         fail("resume: " + "; ".join(f"{k}={a!r} in the config but {b!r} in {ckpt_path}" for k, a, b in differ) +
              ": a resumed run keeps the checkpoint's model; drop the override, or start a fresh run elsewhere")
     c.update(ckpt['model_args'])
-    old = ckpt.get('meta') or {}
     for k in ('tokenizer', 'vocab_size', 'eot_token'):
         if k in old and k in meta and old[k] != meta[k]:
             fail(f"the checkpoint was trained on data with {k}={old[k]!r} but {c['data_dir']}/meta.json "
                  f"says {meta[k]!r}")
-    if old and Vocab(old).key != Vocab(meta).key:
-        fail(f"{ckpt_path} was trained on {Vocab(old)}, but {c['data_dir']} holds {Vocab(meta)}: its ids mean "
-             f"other tokens; resume on the data it was trained on")
     return model, dict(ckpt['model_args']), ckpt
 
 
@@ -613,11 +615,12 @@ def setup(c, ddp, rank, world_size, device_type, log):
                                 log_path=os.path.join(c['out_dir'], 'eval_log.jsonl'),
                                 iter_num=0, best_val_loss=float('inf'), last_saved=None, train_seconds=0.0)
     run.meta = read_meta(c)
-    c['vocab_size'] = c['vocab_size'] or run.meta['vocab_size']
+    if c['init_from'] == 'scratch':  # a resumed run takes the checkpoint's
+        c['vocab_size'] = c['vocab_size'] or run.meta['vocab_size']
+    model, run.model_args, ckpt = build_or_resume(c, run.meta, run.ckpt_path)
     if c['model_type'] == 'ar' and c['vocab_size'] - 1 != run.meta['eot_token']:  # ar reads its last id as BOS
         fail(f"model_type='ar' with vocab_size={c['vocab_size']} reads id {c['vocab_size'] - 1} as <|endoftext|>, but "
              f"{c['data_dir']}/meta.json has eot_token={run.meta['eot_token']}: leave vocab_size=0 (the data's)")
-    model, run.model_args, ckpt = build_or_resume(c, run.meta, run.ckpt_path)
     run.raw_model = model.to(run.device)
     run.window = c['block_size'] + model.extra_tokens
     run.tokens_per_iter = c['batch_size'] * c['block_size'] * run.ga_steps * world_size
