@@ -66,8 +66,9 @@ prompt = ''                     # template: fixed text, [...] gaps, [...N] gaps 
 prompt_file = ''                # read the template from this file instead (a final newline is dropped)
 # options of the families; each is passed only when set, and only to a family that has it
 sampler = 'ddim'                # embed/analog: ddim | ddpm
-eta = 0.0                       # embed/analog: DDIM noise (0 deterministic, 1 ~ DDPM)
-clamp = False                   # embed/analog: snap each x0 estimate to the nearest token (clamping trick)
+eta = 0.0                       # embed/analog: DDIM noise (0 deterministic, 1 ~ DDPM); unset: embed 1.0, analog 0.0
+clamp = False                   # embed/analog: snap each x0 estimate to the nearest token (clamping trick); unset:
+                                # embed True, analog False
 guidance_scale = 1.0            # embed trained with cfg_drop > 0: classifier-free guidance weight
 td = 0.0                        # analog: asymmetric time intervals (step further than the grid time)
 temperature = 1.0               # bits/mask/ar: temperature of the categorical draws (mask/ar: 0 = argmax)

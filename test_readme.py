@@ -134,7 +134,8 @@ def test_quick_start_then_sampling_run_as_written(clone):
     root, run = clone
     quick = BLOCKS['Diffusion language models, nanoGPT style']  # set up, then the main job (and the test command)
     assert [c for c in quick if runnable(c)] == [
-        ['python', 'prepare.py', '--input=../shared/data/tinystories'], ['python', 'train.py', 'config/embed_cpu.py'],
+        ['python', 'prepare.py', '--input=../shared/data/tinystories', '--vocab=compact'],
+        ['python', 'train.py', 'config/embed_cpu.py'],
         ['python', 'sample.py', '--out_dir=out-embed-cpu']] and quick[0][0] == 'python3'  # the rest: install
     done = []
     for cmd in [c for c in quick if runnable(c)] + BLOCKS['Sampling: `sample.py`']:
@@ -157,7 +158,7 @@ def test_quick_start_then_sampling_run_as_written(clone):
 
 def test_training_block_runs_as_written(clone):
     root, run = clone
-    run(['python', 'prepare.py', '--input=../shared/data/tinystories'], 'b')  # a second fresh copy, with data
+    run(['python', 'prepare.py', '--input=../shared/data/tinystories', '--vocab=compact'], 'b')  # a second copy, with data
     block = BLOCKS['Training: `train.py`']
     done = []
     for cmd in block:
