@@ -455,3 +455,13 @@ def test_a_compact_map_that_does_not_fit_its_files_is_one_line(compact_prepared,
         (d / 'meta.json').write_text(json.dumps({**meta, 'compact': {**meta['compact'], **bad}}))
         with pytest.raises(ValueError, match='compact map does not fit vocab_size'):
             prepare.load_meta(d)
+
+
+def test_unigram_baseline_is_smoothed_train_frequencies(tmp_path):
+    tokens = np.array([0, 1, 1, 2, 2, 2, 2, 4], dtype=np.uint16)
+    tokens.tofile(tmp_path / 'train.bin')
+    (tmp_path / 'meta.json').write_text('{"tokenizer": "gpt2", "vocab_size": 6, "eot_token": 5, "dtype": "uint16", '
+                                        '"splits": {"train": {"tokens": 8}}}')
+    lp = prepare.unigram_logprobs(str(tmp_path), chunk=3)  # chunks smaller than the split: the counts must add up
+    counts = np.array([1, 2, 4, 0, 1, 0]) + 0.5
+    assert np.allclose(lp, np.log(counts / counts.sum()))
