@@ -18,6 +18,7 @@ def run(script, *args, timeout=120):
     return p.stdout
 
 
+@pytest.mark.slow
 def test_bench_end_to_end(tmp_path):
     text = tmp_path / 'text.txt'
     text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=60)), encoding='utf-8')

@@ -7,6 +7,7 @@ import pytest
 import curves
 
 
+@pytest.mark.slow
 def test_curves_table_and_picture_from_the_eval_logs(short_run, tmp_path, capsys):
     """curves.py reads each run's eval_log.jsonl: the table row of the last evaluation carries the bound with its
     standard error where the log has one (an older log without it still draws), and the PNG is written."""

@@ -109,6 +109,7 @@ def test_judge_prefers_its_training_text_to_shuffled_tokens(tiny_run):
     assert (own - direct.mean(1)).abs().max() > 0.01  # scoring the first token too would be another number
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(tiny_run):
     ck, out = tiny_run['ckpts'], str(tiny_run['root'] / 'eval')
     stdout = run('evaluate.py', f"--ckpts={[ck['ar'], ck['mask'], ck['embed']]!r}", f"--judge={ck['ar']}",
@@ -192,6 +193,7 @@ def test_context_gain_se_is_that_of_the_paired_window_differences(tiny_run):
     assert abs(unpaired - lk['context_gain_se']) > 0.1 * lk['context_gain_se']  # the check tells the two apart
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('settings, message', [
     ("[{'temprature': 0.8}]", "has option(s) ['temprature'] that no family's sampler takes"),
     ("[{}, {}]", "expected a non-empty list of distinct dicts"),
@@ -205,6 +207,7 @@ def test_evaluate_rejects_bad_sample_settings(tiny_run, tmp_path, settings, mess
     assert 'bits/token' not in p.stdout  # before any likelihood is measured
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_a_non_ar_judge(tiny_run):
     p = subprocess.run([sys.executable, 'evaluate.py', f"--ckpts=['{tiny_run['ckpts']['mask']}']",
                         f"--judge={tiny_run['ckpts']['mask']}", '--device=cpu'],

@@ -117,6 +117,7 @@ def test_splits_are_disjoint_by_document(prepared):
     assert not docs['train'] & docs['val'] and not docs['train'] & docs['test'] and not docs['val'] & docs['test']
 
 
+@pytest.mark.slow
 def test_identical_bytes_across_runs_num_proc_and_chunking(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CHUNK_BYTES', 1 << 16)  # big files cut into ~60 pieces at separator lines
     prepare.prepare(input=str(SHARED), out_dir=str(tmp_path / 'one'), num_proc=1)
@@ -145,6 +146,7 @@ def test_shard_directory_one_document_per_file(tmp_path, stories):
     assert sum(v['documents'] for v in meta['splits'].values()) == 40
 
 
+@pytest.mark.slow
 def test_dataset_path_and_max_docs_match_local_input(tmp_path, stories):
     """A Hugging Face dataset (here a local JSON one, so no network) goes through the same path as --input."""
     first = read_stories(STORY_FILES[:1])
@@ -234,6 +236,7 @@ def bad_inputs(tmp):
     ]
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_with_one_line_and_keep_earlier_output(tmp_path):
     out = tmp_path / 'out'
     prepare.prepare(input=str(STORY_FILES[1]), out_dir=str(out), num_proc=1)
@@ -427,6 +430,7 @@ def test_compact_vocab_reads_and_writes_text(compact_prepared, stories):
     assert v.key != prepare.Vocab({}).key  # not GPT-2's own ids
 
 
+@pytest.mark.slow
 def test_compact_and_full_data_dirs_are_not_replaced_by_each_other(tmp_path):
     """prepare.py into an out_dir of the other vocabulary stops in one line (nothing written) unless
     --overwrite=True; the same kind is rewritten as before."""

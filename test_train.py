@@ -87,6 +87,7 @@ def test_model_settings_are_model_configs_fields_with_its_defaults():
 # --------------------------------------------------------------------------------------------------
 # training runs
 
+@pytest.mark.slow
 def test_short_run_loss_falls_and_checkpoint_loads(short_run):
     out_dir, out = short_run
     e = evals(out)
@@ -105,6 +106,7 @@ def test_short_run_loss_falls_and_checkpoint_loads(short_run):
     assert torch.isfinite(model(X))
 
 
+@pytest.mark.slow
 def test_eval_log_holds_the_bound_beside_the_unigram_line(short_run):
     """Each evaluation logs held-out bits/token (the family's bound) and the unigram cross-entropy of the very
     val windows it scored, computed here again from the train split's counts."""
@@ -131,6 +133,7 @@ def test_eval_log_holds_the_bound_beside_the_unigram_line(short_run):
     assert f"{bits.mean().item():.3f} ± {recs[-1]['val_bits_se']:.3f} bits/token" in out
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(small_vocab, tmp_path):
     # EMA and gradient accumulation on, so their state and the micro-step data stream are covered too
     common = [*TINY, *small_vocab[1], '--eval_interval=3', '--always_save_checkpoint=True',
@@ -150,6 +153,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(small_vocab, tmp_path):
     assert any(not torch.equal(half['model'][k], wb['model'][k]) for k in wb['model'])
 
 
+@pytest.mark.slow
 def test_eval_only_and_killed_run_resumes(short_run, tmp_path):
     out_dir = str(tmp_path / 'out')
     shutil.copytree(short_run[0], out_dir)
@@ -176,6 +180,7 @@ def test_eval_only_and_killed_run_resumes(short_run, tmp_path):
     assert f"step {killed_at + 4}:" in out and weights(out_dir)['iter_num'] == killed_at + 4
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(short_run, tmp_path):
     out_dir = str(tmp_path / 'out')
     shutil.copytree(short_run[0], out_dir)
@@ -193,6 +198,7 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(short_run, tmp_path):
         assert f.read() == before, "the checkpoint must be left as it was"
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_gloo(small_vocab, tmp_path):
     out_dir = str(tmp_path / 'out')
     # gradient_accumulation_steps=1 (the configs' value) on 2 ranks: rounded up to 2, with a message
@@ -214,6 +220,7 @@ def test_ddp_two_ranks_gloo(small_vocab, tmp_path):
     assert '2 ranks x 1 micro-batches' in out
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu(data_dir, tmp_path):
     out_dir = str(tmp_path / 'out')
     # bf16 matmuls are slow on a CPU without bf16 units (~3 s a step here): 6 steps of 4 windows
@@ -227,6 +234,7 @@ def test_bf16_autocast_on_cpu(data_dir, tmp_path):
                if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_compile(data_dir, tmp_path):
     out_dir = str(tmp_path / 'out')
     _, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=2',
@@ -240,6 +248,7 @@ def test_compile(data_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # bad configurations: one clear line and a non-zero exit
 
+@pytest.mark.slow
 def test_bad_configuration_exits_with_a_clear_message(data_dir, tmp_path):
     rc, out = run_train([*TINY, f'--data_dir={data_dir}', '--n_embdd=64'], check=False)
     assert rc != 0 and "unknown config key 'n_embdd'; did you mean 'n_embd'?" in out and 'Traceback' not in out
@@ -302,6 +311,7 @@ def test_fresh_run_into_an_out_dir_with_a_checkpoint_stops_unless_told(data_dir,
     assert weights(out_dir)['iter_num'] == 1
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_shape_names_the_key_and_both_values(short_run, tmp_path):
     out_dir = str(tmp_path / 'out')
     shutil.copytree(short_run[0], out_dir)
@@ -333,6 +343,7 @@ def test_mfu_never_passes_100_percent(data_dir, tmp_path, capsys):
     assert 'using it as the peak from now on' in out
 
 
+@pytest.mark.slow
 def test_failed_save_is_one_line_and_keeps_the_checkpoint(short_run, tmp_path):
     """A full disk, for real: a file size limit (RLIMIT_FSIZE) makes the checkpoint write fail as ENOSPC does."""
     out_dir = str(tmp_path / 'out')
@@ -372,18 +383,21 @@ def zero_run(data_dir, tmp_path_factory):
     return out_dir, out, dead.pid
 
 
+@pytest.mark.slow
 def test_max_iters_zero_saves_the_initial_weights_with_a_note(zero_run):
     out_dir, out, _ = zero_run
     assert 'max_iters=0: no training steps; the initial weights are evaluated and saved as iteration 0' in out
     assert weights(out_dir)['iter_num'] == 0 and evals(out)[0][0] == 0
 
 
+@pytest.mark.slow
 def test_temp_files_of_an_interrupted_save_are_removed(zero_run):
     out_dir, out, _ = zero_run
     assert 'removed 1 temp file(s) of an interrupted save' in out
     assert not list(out_dir.glob('.ckpt.pt.*.tmp'))
 
 
+@pytest.mark.slow
 def test_lock_of_a_dead_run_is_taken_over_and_released_at_exit(zero_run):
     out_dir, out, pid = zero_run
     assert f"taking over {out_dir}/run.lock: its pid {pid} on this host" in out
@@ -413,6 +427,7 @@ def live_run(data_dir, tmp_path_factory):
     p.wait()
 
 
+@pytest.mark.slow
 class TestLiveRun:
     def test_log_lines_reach_a_pipe_as_they_are_printed(self, live_run):
         _, _, got, running = live_run
@@ -428,6 +443,7 @@ class TestLiveRun:
             f"dead)")
 
 
+@pytest.mark.slow
 def test_clearml_offline_records_the_tensorboard_scalars_and_the_config(data_dir, tmp_path):
     """ClearML for real, in its offline mode (Task.set_offline(True) via clearml_offline): the session folder it
     writes holds the very scalars TensorBoard got, and the config as hyperparameters."""
@@ -515,6 +531,7 @@ def start_and_signal(cmd, signum, after='iter 2:', timeout=180):
     return p.returncode, ''.join(got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_the_current_iteration_and_says_how_to_resume(small_vocab, tmp_path, signum):
     out_dir = str(tmp_path / 'out')
@@ -565,6 +582,7 @@ def test_a_second_signal_during_the_save_keeps_the_previous_checkpoint(small_voc
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_rank_0_saves_and_every_rank_stops(small_vocab, tmp_path):
     out_dir = str(tmp_path / 'out')
     args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--max_iters=100000', '--eval_interval=100000']
@@ -579,6 +597,7 @@ def test_ddp_sigterm_rank_0_saves_and_every_rank_stops(small_vocab, tmp_path):
     assert not os.path.exists(os.path.join(out_dir, 'run.lock'))
 
 
+@pytest.mark.slow
 def test_torchrun_config_error_is_one_line_in_its_summary_without_a_traceback_of_ours(tmp_path):
     p = subprocess.run([*TORCHRUN, 'train.py', '--init_from=bogus', '--device=cpu', f'--out_dir={tmp_path}/out'],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
