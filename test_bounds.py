@@ -169,6 +169,7 @@ def adapted(model):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_type,kw', [('embed', {}), ('analog', {}), ('bits', {}),
                                             ('embed', {'continuous_time': True}), ('bits', {'continuous_time': True})])
 def test_importance_sampled_bound_equals_the_full_sum_over_t(model_type, kw):

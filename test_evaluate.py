@@ -268,6 +268,7 @@ def test_relative_data_dir_is_found_from_the_checkpoint_place(tmp_path, monkeypa
     assert checkpoint_data_dir(ckpt, 'mine', str(tmp_path / 'work' / 'runs' / 'a')) == 'mine'  # --data_dir wins
 
 
+@pytest.mark.slow
 def test_pretrained_hugging_face_judge(tmp_path):
     """A tiny randomly initialised GPT-2 saved to a directory (no download) judges the samples: its gen-PPL of the
     held-out text row equals GPT-2's own loss on the same ids, and the table names the judge."""

@@ -109,11 +109,13 @@ def overfit_embed(story_batch):
     return m, batch, first, last
 
 
+@pytest.mark.slow
 def test_embed_overfits_real_text(overfit_embed):
     m, batch, first, last = overfit_embed
     assert last < first / 5, (first, last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sampler,steps', [('ddpm', 100), ('ddim', 25)])
 def test_embed_samplers_reproduce_memorised_text(overfit_embed, sampler, steps):
     m, batch, _, _ = overfit_embed
@@ -125,6 +127,7 @@ def test_embed_samplers_reproduce_memorised_text(overfit_embed, sampler, steps):
     assert best_match(out, batch).mean() > 0.6
 
 
+@pytest.mark.slow
 def test_embed_same_seed_same_text_and_clamping_reproduces_text(overfit_embed):
     m, batch, _, _ = overfit_embed
     a = m.sample(2, 24, steps=10, generator=torch.Generator().manual_seed(1))
@@ -255,6 +258,7 @@ def toy_model(model_type, steps, **kw):
     return m.eval()
 
 
+@pytest.mark.slow
 def test_embed_bound_is_not_below_the_entropy():
     m = toy_model('embed', 300)
     bound, se = toy_bound(m)

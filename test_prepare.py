@@ -86,12 +86,14 @@ def prepared(tmp_path_factory):
 # the written format
 
 
+@pytest.mark.slow
 def test_decoding_gives_back_the_input_stories(prepared, stories):
     assert len(stories) == NUM_STORIES
     decoded = [d for s in prepare.SPLITS for d in decode_documents(read_split(prepared, s))]
     assert collections.Counter(decoded) == collections.Counter(stories)
 
 
+@pytest.mark.slow
 def test_token_counts_match_an_independent_count(prepared, stories):
     enc = prepare.get_encoding(offline=True)
     expected = sum(len(enc.encode_ordinary(d)) + 1 for d in stories)  # +1: the EOT before each document
@@ -99,6 +101,7 @@ def test_token_counts_match_an_independent_count(prepared, stories):
     assert sum(meta['splits'][s]['tokens'] for s in prepare.SPLITS) == expected
 
 
+@pytest.mark.slow
 def test_meta_matches_the_files(prepared):
     meta = json.loads((prepared / 'meta.json').read_text())
     assert meta['tokenizer'] == 'gpt2' and meta['vocab_size'] == 50257 and meta['eot_token'] == 50256
@@ -112,6 +115,7 @@ def test_meta_matches_the_files(prepared):
     assert all(0.01 < f < 0.03 for f in fractions), fractions  # 0.02 each, up to binomial noise
 
 
+@pytest.mark.slow
 def test_splits_are_disjoint_by_document(prepared):
     docs = {s: set(decode_documents(read_split(prepared, s))) for s in prepare.SPLITS}
     assert not docs['train'] & docs['val'] and not docs['train'] & docs['test'] and not docs['val'] & docs['test']
@@ -315,6 +319,7 @@ def test_eval_windows_are_sequential_and_clipped(tmp_path):
         w.eval_batch(n, 1, 32)
 
 
+@pytest.mark.slow
 def test_reader_on_prepared_data(prepared):
     w = prepare.TokenWindows(prepared, 'val', 257, vocab_size=50304)
     x = w.random_batch(8, step=0)
@@ -394,6 +399,7 @@ def compact_prepared(prepared, tmp_path_factory):
     return work / 'c'
 
 
+@pytest.mark.slow
 def test_compact_vocabulary_is_the_train_split_renumbered(prepared, compact_prepared):
     """Mapped back through its map, every split is the GPT-2 stream itself, with <|unk|> exactly where the GPT-2
     id does not occur in train; the ids are ordered by train frequency; <|endoftext|> is the last id."""
@@ -419,6 +425,7 @@ def test_compact_vocabulary_is_the_train_split_renumbered(prepared, compact_prep
     assert meta['splits']['test']['unk_tokens'] > 0  # the case that the accounting is about does occur
 
 
+@pytest.mark.slow
 def test_compact_vocab_reads_and_writes_text(compact_prepared, stories):
     """Vocab is a codec over the compact ids: a train story round-trips; a word never seen in train becomes
     <|unk|>, and decodes as such."""
@@ -449,6 +456,7 @@ def test_compact_and_full_data_dirs_are_not_replaced_by_each_other(tmp_path):
     assert rc != 0 and '--vocab=compact' in err
 
 
+@pytest.mark.slow
 def test_a_compact_map_that_does_not_fit_its_files_is_one_line(compact_prepared, tmp_path):
     meta = json.loads((compact_prepared / 'meta.json').read_text())
     for bad in ({'gpt2_ids': meta['compact']['gpt2_ids'][:-1]},            # one id short of vocab_size

@@ -297,6 +297,7 @@ def test_unwritable_out_dir_stops_before_any_work(data_dir, capsys):
     assert 'model_type=' not in capsys.readouterr().out  # nothing was built
 
 
+@pytest.mark.slow
 def test_fresh_run_into_an_out_dir_with_a_checkpoint_stops_unless_told(data_dir, tmp_path):
     out_dir = tmp_path / 'out'
     out_dir.mkdir()
@@ -333,6 +334,7 @@ def test_token_ids_beyond_the_vocabulary_stop_the_run(data_dir, tmp_path):
     assert 'train.bin holds token id 65000' in msg and 'vocab_size=50257' in msg and '\n' not in msg, msg
 
 
+@pytest.mark.slow
 def test_mfu_never_passes_100_percent(data_dir, tmp_path, capsys):
     # a peak far below what any machine does, as a probe taken under load can be
     train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=3', '--eval_interval=3',
@@ -608,6 +610,7 @@ def test_torchrun_config_error_is_one_line_in_its_summary_without_a_traceback_of
     assert 'train.py", line' not in p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_eval_only_gives_the_figures_the_run_logged_at_that_iteration(small_vocab, tmp_path, monkeypatch):
     """The same windows, the same draws and the same state: evaluating a checkpoint again reproduces the numbers its
     run logged. T=8 makes the bound's adaptive time proposal warm within a few steps (its statistics are buffers
