@@ -202,6 +202,7 @@ def test_analog_td_steps_further_than_the_grid():
         state = new
 
 
+@pytest.mark.slow
 def test_exact_posterior_sampler_accepts_any_number_of_steps():
     m = bits_model().eval()
     for steps in (1, 2, 37, 100):

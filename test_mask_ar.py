@@ -128,6 +128,7 @@ def masked_counts_per_step(m, n, steps, order):
     return counts
 
 
+@pytest.mark.slow
 def test_mask_confidence_order_reveals_as_many_as_the_ancestral_sampler_at_many_steps():
     """With more steps than twice the length (L = 16, 64 steps) the expected reveal per step is below 1/2. The
     confidence order still follows the ancestral (random-order) sampler's expected count at every step, 16 s still
@@ -169,6 +170,7 @@ def test_mask_time_conditioned_sampler_does_not_cache():
     assert m.nfe == 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('schedule,time_cond', [('loglinear', False), ('cosine', False), ('cosine', True)])
 def test_mask_elbo_estimators_agree(schedule, time_cond):
     """nll() and forward() integrate t out analytically (subset-size form). MDLM's own estimator, written here
