@@ -2,16 +2,21 @@
 Checkpoints: save one atomically, and load one back into its model, with a one-line error for every way a file
 can fail to be a checkpoint of this project. A checkpoint is the dict train.py saves: `model_args` (the
 ModelConfig fields), `model` (the state_dict), and optionally `ema`, `optimizer`, `iter_num` and the rest.
+Also train.py's two guards of its checkpoint: the claim on its out_dir before any work (no checkpoint replaced by
+mistake, one run per out_dir), and the checks of a checkpoint a resumed run continues.
 """
 
+import glob
 import os
 import re
 import warnings
 
 import torch
 
+import util
 from model import build_model
-from util import write_atomic
+from prepare import Vocab
+from util import check_writable, lock_dir, write_atomic
 
 
 def save_checkpoint(path, ckpt):
@@ -71,3 +76,72 @@ def load_checkpoint(path, device='cpu', use_ema=True):
         raise ValueError(f"{path}: its weights do not fit its model_args ({str(e).strip().splitlines()[0]})") from None
     model.to(device).eval()
     return model, ckpt
+
+
+def claim_out_dir(out_dir, replace_ok, writer, prog='train.py'):
+    """Before any work: no checkpoint in out_dir that a fresh run would replace (unless replace_ok: a resumed run, or
+    --overwrite=True) and, for the process that will write it (writer), out_dir writable and taken by no other run.
+    Returns the lock's release function (None where this process holds no lock)."""
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not replace_ok and os.path.exists(ckpt_path):
+        util.fail(prog, f"{ckpt_path} exists and init_from='scratch' would replace it: continue it with "
+                        f"--init_from=resume, replace it with --overwrite=True, or use another out_dir")
+    if not writer:
+        return None
+    created = not os.path.exists(out_dir)  # a run that fails before writing anything removes it again
+    check_writable(out_dir, 'out_dir', prog, is_dir=True)
+    release = lock_dir(out_dir, prog, created)
+    # temp files of saves that a kill -9 interrupted (ours now: the lock says no other run writes here)
+    stale = glob.glob(os.path.join(glob.escape(out_dir), '.ckpt.pt.*.tmp'))
+    for f in stale:
+        os.remove(f)
+    if stale:
+        print(f"{prog}: removed {len(stale)} temp file(s) of an interrupted save from {out_dir}")
+    return release
+
+
+def resume_checkpoint(path, settings, meta, data_dir):
+    """The checkpoint a resumed run continues, loaded on the CPU: (model, ckpt). A ValueError, in one line, where there
+    is none, where it does not load, where a model setting of the run differs from the checkpoint's (dropout may:
+    it only changes training), or where it was trained on other data than `meta` (data_dir's meta.json) describes."""
+    if not os.path.isfile(path):
+        raise ValueError(f"init_from='resume' but there is no checkpoint at {path}")
+    try:
+        model, ckpt = load_checkpoint(path, device='cpu', use_ema=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot resume: {e}") from None
+    old = ckpt.get('meta') or {}
+    if old and Vocab(old).key != Vocab(meta).key:
+        raise ValueError(f"{path} was trained on {Vocab(old)}, but {data_dir} holds {Vocab(meta)}: its ids mean "
+                         f"other tokens; resume on the data it was trained on")
+    # the model is the checkpoint's: a shape setting that says otherwise is a mistake, not a silent choice (vocab_size
+    # 0, the data's, takes the checkpoint's like a setting not given)
+    differ = [(k, settings[k], v) for k, v in ckpt['model_args'].items()
+              if k in settings and settings[k] != v and k != 'dropout' and not (k == 'vocab_size' and settings[k] == 0)]
+    if differ:
+        raise ValueError("resume: " + "; ".join(f"{k}={a!r} in the config but {b!r} in {path}" for k, a, b in differ) +
+                         ": a resumed run keeps the checkpoint's model; drop the override, or start a fresh run "
+                         "elsewhere")
+    for k in ('tokenizer', 'vocab_size', 'eot_token'):
+        if k in old and k in meta and old[k] != meta[k]:
+            raise ValueError(f"the checkpoint was trained on data with {k}={old[k]!r} but {data_dir}/meta.json "
+                             f"says {meta[k]!r}")
+    return model, ckpt
+
+
+def restore_training(ckpt, optimizer, scaler, ema, settings, log):
+    """What a resumed run takes from its checkpoint besides the weights and counters: the optimizer, loss scaler and
+    EMA states; and a report (log) of the settings that differ from the checkpoint's run."""
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    if ema is not None:
+        if ckpt.get('ema') is not None:
+            ema.load_state_dict(ckpt['ema'])
+        else:
+            log("resume: the checkpoint has no EMA; the EMA starts from the current weights")
+    changed = {k: v for k, v in (ckpt.get('config') or {}).items()
+               if k in settings and settings[k] != v and k not in ('init_from', 'eval_only')}
+    if changed:
+        log("resume: settings that differ from the checkpoint's run: " +
+            ", ".join(f"{k}={settings[k]!r} (was {v!r})" for k, v in changed.items()))

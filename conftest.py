@@ -1,6 +1,15 @@
-"""Shared test fixtures: real TinyStories text, tokenized with the project's GPT-2 encoding."""
+"""Shared test fixtures: real TinyStories text, tokenized with the project's GPT-2 encoding; prepared data and
+train.py runs (test_train.py, test_curves.py); and the `slow` marker.
+
+    python -m pytest -q                  # everything (what CI runs)
+    python -m pytest -q -m "not slow"    # all but the end-to-end runs and the other tests over ~5 s: ~2 minutes
+"""
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +21,14 @@ from util import configure_optimizer, keep_freed_memory
 
 keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (util.py)
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_TINYSTORIES = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'tinystories'
 
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'gpu: needs a CUDA GPU; run them with  python -m pytest -q -m gpu')
+    config.addinivalue_line('markers', 'slow: an end-to-end run of a script in a subprocess, or any test over ~5 s '
+                                       'on two cores; leave them out with  python -m pytest -q -m "not slow"')
 
 
 def tinystories_documents(limit=None):
@@ -106,3 +118,62 @@ def prompted(model, rows, keep, per_row=3, **options):
     agree = (out[:, free] == target[:, free]).float().mean().item()
     best = (out[:, None, free] == rows[None, :, free]).float().mean(-1).argmax(1)
     return agree, best.tolist(), torch.arange(n).repeat_interleave(per_row).tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# prepared data and train.py runs (test_train.py, test_curves.py)
+
+# a model small enough that one iteration takes tens of milliseconds, still with the real 50,257-id vocabulary
+TINY_TRAIN = ['--model_type=embed', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--embed_dim=16',
+              '--batch_size=8', '--learning_rate=3e-3', '--warmup_iters=2', '--eval_iters=2', '--log_interval=1',
+              '--device=cpu', '--dtype=float32', '--peak_flops=1e11', '--tensorboard_log=False']
+EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+    """Real tokens: the first 400 shared TinyStories stories through prepare.py's CLI."""
+    tmp = tmp_path_factory.mktemp('tinystories')
+    text = tmp / 'stories.txt'
+    text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=400)) + '\n', encoding='utf-8')
+    out = tmp / 'data'
+    subprocess.run([sys.executable, 'prepare.py', f'--input={text}', f'--out_dir={out}', '--num_proc=1'],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    return str(out)
+
+
+@pytest.fixture(scope='session')
+def small_vocab(data_dir, tmp_path_factory):
+    """The same stories with their ids renumbered densely (a vocabulary of a few thousand): for the tests whose
+    subject is not the vocabulary (resume, DDP), where the 50,257-way layers would only cost time. Returns
+    (its data_dir, the arguments that point train.py at it)."""
+    out = str(tmp_path_factory.mktemp('small_vocab') / 'data')
+    shutil.copytree(data_dir, out)
+    return out, [f'--data_dir={out}', f"--vocab_size={compact_prepared(out)['vocab_size']}"]
+
+
+def run_train(args, check=True, timeout=240, launcher=()):
+    """train.py in a subprocess; returns its combined stdout + stderr (and asserts success if check)."""
+    p = subprocess.run([*launcher, *([sys.executable, 'train.py'] if not launcher else ['train.py']), *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out = p.stdout + p.stderr
+    if check:
+        assert p.returncode == 0, out
+    return p.returncode, out
+
+
+def evals(out):
+    return [(int(i), float(tr), float(va)) for i, tr, va in EVAL_LINE.findall(out)]
+
+
+def weights(path):
+    return torch.load(os.path.join(path, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='session')
+def short_run(data_dir, tmp_path_factory):
+    """30 iterations with TensorBoard on and a checkpoint at each evaluation; returns (out_dir, output)."""
+    out_dir = str(tmp_path_factory.mktemp('short') / 'out')
+    _, out = run_train([*TINY_TRAIN, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=30',
+                        '--eval_interval=10', '--tensorboard_log=True'])
+    return out_dir, out

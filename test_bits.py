@@ -136,6 +136,7 @@ def overfit(real_text):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_type,steps', [('bits', {100: 0.45, 10: 0.35}), ('analog', {100: 0.6, 20: 0.6})])
 def test_overfit_on_real_text_and_sample_it_back(real_text, overfit, model_type, steps):
     """Samples give back much of the memorised text (chance is 1/K ~ 0.015 per position). Deterministic DDIM
@@ -153,6 +154,7 @@ def test_overfit_on_real_text_and_sample_it_back(real_text, overfit, model_type,
     assert m.nll(batch).mean() < 2.0  # bits/token of memorised text, far below log2(K)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_type', ['bits', 'analog'])
 def test_fixed_tokens_choose_the_memorised_row(real_text, overfit, model_type):
     """With every other token of a memorised row fixed, the free ones follow that row: imputation conditions the
@@ -170,6 +172,7 @@ def test_fixed_tokens_choose_the_memorised_row(real_text, overfit, model_type):
     assert sum(b == r for b, r in zip(best, prompted_row)) >= bar, (best, agree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_type', ['bits', 'analog'])
 def test_bound_is_not_below_the_entropy(model_type):
     m = toy_model(model_type, 400)
@@ -199,6 +202,7 @@ def test_analog_td_steps_further_than_the_grid():
         state = new
 
 
+@pytest.mark.slow
 def test_exact_posterior_sampler_accepts_any_number_of_steps():
     m = bits_model().eval()
     for steps in (1, 2, 37, 100):

@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from model import MODEL_TYPES, ModelConfig, build_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_type,kw', [(t, {}) for t in MODEL_TYPES] + [('mask', {'time_cond': True}),
                                             ('embed', {'predict': 'eps', 'cfg_drop': 0.1}),
                                             ('embed', {'continuous_time': True}), ('bits', {'continuous_time': True})])

@@ -1,4 +1,4 @@
-"""evaluate.py and bench.py end to end on tiny checkpoints of real text, and the metrics against hand counts."""
+"""evaluate.py end to end on tiny checkpoints of real text, and the metrics against hand counts (bench.py: test_bench.py)."""
 import dataclasses
 import json
 import math
@@ -109,6 +109,7 @@ def test_judge_prefers_its_training_text_to_shuffled_tokens(tiny_run):
     assert (own - direct.mean(1)).abs().max() > 0.01  # scoring the first token too would be another number
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(tiny_run):
     ck, out = tiny_run['ckpts'], str(tiny_run['root'] / 'eval')
     stdout = run('evaluate.py', f"--ckpts={[ck['ar'], ck['mask'], ck['embed']]!r}", f"--judge={ck['ar']}",
@@ -192,6 +193,7 @@ def test_context_gain_se_is_that_of_the_paired_window_differences(tiny_run):
     assert abs(unpaired - lk['context_gain_se']) > 0.1 * lk['context_gain_se']  # the check tells the two apart
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('settings, message', [
     ("[{'temprature': 0.8}]", "has option(s) ['temprature'] that no family's sampler takes"),
     ("[{}, {}]", "expected a non-empty list of distinct dicts"),
@@ -205,35 +207,12 @@ def test_evaluate_rejects_bad_sample_settings(tiny_run, tmp_path, settings, mess
     assert 'bits/token' not in p.stdout  # before any likelihood is measured
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_a_non_ar_judge(tiny_run):
     p = subprocess.run([sys.executable, 'evaluate.py', f"--ckpts=['{tiny_run['ckpts']['mask']}']",
                         f"--judge={tiny_run['ckpts']['mask']}", '--device=cpu'],
                        cwd=HERE, capture_output=True, text=True, timeout=60, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert p.returncode == 1 and "judge must be an 'ar'" in p.stderr
-
-
-def test_bench_end_to_end(tmp_path):
-    text = tmp_path / 'text.txt'
-    text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=60)), encoding='utf-8')
-    out = tmp_path / 'bench.json'
-    stdout = run('bench.py', "--families=['ar','mask','bits']", '--n_layer=1', '--n_head=2', '--n_embd=32',
-                 '--block_size=16', '--batch_size=2', '--vocab_sizes=[4096,512]', '--iters=2', '--warmup=1',
-                 '--sample_steps=4', '--cache_steps=20', '--peak_seconds=0.05', f'--prepare_text={text}',
-                 '--device=cpu', f'--json={out}')
-    res = json.load(open(out))
-    assert set(res['peak_flops']) == {'float32', 'bfloat16'} and all(v > 0 for v in res['peak_flops'].values())
-    rows = {(r['family'], r['dtype'], r['vocab_size']): r for r in res['train']}
-    assert set(rows) == {(f, d, v) for f in ('ar', 'mask', 'bits') for d in ('float32', 'bfloat16') for v in (4096, 512)}
-    for (f, d, v), r in rows.items():
-        assert r['ms_per_iter'] > 0 and r['tokens_per_s'] > 0 and 0 < r['mfu'] and r['sample_tokens_per_s'] > 0
-        assert r['vs_ar'] == pytest.approx(r['ms_per_iter'] / rows[('ar', d, v)]['ms_per_iter'])  # ar of its vocab
-    assert rows[('bits', 'float32', 512)]['params'] < rows[('bits', 'float32', 4096)]['params']  # built at each size
-    ratio = {m['measure']: m['value'] for m in res['summary']}['mask float32 training step, vocab 4096 / vocab 512']
-    want = rows[('mask', 'float32', 4096)]['ms_per_iter'] / rows[('mask', 'float32', 512)]['ms_per_iter']
-    assert ratio == f'{want:.2f}x'
-    assert res['mask_cache']['uncached_nfe'] == 20 and res['mask_cache']['cached_nfe'] <= 20
-    assert res['prepare']['tokens'] == res['prepare']['raw_tokens'] > 0 and res['prepare']['ratio'] > 0
-    assert 'MFU' in stdout and '| ar ' in stdout
 
 
 def small(tiny_run, out_dir, *extra):
@@ -289,6 +268,7 @@ def test_relative_data_dir_is_found_from_the_checkpoint_place(tmp_path, monkeypa
     assert checkpoint_data_dir(ckpt, 'mine', str(tmp_path / 'work' / 'runs' / 'a')) == 'mine'  # --data_dir wins
 
 
+@pytest.mark.slow
 def test_pretrained_hugging_face_judge(tmp_path):
     """A tiny randomly initialised GPT-2 saved to a directory (no download) judges the samples: its gen-PPL of the
     held-out text row equals GPT-2's own loss on the same ids, and the table names the judge."""

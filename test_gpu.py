@@ -55,6 +55,7 @@ def trained(data_dir, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', list(CONFIGS))
 def test_compiled_bf16_run_resumes_and_samples(family, trained, data_dir):
     out_dir = trained[family]
@@ -67,6 +68,7 @@ def test_compiled_bf16_run_resumes_and_samples(family, trained, data_dir):
     assert 'tok/s' in out
 
 
+@pytest.mark.slow
 def test_evaluate_on_cuda(trained, tmp_path):
     ckpts = [trained[f] for f in CONFIGS]
     out_dir = str(tmp_path / 'eval')
@@ -78,12 +80,14 @@ def test_evaluate_on_cuda(trained, tmp_path):
     assert all(r.get('gen_ppl') for r in res['rows'] if r['family'] != 'data')
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaling(data_dir, tmp_path):
     log = run('train.py', 'config/dit_tinystories.py', *SHORT, f'--data_dir={data_dir}',
               f'--out_dir={tmp_path / "out"}', '--dtype=float16', '--compile=False')
     assert 'step 20:' in log and 'non-finite' not in log
 
 
+@pytest.mark.slow
 def test_torchrun_nccl_one_rank(data_dir, tmp_path):
     torchrun = shutil.which('torchrun') or os.path.join(os.path.dirname(sys.executable), 'torchrun')
     log = run('train.py', 'config/mask_tinystories.py', *SHORT, f'--data_dir={data_dir}',

@@ -128,6 +128,7 @@ def masked_counts_per_step(m, n, steps, order):
     return counts
 
 
+@pytest.mark.slow
 def test_mask_confidence_order_reveals_as_many_as_the_ancestral_sampler_at_many_steps():
     """With more steps than twice the length (L = 16, 64 steps) the expected reveal per step is below 1/2. The
     confidence order still follows the ancestral (random-order) sampler's expected count at every step, 16 s still
@@ -169,6 +170,7 @@ def test_mask_time_conditioned_sampler_does_not_cache():
     assert m.nfe == 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('schedule,time_cond', [('loglinear', False), ('cosine', False), ('cosine', True)])
 def test_mask_elbo_estimators_agree(schedule, time_cond):
     """nll() and forward() integrate t out analytically (subset-size form). MDLM's own estimator, written here
@@ -229,6 +231,7 @@ def test_mask_time_given_count_is_the_exact_posterior(schedule):
         assert abs(u.var() - var) < 5 * se_var, (k, u.var(), var, se_var)
 
 
+@pytest.mark.slow
 def test_mask_elbo_is_not_below_entropy_and_ar_nll_approaches_it():
     mask = toy_model('mask', 400)
     bound, se = toy_bound(mask)
@@ -255,6 +258,7 @@ def overfit_mask(real_text):
     return m, first, last
 
 
+@pytest.mark.slow
 def test_mask_overfits_real_text_and_samples_it_back(real_text, overfit_mask):
     batch, K = real_text
     m, first, last = overfit_mask
@@ -263,6 +267,7 @@ def test_mask_overfits_real_text_and_samples_it_back(real_text, overfit_mask):
     assert best_match(out, batch[:, :24]).mean() > 0.8
 
 
+@pytest.mark.slow
 def test_mask_prompt_chooses_the_memorised_row(real_text, overfit_mask):
     """The first 8 and last 4 tokens of a memorised row (the rows share their first 6) make the free ones follow
     that row: the fixed tokens are in the network's input from the first step, not only pasted over the output.
@@ -274,6 +279,7 @@ def test_mask_prompt_chooses_the_memorised_row(real_text, overfit_mask):
     assert best == prompted_row and agree > 0.9, (best, agree)
 
 
+@pytest.mark.slow
 def test_ar_overfits_real_text_and_generates_it_back(real_text):
     batch, K = real_text  # each row starts with <|endoftext|>, renumbered; make it the model's BOS (last id)
     eot = batch[0, 0].item()

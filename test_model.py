@@ -1,12 +1,11 @@
-"""Backbone, Gaussian process maths and the `embed` family (Diffusion-LM), checked against closed forms."""
+"""Backbone and the `embed` family (Diffusion-LM), checked against closed forms (the Gaussian process itself: test_diffusion.py)."""
 import math
 
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
 from conftest import best_match, compact_vocab, train_steps
-from diffusion import GaussianDiffusion, abar_schedule, ids_to_bits
+from diffusion import ids_to_bits
 from model import ModelConfig, TimestepEmbedder, apply_rotary, build_model, rotary_tables
 from util import configure_optimizer
 
@@ -78,76 +77,6 @@ def test_rotary_scores_depend_only_on_relative_position():
     assert m.backbone.wpe is None and torch.isfinite(m(torch.randint(0, 100, (2, 16))))
 
 
-# ---------------------------------------------------------------- schedules and the Gaussian process
-
-@pytest.mark.parametrize('name', ['linear', 'cosine', 'sqrt'])
-def test_schedules_are_monotone_from_one_to_zero(name):
-    abar = abar_schedule(name, 1000)
-    assert abar[0] == 1.0 and abar[1] > 0.95 and abar[-1] < 1e-2  # sqrt adds noise fastest: 0.977
-    assert (abar[1:] < abar[:-1]).all()
-
-
-def test_q_sample_moments_match_closed_form():
-    d = GaussianDiffusion(abar_schedule('cosine', 100))
-    torch.manual_seed(0)
-    x0 = torch.tensor([1.5, -0.5, 0.0], dtype=torch.float64).expand(200_000, 3)
-    t = torch.full((200_000,), 40)
-    xt = d.q_sample(x0, t, torch.randn_like(x0))
-    a = d.abar[40].item()
-    se = math.sqrt((1 - a) / 200_000)
-    assert torch.allclose(xt.mean(0), math.sqrt(a) * x0[0], atol=5 * se)
-    assert torch.allclose(xt.var(0), torch.full((3,), 1 - a, dtype=torch.float64), rtol=0.02)
-
-
-@pytest.mark.parametrize('t,s', [(10, 9), (60, 59), (80, 20), (100, 1)])
-def test_posterior_matches_bayes_rule(t, s):
-    """q(x_s | x_t, x_0) ∝ q(x_s | x_0) q(x_t | x_s): a product of Gaussians in x_s, done by precisions."""
-    d = GaussianDiffusion(abar_schedule('linear', 100))
-    x0, xt = torch.tensor([[0.7, -1.2]], dtype=torch.float64), torch.tensor([[0.1, 2.0]], dtype=torch.float64)
-    a_s, a_t = d.abar[s].item(), d.abar[t].item()
-    a_ts = a_t / a_s
-    precision = 1 / (1 - a_s) + a_ts / (1 - a_ts)
-    mean = (math.sqrt(a_s) * x0 / (1 - a_s) + math.sqrt(a_ts) * xt / (1 - a_ts)) / precision
-    got_mean, got_var = d.q_posterior(x0, xt, torch.tensor([t]), torch.tensor([s]))
-    assert torch.allclose(got_mean, mean, atol=1e-10)
-    assert got_var.item() == pytest.approx(1 / precision, rel=1e-9)
-
-
-def test_eps_and_x0_conversions_agree():
-    d = GaussianDiffusion(abar_schedule('cosine', 100))
-    x0, eps = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
-    t = torch.tensor([1, 30, 70, 99])
-    xt = d.q_sample(x0, t, eps)
-    assert torch.allclose(d.x0_from_eps(xt, t, eps), x0, atol=1e-8)
-    assert torch.allclose(d.eps_from_x0(xt, t, x0), eps, atol=1e-8)
-
-
-def test_ddim_deterministic_at_eta0_and_ddpm_at_eta1():
-    d = GaussianDiffusion(abar_schedule('cosine', 100))
-    x0, xt = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    z1, z2 = torch.randn_like(xt), torch.randn_like(xt)
-    for t, s in [(50, 49), (90, 30)]:
-        t_batch, s_batch = torch.full((3,), t), torch.full((3,), s)
-        assert torch.equal(d.ddim_step(x0, xt, t_batch, s_batch, 0.0, z1),
-                           d.ddim_step(x0, xt, t_batch, s_batch, 0.0, z2))
-        mean, var = d.q_posterior(x0, xt, t_batch, s_batch)
-        no_noise = d.ddim_step(x0, xt, t_batch, s_batch, 1.0, torch.zeros_like(xt))
-        assert torch.allclose(no_noise, mean, atol=1e-10)                        # same mean ...
-        sigma = (d.ddim_step(x0, xt, t_batch, s_batch, 1.0, z1) - no_noise) / z1
-        assert torch.allclose(sigma ** 2, var.expand_as(sigma), rtol=1e-6)      # ... and the DDPM variance
-        assert torch.allclose(d.ddpm_step(x0, xt, t_batch, s_batch, z1), no_noise + sigma * z1, atol=1e-10)
-
-
-def test_gaussian_kl_step_matches_generic_kl():
-    d = GaussianDiffusion(abar_schedule('sqrt', 100))
-    x0, x0_hat = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    t = torch.tensor([7, 64])
-    xt = d.q_sample(x0, t, torch.randn_like(x0))
-    m_q, v = d.q_posterior(x0, xt, t, t - 1)
-    m_p, _ = d.q_posterior(x0_hat, xt, t, t - 1)
-    assert torch.allclose(d.kl_step(x0, x0_hat, t), (m_q - m_p) ** 2 / (2 * v), rtol=1e-8)
-
-
 # ---------------------------------------------------------------- training signal
 
 @pytest.mark.parametrize('model_type,kw', [('embed', {}), ('embed', {'predict': 'eps', 'cfg_drop': 0.2}),
@@ -169,19 +98,6 @@ def test_loss_is_finite_and_gradients_reach_every_parameter(model_type, kw):
         assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
-def test_checkpoint_roundtrip(tmp_path):
-    m = tiny('embed', self_cond=False)
-    path = tmp_path / 'ckpt.pt'
-    save_checkpoint(str(path), {'model_args': {**TINY, 'vocab_size': 100, 'self_cond': False},
-                                'model': m.state_dict(), 'ema': None})
-    assert [p.name for p in tmp_path.iterdir()] == ['ckpt.pt']  # no temp file left behind
-    m2, ckpt = load_checkpoint(str(tmp_path))
-    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
-        assert torch.equal(a, b), k
-    with pytest.raises(FileNotFoundError, match='no checkpoint'):
-        load_checkpoint(str(tmp_path / 'nowhere'))
-
-
 # ---------------------------------------------------------------- embed: memorise real text, sample it back
 
 @pytest.fixture(scope='module')
@@ -194,11 +110,13 @@ def overfit_embed(story_batch):
     return m, batch, first, last
 
 
+@pytest.mark.slow
 def test_embed_overfits_real_text(overfit_embed):
     m, batch, first, last = overfit_embed
     assert last < first / 5, (first, last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sampler,steps', [('ddpm', 100), ('ddim', 25)])
 def test_embed_samplers_reproduce_memorised_text(overfit_embed, sampler, steps):
     m, batch, _, _ = overfit_embed
@@ -211,6 +129,7 @@ def test_embed_samplers_reproduce_memorised_text(overfit_embed, sampler, steps):
     assert best_match(out, batch).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_embed_same_seed_same_text_and_clamping_reproduces_text(overfit_embed):
     m, batch, _, _ = overfit_embed
     a = m.sample(2, 24, steps=10, generator=torch.Generator().manual_seed(1))
@@ -341,6 +260,7 @@ def toy_model(model_type, steps, **kw):
     return m.eval()
 
 
+@pytest.mark.slow
 def test_embed_bound_is_not_below_the_entropy():
     m = toy_model('embed', 300)
     bound, se = toy_bound(m)

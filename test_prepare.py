@@ -86,12 +86,14 @@ def prepared(tmp_path_factory):
 # the written format
 
 
+@pytest.mark.slow
 def test_decoding_gives_back_the_input_stories(prepared, stories):
     assert len(stories) == NUM_STORIES
     decoded = [d for s in prepare.SPLITS for d in decode_documents(read_split(prepared, s))]
     assert collections.Counter(decoded) == collections.Counter(stories)
 
 
+@pytest.mark.slow
 def test_token_counts_match_an_independent_count(prepared, stories):
     enc = prepare.get_encoding(offline=True)
     expected = sum(len(enc.encode_ordinary(d)) + 1 for d in stories)  # +1: the EOT before each document
@@ -99,6 +101,7 @@ def test_token_counts_match_an_independent_count(prepared, stories):
     assert sum(meta['splits'][s]['tokens'] for s in prepare.SPLITS) == expected
 
 
+@pytest.mark.slow
 def test_meta_matches_the_files(prepared):
     meta = json.loads((prepared / 'meta.json').read_text())
     assert meta['tokenizer'] == 'gpt2' and meta['vocab_size'] == 50257 and meta['eot_token'] == 50256
@@ -112,11 +115,13 @@ def test_meta_matches_the_files(prepared):
     assert all(0.01 < f < 0.03 for f in fractions), fractions  # 0.02 each, up to binomial noise
 
 
+@pytest.mark.slow
 def test_splits_are_disjoint_by_document(prepared):
     docs = {s: set(decode_documents(read_split(prepared, s))) for s in prepare.SPLITS}
     assert not docs['train'] & docs['val'] and not docs['train'] & docs['test'] and not docs['val'] & docs['test']
 
 
+@pytest.mark.slow
 def test_identical_bytes_across_runs_num_proc_and_chunking(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CHUNK_BYTES', 1 << 16)  # big files cut into ~60 pieces at separator lines
     prepare.prepare(input=str(SHARED), out_dir=str(tmp_path / 'one'), num_proc=1)
@@ -145,6 +150,7 @@ def test_shard_directory_one_document_per_file(tmp_path, stories):
     assert sum(v['documents'] for v in meta['splits'].values()) == 40
 
 
+@pytest.mark.slow
 def test_dataset_path_and_max_docs_match_local_input(tmp_path, stories):
     """A Hugging Face dataset (here a local JSON one, so no network) goes through the same path as --input."""
     first = read_stories(STORY_FILES[:1])
@@ -234,6 +240,7 @@ def bad_inputs(tmp):
     ]
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_with_one_line_and_keep_earlier_output(tmp_path):
     out = tmp_path / 'out'
     prepare.prepare(input=str(STORY_FILES[1]), out_dir=str(out), num_proc=1)
@@ -312,6 +319,7 @@ def test_eval_windows_are_sequential_and_clipped(tmp_path):
         w.eval_batch(n, 1, 32)
 
 
+@pytest.mark.slow
 def test_reader_on_prepared_data(prepared):
     w = prepare.TokenWindows(prepared, 'val', 257, vocab_size=50304)
     x = w.random_batch(8, step=0)
@@ -391,6 +399,7 @@ def compact_prepared(prepared, tmp_path_factory):
     return work / 'c'
 
 
+@pytest.mark.slow
 def test_compact_vocabulary_is_the_train_split_renumbered(prepared, compact_prepared):
     """Mapped back through its map, every split is the GPT-2 stream itself, with <|unk|> exactly where the GPT-2
     id does not occur in train; the ids are ordered by train frequency; <|endoftext|> is the last id."""
@@ -416,6 +425,7 @@ def test_compact_vocabulary_is_the_train_split_renumbered(prepared, compact_prep
     assert meta['splits']['test']['unk_tokens'] > 0  # the case that the accounting is about does occur
 
 
+@pytest.mark.slow
 def test_compact_vocab_reads_and_writes_text(compact_prepared, stories):
     """Vocab is a codec over the compact ids: a train story round-trips; a word never seen in train becomes
     <|unk|>, and decodes as such."""
@@ -427,6 +437,7 @@ def test_compact_vocab_reads_and_writes_text(compact_prepared, stories):
     assert v.key != prepare.Vocab({}).key  # not GPT-2's own ids
 
 
+@pytest.mark.slow
 def test_compact_and_full_data_dirs_are_not_replaced_by_each_other(tmp_path):
     """prepare.py into an out_dir of the other vocabulary stops in one line (nothing written) unless
     --overwrite=True; the same kind is rewritten as before."""
@@ -445,6 +456,7 @@ def test_compact_and_full_data_dirs_are_not_replaced_by_each_other(tmp_path):
     assert rc != 0 and '--vocab=compact' in err
 
 
+@pytest.mark.slow
 def test_a_compact_map_that_does_not_fit_its_files_is_one_line(compact_prepared, tmp_path):
     meta = json.loads((compact_prepared / 'meta.json').read_text())
     for bad in ({'gpt2_ids': meta['compact']['gpt2_ids'][:-1]},            # one id short of vocab_size
@@ -455,3 +467,13 @@ def test_a_compact_map_that_does_not_fit_its_files_is_one_line(compact_prepared,
         (d / 'meta.json').write_text(json.dumps({**meta, 'compact': {**meta['compact'], **bad}}))
         with pytest.raises(ValueError, match='compact map does not fit vocab_size'):
             prepare.load_meta(d)
+
+
+def test_unigram_baseline_is_smoothed_train_frequencies(tmp_path):
+    tokens = np.array([0, 1, 1, 2, 2, 2, 2, 4], dtype=np.uint16)
+    tokens.tofile(tmp_path / 'train.bin')
+    (tmp_path / 'meta.json').write_text('{"tokenizer": "gpt2", "vocab_size": 6, "eot_token": 5, "dtype": "uint16", '
+                                        '"splits": {"train": {"tokens": 8}}}')
+    lp = prepare.unigram_logprobs(str(tmp_path), chunk=3)  # chunks smaller than the split: the counts must add up
+    counts = np.array([1, 2, 4, 0, 1, 0]) + 0.5
+    assert np.allclose(lp, np.log(counts / counts.sum()))

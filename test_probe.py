@@ -38,6 +38,7 @@ def test_mask_probe_sees_the_context_go_as_it_is_masked():
     assert nats[1.0] > math.log(8) - 0.5        # none visible: at best the 8 windows' frequencies
 
 
+@pytest.mark.slow
 def test_noisy_probe_gain_is_what_the_context_adds():
     m = trained('bits', 600, 3e-3, T=100, noise_schedule='cosine')
     out = probe_noisy(m, PROBED, POS, [40, 100], torch.Generator().manual_seed(0))

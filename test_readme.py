@@ -130,6 +130,7 @@ def runnable(cmd):
     return script is not None and not any(a.endswith('_tinystories.py') or a.startswith('--nnodes') for a in cmd)
 
 
+@pytest.mark.slow
 def test_quick_start_then_sampling_run_as_written(clone):
     root, run = clone
     quick = BLOCKS['Diffusion language models, nanoGPT style']  # set up, then the main job (and the test command)
@@ -156,6 +157,7 @@ def test_quick_start_then_sampling_run_as_written(clone):
     assert not [line for line in check.stdout.splitlines() if line.startswith('::')], check.stdout
 
 
+@pytest.mark.slow
 def test_training_block_runs_as_written(clone):
     root, run = clone
     run(['python', 'prepare.py', '--input=../shared/data/tinystories', '--vocab=compact'], 'b')  # a second copy, with data

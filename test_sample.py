@@ -126,6 +126,7 @@ def sample_ok(tmp_path, name, *args):
         return p.stdout, [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_embed_prompt_count_trajectory_and_seed(ckpts, tmp_path, enc):
     png = tmp_path / 'traj.png'
     common = [f'--out_dir={ckpts["embed"]}', '--num_samples=3', '--steps=20', f'--prompt={PROMPT}']
@@ -154,6 +155,7 @@ def test_embed_prompt_count_trajectory_and_seed(ckpts, tmp_path, enc):
     assert [r['tokens'] for r in other] != [r['tokens'] for r in recs]
 
 
+@pytest.mark.slow
 def test_embed_infilling_keeps_both_sides(ckpts, tmp_path, enc):
     # the template reaches the output through the sampler's `fixed` tokens; that they also condition the free ones
     # is the model's part, tested on memorised text and on the network's input (test_model.py, test_bits.py,
@@ -166,6 +168,7 @@ def test_embed_infilling_keeps_both_sides(ckpts, tmp_path, enc):
         assert r['text'].startswith(LEFT) and r['text'].endswith(RIGHT)
 
 
+@pytest.mark.slow
 def test_mask_family_with_prompt_infilling_and_options(ckpts, tmp_path, enc):
     png = tmp_path / 'mask.png'
     out, recs = sample_ok(tmp_path, 'mask', f'--out_dir={ckpts["mask"]}', '--num_samples=2', '--steps=16',
@@ -179,6 +182,7 @@ def test_mask_family_with_prompt_infilling_and_options(ckpts, tmp_path, enc):
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_ar_family_prompt_and_prefix_only(ckpts, tmp_path, enc):
     png = tmp_path / 'ar.png'
     out, recs = sample_ok(tmp_path, 'ar', f'--out_dir={ckpts["ar"]}', '--num_samples=2', '--length=20',
@@ -191,6 +195,7 @@ def test_ar_family_prompt_and_prefix_only(ckpts, tmp_path, enc):
     assert p.returncode != 0 and 'prefix prompts only' in p.stderr and 'Traceback' not in p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args, message', [
     (['--out_dir={tmp}/nothing'], 'no checkpoint'),
     (['--prompt=' + 'Once upon a time there was a little girl. ' * 4], 'but length=32'),

@@ -64,6 +64,7 @@ def table_rows(md, section):
     return [line for line in part.splitlines() if line.startswith('| ') and not line.startswith('| run ')]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', CPU_SWEEPS)
 def test_sweep_end_to_end(shared, name):
     config = f'config/sweep_{name}.py'
@@ -128,6 +129,7 @@ def test_sweep_end_to_end(shared, name):
     assert [r['likelihood'] for r in res2['runs']] == [r['likelihood'] for r in res['runs']]
 
 
+@pytest.mark.slow
 def test_unfinished_run_is_resumed(shared, tmp_path):
     """A run whose checkpoint is short of max_iters continues from it (its first evaluations are kept)."""
     cfg = tmp_path / 'sweep_one.py'

@@ -1,8 +1,10 @@
-"""Tests of configurator.py, train.py and config/: overrides, a real short run, resume, DDP, AMP, compile, errors.
+"""Tests of train.py and config/: its settings, a real short run, resume, DDP, AMP, compile, errors, signals.
 
-Training runs use real TinyStories tokens (a few hundred stories, prepared once per session by prepare.py)
-and a tiny embed model, so the whole file stays within a few minutes on two CPU cores.
+Training runs use real TinyStories tokens (a few hundred stories, prepared once per session by prepare.py, see
+conftest.py) and a tiny embed model; the runs in a subprocess are marked slow.
 """
+import ast
+import dataclasses
 import glob
 import json
 import math
@@ -24,147 +26,14 @@ import numpy as np
 import pytest
 import torch
 
+import guards
 import train
 import util
 from checkpoint import load_checkpoint
 from configurator import configure
-from conftest import compact_prepared, tinystories_documents
+from conftest import ROOT, TINY_TRAIN as TINY, evals, run_train, weights
 from model import ModelConfig
 from prepare import TokenWindows, unigram_logprobs
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-# a model small enough that one iteration takes tens of milliseconds, still with the real 50,257-id vocabulary
-TINY = ['--model_type=embed', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--embed_dim=16',
-        '--batch_size=8', '--learning_rate=3e-3', '--warmup_iters=2', '--eval_iters=2', '--log_interval=1',
-        '--device=cpu', '--dtype=float32', '--peak_flops=1e11', '--tensorboard_log=False']
-EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-    """Real tokens: the first 400 shared TinyStories stories through prepare.py's CLI."""
-    tmp = tmp_path_factory.mktemp('tinystories')
-    text = tmp / 'stories.txt'
-    text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=400)) + '\n', encoding='utf-8')
-    out = tmp / 'data'
-    subprocess.run([sys.executable, 'prepare.py', f'--input={text}', f'--out_dir={out}', '--num_proc=1'],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
-    return str(out)
-
-
-@pytest.fixture(scope='session')
-def small_vocab(data_dir, tmp_path_factory):
-    """The same stories with their ids renumbered densely (a vocabulary of a few thousand): for the tests whose
-    subject is not the vocabulary (resume, DDP), where the 50,257-way layers would only cost time. Returns
-    (its data_dir, the arguments that point train.py at it)."""
-    out = str(tmp_path_factory.mktemp('small_vocab') / 'data')
-    shutil.copytree(data_dir, out)
-    return out, [f'--data_dir={out}', f"--vocab_size={compact_prepared(out)['vocab_size']}"]
-
-
-def run_train(args, check=True, timeout=240, launcher=()):
-    """train.py in a subprocess; returns its combined stdout + stderr (and asserts success if check)."""
-    p = subprocess.run([*launcher, *([sys.executable, 'train.py'] if not launcher else ['train.py']), *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    out = p.stdout + p.stderr
-    if check:
-        assert p.returncode == 0, out
-    return p.returncode, out
-
-
-def evals(out):
-    return [(int(i), float(tr), float(va)) for i, tr, va in EVAL_LINE.findall(out)]
-
-
-def weights(path):
-    return torch.load(os.path.join(path, 'ckpt.pt'), map_location='cpu', weights_only=True)
-
-
-@pytest.fixture(scope='session')
-def short_run(data_dir, tmp_path_factory):
-    """30 iterations with TensorBoard on and a checkpoint at each evaluation; returns (out_dir, output)."""
-    out_dir = str(tmp_path_factory.mktemp('short') / 'out')
-    _, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=30',
-                        '--eval_interval=10', '--tensorboard_log=True'])
-    return out_dir, out
-
-
-# --------------------------------------------------------------------------------------------------
-# configurator.py
-
-DEFAULTS = dict(batch_size=8, learning_rate=1e-3, compile=False, device='cpu', betas=(0.9, 0.95), name=None)
-
-
-def conf(argv, **extra):
-    ns = {**DEFAULTS, **extra}
-    configure(ns, argv, verbose=False, prog='t.py')
-    return ns
-
-
-def conf_error(argv):
-    with pytest.raises(SystemExit) as e:
-        conf(argv)
-    assert isinstance(e.value.code, str), "errors must exit with a message (non-zero status)"
-    return e.value.code
-
-
-def test_configurator_overrides_and_types():
-    ns = conf(['--batch_size=16', '--learning_rate=2', '--compile=True', '--device=cuda:1', '--betas=[0.8, 0.9]',
-               '--name=2024'])
-    assert ns['batch_size'] == 16
-    assert ns['learning_rate'] == 2.0 and isinstance(ns['learning_rate'], float)  # int accepted for a float
-    assert ns['compile'] is True
-    assert ns['device'] == 'cuda:1'                                               # a bare word stays a string
-    assert ns['betas'] == (0.8, 0.9)                                              # list -> the default's tuple
-    assert ns['name'] == 2024                                                     # default None: any literal
-    assert conf(["--device='cpu'"])['device'] == 'cpu'                           # a quoted literal works too
-    assert conf(['--device=2024'])['device'] == '2024'                           # a str setting keeps the text
-
-
-def test_configurator_config_file(tmp_path):
-    f = tmp_path / 'c.py'
-    f.write_text("import math\n_scratch = 3\nbatch_size = batch_size * 4  # reads the current value\n"
-                 "learning_rate = math.sqrt(4)\ndef helper():\n    pass\n")
-    ns = conf([str(f), '--batch_size=5'])  # later arguments win
-    assert ns['batch_size'] == 5 and ns['learning_rate'] == 2.0
-    assert conf([str(f)])['batch_size'] == 32
-    assert '_scratch' not in ns and 'math' not in ns and 'helper' not in ns
-
-
-@pytest.mark.parametrize('argv, words', [
-    (['--batchsize=4'], ["'batchsize'", "'batch_size'", '--batchsize=4']),
-    (['--batch_size=4.5'], ['batch_size=4.5', 'expected an int']),
-    (['--batch_size=four'], ['batch_size', 'expected an int']),
-    (['--compile=1'], ['compile=1', 'expected a bool']),
-    (['--compile=true'], ['compile', 'expected a bool']),
-    (['--learning_rate=fast'], ['learning_rate', 'expected a float']),
-    (['--betas=0.9'], ['betas', 'expected a tuple']),
-    (['--batch_size'], ["'--batch_size'", "--key=value"]),
-    (['no_such_file.py'], ["no_such_file.py", 'not found']),
-])
-def test_configurator_errors(argv, words):
-    msg = conf_error(argv)
-    assert msg.startswith('t.py: ') and '\n' not in msg
-    for w in words:
-        assert w in msg, msg
-
-
-def test_configurator_unknown_key_in_file(tmp_path):
-    f = tmp_path / 'typo.py'
-    f.write_text("batch_size = 4\nlearning_rat = 3e-4\n")
-    msg = conf_error([str(f)])
-    assert str(f) in msg and "'learning_rat'" in msg and "'learning_rate'" in msg
-    f.write_text("batch_size = 'big'\n")
-    assert 'expected an int' in conf_error([str(f)])
-    f.write_text("batch_size = undefined_name\n")
-    assert 'NameError' in conf_error([str(f)])
-
-
-def test_configurator_help(capsys):
-    with pytest.raises(SystemExit) as e:
-        conf(['--help'])
-    assert e.value.code == 0 and '--batch_size=8' in capsys.readouterr().out
-
 
 # --------------------------------------------------------------------------------------------------
 # train.py's settings and config/
@@ -195,9 +64,30 @@ def test_config_files():
             ModelConfig(**{k: c[k] for k in ModelConfig.__dataclass_fields__ if k != 'vocab_size'})
 
 
+def test_model_settings_are_model_configs_fields_with_its_defaults():
+    """train.py writes out every field of model.ModelConfig as a setting, in one block in ModelConfig's order, each
+    with ModelConfig's default (of the same type) and a comment; vocab_size alone differs: 0, the data's. So the two
+    lists cannot drift apart, and a reader sees every knob in train.py."""
+    with open(os.path.join(ROOT, 'train.py')) as f:
+        src = f.read()
+    lines = src.splitlines()
+    settings = [(n.targets[0].id, n) for n in ast.parse(src).body if isinstance(n, ast.Assign)
+                and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name) and n.targets[0].id in train._config_keys]
+    names = [k for k, _ in settings]
+    fields = dataclasses.fields(ModelConfig)
+    assert len(names) == len(set(names)) == len(train._config_keys), "every setting assigned once, by name"
+    first = names.index(fields[0].name)
+    assert names[first:first + len(fields)] == [f.name for f in fields]
+    for f, (name, node) in zip(fields, settings[first:first + len(fields)]):
+        value, default = ast.literal_eval(node.value), (0 if f.name == 'vocab_size' else f.default)
+        assert value == default and type(value) is type(default), (name, value, default)
+        assert getattr(train, name) == default and '  # ' in lines[node.lineno - 1], name
+
+
 # --------------------------------------------------------------------------------------------------
 # training runs
 
+@pytest.mark.slow
 def test_short_run_loss_falls_and_checkpoint_loads(short_run):
     out_dir, out = short_run
     e = evals(out)
@@ -216,6 +106,7 @@ def test_short_run_loss_falls_and_checkpoint_loads(short_run):
     assert torch.isfinite(model(X))
 
 
+@pytest.mark.slow
 def test_eval_log_holds_the_bound_beside_the_unigram_line(short_run):
     """Each evaluation logs held-out bits/token (the family's bound) and the unigram cross-entropy of the very
     val windows it scored, computed here again from the train split's counts."""
@@ -235,43 +126,14 @@ def test_eval_log_holds_the_bound_beside_the_unigram_line(short_run):
     # the last figure again from the saved weights: one draw per window, its standard error from the windows' spread
     model, _ = load_checkpoint(out_dir, use_ema=False)
     bits = torch.cat([model.nll(val.random_batch(8, step=k, seed=train._EVAL_SEED, rank=0),
-                                generator=torch.Generator().manual_seed(train.stream_seed(train._EVAL_SEED, 1, k)))
+                                generator=torch.Generator().manual_seed(util.stream_seed(train._EVAL_SEED, 1, k)))
                       for k in range(2)]).double()
     assert abs(recs[-1]['val_bits'] - bits.mean().item()) < 1e-6
     assert abs(recs[-1]['val_bits_se'] - (bits.std() / math.sqrt(len(bits))).item()) < 1e-6
     assert f"{bits.mean().item():.3f} ± {recs[-1]['val_bits_se']:.3f} bits/token" in out
 
 
-def test_curves_table_and_picture_from_the_eval_logs(short_run, tmp_path, capsys):
-    """curves.py reads each run's eval_log.jsonl: the table row of the last evaluation carries the bound with its
-    standard error where the log has one (an older log without it still draws), and the PNG is written."""
-    import curves
-    out_dir, _ = short_run
-    old = tmp_path / 'old-run'
-    old.mkdir()
-    with open(old / 'eval_log.jsonl', 'w') as f:  # a log written before val_bits_se existed
-        for it, bits in ((0, 16.5), (10, 12.25)):
-            f.write(json.dumps({'iter': it, 'tokens': it * 256, 'train_seconds': it * 0.5, 'val_bits': bits,
-                                'unigram_bits': 11.0, 'model_type': 'mask'}) + '\n')
-    res = curves.main([f"--runs={[out_dir, str(old)]}", f'--out_dir={tmp_path / "curves"}'])
-    table = capsys.readouterr().out
-    last = [json.loads(line) for line in open(os.path.join(out_dir, 'eval_log.jsonl'))][-1]
-    assert f"| {last['val_bits']:.3f} ± {last['val_bits_se']:.3f} | {last['unigram_bits']:.3f} |" in table, table
-    assert "| old-run | mask | 10 | 2,560 | 5 | 12.250 | 11.000 | -1.250 |" in table, table
-    assert [len(c['records']) for c in res] == [4, 2]
-    assert os.path.getsize(tmp_path / 'curves' / 'curves.png') > 0
-    curves.main([f"--runs={[out_dir]}", f'--out_dir={tmp_path / "curves"}'])  # its own curves: rewritten
-    # a directory holding a picture curves.py did not write (no curves.json of its own beside it) is refused
-    (tmp_path / 'other').mkdir()
-    (tmp_path / 'other' / 'curves.png').write_bytes(b'a picture of hours')
-    with pytest.raises(SystemExit) as e:
-        curves.main([f"--runs={[out_dir]}", f'--out_dir={tmp_path / "other"}'])
-    assert str(e.value.code) == (f"curves.py: '{tmp_path}/other/curves.png' (in out_dir='{tmp_path}/other') exists "
-                                 f"and is not curves.py's own curves.png; choose another path, or replace it with "
-                                 f"--overwrite=True")
-    assert (tmp_path / 'other' / 'curves.png').read_bytes() == b'a picture of hours'
-
-
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(small_vocab, tmp_path):
     # EMA and gradient accumulation on, so their state and the micro-step data stream are covered too
     common = [*TINY, *small_vocab[1], '--eval_interval=3', '--always_save_checkpoint=True',
@@ -291,6 +153,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(small_vocab, tmp_path):
     assert any(not torch.equal(half['model'][k], wb['model'][k]) for k in wb['model'])
 
 
+@pytest.mark.slow
 def test_eval_only_and_killed_run_resumes(short_run, tmp_path):
     out_dir = str(tmp_path / 'out')
     shutil.copytree(short_run[0], out_dir)
@@ -317,6 +180,7 @@ def test_eval_only_and_killed_run_resumes(short_run, tmp_path):
     assert f"step {killed_at + 4}:" in out and weights(out_dir)['iter_num'] == killed_at + 4
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(short_run, tmp_path):
     out_dir = str(tmp_path / 'out')
     shutil.copytree(short_run[0], out_dir)
@@ -334,6 +198,7 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(short_run, tmp_path):
         assert f.read() == before, "the checkpoint must be left as it was"
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_gloo(small_vocab, tmp_path):
     out_dir = str(tmp_path / 'out')
     # gradient_accumulation_steps=1 (the configs' value) on 2 ranks: rounded up to 2, with a message
@@ -345,16 +210,17 @@ def test_ddp_two_ranks_gloo(small_vocab, tmp_path):
     m = re.search(r"ddp: 2 ranks, first micro-batch fingerprints \['(\w+)', '(\w+)'\]", out)
     assert m, out
     loader = TokenWindows(small_vocab[0], 'train', 32)
-    expect = [train.fingerprint([loader.random_batch(8, step=0, seed=train.seed, rank=r)]) for r in (0, 1)]
+    expect = [guards.fingerprint([loader.random_batch(8, step=0, seed=train.seed, rank=r)]) for r in (0, 1)]
     assert list(m.groups()) == expect and expect[0] != expect[1]
     # and they end with bitwise identical weights
     m = re.search(r"ddp: final weight fingerprints \['(\w+)', '(\w+)'\] \(identical on all ranks\)", out)
     assert m and m.group(1) == m.group(2), out
     ckpt = weights(out_dir)
-    assert ckpt['iter_num'] == 4 and train.fingerprint(ckpt['model'].values()) == m.group(1)
+    assert ckpt['iter_num'] == 4 and guards.fingerprint(ckpt['model'].values()) == m.group(1)
     assert '2 ranks x 1 micro-batches' in out
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu(data_dir, tmp_path):
     out_dir = str(tmp_path / 'out')
     # bf16 matmuls are slow on a CPU without bf16 units (~3 s a step here): 6 steps of 4 windows
@@ -368,6 +234,7 @@ def test_bf16_autocast_on_cpu(data_dir, tmp_path):
                if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_compile(data_dir, tmp_path):
     out_dir = str(tmp_path / 'out')
     _, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=2',
@@ -381,6 +248,7 @@ def test_compile(data_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # bad configurations: one clear line and a non-zero exit
 
+@pytest.mark.slow
 def test_bad_configuration_exits_with_a_clear_message(data_dir, tmp_path):
     rc, out = run_train([*TINY, f'--data_dir={data_dir}', '--n_embdd=64'], check=False)
     assert rc != 0 and "unknown config key 'n_embdd'; did you mean 'n_embd'?" in out and 'Traceback' not in out
@@ -429,6 +297,7 @@ def test_unwritable_out_dir_stops_before_any_work(data_dir, capsys):
     assert 'model_type=' not in capsys.readouterr().out  # nothing was built
 
 
+@pytest.mark.slow
 def test_fresh_run_into_an_out_dir_with_a_checkpoint_stops_unless_told(data_dir, tmp_path):
     out_dir = tmp_path / 'out'
     out_dir.mkdir()
@@ -443,6 +312,7 @@ def test_fresh_run_into_an_out_dir_with_a_checkpoint_stops_unless_told(data_dir,
     assert weights(out_dir)['iter_num'] == 1
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_shape_names_the_key_and_both_values(short_run, tmp_path):
     out_dir = str(tmp_path / 'out')
     shutil.copytree(short_run[0], out_dir)
@@ -464,6 +334,7 @@ def test_token_ids_beyond_the_vocabulary_stop_the_run(data_dir, tmp_path):
     assert 'train.bin holds token id 65000' in msg and 'vocab_size=50257' in msg and '\n' not in msg, msg
 
 
+@pytest.mark.slow
 def test_mfu_never_passes_100_percent(data_dir, tmp_path, capsys):
     # a peak far below what any machine does, as a probe taken under load can be
     train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=3', '--eval_interval=3',
@@ -474,6 +345,7 @@ def test_mfu_never_passes_100_percent(data_dir, tmp_path, capsys):
     assert 'using it as the peak from now on' in out
 
 
+@pytest.mark.slow
 def test_failed_save_is_one_line_and_keeps_the_checkpoint(short_run, tmp_path):
     """A full disk, for real: a file size limit (RLIMIT_FSIZE) makes the checkpoint write fail as ENOSPC does."""
     out_dir = str(tmp_path / 'out')
@@ -513,18 +385,21 @@ def zero_run(data_dir, tmp_path_factory):
     return out_dir, out, dead.pid
 
 
+@pytest.mark.slow
 def test_max_iters_zero_saves_the_initial_weights_with_a_note(zero_run):
     out_dir, out, _ = zero_run
     assert 'max_iters=0: no training steps; the initial weights are evaluated and saved as iteration 0' in out
     assert weights(out_dir)['iter_num'] == 0 and evals(out)[0][0] == 0
 
 
+@pytest.mark.slow
 def test_temp_files_of_an_interrupted_save_are_removed(zero_run):
     out_dir, out, _ = zero_run
     assert 'removed 1 temp file(s) of an interrupted save' in out
     assert not list(out_dir.glob('.ckpt.pt.*.tmp'))
 
 
+@pytest.mark.slow
 def test_lock_of_a_dead_run_is_taken_over_and_released_at_exit(zero_run):
     out_dir, out, pid = zero_run
     assert f"taking over {out_dir}/run.lock: its pid {pid} on this host" in out
@@ -554,6 +429,7 @@ def live_run(data_dir, tmp_path_factory):
     p.wait()
 
 
+@pytest.mark.slow
 class TestLiveRun:
     def test_log_lines_reach_a_pipe_as_they_are_printed(self, live_run):
         _, _, got, running = live_run
@@ -569,6 +445,7 @@ class TestLiveRun:
             f"dead)")
 
 
+@pytest.mark.slow
 def test_clearml_offline_records_the_tensorboard_scalars_and_the_config(data_dir, tmp_path):
     """ClearML for real, in its offline mode (Task.set_offline(True) via clearml_offline): the session folder it
     writes holds the very scalars TensorBoard got, and the config as hyperparameters."""
@@ -656,6 +533,7 @@ def start_and_signal(cmd, signum, after='iter 2:', timeout=180):
     return p.returncode, ''.join(got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_the_current_iteration_and_says_how_to_resume(small_vocab, tmp_path, signum):
     out_dir = str(tmp_path / 'out')
@@ -706,6 +584,7 @@ def test_a_second_signal_during_the_save_keeps_the_previous_checkpoint(small_voc
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_rank_0_saves_and_every_rank_stops(small_vocab, tmp_path):
     out_dir = str(tmp_path / 'out')
     args = [*TINY, *small_vocab[1], f'--out_dir={out_dir}', '--max_iters=100000', '--eval_interval=100000']
@@ -720,6 +599,7 @@ def test_ddp_sigterm_rank_0_saves_and_every_rank_stops(small_vocab, tmp_path):
     assert not os.path.exists(os.path.join(out_dir, 'run.lock'))
 
 
+@pytest.mark.slow
 def test_torchrun_config_error_is_one_line_in_its_summary_without_a_traceback_of_ours(tmp_path):
     p = subprocess.run([*TORCHRUN, 'train.py', '--init_from=bogus', '--device=cpu', f'--out_dir={tmp_path}/out'],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -730,6 +610,7 @@ def test_torchrun_config_error_is_one_line_in_its_summary_without_a_traceback_of
     assert 'train.py", line' not in p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_eval_only_gives_the_figures_the_run_logged_at_that_iteration(small_vocab, tmp_path, monkeypatch):
     """The same windows, the same draws and the same state: evaluating a checkpoint again reproduces the numbers its
     run logged. T=8 makes the bound's adaptive time proposal warm within a few steps (its statistics are buffers

@@ -2,7 +2,8 @@
 Helpers every script shares: device and precision resolution, the autocast context, eval mode for a method, the
 matmul peak probe for MFU, device synchronisation, atomic file writes (checkpoints, samples, results and plots),
 the checks that an output path is writable and replaces nothing it should not before the work starts, the out_dir
-lock, line-buffered logs, the one-line exit of a script (also under torchrun), and a clean stop on SIGINT / SIGTERM.
+lock, line-buffered logs, the one-line exit of a script (also under torchrun), a clean stop on SIGINT / SIGTERM, and
+the seeds of the random streams.
 """
 
 import atexit
@@ -22,6 +23,7 @@ import time
 import zipfile
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 
 
@@ -89,6 +91,11 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
     fused = {'fused': True} if device_type == 'cuda' else {}
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
+
+
+def stream_seed(*parts):
+    """A well-mixed 63-bit seed from integers, so (seed, rank, step) streams never collide or correlate."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0]) >> 1
 
 
 def fail(prog, msg):
@@ -445,7 +452,14 @@ def run_script(main, torchrun=False):
     """Run a script's main() as its command. Alone, as Python does. Under torchrun: a one-line exit (SystemExit with
     a message) is printed by rank 0 and also written to the error file torchrun reads, so torchrun's failure summary
     shows that line (instead of 'To enable traceback see ...') for whichever rank failed; and every rank leaves
-    without the interpreter's teardown, where gloo's worker threads can abort a finished process (train.py's note)."""
+    without the interpreter's teardown, where gloo's worker threads can abort a finished process:
+
+    Gloo's worker threads free each collective's work object some time after the collective completes, and that
+    object holds a Python reference (its captured thread-local state): a worker that gets there after the
+    interpreter began finalizing cannot take the GIL and aborts the process ('terminate called without an active
+    exception', exit -6), though every step, checkpoint and log line was done (pytorch/pytorch#179291; ~1 run in 4
+    on a loaded 2-core machine). When main() has returned or exited, the process group is destroyed and the
+    checkpoint and logs are closed and renamed into place, so only the buffered streams need flushing."""
     if not torchrun:
         return main()
     try:
