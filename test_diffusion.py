@@ -75,3 +75,17 @@ def test_gaussian_kl_step_matches_generic_kl():
     m_q, v = d.q_posterior(x0, xt, t, t - 1)
     m_p, _ = d.q_posterior(x0_hat, xt, t, t - 1)
     assert torch.allclose(d.kl_step(x0, x0_hat, t), (m_q - m_p) ** 2 / (2 * v), rtol=1e-8)
+
+
+@pytest.mark.parametrize('per_row', [False, True])
+def test_token_loglik_is_the_gaussian_log_density_up_to_a_constant_per_position(per_row):
+    """log q(x_t | w) = -||x_t - sqrt(a) c_w||^2 / (2 (1 - a)) + const, for one abar or one per row of x_t."""
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.3, 0.8], dtype=torch.float64).view(2, 1, 1) if per_row else 0.6
+    got = GaussianDiffusion(abar_schedule('linear', 10)).token_loglik(x, a, E, torch.float64)
+    aa = torch.as_tensor(a, dtype=torch.float64).expand(2, 1, 1)
+    exact = -((x[:, :, None, :] - aa.sqrt()[..., None] * E) ** 2).sum(-1) / (2 * (1 - aa))  # (2, 4, 7)
+    diff = got - exact
+    assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-9)  # the same constant for every w
