@@ -4,8 +4,9 @@ the bit code and categorical draws. Float64 where precision matters, no nn.Modul
 model.py's families import these and keep their networks, losses, samplers and bounds beside each other.
 
 The three processes have one shape: the marginal q(x_t | x_0) (`q_sample`), the posterior q(x_s | x_t, x_0) for
-any s < t, the prior at the end of the chain, and the likelihood of a noisy state under each clean token where
-the family's decoder needs it.
+any s < t, the prior at the end of the chain, the likelihood of a noisy state under each clean token where the
+family's decoder needs it, and the KL of one step of the bound against the model's reverse step, given the model's
+output (GaussianDiffusion.kl_step for an x0 estimate, BitFlipDiffusion.step_kl for logits over the ids).
   GaussianDiffusion  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 1..T        (embed, analog)
   (continuous_time.py holds the first two with t real in [0, T], continuous_time=True)
   BitFlipDiffusion   each bit flips with probability (1 - abar_t) / 2, t = 1..T      (bits)

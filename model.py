@@ -659,8 +659,8 @@ class BitDiffusion(LanguageModel):
         """Variational bound in bits per token, one unbiased estimate per position:
 
         -log p(w) <= E[-log p(w | b_1)] + sum_{t=2}^T E KL(q(b_{t-1}|b_t,b_0) || p(b_{t-1}|b_t)) + KL(q(b_T|b_0) || U),
-        the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t by step_kl against the model's
-        transition, the mixture over clean ids (transition_logprob); in continuous time the integral of rate_kl."""
+        the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t against the model's transition,
+        the mixture over clean ids (BitFlipDiffusion.step_kl); in continuous time the integral of rate_kl."""
         B, device = idx.shape[0], idx.device
         b0 = ids_to_bits(idx, self.num_bits).double()
         t, q_t = self.time_proposal.draw(B, generator, device)
