@@ -4,8 +4,9 @@ the bit code and categorical draws. Float64 where precision matters, no nn.Modul
 model.py's families import these and keep their networks, losses, samplers and bounds beside each other.
 
 The three processes have one shape: the marginal q(x_t | x_0) (`q_sample`), the posterior q(x_s | x_t, x_0) for
-any s < t, the prior at the end of the chain, and the likelihood of a noisy state under each clean token where
-the family's decoder needs it.
+any s < t, the prior at the end of the chain, the likelihood of a noisy state under each clean token where the
+family's decoder needs it, and the KL of one step of the bound against the model's reverse step, given the model's
+output (GaussianDiffusion.kl_step for an x0 estimate, BitFlipDiffusion.step_kl for logits over the ids).
   GaussianDiffusion  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 1..T        (embed, analog)
   (continuous_time.py holds the first two with t real in [0, T], continuous_time=True)
   BitFlipDiffusion   each bit flips with probability (1 - abar_t) / 2, t = 1..T      (bits)
@@ -231,6 +232,11 @@ def log_snr_drop_proposal(abar):
     return 0.5 * drop / drop.sum() + 0.5 / (T - 1)
 
 
+def log_q_bits(b, q1):
+    """log q(b_k) per bit of a code b (0/1) under independent bits with q(b_k = 1) = q1, floored off log(0)."""
+    return torch.where(b > 0.5, q1, 1 - q1).clamp_min(torch.finfo(q1.dtype).tiny).log()
+
+
 class BitFlipDiffusion(DiscreteTime):
     """Each bit of a 16-bit code flips independently: q(b_t != b_0) = (1 - abar_t) / 2, so at t = T the bits are
     uniform. Between any s < t a bit flips with probability (1 - abar_t/abar_s) / 2. Bits are 0/1 floats."""
@@ -267,6 +273,57 @@ class BitFlipDiffusion(DiscreteTime):
         post0 = self.posterior_prob_one(b_t, torch.zeros_like(b_t), t, s).to(dtype)  # P(b_s,k=1 | b_t, b_0,k=0)
         return (torch.where(up, post1, 1 - post1).clamp_min(tiny).log(),
                 torch.where(up, post0, 1 - post0).clamp_min(tiny).log())
+
+    def joint_logprob(self, b_s, b_t, logits, codes, t, s, dtype=torch.float64):
+        """log p(w | b_t) + log q(b_s | b_t, b_0 = codes[w]) for every id w, p(w | b_t) = softmax(logits): (..., V),
+        one (k x V) matmul per position. Its logsumexp over w is log p(b_s | b_t) (transition_logprob)."""
+        log_if1, log_if0 = self.bit_logliks(b_s, b_t, t, s, dtype)
+        codes = codes.to(dtype)
+        return logits.to(dtype).log_softmax(-1) + log_if1 @ codes.t() + log_if0 @ (1 - codes).t()
+
+    def transition_logprob(self, b_s, b_t, logits, codes, t, s, dtype=torch.float64):
+        """log p(b_s | b_t) = log sum_w p(w | b_t) prod_k q(b_s,k | b_t,k, b_0,k = bit_k(w)) per position, the
+        model's transition (D3PM's x0-parameterisation): the bits of a token stay correlated through w, which a
+        product of per-bit marginals would lose."""
+        return torch.logsumexp(self.joint_logprob(b_s, b_t, logits, codes, t, s, dtype), -1)
+
+    def step_kl(self, b0, b_t, logits, codes, t, generator=None, dtype=torch.float64, near=True):
+        """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias, p the
+        transition above. q, a product over the k bits, puts almost all its mass on its mode m and the k codes m^j
+        one flip away (S: 17 codes for GPT-2's 16 bits); near=True sums those 17 terms exactly and draws the rest:
+        KL = sum_{b in S} q(b) log(q(b) / p(b)) + E_{b ~ q}[1{b not in S} log(q(b) / p(b))]. The one-draw estimate
+        (near=False, what training records) is heavy-tailed: a surprising draw costs ~-log p(w | b_t), tens of nats."""
+        q1 = self.posterior_prob_one(b_t, b0, t, t - 1).to(dtype)  # q(b_{t-1},k = 1 | b_t, b_0) per bit
+        b_draw = (rand(q1.shape, generator, q1.device) < q1).to(dtype)
+        if not near:
+            return log_q_bits(b_draw, q1).sum(-1) - self.transition_logprob(b_draw, b_t, logits, codes, t, t - 1, dtype)
+        mode = (q1 > 0.5).to(dtype)
+        kl = self.kl_on_mode_and_neighbours(mode, q1, b_t, logits, codes, t, dtype)
+        # the rest, one draw: log q(b) / p(b) where the draw left S (2+ bits from the mode; p needed only there)
+        far = (b_draw != mode).sum(-1) > 1
+        t_far = t.view(-1, *([1] * (far.dim() - 1))).expand(far.shape)[far]
+        log_q_far = log_q_bits(b_draw[far], q1[far]).sum(-1)
+        log_p_far = self.transition_logprob(b_draw[far], b_t[far], logits[far], codes, t_far, t_far - 1, dtype)
+        return kl.index_put((far,), kl[far] + log_q_far - log_p_far)
+
+    def kl_on_mode_and_neighbours(self, mode, q1, b_t, logits, codes, t, dtype):
+        """sum_{b in S} q(b) log(q(b) / p(b)) over S = the mode m of q and its one-flip neighbours m^j, exactly. With
+        a_w = p(w | b_t) q(m | b_t, codes[w]) (joint_logprob), p(m) = sum_w a_w; flipping bit j scales a_w by r1_j =
+        q(1 - m_j | b_t, b_0,j = 1) / q(m_j | b_t, b_0,j = 1) if bit_j(w) = 1, else by r0_j (the same given 0), so
+        p(m^j) = r1_j sum_{bit_j(w)=1} a_w + r0_j sum_{bit_j(w)=0} a_w: two matmuls for all k neighbours."""
+        a = self.joint_logprob(mode, b_t, logits, codes, t, t - 1, dtype)
+        top = a.amax(-1, keepdim=True)
+        e = (a - top).exp()                                                          # a_w / max_w a_w
+        codes = codes.to(dtype)
+        log_s1, log_s0 = (e @ codes).log(), (e @ (1 - codes)).log()                 # (..., k)
+        keep1, keep0 = self.bit_logliks(mode, b_t, t, t - 1, dtype)
+        flip1, flip0 = self.bit_logliks(1 - mode, b_t, t, t - 1, dtype)
+        log_p_mode = top.squeeze(-1) + e.sum(-1).log()
+        log_p_flip = top + torch.logaddexp(log_s1 + flip1 - keep1, log_s0 + flip0 - keep0)  # (..., k): p(m^j)
+        log_q = log_q_bits(mode, q1)
+        log_q_mode = log_q.sum(-1)
+        log_q_flip = log_q_mode.unsqueeze(-1) - log_q + log_q_bits(1 - mode, q1)     # (..., k): q(m^j)
+        return log_q_mode.exp() * (log_q_mode - log_p_mode) + (log_q_flip.exp() * (log_q_flip - log_p_flip)).sum(-1)
 
     def prior_kl(self, num_bits):
         """KL(q(b_T | b_0) || uniform) of `num_bits` bits (one code), in nats (the same for every b_0)."""

@@ -1,14 +1,22 @@
 """
 The transformer backbone and every model family of the project, in two parts as in DiT: the network (blocks
-modulated by a time embedding through adaLN-zero), and the families `embed`, `bits`, `analog`, `mask` and `ar`,
-each with its input, head, training loss, sampler step and likelihood bound side by side. All five share the
-sampling loop (LanguageModel.sample); the parameter-free maths (schedules, the three processes, time and categorical
-draws, the bit code) is in diffusion.py, what the bounds share in bounds.py, checkpoint files in checkpoint.py.
+modulated by a time embedding through adaLN-zero), then one section per family, whose class holds its input, head,
+training loss (forward), sampler (init_state, step) and likelihood bound (position_nll): EmbedDiffusion (`embed`)
+and AnalogBitDiffusion (`analog`), which share the Gaussian machinery of GaussianLM, BitDiffusion (`bits`),
+MaskedDiffusion (`mask`) and AutoregressiveLM (`ar`). All five share the sampling loop (LanguageModel.sample); the
+parameter-free maths (schedules, the processes and their step KLs, time and categorical draws, the bit code) is in
+diffusion.py and continuous_time.py, what the bounds share in bounds.py.
 
-Token ids are GPT-2 BPE ids (50,257; 50256 = <|endoftext|>). Time is discrete, t = 1..T, for the Gaussian and bit
-families (abar_0 = 1: clean data; real t in [0, T] with continuous_time=True) and continuous in [0, 1] for `mask`;
-the network always sees t in [0, 1].
-Likelihoods are in bits per token.
+The literature's names: `embed` is Diffusion-LM / CDCD / Plaid (the seed's DiT LM; CDCD's and Plaid's softmax x0
+estimate); `analog` is Chen et al.'s Bit Diffusion (Analog Bits: the bits as reals under Gaussian noise); `bits` is
+the seed's bit-flip diffusion, D3PM-style on the id's bits; `mask` is MDLM; `ar` is the autoregressive baseline.
+
+Time. embed, analog, bits: t = 0..T, the steps of the discrete chain, abar_0 = 1 (clean data); training draws t in
+1..T, sampling runs from T to 0. The bound is the decoder's term at t = 1, one KL per step t = 2..T (t drawn by
+BoundTimeProposal, whose tables are indexed by t - 2) and the prior at T. continuous_time=True: t real in [0, T],
+the same marginals, the sum over steps an integral over (1, T]. mask: t real in [0, 1], alpha_t the probability a
+token is still clean. ar: no time. The network sees t in [0, 1]: t / T (mask: t itself, with time_cond=True only).
+Token ids are GPT-2's (50,257; 50256 = <|endoftext|>) or a compact vocabulary's; likelihoods are in bits per token.
 """
 
 import functools
@@ -85,9 +93,8 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> [cos(1000 t omega_k), sin(1000 t omega_k)], omega_k = 10000^(-k / (d/2)), k < d/2 -> MLP.
-    t in [0, 1] lets discrete (t/T) and continuous time share one embedder; the factor 1000 spans the frequencies
-    DiT sees with integer timesteps 0..999."""
+    """t in [0, 1] -> [cos(1000 t omega_k), sin(1000 t omega_k)], omega_k = 10000^(-k / (d/2)), k < d/2 -> MLP. One
+    embedder for discrete (t/T) and continuous time; the factor 1000 spans the frequencies DiT sees with t = 0..999."""
 
     def __init__(self, n_embd, freq_dim=256):
         super().__init__()
@@ -242,9 +249,9 @@ def init_weights(module, n_layer):
 class BitCodeInput(nn.Module):
     """The network's input from a noisy k-bit code (bits: the flipped bits, analog: the signs of x_t; k = 16 for
     GPT-2's ids, 13 for a compact vocabulary): a linear map of its +-1 bits plus an embedding of the whole code as
-    an integer (2**k rows). With the linear part alone the
-    bit families never got past per-bit frequencies (a small network cannot rebuild 50k ids from 16 arbitrary
-    bits); where the code is intact the embedding is a token embedding, where bits flipped the linear part helps."""
+    an integer (2**k rows). With the linear part alone the bit families never got past per-bit frequencies (a small
+    network cannot rebuild 50k ids from 16 arbitrary bits); where the code is intact the embedding is a token
+    embedding, where bits flipped the linear part helps."""
 
     def __init__(self, in_dim, n_embd, bias, num_bits):
         super().__init__()
@@ -255,6 +262,11 @@ class BitCodeInput(nn.Module):
         """signed_bits (..., k) real, > 0 read as bit 1; extra (..., k) more features for the linear part."""
         x = signed_bits if extra is None else torch.cat([signed_bits, extra], -1)
         return self.proj(x.to(self.proj.weight.dtype)) + self.code_emb(bits_to_ids(signed_bits > 0))
+
+
+def vocab_logits(h, tok_emb, vocab_size):
+    """Output layer tied to the input embedding; slicing its rows keeps [MASK] and padding out of every softmax."""
+    return F.linear(h, tok_emb.weight[:vocab_size])
 
 
 # -------- The shared skeleton of every family
@@ -270,20 +282,29 @@ class LanguageModel(nn.Module):
     fixed_steps = False     # True where the length sets the number of sampling steps (ar: one token per step)
     exact_likelihood = False  # True where position_nll() is the exact NLL rather than a bound (ar)
     default_steps = max_steps = None  # sampling steps when none are asked for, and the most a call may ask for
-    sample_steps = None     # the time-stepped families' default steps where fewer than T were measured as good (embed)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.padded_vocab = ((config.vocab_size + self.extra_ids + 63) // 64) * 64
-        self.nfe = 0
+        self.nfe = 0  # network evaluations of the last sample(): it resets them, each family's step adds its own
 
-    def _apply(self, fn, *args, **kwargs):
-        # the process reads its schedule from the `abar` buffer .to() moved: no copy, no sync in the compiled step
+    def use_process(self, process):
+        """embed, analog, bits: the process (diffusion.py), the bound's time proposal, T sampling steps, and the schedule
+        as the buffer `abar` (not saved), which .to() moves and _apply hands to the process (abar_dev): no copy or sync."""
+        self.process = process
+        self.register_buffer('abar', process.abar.clone(), persistent=False)
+        self.time_proposal = BoundTimeProposal(process.abar, continuous=self.config.continuous_time)
+        self.default_steps = self.max_steps = self.config.T
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double() ... end here: see use_process
         super()._apply(fn, *args, **kwargs)
         if 'abar' in self._buffers:
-            self.diffusion.abar_dev = self.abar
+            self.process.abar_dev = self.abar
         return self
+
+    def time_batch(self, t, like):  # a sampling step's time t as a (B,) tensor for the B states of `like`
+        return torch.full(like.shape[:1], t, dtype=self.process.time_dtype, device=like.device)
 
     def nll(self, idx, generator=None):
         """Bits per token of each sequence (B,): one unbiased estimate of the bound (exact for ar)."""
@@ -345,40 +366,40 @@ class LanguageModel(nn.Module):
         return self.current_tokens(state)
 
 
-# -------- Gaussian families: embed (token embeddings) and analog (bits as +-scale)
+# -------- Gaussian families (embed, analog): the machinery they share
 class GaussianLM(LanguageModel):
-    """Loss, sampler and bound of the families with a continuous state under GaussianDiffusion (embed, analog).
-
-    Token w's clean state is a row of a (V, D) table(); the network reads features(x_t, x0_sc, cond) and returns
-    logits, and x0_hat = softmax(logits) @ table (CDCD, Plaid): near t = 0, where the bound multiplies every error in
-    x0_hat by the SNR (~1e4), a confident categorical lands exactly on a row, where a regression leaves an error that
-    does not shrink. (predict='eps' regresses the noise; its logits are rounding logits of x0_hat.)"""
+    """What embed and analog share, called from their own forward and step: x0_estimate / denoise (the network),
+    noisy_draw + denoising_loss (training), position_nll (the bound), init_state, estimate_at_step, ancestral_step
+    (the sampler). Token w's clean state x_0 is row w of the family's (V, D) table(); the network reads the family's
+    features(x_t, x0_sc, cond) and returns logits over the vocabulary, and x0_hat = softmax(logits) @ table (CDCD,
+    Plaid): near t = 0, where the bound multiplies every error in x0_hat by the SNR (~1e4), a confident categorical
+    lands exactly on a row, where a regression leaves an error that does not shrink (predict='eps': rounding logits)."""
     def __init__(self, config):
         super().__init__(config)
-        self.diffusion = ContinuousGaussianDiffusion(config.noise_schedule, config.T) if config.continuous_time \
-            else GaussianDiffusion(abar_schedule(config.noise_schedule, config.T))
-        self.max_steps = config.T
-        self.default_steps = min(config.T, self.sample_steps or config.T)
-        self.time_proposal = BoundTimeProposal(self.diffusion.abar, continuous=config.continuous_time)
-        self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
+        self.use_process(ContinuousGaussianDiffusion(config.noise_schedule, config.T) if config.continuous_time
+                         else GaussianDiffusion(abar_schedule(config.noise_schedule, config.T)))
 
     def add_head(self, width):  # the output layer: eps_hat (the state's width) if predict='eps', else vocab logits
         cfg = self.config
         self.eps_head = nn.Linear(cfg.n_embd, width, bias=cfg.bias) if cfg.predict == 'eps' else None
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if cfg.predict == 'x0' else None
 
+    def clean(self, idx):  # x_0 of the tokens idx: their rows of the table
+        return F.embedding(idx, self.table())
+
+    # -- the network
     def x0_estimate(self, x_t, t, x0_sc, cond=None):
-        """(x0_hat, logits over the vocabulary, eps_hat or None) at (x_t, t)."""
+        """(x0_hat, logits over the vocabulary, eps_hat or None) at (x_t, t): one network evaluation."""
         h = self.backbone(self.features(x_t, x0_sc, cond), t.float() / self.config.T)
         if self.config.predict == 'eps':
             eps_hat = self.eps_head(h)
             # an eps-model's x0 explodes where abar_t -> 0; clip it to the range the table occupies
             lim = self.table().abs().max().detach()
-            x0_hat = self.diffusion.x0_from_eps(x_t, t, eps_hat).clamp(-lim, lim)
+            x0_hat = self.process.x0_from_eps(x_t, t, eps_hat).clamp(-lim, lim)
             return x0_hat, rounding_logits(x0_hat, self.table()), eps_hat
         # the network supplies what x_t alone cannot say (the context); the likelihood of x_t under each token is
         # known exactly and added at every t, so at high SNR the posterior is right by construction
-        logits = self.lm_head(h).float() + self.diffusion.token_loglik(x_t, self.diffusion.at(t, x_t), self.table())
+        logits = self.lm_head(h).float() + self.process.token_loglik(x_t, self.process.at(t, x_t), self.table())
         return categorical_mean(logits, self.table()).to(x_t.dtype), logits, None
 
     def denoise(self, x_t, t, cond=None, x0_sc=None):
@@ -388,138 +409,113 @@ class GaussianLM(LanguageModel):
             x0_sc = self.x0_estimate(x_t, t, zero, cond)[0] if self.config.self_cond else zero
         return self.x0_estimate(x_t, t, x0_sc, cond)
 
-    def forward(self, idx):
-        B, L = idx.shape
-        x0 = self.clean(idx)
-        t = stratified_times(B, self.config.T, None, idx.device, continuous=self.config.continuous_time)
+    # -- training
+    def noisy_draw(self, x0):
+        """A training draw: t per sequence (stratified over 1..T, or real in (0, T]), the noise eps and x_t."""
+        t = stratified_times(x0.shape[0], self.config.T, None, x0.device, continuous=self.config.continuous_time)
         noise = torch.randn_like(x0)
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        cond = self.training_condition(idx)
+        return t, noise, self.process.q_sample(x0, t, noise)
+
+    def denoising_loss(self, idx, x0, t, noise, x_t, cond=None):
+        """predict='x0': ||x0_hat - x0||^2 + CE(logits, w); predict='eps': ||eps_hat - eps||^2. Records this t's term
+        of the bound for the time proposal of position_nll."""
         x0_sc = torch.zeros_like(x_t)
         if self.config.self_cond:
-            # half the sequences see the stop-gradient estimate they would get at sampling time (a tensor
-            # mask, not a Python coin: no host sync, one graph under torch.compile)
+            # half the sequences see the stop-gradient estimate they would get at sampling time (a tensor mask, not
+            # a Python coin: no host sync, one graph under torch.compile)
             with torch.no_grad():
                 first = self.x0_estimate(x_t, t, x0_sc, cond)[0].detach()
-            use = (torch.rand(B, 1, 1, device=idx.device) < 0.5).to(x_t.dtype)
+            use = (torch.rand(x0.shape[0], 1, 1, device=idx.device) < 0.5).to(x_t.dtype)
             x0_sc = use * first
-        x0_hat, out, eps_hat = self.x0_estimate(x_t, t, x0_sc, cond)
-        t_kl = t if self.config.continuous_time else t.clamp(min=2)  # a discrete step t = 1 has no KL term
-        kl = self.diffusion.kl_step(x0.detach(), x0_hat.detach(), t_kl).sum((1, 2)) / L
-        self.time_proposal.update(t, kl)  # the bound's term at this t, for the adaptive time proposal (skips t = 1)
+        x0_hat, logits, eps_hat = self.x0_estimate(x_t, t, x0_sc, cond)
+        # the bound's steps are t = 2..T (t = 1 is the decoder's term, which update() skips); kl_step at t = 1 would
+        # divide by the zero variance of q(x_0 | x_1, x_0) (abar_0 = 1), so such draws are scored at t = 2 instead
+        t_kl = t if self.config.continuous_time else t.clamp(min=2)
+        kl = self.process.kl_step(x0.detach(), x0_hat.detach(), t_kl).sum((1, 2)) / idx.shape[1]
+        self.time_proposal.update(t, kl)
         if self.config.predict == 'eps':
-            return F.mse_loss(eps_hat.float(), noise.float()) + self.extra_loss(x0, idx)
-        mse = F.mse_loss(x0_hat.float(), x0.float())
-        ce = F.cross_entropy(out.float().flatten(0, 1), idx.flatten())
-        return mse + ce + self.extra_loss(x0, idx)
+            return F.mse_loss(eps_hat.float(), noise.float())
+        return F.mse_loss(x0_hat.float(), x0.float()) + F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())
 
-    def training_condition(self, idx):
-        return None
-
-    def extra_loss(self, x0, idx):
-        return 0.0
-
-    def clean(self, idx):
-        return F.embedding(idx, self.table())
-
+    # -- the bound
     def decoder_logprobs(self, x_1, logits):
         """log p(w | x_1), float64. predict='x0': the logits already hold the likelihood of x_1 under each token
-        (predict adds it at every t). predict='eps': the rounding logits of x0_hat plus that likelihood at t = 1."""
+        (x0_estimate adds it at every t). predict='eps': the rounding logits of x0_hat plus that likelihood at t = 1."""
         logp = logits.double().log_softmax(-1)
         if self.config.predict == 'eps':
-            lik = self.diffusion.token_loglik(x_1, self.diffusion.abar_1, self.table(), torch.float64)
+            lik = self.process.token_loglik(x_1, self.process.abar_1, self.table(), torch.float64)
             logp = (logp + lik).log_softmax(-1)
         return logp
 
     @eval_in_full_precision
     def position_nll(self, idx, generator=None):
-        """Discrete-time variational bound in bits per token, one unbiased estimate per position (every term is a sum
-        over positions):
+        """Variational bound in bits per token, one unbiased estimate per position (every term is a sum over positions):
 
         -log p(w) <= E_q[-log p(w | x_1)] + sum_{t=2}^T E_q KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
                      + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w).
-        The prior KL is exact, the sum is one t per sequence from BoundTimeProposal weighted KL_t / q(t), the
-        decoder term one draw of x_1. In continuous time the sum is the integral over (1, T] of kl_step's integrand
-        (ContinuousGaussianDiffusion), at a real t from the proposal, still / q(t). With self-conditioning
-        p(x_{t-1} | x_t) uses the two-pass estimate x0(x_t, x0(x_t, 0)), a function of x_t alone, so this bounds a
-        Markov model; the sampler feeds the previous step's estimate and rounds at the end: the bound is for the
-        model, not for the sampler's output."""
+        The prior KL is exact, the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t) (in continuous
+        time the integral over (1, T] of kl_step's integrand at a real t, still / q(t)), the decoder term one draw of
+        x_1. With self-conditioning p(x_{t-1} | x_t) uses the two-pass estimate x0(x_t, x0(x_t, 0)), a function of
+        x_t alone: a bound of a Markov model, not of the sampler (which feeds the previous step's estimate)."""
         B, device = idx.shape[0], idx.device
         x0 = self.clean(idx)
-        prior = self.diffusion.prior_kl(x0.double()).sum(-1)
+        prior = self.process.prior_kl(x0.double()).sum(-1)
         t, q_t = self.time_proposal.draw(B, generator, device)
-        x_t = self.diffusion.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
-        diffusion = self.diffusion.kl_step(x0, self.denoise(x_t, t)[0], t).sum(-1) / q_t[:, None]
-        one = torch.ones(B, dtype=self.diffusion.time_dtype, device=device)
-        x_1 = self.diffusion.q_sample(x0, one, randn(x0.shape, generator, device).to(x0.dtype))
+        x_t = self.process.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
+        kl_sum = self.process.kl_step(x0, self.denoise(x_t, t)[0], t).sum(-1) / q_t[:, None]
+        one = torch.ones(B, dtype=self.process.time_dtype, device=device)
+        x_1 = self.process.q_sample(x0, one, randn(x0.shape, generator, device).to(x0.dtype))
         logp = self.decoder_logprobs(x_1, self.denoise(x_1, one)[1])
-        return (prior + diffusion - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
+        return (prior + kl_sum - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
 
-    # -- sampler hooks
+    # -- the sampler: x_T ~ N(0, I), then one DDPM or DDIM step per grid interval (t, s), down to s = 0
     def init_state(self, n, length, fixed, generator, opts):
         if opts['sampler'] not in ('ddpm', 'ddim'):
             raise ValueError(f"sampler={opts['sampler']!r}, expected 'ddpm' or 'ddim'")
-        if self.guidance_scale(opts) != 1.0 and self.config.cfg_drop == 0.0:
-            raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
         x = randn((n, length, self.table().shape[1]), generator, fixed.device).to(next(self.parameters()).dtype)
         known = self.clean(fixed.clamp(min=0))
         return {'x': x, 'x0_sc': None, 'x0_hat': None, 'out': None, 'known': known}
 
-    def step(self, state, t, s, fixed, generator, opts):
+    def estimate_at_step(self, state, t, cond):
+        """(x0_hat, logits) at the state's x_t, self-conditioned on the previous step's estimate; counts the network
+        evaluations: two at the first step with self-conditioning (no previous estimate yet), else one."""
+        self.nfe += 2 if self.config.self_cond and state['x0_sc'] is None else 1
+        return self.denoise(state['x'], t, cond, state['x0_sc'])[:2]
+
+    def ancestral_step(self, state, x0_hat, out, t, s, fixed, generator, opts):
+        """x_t -> x_s given the estimate (x0_hat, logits out): DDPM's posterior draw or DDIM; clamp=True snaps x0_hat
+        to its most likely token first. Fixed positions get a fresh draw of q(x_s | x_0 = the fixed token)."""
         x = state['x']
-        n, device = x.shape[0], x.device
-        t_batch = torch.full((n,), t, dtype=self.diffusion.time_dtype, device=device)
-        s_batch = torch.full((n,), self.landing_time(t, s, opts), dtype=self.diffusion.time_dtype, device=device)
-        x0_hat, out = self.guided_prediction(x, t_batch, fixed, state['x0_sc'], opts)
-        self.nfe += (2 if self.config.self_cond and state['x0_sc'] is None else 1) * \
-            (2 if self.guidance_scale(opts) != 1.0 else 1)
         if opts['clamp']:
             x0_hat = self.clean(out.argmax(-1))  # the clamping trick: snap to the most likely token
-        noise, known_noise = (randn(x.shape, generator, device).to(x.dtype) for _ in range(2))
+        noise, known_noise = (randn(x.shape, generator, x.device).to(x.dtype) for _ in range(2))
         if opts['sampler'] == 'ddpm':
-            x_s = self.diffusion.ddpm_step(x0_hat, x, t_batch, s_batch, noise)
+            x_s = self.process.ddpm_step(x0_hat, x, t, s, noise)
         else:
-            x_s = self.diffusion.ddim_step(x0_hat, x, t_batch, s_batch, opts['eta'], noise)
-        # infilling by imputation: known positions are reset to a fresh draw of q(x_s | x_0 = known)
-        known_s = self.diffusion.q_sample(state['known'], s_batch, known_noise)
+            x_s = self.process.ddim_step(x0_hat, x, t, s, opts['eta'], noise)
+        known_s = self.process.q_sample(state['known'], s, known_noise)  # infilling by imputation
         x_s = torch.where((fixed >= 0).unsqueeze(-1), known_s, x_s)
         return {**state, 'x': x_s, 'x0_sc': x0_hat if self.config.self_cond else None, 'x0_hat': x0_hat, 'out': out}
-
-    def guided_prediction(self, x, t, fixed, x0_sc, opts):
-        """x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u) when the model has a condition."""
-        cond = fixed if self.config.cfg_drop > 0 else None
-        x0_hat, out, _ = self.denoise(x, t, cond, x0_sc)
-        w = self.guidance_scale(opts)
-        if w != 1.0:
-            x0_u, out_u, _ = self.denoise(x, t, torch.full_like(fixed, -1), x0_sc)
-            x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
-        return x0_hat, out
-
-    def guidance_scale(self, opts):  # the classifier-free guidance weight of a sampling call (embed has the option)
-        return 1.0
-
-    def landing_time(self, t, s, opts):  # where a step from grid time t towards s lands (analog may step further)
-        return s
 
     def current_tokens(self, state):  # also the output: the last step lands on s = 0, where x_0 = x0_hat
         return state['out'].argmax(-1)
 
 
+# -------- embed: Gaussian diffusion over learned token embeddings (Diffusion-LM; the seed's DiT LM)
 class EmbedDiffusion(GaussianLM):
-    """Diffusion-LM: Gaussian diffusion over learned token embeddings (width embed_dim), rounded to tokens. Loss
-    (predict='x0'): ||x0_hat - x0||^2 + CE(logits, w) + the rounding CE -log p(w | x0) with distance logits (it keeps
-    the embeddings apart) + the prior term at t = T; predict='eps': ||eps_hat - eps||^2 + the last two."""
-    # default sampler: DDPM-like noise (eta=1) with each x0 estimate clamped to its nearest embedding, 100 steps, the
-    # best measured (python evaluate.py config/eval_quickstart.py: gen-PPL 478 against 1,526 for plain DDIM at 100
-    # steps, entropy 9.6% below held-out text's; 200 steps do no better)
+    """Diffusion-LM: Gaussian diffusion over learned token embeddings (width embed_dim), rounded to tokens, on the
+    DiT backbone. Loss (forward; predict='x0'): ||x0_hat - x0||^2 + CE(logits, w) + the rounding CE -log p(w | x0)
+    with distance logits (it keeps the embeddings apart) + the prior term at t = T; predict='eps': ||eps_hat -
+    eps||^2 + the last two. Sampler (step): DDPM or DDIM, optional clamping to the nearest embedding, and with
+    cfg_drop > 0 classifier-free guidance on a prompt. Bound: GaussianLM.position_nll."""
+    # the best measured default (config/eval_quickstart.py): DDPM-like noise, x0 clamped to an embedding, 100 steps
     sample_options = {'sampler': 'ddim', 'eta': 1.0, 'clamp': True, 'guidance_scale': 1.0}
-    sample_steps = 100
     lookup_only = ('backbone.wpe.weight', 'cond_emb.weight')
     no_decay = ('tok_emb.weight',)  # decaying the diffused embeddings would shrink the signal to the noise
 
     def __init__(self, config):
         super().__init__(config)
-        D = config.embed_dim
+        self.default_steps, D = min(config.T, 100), config.embed_dim  # 100 steps: see sample_options
         self.tok_emb = nn.Embedding(self.padded_vocab, D)
         self.in_proj = nn.Linear(2 * D if config.self_cond else D, config.n_embd, bias=config.bias)
         # the prompt condition: a clean token embedding per conditioned position, a learned null elsewhere
@@ -540,30 +536,46 @@ class EmbedDiffusion(GaussianLM):
             h = h + self.cond_emb(cond_ids)
         return h
 
-    def guidance_scale(self, opts):
-        return opts['guidance_scale']
-
     def training_condition(self, idx):
         """With cfg_drop > 0: condition on a random-length prefix (up to half the sequence), dropped with
         probability cfg_drop so the same network also learns the unconditional model guidance needs."""
         if self.cond_emb is None:
             return None
-        B, L = idx.shape
-        plen = (torch.rand(B, device=idx.device) * (L // 2 + 1)).long()
-        plen = torch.where(torch.rand(B, device=idx.device) < self.config.cfg_drop, 0, plen)
-        keep = torch.arange(L, device=idx.device)[None] < plen[:, None]
-        return torch.where(keep, idx, -1)
+        (B, L), dev = idx.shape, idx.device
+        plen = (torch.rand(B, device=dev) * (L // 2 + 1)).long()
+        plen = torch.where(torch.rand(B, device=dev) < self.config.cfg_drop, 0, plen)
+        return torch.where(torch.arange(L, device=dev)[None] < plen[:, None], idx, -1)
 
-    def extra_loss(self, x0, idx):
-        """The rounding cross-entropy -log p(w | x_0) and the prior term at t = T."""
-        ce = F.cross_entropy(rounding_logits(x0, self.table()).flatten(0, 1).float(), idx.flatten())
-        return ce + self.diffusion.prior_kl(x0).mean().float()
+    def forward(self, idx):
+        x0 = self.clean(idx)
+        t, noise, x_t = self.noisy_draw(x0)
+        loss = self.denoising_loss(idx, x0, t, noise, x_t, self.training_condition(idx))
+        rounding = F.cross_entropy(rounding_logits(x0, self.table()).flatten(0, 1).float(), idx.flatten())
+        return loss + (rounding + self.process.prior_kl(x0).mean().float())
+
+    def init_state(self, n, length, fixed, generator, opts):
+        if opts['guidance_scale'] != 1.0 and self.config.cfg_drop == 0.0:
+            raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
+        return super().init_state(n, length, fixed, generator, opts)
+
+    def step(self, state, t, s, fixed, generator, opts):
+        """One DDPM/DDIM step from t to s at the x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u)
+        when the model has a prompt condition and guidance_scale w != 1 (x0_u: the estimate with no prompt)."""
+        t, s = self.time_batch(t, state['x']), self.time_batch(s, state['x'])
+        x0_hat, out = self.estimate_at_step(state, t, fixed if self.config.cfg_drop > 0 else None)
+        w = opts['guidance_scale']
+        if w != 1.0:
+            x0_u, out_u = self.estimate_at_step(state, t, torch.full_like(fixed, -1))
+            x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
+        return self.ancestral_step(state, x0_hat, out, t, s, fixed, generator, opts)
 
 
+# -------- analog: Gaussian diffusion over the id's bits as reals (Chen et al.'s Bit Diffusion, "Analog Bits")
 class AnalogBitDiffusion(GaussianLM):
-    """Analog Bits (Chen, Zhang & Hinton 2023): the k = code_bits(V) bits of the id as +-scale reals under the Gaussian process.
-    The network reads x_t (and x0_sc) through BitCodeInput; x0_hat, the posterior mean of the valid ids' codes, is
-    never an invalid code's. Loss: ||x0_hat - x0||^2 + CE(logits, w); predict='eps': ||eps_hat - eps||^2 alone."""
+    """Analog Bits (Chen, Zhang & Hinton 2023): the k = code_bits(V) bits of the id as +-scale reals under the
+    Gaussian process, read through BitCodeInput; x0_hat, the posterior mean of the valid ids' codes, is never an
+    invalid code's. Loss (forward): ||x0_hat - x0||^2 + CE(logits, w); predict='eps': ||eps_hat - eps||^2 alone.
+    Sampler (step): DDIM (or DDPM) with asymmetric time intervals (td). Bound: GaussianLM.position_nll."""
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'td': 0.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
 
@@ -582,151 +594,105 @@ class AnalogBitDiffusion(GaussianLM):
     def features(self, x_t, x0_sc, cond):
         return self.bit_input(x_t, x0_sc if self.config.self_cond else None)
 
-    def landing_time(self, t, s, opts):
-        """Analog Bits' asymmetric time intervals: land further, at s - td (t - s) (not below 0), while the network is
-        told the grid time; td > 0 helps when few steps are used (Chen et al. 2023, sec. 3)."""
+    def forward(self, idx):
+        x0 = self.clean(idx)
+        return self.denoising_loss(idx, x0, *self.noisy_draw(x0))
+
+    def step(self, state, t, s, fixed, generator, opts):
+        """One DDPM/DDIM step from grid time t, landing at s - td (t - s) (not below 0) while the network is told t:
+        Analog Bits' asymmetric time intervals, which help when few steps are used (Chen et al. 2023, sec. 3)."""
         further = opts['td'] * (t - s)
-        return max(0, s - (further if self.config.continuous_time else round(further)))
+        land = max(0, s - (further if self.config.continuous_time else round(further)))
+        t, land = self.time_batch(t, state['x']), self.time_batch(land, state['x'])
+        x0_hat, out = self.estimate_at_step(state, t, None)
+        return self.ancestral_step(state, x0_hat, out, t, land, fixed, generator, opts)
 
 
-def vocab_logits(h, tok_emb, vocab_size):
-    """Output layer tied to the input embedding; slicing its rows keeps [MASK] and padding out of every softmax."""
-    return F.linear(h, tok_emb.weight[:vocab_size])
-
-
-# -------- bits: discrete diffusion on the k = code_bits(V) bits of the id (16 for GPT-2) by independent bit flips
+# -------- bits: the seed's bit-flip diffusion, D3PM-style, on the k = code_bits(V) bits of the id (16 for GPT-2)
 class BitDiffusion(LanguageModel):
     """Bit flips of the id's k bits (BitFlipDiffusion) with a head over the ids, p(w | b_t): its clean-bit marginals
-    sum_w p(w | b_t) bit_k(w) would take a factorised 16-bit head a memorised code of every id. Loss: CE(logits, w)
-    + the binary CE of those marginals. The transition is p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t, b_0 = code(w)),
-    any s < t (D3PM's x0-parameterisation): the sampler draws w, then b_s from the exact posterior; the bound scores
-    the same mixture; the last step draws the id from the decoder p(w | b_1)."""
+    sum_w p(w | b_t) bit_k(w) would take a factorised 16-bit head a memorised code of every id. Loss (forward):
+    CE(logits, w) + the binary CE of those marginals. The transition is p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t,
+    b_0 = code(w)), any s < t (D3PM's x0-parameterisation): the sampler (step) draws w, then b_s from the exact
+    posterior, the last step the id from the decoder p(w | b_1); the bound (position_nll) scores the same mixture."""
     sample_options = {'temperature': 1.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
 
     def __init__(self, config):
         super().__init__(config)
-        self.diffusion = ContinuousBitFlipDiffusion(config.noise_schedule, config.T) if config.continuous_time \
-            else BitFlipDiffusion(abar_schedule(config.noise_schedule, config.T))
-        self.register_buffer('abar', self.diffusion.abar.clone(), persistent=False)
+        self.use_process(ContinuousBitFlipDiffusion(config.noise_schedule, config.T) if config.continuous_time
+                         else BitFlipDiffusion(abar_schedule(config.noise_schedule, config.T)))
         self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
-        self.max_steps = config.T
-        self.default_steps = min(config.T, self.sample_steps or config.T)
         self.num_bits = code_bits(config.vocab_size)  # 16 for GPT-2's ids, 13 for a compact 8k
         self.bit_input = BitCodeInput(self.num_bits, config.n_embd, config.bias, self.num_bits)
         self.backbone = Backbone(config, causal=False, time_cond=True)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.time_proposal = BoundTimeProposal(self.abar, continuous=config.continuous_time)
         init_weights(self, config.n_layer)
 
     def id_logits(self, b_t, t):
         """Logits over the valid ids given b_t (0/1): the network's plus the exact log q(b_t | w) (code_loglik), so
         at low noise, where the flips say almost everything, the posterior is right by construction."""
         h = self.backbone(self.bit_input(2 * b_t - 1), t.float() / self.config.T)
-        return self.lm_head(h).float() + self.diffusion.code_loglik(b_t, t, self.codes)
+        return self.lm_head(h).float() + self.process.code_loglik(b_t, t, self.codes)
 
     def marginals(self, logits, dtype=torch.float32):
         """P(b_0,k = 1) = sum_w softmax(logits)_w bit_k(w): (..., V) -> (..., 16)."""
         return logits.to(dtype).softmax(-1) @ self.codes.to(dtype)
 
-    def joint_logprob(self, b_s, b_t, logits, t, s, dtype=torch.float64):
-        """log p(w | b_t) + log q(b_s | b_t, b_0 = code(w)) for every id w: (..., V), one (16 x V) matmul per
-        position. Its logsumexp over w is log p(b_s | b_t) (transition_logprob)."""
-        log_if1, log_if0 = self.diffusion.bit_logliks(b_s, b_t, t, s, dtype)
-        codes = self.codes.to(dtype)
-        return logits.to(dtype).log_softmax(-1) + log_if1 @ codes.t() + log_if0 @ (1 - codes).t()
-
-    def transition_logprob(self, b_s, b_t, logits, t, s, dtype=torch.float64):
-        """log p(b_s | b_t) = log sum_w p(w | b_t) prod_k q(b_s,k | b_t,k, b_0,k = bit_k(w)) per position: the bits
-        of a token stay correlated through w, which a product of per-bit marginals would lose."""
-        return torch.logsumexp(self.joint_logprob(b_s, b_t, logits, t, s, dtype), -1)
-
-    def step_kl(self, b0, b_t, logits, t, generator=None, dtype=torch.float64, near=True):
-        """KL(q(b_{t-1} | b_t, b_0) || p(b_{t-1} | b_t)) per position, in nats, estimated without bias. q, a product
-        over the 16 bits, puts almost all its mass on its mode m and the 16 codes m^k one flip away (S); near=True
-        sums those 17 terms exactly and draws the rest: KL = sum_{b in S} q(b) log(q(b) / p(b)) + E_{b ~ q}[1{b not in
-        S} log(q(b) / p(b))]. Flipping bit k scales id w's joint term a_w by r1_k if bit_k(w) = 1, else r0_k: p(m^k) =
-        r1_k sum_{bit_k(w)=1} a_w + r0_k sum_{bit_k(w)=0} a_w, two matmuls. The one-draw estimate (near=False, what
-        training records) is heavy-tailed: a surprising draw costs ~-log p(w | b_t), tens of nats."""
-        q1 = self.diffusion.posterior_prob_one(b_t, b0, t, t - 1).to(dtype)
-        tiny = torch.finfo(dtype).tiny
-
-        def log_q(b):
-            return torch.where(b > 0.5, q1, 1 - q1).clamp_min(tiny).log()  # per bit
-
-        b_draw = (rand(q1.shape, generator, q1.device) < q1).to(dtype)
-        if not near:
-            return log_q(b_draw).sum(-1) - self.transition_logprob(b_draw, b_t, logits, t, t - 1, dtype)
-        mode = (q1 > 0.5).to(dtype)
-        a = self.joint_logprob(mode, b_t, logits, t, t - 1, dtype)
-        top = a.amax(-1, keepdim=True)
-        e = (a - top).exp()
-        codes = self.codes.to(dtype)
-        log_s1, log_s0 = (e @ codes).log(), (e @ (1 - codes)).log()                 # (..., 16)
-        keep1, keep0 = self.diffusion.bit_logliks(mode, b_t, t, t - 1, dtype)
-        flip1, flip0 = self.diffusion.bit_logliks(1 - mode, b_t, t, t - 1, dtype)
-        log_p_mode = top.squeeze(-1) + e.sum(-1).log()
-        log_p_flip = top + torch.logaddexp(log_s1 + flip1 - keep1, log_s0 + flip0 - keep0)
-        log_q_mode = log_q(mode).sum(-1)
-        log_q_flip = log_q_mode.unsqueeze(-1) - log_q(mode) + log_q(1 - mode)
-        kl = log_q_mode.exp() * (log_q_mode - log_p_mode) + (log_q_flip.exp() * (log_q_flip - log_p_flip)).sum(-1)
-        far = (b_draw != mode).sum(-1) > 1  # the draw left S: p of the drawn code is needed only there
-        t_far = t.view(-1, *([1] * (far.dim() - 1))).expand(far.shape)[far]
-        log_p = self.transition_logprob(b_draw[far], b_t[far], logits[far], t_far, t_far - 1, dtype)
-        return kl.index_put((far,), kl[far] + log_q(b_draw)[far].sum(-1) - log_p)
-
-    def bound_term(self, b0, b_t, logits, t, generator, near=True):
-        """The bound's term at t per position, nats: the step's KL (step_kl; t = 1 has none, its entry is
-        meaningless) or, in continuous time, the jump processes' rate integrand at real t (no draw needed)."""
-        if self.config.continuous_time:
-            return self.diffusion.rate_kl(b0, b_t, self.marginals(logits, torch.float64), t)
-        return self.step_kl(b0, b_t, logits, t.clamp(min=2), generator, dtype=torch.float64 if near else torch.float32,
-                            near=near)
-
-    def decoder_logprobs(self, b_1, logits):
-        """log p(w | b_1) (float64): the logits of id_logits(b_1, 1) already hold the flip likelihood of b_1."""
-        return logits.double().log_softmax(-1)
-
     def forward(self, idx):
         B, L = idx.shape
         b0 = ids_to_bits(idx, self.num_bits).float()
         t = stratified_times(B, self.config.T, None, idx.device, continuous=self.config.continuous_time)
-        b_t = self.diffusion.q_sample(b0, t)
+        b_t = self.process.q_sample(b0, t)
         logits = self.id_logits(b_t, t).float()
         p1 = self.marginals(logits).clamp(1e-6, 1 - 1e-6)
-        # the bound's term at this t, recorded for the adaptive time proposal of nll()
+        # the bound's term at this t, recorded for the adaptive time proposal of position_nll
         with torch.no_grad():
             kl = self.bound_term(b0, b_t, logits.detach(), t, None, near=False)
         self.time_proposal.update(t, kl.float().sum(1) / L)
         ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
         return ce + F.binary_cross_entropy(p1, b0)
 
+    # -- the bound
     @eval_in_full_precision
     def position_nll(self, idx, generator=None):
         """Variational bound in bits per token, one unbiased estimate per position:
 
         -log p(w) <= E[-log p(w | b_1)] + sum_{t=2}^T E KL(q(b_{t-1}|b_t,b_0) || p(b_{t-1}|b_t)) + KL(q(b_T|b_0) || U),
-        the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t by step_kl against the model's
-        transition, the mixture over clean ids (transition_logprob); in continuous time the integral of rate_kl."""
+        the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t), KL_t against the model's transition,
+        the mixture over clean ids (BitFlipDiffusion.step_kl); in continuous time the integral of rate_kl."""
         B, device = idx.shape[0], idx.device
         b0 = ids_to_bits(idx, self.num_bits).double()
         t, q_t = self.time_proposal.draw(B, generator, device)
-        b_t = self.diffusion.q_sample(b0, t, generator)
+        b_t = self.process.q_sample(b0, t, generator)
         kl = self.bound_term(b0, b_t, self.id_logits(b_t, t), t, generator) / q_t[:, None]
-        one = torch.ones(B, dtype=self.diffusion.time_dtype, device=device)
-        b_1 = self.diffusion.q_sample(b0, one, generator)
+        one = torch.ones(B, dtype=self.process.time_dtype, device=device)
+        b_1 = self.process.q_sample(b0, one, generator)
         logp = self.decoder_logprobs(b_1, self.id_logits(b_1, one))
-        return (self.diffusion.prior_kl(self.num_bits) + kl - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
+        prior = self.process.prior_kl(self.num_bits)
+        return (prior + kl - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
 
-    # -- sampler hooks
+    def bound_term(self, b0, b_t, logits, t, generator, near=True):
+        """The bound's term at t per position, nats: the step's KL or, in continuous time, the jump processes' rate
+        integrand at real t (no draw needed). The steps are t = 2..T (t = 1 is the decoder's); training also draws
+        t = 1, whose step 1 -> 0 has no KL: those draws are scored at t = 2, and the time proposal skips them."""
+        if self.config.continuous_time:
+            return self.process.rate_kl(b0, b_t, self.marginals(logits, torch.float64), t)
+        return self.process.step_kl(b0, b_t, logits, self.codes, t.clamp(min=2), generator,
+                                    dtype=torch.float64 if near else torch.float32, near=near)
+
+    def decoder_logprobs(self, b_1, logits):
+        """log p(w | b_1) (float64): the logits of id_logits(b_1, 1) already hold the flip likelihood of b_1."""
+        return logits.double().log_softmax(-1)
+
+    # -- the sampler: b_T uniform, then ancestral steps through the mixture p(b_s | b_t), the decoder at the end
     def init_state(self, n, length, fixed, generator, opts):
         b = (rand((n, length, self.num_bits), generator, fixed.device) < 0.5).float()
         return {'b': b, 'logits': None, 'known': ids_to_bits(fixed.clamp(min=0), self.num_bits).float()}
 
     def step(self, state, t, s, fixed, generator, opts):
         b = state['b']
-        t_batch = torch.full(b.shape[:1], t, dtype=self.diffusion.time_dtype, device=b.device)
-        s_batch = torch.full(b.shape[:1], s, dtype=self.diffusion.time_dtype, device=b.device)
+        t_batch, s_batch = self.time_batch(t, b), self.time_batch(s, b)
         logits = self.id_logits(b, t_batch).float() / max(opts['temperature'], 1e-8)
         self.nfe += 1
         if s == 0:  # the last step read b_1: final_tokens draws from the decoder p(w | b_1)
@@ -734,10 +700,10 @@ class BitDiffusion(LanguageModel):
         # ancestral step from the mixture p(b_s | b_t): draw a clean id from p(w | b_t), then every bit of b_s
         # from the exact posterior q(b_s | b_t, b_0 = its code), so a token's bits move together
         w = draw_categorical(logits.flatten(0, 1), generator, 1.0 if opts['temperature'] > 0 else 0.0)
-        p1 = self.diffusion.posterior_prob_one(b, self.codes[w].view(b.shape).double(), t_batch, s_batch)
+        p1 = self.process.posterior_prob_one(b, self.codes[w].view(b.shape).double(), t_batch, s_batch)
         b_next = (rand(b.shape, generator, b.device) < p1).float()
         # infilling by imputation: known positions get a fresh draw of q(b_s | b_0 = known)
-        known_s = self.diffusion.q_sample(state['known'], s_batch, generator)
+        known_s = self.process.q_sample(state['known'], s_batch, generator)
         return {**state, 'b': torch.where((fixed >= 0).unsqueeze(-1), known_s, b_next), 'b_in': b, 'logits': logits}
 
     def current_tokens(self, state):
@@ -763,7 +729,7 @@ class MaskedDiffusion(LanguageModel):
     def __init__(self, config):
         super().__init__(config)
         self.mask_id = config.vocab_size
-        self.diffusion = MaskSchedule(config.mask_schedule)
+        self.schedule = MaskSchedule(config.mask_schedule)
         self.default_steps, self.max_steps = config.block_size, 100_000
         self.tok_emb = nn.Embedding(self.padded_vocab, config.n_embd)  # also the output layer (tied)
         self.backbone = Backbone(config, causal=False, time_cond=config.time_cond)
@@ -775,11 +741,10 @@ class MaskedDiffusion(LanguageModel):
         return vocab_logits(h, self.tok_emb, self.config.vocab_size).float().log_softmax(-1)
 
     def masked_subset(self, idx, generator, stratified):
-        """(z, masked, m, t) for the ELBO with t integrated out (nll): m ~ U{1..L} of the positions masked, and for a
-        time-conditioned network a t given m."""
+        """(z, masked, m, t) for the ELBO with t integrated out: m ~ U{1..L} positions masked, t given m (time_cond)."""
         B, L = idx.shape
-        masked, m = self.diffusion.random_subset(B, L, generator, idx.device, stratified)
-        t = self.diffusion.time_given_count(m, L, generator, idx.device) if self.config.time_cond else None
+        masked, m = self.schedule.random_subset(B, L, generator, idx.device, stratified)
+        t = self.schedule.time_given_count(m, L, generator, idx.device) if self.config.time_cond else None
         return torch.where(masked, self.mask_id, idx), masked, m, t
 
     def forward(self, idx):
@@ -829,7 +794,7 @@ class MaskedDiffusion(LanguageModel):
             t_batch = torch.full((n,), t, device=device)
             logp = self.log_probs(z, t_batch)
             self.nfe += 1
-        rate = self.diffusion.reveal_prob(t, s)
+        rate = self.schedule.reveal_prob(t, s)
         masked, expected = z == self.mask_id, state['expected'] * (1 - rate)
         draw = functools.partial(draw_categorical, generator=generator, temperature=opts['temperature'],
                                  top_k=opts['top_k'], top_p=opts['top_p'])

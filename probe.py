@@ -65,7 +65,7 @@ def probe_mask(model, x, pos, fractions, gen):
         masked = keys.argsort(1).argsort(1) < round(f * (L - 1))
         masked[rows, pos] = True
         z = torch.where(masked, model.mask_id, x)
-        t = model.diffusion.time_of_mask_rate(torch.full((B,), f)) if model.config.time_cond else None
+        t = model.schedule.time_of_mask_rate(torch.full((B,), f)) if model.config.time_cond else None
         out[f] = target_nll(model.log_probs(z, t), x, pos)
     return out
 
@@ -73,12 +73,12 @@ def probe_mask(model, x, pos, fractions, gen):
 def noisy_log_probs(model, x, t, gen):
     """(z_t of every position, a function z -> log p(x_0 | z) over the vocabulary at step t) for a noisy-state
     family: its logits (the network's plus the likelihood of z under each token), normalised."""
-    tt = torch.full((len(x),), t, dtype=model.diffusion.time_dtype)
+    tt = torch.full((len(x),), t, dtype=model.process.time_dtype)
     if model.config.model_type == 'bits':
-        z = model.diffusion.q_sample(ids_to_bits(x, model.num_bits).float(), tt, gen)
+        z = model.process.q_sample(ids_to_bits(x, model.num_bits).float(), tt, gen)
         return z, lambda z: model.id_logits(z, tt).double().log_softmax(-1)
     x0 = model.clean(x)
-    z = model.diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=gen).to(x0.dtype))
+    z = model.process.q_sample(x0, tt, torch.randn(x0.shape, generator=gen).to(x0.dtype))
     return z, lambda z: model.denoise(z, tt)[1].double().log_softmax(-1)
 
 

@@ -74,7 +74,7 @@ def test_flip_marginals_match_closed_form():
     b0 = (torch.rand(200_000, NUM_BITS, generator=torch.Generator().manual_seed(0)) < 0.5).float()
     g = torch.Generator().manual_seed(1)
     for t in (1, 10, 50, 100):
-        bt = m.diffusion.q_sample(b0, torch.full((b0.shape[0],), t), g)
+        bt = m.process.q_sample(b0, torch.full((b0.shape[0],), t), g)
         rate = (bt != b0).double().mean().item()
         expected = (1 - m.abar[t].item()) / 2
         assert rate == pytest.approx(expected, abs=4 * math.sqrt(expected * (1 - expected) / b0.numel()) + 1e-6)
@@ -95,16 +95,16 @@ def test_bit_posterior_equals_bayes_rule_enumerated(t, s):
         for bt in (0, 1):
             joint = {bs: q(bs, b0, flip_0s) * q(bt, bs, flip_st) for bs in (0, 1)}
             expected = joint[1] / (joint[0] + joint[1])
-            got = m.diffusion.posterior_prob_one(torch.tensor([[float(bt)]]), torch.tensor([[float(b0)]]),
-                                  torch.tensor([t]), torch.tensor([s])).item()
+            got = m.process.posterior_prob_one(torch.tensor([[float(bt)]]), torch.tensor([[float(b0)]]),
+                                               torch.tensor([t]), torch.tensor([s])).item()
             assert got == pytest.approx(expected, rel=1e-9)
     # the model's forward draw and its posterior compose into the forward marginal at s: b_t ~ q(b_t | b_0), then
     # b_s ~ q(b_s | b_t, b_0) flips each bit of b_0 with probability (1 - abar_s) / 2
     g = torch.Generator().manual_seed(0)
     b0 = (torch.rand(100_000, NUM_BITS, generator=g) < 0.5).float()
     n = b0.shape[0]
-    b_t = m.diffusion.q_sample(b0, torch.full((n,), t), g)
-    p1 = m.diffusion.posterior_prob_one(b_t, b0, torch.full((n,), t), torch.full((n,), s))
+    b_t = m.process.q_sample(b0, torch.full((n,), t), g)
+    p1 = m.process.posterior_prob_one(b_t, b0, torch.full((n,), t), torch.full((n,), s))
     b_s = (torch.rand(b0.shape, generator=g, dtype=torch.float64) < p1).float()
     rate = (b_s != b0).double().mean().item()
     assert rate == pytest.approx(flip_0s, abs=5 * math.sqrt(flip_0s * (1 - flip_0s) / b0.numel()) + 1e-9)
@@ -228,31 +228,31 @@ def test_step_kl_is_unbiased_and_tighter_than_one_draw():
         return m
 
     m, t = bits_model(20), torch.tensor([3])
-    b_t = m.diffusion.q_sample(b0, t, g)
+    b_t = m.process.q_sample(b0, t, g)
     while (b_t != b0).sum() < 4:  # several flipped bits: q(b_{t-1}) is spread beyond the mode's neighbours
-        b_t = m.diffusion.q_sample(b0, t, g)
+        b_t = m.process.q_sample(b0, t, g)
     with torch.no_grad():
         logits = m.id_logits(b_t, t).double()
-    q1 = m.diffusion.posterior_prob_one(b_t, b0, t, t - 1)[0]                 # (3, 4): 12 ids need 4 bits
+    q1 = m.process.posterior_prob_one(b_t, b0, t, t - 1)[0]                   # (3, 4): 12 ids need 4 bits
     every = ids_to_bits(torch.arange(2 ** m.num_bits), m.num_bits).double()  # (16, 4)
     n = len(every)
     exact, outside = 0.0, 0.0
     for j in range(3):
         q = torch.where(every > 0.5, q1[j], 1 - q1[j]).prod(-1)
-        log_p = m.transition_logprob(every, b_t[0, j].expand_as(every), logits[0, j].expand(n, -1), t.expand(n),
-                                     t.expand(n) - 1)
+        log_p = m.process.transition_logprob(every, b_t[0, j].expand_as(every), logits[0, j].expand(n, -1), m.codes,
+                                             t.expand(n), t.expand(n) - 1)
         exact += (q * (q.log() - log_p)).sum().item()
         outside += q[(every != (q1[j] > 0.5).double()).sum(-1) > 1].sum().item() / 3
     assert outside > 0.02  # the drawn remainder carries real mass here
-    near = torch.stack([m.step_kl(b0, b_t, logits, t, g).sum() for _ in range(400)])
+    near = torch.stack([m.process.step_kl(b0, b_t, logits, m.codes, t, g).sum() for _ in range(400)])
     se = near.std().item() / math.sqrt(len(near))
     assert abs(near.mean().item() - exact) < 3 * se, (near.mean(), exact, se)
 
     m, t = bits_model(1000), torch.tensor([100])
-    b_t = m.diffusion.q_sample(b0, t, g)
+    b_t = m.process.q_sample(b0, t, g)
     with torch.no_grad():
         logits = m.id_logits(b_t, t).double()
-    near = torch.stack([m.step_kl(b0, b_t, logits, t, g).sum() for _ in range(200)])
-    plain = torch.stack([m.step_kl(b0, b_t, logits, t, g, near=False).sum() for _ in range(200)])
+    near = torch.stack([m.process.step_kl(b0, b_t, logits, m.codes, t, g).sum() for _ in range(200)])
+    plain = torch.stack([m.process.step_kl(b0, b_t, logits, m.codes, t, g, near=False).sum() for _ in range(200)])
     assert abs(near.mean() - plain.mean()) < 3 * plain.std() / math.sqrt(len(plain))
     assert near.std() < 0.1 * plain.std(), (near.std(), plain.std())

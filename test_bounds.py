@@ -41,7 +41,7 @@ def test_gaussian_logits_add_the_likelihood_of_x_t_under_each_token(model_type):
 def test_eps_decoder_adds_the_likelihood_of_x1_under_each_token(model_type):
     m = toy(model_type, predict='eps')
     x1, logits = torch.randn(2, 3, m.table().shape[1]), torch.randn(2, 3, 8)
-    a = m.diffusion.abar_1
+    a = m.process.abar_1
     E = m.table().detach().double()
     lik = torch.distributions.Normal(math.sqrt(a) * E, math.sqrt(1 - a)).log_prob(x1.double()[..., None, :]).sum(-1)
     expected = (logits.double().log_softmax(-1) + lik).log_softmax(-1)
@@ -137,14 +137,14 @@ def full_sum_bound(model, rows, g):
                 t_batch = torch.full((B,), t)
                 if model.config.continuous_time:  # the integral over the cell (t - 1, t]: one uniform point in it
                     t_batch = t - rand((B,), g, 'cpu')
-                b_t = model.diffusion.q_sample(b0, t_batch, g)
+                b_t = model.process.q_sample(b0, t_batch, g)
                 total += model.bound_term(b0, b_t, model.id_logits(b_t, t_batch), t_batch, g).sum(1)
-            one = torch.ones(B, dtype=model.diffusion.time_dtype)
-            b_1 = model.diffusion.q_sample(b0, one, g)
+            one = torch.ones(B, dtype=model.process.time_dtype)
+            b_1 = model.process.q_sample(b0, one, g)
             logp = model.decoder_logprobs(b_1, model.id_logits(b_1, one))
         else:
             x0 = model.clean(rows)
-            d = model.diffusion
+            d = model.process
             total = d.prior_kl(x0.double()).sum((1, 2))
             for t in range(2, T + 1):
                 t_batch = torch.full((B,), t)

@@ -192,7 +192,7 @@ def test_mask_elbo_estimators_agree(schedule, time_cond):
     with torch.no_grad():
         for _ in range(200):
             t = 1e-3 + (1 - 1e-3) * torch.rand(B, generator=g, dtype=torch.float64)
-            alpha = m.diffusion.alpha(t)
+            alpha = m.schedule.alpha(t)
             weight = 1 / t if schedule == 'loglinear' else (math.pi / 2) * torch.sin(math.pi / 2 * t) / (1 - alpha)
             masked = torch.rand(B, L, generator=g, dtype=torch.float64) < (1 - alpha)[:, None]
             z = torch.where(masked, m.mask_id, rows)
@@ -218,7 +218,7 @@ def test_mask_time_given_count_is_the_exact_posterior(schedule):
     _, masked, count, t = m.masked_subset(torch.zeros(160_000, L, dtype=torch.long), torch.Generator().manual_seed(0),
                                           stratified=False)
     assert torch.equal(masked.sum(1), count)
-    rate = 1 - m.diffusion.alpha(t.double())
+    rate = 1 - m.schedule.alpha(t.double())
     pi = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000  # midpoint rule on (0, 1)
     for k in range(1, L + 1):
         u = rate[count == k]

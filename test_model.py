@@ -172,7 +172,7 @@ def test_network_reads_the_fixed_tokens_noised_to_the_current_time(model_type, k
         if model_type == 'mask':
             assert torch.equal(x, fixed[0, keep].double().expand_as(x))
             continue
-        a = m.diffusion.abar_of(t[:1]).item()  # abar at the (integer or real) time the network was told
+        a = m.process.abar_of(t[:1]).item()  # abar at the (integer or real) time the network was told
         if model_type == 'bits':
             flips = (x != ids_to_bits(fixed[0, keep], m.num_bits).double()).double()
             p = (1 - a) / 2

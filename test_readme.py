@@ -174,13 +174,14 @@ def test_training_block_runs_as_written(clone):
 
 
 def test_families_table_says_how_the_bits_bound_is_computed():
-    """The `bits` row's likelihood cell describes BitDiffusion.step_kl: a KL over the joint 16-bit code, exact on the
-    posterior's mode and its 16 one-flip neighbours plus a one-draw estimate of the rest (not per-bit KLs)."""
-    from model import BitDiffusion
+    """The `bits` row's likelihood cell describes BitFlipDiffusion.step_kl: a KL over the joint 16-bit code, exact on
+    the posterior's mode and its 16 one-flip neighbours plus a one-draw estimate of the rest (not per-bit KLs)."""
+    from diffusion import BitFlipDiffusion
     row = next(line for line in README.splitlines() if line.startswith('| `bits` | the token id as 16 bits |'))
     likelihood = row.strip('| ').split(' | ')[-1]
     assert 'per-bit' not in likelihood and 'joint 16-bit code' in likelihood and '17 codes' in likelihood
-    assert 'one-draw' in likelihood and 'sums those 17 terms exactly and draws the rest' in BitDiffusion.step_kl.__doc__
+    assert 'one-draw' in likelihood
+    assert 'sums those 17 terms exactly and draws the rest' in BitFlipDiffusion.step_kl.__doc__
 
 
 def test_quick_start_figures_come_from_the_committed_results():
