@@ -432,8 +432,12 @@ class GracefulStop:
         import torch.distributed as dist
         t = torch.tensor([self.signum or 0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        self.signum = self.signum or int(t.item()) or None
-        return self.signum is not None
+        # decide by the reduced value alone: a signal that lands during the all_reduce sets this rank's signum only,
+        # and reading it here would stop this rank while the others go on (it counts at the next vote instead)
+        voted = int(t.item())
+        if voted:
+            self.signum = self.signum or voted
+        return bool(voted)
 
     @staticmethod
     def name(signum):
