@@ -378,7 +378,7 @@ def lock_dir(directory, prog, created=False):
             try:
                 os.rmdir(directory)  # only when empty: anything the run wrote keeps it
             except OSError:
-                pass
+                pass  # not empty (the run wrote something) or already gone: the directory stays as it is
     atexit.register(release)
     return release
 
