@@ -22,7 +22,7 @@ from util import save_figure, write_json
 # -----------------------------------------------------------------------------------------------------
 runs = ['out-ar-long-cpu', 'out-ar-long-cpu-4000', 'out-mask-long-cpu',
         'out-embed-long-cpu', 'out-bits-long-cpu', 'out-analog-long-cpu']
-out_dir = 'curves'          # curves.png and curves.json go here
+out_dir = 'results/curves'       # curves.png and curves.json go here
 ymax = 0.0                  # upper limit of the bits/token axis (log scale); 0 -> the largest value after iteration 0
 overwrite = False           # let out_dir's curves.json / curves.png replace files curves.py did not write
 _config_keys = ['runs', 'out_dir', 'ymax', 'overwrite']

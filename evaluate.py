@@ -84,6 +84,8 @@ data_dir = ''               # '' -> each checkpoint's own data_dir (from its tra
 split = 'test'              # the split the likelihood is measured on
 max_windows = 0             # cap on likelihood windows per checkpoint (the first ones); 0 = the whole split
 mc_samples = 1              # Monte Carlo draws of the bound per window, averaged (more = smaller standard error)
+mc_samples_by_family = {}   # draws for the families named here instead, e.g. {'bits': 24}: the bounds' draws differ
+                            # in variance by family, so each gets what its standard error needs (ar is exact: 1)
 position_buckets = 4        # also report bits/token in this many equal ranges of window positions (0: not at all)
 eval_batch_size = 32        # windows per forward pass (likelihood and judge)
 num_samples = 16            # samples per (checkpoint, steps) row
@@ -100,7 +102,8 @@ dtype = 'float32'           # network precision while sampling (autocast); likel
 plot = True                 # draw out_dir/eval.png
 overwrite = False           # let out_dir's results.json / eval.png replace files evaluate.py did not write
 _config_keys = [k for k, v in list(globals().items())
-                if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
+                if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple, dict))
+                and not k.isupper()]  # not the imported tables (FAMILIES)
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -289,6 +292,7 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
     return {'bits': bits, 'bits_se': se, 'ppl': perplexity(bits), 'windows': n, 'tokens': n * bs,
             'mc_samples': mc, 'exact': model.exact_likelihood, 'by_position': by_position,
             'unigram_bits': uni_window.mean().item(), 'context_gain': gain, 'context_gain_se': gain_se,
+            'window_gain': [round(g, 5) for g in (uni_window - per_window).tolist()],  # for paired comparisons
             'vocab': str(vocab), **per_byte}
 
 
@@ -472,6 +476,11 @@ def check_settings(c):
     for key in ('eval_batch_size', 'num_samples', 'sample_batch_size', 'mc_samples'):
         if c[key] < 1:
             fail(f"{key}={c[key]}, expected >= 1")
+    by_family = c['mc_samples_by_family']
+    if (not isinstance(by_family, dict) or set(by_family) - set(FAMILIES)
+            or not all(isinstance(v, int) and v >= 1 for v in by_family.values())):
+        fail(f"mc_samples_by_family={by_family!r}: expected a dict of family -> draws >= 1, families "
+             f"{sorted(FAMILIES)}")
     known = set().union(*(f.sample_options for f in FAMILIES.values()))
     settings = c['sample_settings']
     if (not isinstance(settings, list) or not settings or not all(isinstance(o, dict) for o in settings)
@@ -498,8 +507,15 @@ def setting_label(options):
 
 
 def family_settings(c, model):
-    """The sample_settings whose options this checkpoint's family takes."""
-    return [o for o in c['sample_settings'] if set(o) <= set(model.sample_options)]
+    """The sample_settings whose options this checkpoint's family takes, each once: a setting that comes to the
+    same sampler as an earlier one (after the family's defaults, e.g. {} and embed's own default eta) is left out."""
+    out, seen = [], []
+    for o in c['sample_settings']:
+        full = {**model.sample_options, **o}
+        if set(o) <= set(model.sample_options) and full not in seen:
+            out.append(o)
+            seen.append(full)
+    return out
 
 
 def check_family_settings(c, model, path):
@@ -553,8 +569,9 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
     del ckpt
     print(f"{name}: {cfg.model_type}, {model.get_num_params() / 1e6:.2f}M parameters, iteration {iter_num}")
     gen = torch.Generator(device=dev).manual_seed(c['seed'])
+    mc = 1 if model.exact_likelihood else c['mc_samples_by_family'].get(cfg.model_type, c['mc_samples'])
     try:
-        lk = likelihood(model, ddir, c['split'], c['max_windows'], c['eval_batch_size'], c['mc_samples'], gen,
+        lk = likelihood(model, ddir, c['split'], c['max_windows'], c['eval_batch_size'], mc, gen,
                         c['position_buckets'])
     except (OSError, ValueError) as e:
         fail(f"likelihood of {path!r} on {ddir!r}: {e}")
@@ -587,7 +604,8 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
     for options in c['sample_settings']:
         if options not in settings:
             missing = sorted(set(options) - set(model.sample_options))
-            note = f"{name}: sample setting {options!r} skipped ({cfg.model_type}'s sampler has no {missing})"
+            why = f"{cfg.model_type}'s sampler has no {missing}" if missing else "the same sampler as an earlier setting"
+            note = f"{name}: sample setting {options!r} skipped ({why})"
             results['skipped'].append(note)
             print(note)
     sample_row(model, 1, length, None if model.fixed_steps else 1, 1, c['seed'], dev, ctx)  # warm-up

@@ -29,8 +29,10 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -58,6 +60,8 @@ columns = []                # train.py settings shown as table columns (the ones
 x = 'T'                     # the train.py setting on the x axis of the 'bits_x' and 'gen_ppl_x' panels
 panels = ['bits_tokens', 'bits_seconds', 'gen_ppl_steps', 'entropy_steps']  # what sweep.png draws (see PANELS)
 notes = []                  # lines the config adds under the tables (what the sweep does not measure, and why)
+paired = 'all'              # paired per-window differences of context gain: 'all' pairs of run groups, 'within' a
+                            # family only, or '' none (a group: the runs that differ only in `seed`)
 _config_keys = [k for k, v in list(globals().items()) if not k.startswith('_') and not callable(v)
                 and isinstance(v, (bool, int, float, str, list, tuple, dict))]
 _DEFAULTS = copy.deepcopy({k: globals()[k] for k in _config_keys})  # main() may run twice in one process (tests)
@@ -104,6 +108,8 @@ def check_config(c):
         fail(f"eval_overrides sets {taken[0]}: sweep.py sets ckpts, judge and out_dir itself")
     if c['judge'] and not c['judge'].get('out_dir'):
         fail(f"judge={c['judge']!r} has no out_dir")
+    if c['paired'] not in ('all', 'within', ''):
+        fail(f"paired={c['paired']!r}: expected 'all', 'within' or ''")
     unknown = [p for p in c['panels'] if p not in PANELS]
     if unknown:
         fail(f"panels: unknown panel {unknown[0]!r}; known: {', '.join(PANELS)}")
@@ -126,6 +132,15 @@ def checkpoint_iter(out_dir, settings):
     return ckpt['iter_num'], ckpt.get('train_seconds')
 
 
+def train_env():
+    """The environment of a training subprocess: with jobs > 1 on the CPU, each job gets its share of the cores
+    (OMP_NUM_THREADS = cores // jobs), since two jobs of all the cores each run slower than one after the other."""
+    env = dict(os.environ)
+    if jobs > 1 and 'OMP_NUM_THREADS' not in env:
+        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
 def train_run(run, log):
     """Train one run to its max_iters (skip when finished, resume when not); returns what the tables need."""
     s, argv = train_settings(run)
@@ -142,7 +157,7 @@ def train_run(run, log):
                '--always_save_checkpoint=True', *(['--init_from=resume'] if done is not None else [])]
         log(f"{out_dir}: {'training' if done is None else f'resuming from iteration {done}'}: {shlex.join(cmd)}")
         t0 = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=train_env())
         if p.returncode:
             fail(f"training {out_dir} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
         log(f"{out_dir}: done in {time.time() - t0:.0f} s")
@@ -216,6 +231,88 @@ def temperature_rows(rows_in, ev, judge_dir, work, log):
     return out
 
 
+# ---- seeds and paired differences
+
+def seed_groups(res):
+    """The scored runs grouped by everything but `seed` (label -> runs, in order): one group per setting."""
+    groups = {}
+    for r in res['runs']:
+        if (r.get('likelihood') or {}).get('window_gain'):
+            other = [f"{k}={r['settings'][k]}" for k in res['columns'] if k != 'seed']
+            groups.setdefault(' '.join([r['model_type'], *other]), []).append(r)
+    return groups
+
+
+def group_stats(runs):
+    """A setting's seed-averaged context gain and its errors. With g[s][w] the gain (unigram minus model bits) of
+    seed s on test window w: the mean over seeds and windows; se_eval, the standard error over windows of the
+    seed-averaged gains (the test windows and the bound's draws); seed_sd, the standard deviation of the seeds'
+    mean gains (training noise; it also holds some of the draws' noise, so it errs on the large side); and
+    se = sqrt(se_eval^2 + seed_sd^2 / seeds), the error of the mean as an estimate of the setting's gain."""
+    lks = [r['likelihood'] for r in runs]
+    k = len(lks)
+    gw = [sum(col) / k for col in zip(*(lk['window_gain'] for lk in lks))]
+    se_eval = statistics.stdev(gw) / math.sqrt(len(gw))
+    seed_sd = statistics.stdev([lk['context_gain'] for lk in lks]) if k > 1 else None
+    return {'runs': [r['name'] for r in runs], 'seeds': k, 'window_gain': gw,
+            'bits': statistics.fmean(lk['bits'] for lk in lks), 'seed_bits': [lk['bits'] for lk in lks],
+            'gain': statistics.fmean(gw), 'se_eval': se_eval, 'seed_sd': seed_sd,
+            'se': math.sqrt(se_eval ** 2 + (seed_sd ** 2 / k if k > 1 else 0.0))}
+
+
+def paired_difference(a, b):
+    """Context gain of a minus b, window by window (the same test windows; ar's are shifted by one token, so
+    gains, each against the unigram line on its own tokens, are compared rather than bits), with its standard
+    error: the paired one over windows plus both seed spreads. A difference counts as resolved when it exceeds
+    two standard errors; otherwise `needed` is about how many times the seeds and draws would resolve it."""
+    dw = [x - y for x, y in zip(a['window_gain'], b['window_gain'])]
+    d, se_pair = statistics.fmean(dw), statistics.stdev(dw) / math.sqrt(len(dw))
+    seed_var = sum(g['seed_sd'] ** 2 / g['seeds'] for g in (a, b) if g['seed_sd'] is not None)
+    se = math.sqrt(se_pair ** 2 + seed_var)
+    resolved = abs(d) > 2 * se
+    return {'diff': d, 'se_paired': se_pair, 'se': se, 'resolved': resolved,
+            'needed': None if resolved or d == 0 else math.ceil((2 * se / abs(d)) ** 2)}
+
+
+def comparisons(res):
+    """The seed groups' stats and the paired differences `paired` asks for (see the config knob)."""
+    groups = {label: group_stats(rs) for label, rs in seed_groups(res).items()}
+    labels = list(groups)
+    pairs = [] if not paired else [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
+                                   if paired == 'all' or a.split()[0] == b.split()[0]]
+    out = {'groups': {k: {kk: v for kk, v in g.items() if kk != 'window_gain'} for k, g in groups.items()},
+           'pairs': [{'a': a, 'b': b, **paired_difference(groups[a], groups[b])} for a, b in pairs
+                     if len(groups[a]['window_gain']) == len(groups[b]['window_gain'])]}
+    return out
+
+
+def comparison_markdown(cmp):
+    lines = []
+    if any(g['seeds'] > 1 for g in cmp['groups'].values()):
+        head = ['setting', 'seeds', 'test bits/token: mean (per seed)', 'context gain', 'SE: windows and draws',
+                'seed SD', 'SE of the mean']
+        lines += ['## Seeds', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        for label, g in cmp['groups'].items():
+            lines.append('| ' + ' | '.join([label, str(g['seeds']), f"{g['bits']:.3f} ("
+                                            + ', '.join(f"{b:.3f}" for b in g['seed_bits']) + ')',
+                                            f"{g['gain']:+.3f}", num(g['se_eval']), num(g['seed_sd']),
+                                            num(g['se'])]) + ' |')
+        lines += ['', 'Context gain: unigram minus model bits/token on the same test windows. The SE of the mean '
+                  'is sqrt(SE_windows^2 + seed_SD^2 / seeds); with two seeds the seed SD is itself a rough '
+                  'estimate (one degree of freedom).', '']
+    if cmp['pairs']:
+        head = ['A', 'B', 'gain A - B (bits/token)', 'paired SE', 'SE with seed spread', 'verdict']
+        lines += ['## Paired differences', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        for p in cmp['pairs']:
+            verdict = (f"{p['a'] if p['diff'] > 0 else p['b']} is better" if p['resolved'] else
+                       f"not resolved at this budget (~{p['needed']}x the seeds and draws would resolve it)")
+            lines.append('| ' + ' | '.join([p['a'], p['b'], f"{p['diff']:+.3f}", num(p['se_paired']), num(p['se']),
+                                            verdict]) + ' |')
+        lines += ['', 'Window by window over the same test windows; resolved when |A - B| > 2 SE (the SE with '
+                  'the seed spread).', '']
+    return lines
+
+
 # ---- tables
 
 def num(v, spec='.3f'):
@@ -251,6 +348,8 @@ def markdown(res):
     scored = [f"Scored by the code at `{res['code'] or 'unknown'}` (git describe, as evaluate.py recorded it; a "
               f"reused evaluation keeps the code that made it).", ''] if res['sweep']['score'] else []
     out = scored + ['## Runs', '', *lines]
+    if res.get('comparisons'):
+        out += [''] + comparison_markdown(res['comparisons'])
     if res['samples']:
         head = ['run', *cols, 'steps', 'temperature', 'NFE', 'tok/s', 'gen-PPL (judge bits/token ± SE)',
                 'entropy ± SE', 'dist-1', 'dist-2', 'dist-3', 'rep-4', 'self-BLEU ± SE']
@@ -346,6 +445,21 @@ def _frontier(ax, res):
     ax.set(xlabel='unigram entropy per sample (bits): diversity', ylabel='gen-PPL: lower is better', yscale='log')
 
 
+def _cost(ax, res, key, cost, label):
+    """Sample quality against sampling cost: one line per run and sampler setting across its step counts (ar, whose
+    length sets its steps, is a point per temperature), held-out text as a line."""
+    for name in dict.fromkeys(s['name'] for s in res['samples']):
+        rows = [s for s in res['samples'] if s['name'] == name and s.get(key) is not None and s.get('nfe')]
+        for t in sorted({s.get('temperature', 1.0) for s in rows}):
+            pts = sorted((s['nfe'] if cost == 'nfe' else s['seconds'] / res['num_samples'], s[key])
+                         for s in rows if s.get('temperature', 1.0) == t)
+            ax.plot(*zip(*pts), marker='o', label=name + ('' if t == 1.0 else f" T={t:g}"))
+    if res.get('reference') and res['reference'].get(key) is not None:
+        ax.axhline(res['reference'][key], color='gray', ls='--', label='test text')
+    ax.set(xlabel='network evaluations per sample' if cost == 'nfe' else 'seconds per sample (sampled in batches)',
+           ylabel=label, xscale='log', yscale='log' if key == 'gen_ppl' else 'linear')
+
+
 PANELS = {
     'bits_tokens': lambda ax, res: _curve(ax, res, 'tokens', 'training tokens (equal tokens)'),
     'bits_seconds': lambda ax, res: _curve(ax, res, 'train_seconds', 'training seconds (equal wall-clock)'),
@@ -354,6 +468,9 @@ PANELS = {
     'bits_x': lambda ax, res: _by_x(ax, res, 'bits', 'test bits/token ± SE'),
     'gen_ppl_x': lambda ax, res: _by_x(ax, res, 'gen_ppl', 'gen-PPL under the judge'),
     'frontier': _frontier,
+    'gen_ppl_nfe': lambda ax, res: _cost(ax, res, 'gen_ppl', 'nfe', 'gen-PPL under the judge'),
+    'gen_ppl_seconds': lambda ax, res: _cost(ax, res, 'gen_ppl', 'seconds', 'gen-PPL under the judge'),
+    'entropy_nfe': lambda ax, res: _cost(ax, res, 'entropy', 'nfe', 'unigram entropy per sample (bits)'),
     'bits_position': _by_position,
 }
 
@@ -409,6 +526,7 @@ def main(argv=None, log=print):
                                   log)
         for r in res['runs']:
             r['likelihood'] = ev['likelihood'].get(r['name'])
+        res['comparisons'] = comparisons(res)
         res['samples'] = [{**row, 'temperature': 1.0} for row in ev['rows'] if row['family'] != 'data']
         res['reference'] = next((row for row in ev['rows'] if row['family'] == 'data'), None)
         res.update(unigram=ev.get('unigram'), num_samples=ev['num_samples'], sample_length=ev['sample_length'],

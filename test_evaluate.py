@@ -189,6 +189,7 @@ def test_context_gain_se_is_that_of_the_paired_window_differences(tiny_run):
     diff = unigram - model
     assert lk['context_gain'] == pytest.approx(diff.mean().item(), abs=1e-5)
     assert lk['context_gain_se'] == pytest.approx((diff.std() / math.sqrt(n)).item(), rel=1e-4)
+    assert lk['window_gain'] == pytest.approx(diff.tolist(), abs=1e-4)  # what sweep.py pairs across runs
     unpaired = math.sqrt(unigram.var() / n + model.var() / n)
     assert abs(unpaired - lk['context_gain_se']) > 0.1 * lk['context_gain_se']  # the check tells the two apart
 
@@ -205,6 +206,21 @@ def test_evaluate_rejects_bad_sample_settings(tiny_run, tmp_path, settings, mess
                        cwd=HERE, capture_output=True, text=True, timeout=60, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert p.returncode == 1 and message in p.stderr, p.stderr
     assert 'bits/token' not in p.stdout  # before any likelihood is measured
+
+
+@pytest.mark.parametrize('value', ["{'bitz': 4}", "{'bits': 0}", "{'bits': 2.5}"])
+def test_mc_samples_by_family_must_name_families_and_positive_counts(value, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpts=['x']", f"--mc_samples_by_family={value}", f"--out_dir={tmp_path / 'eval'}"])
+    assert str(e.value.code).startswith('evaluate.py: mc_samples_by_family=') and 'draws >= 1' in str(e.value.code)
+
+
+def test_a_setting_that_is_the_family_default_is_sampled_once():
+    """embed samples with eta=1.0, clamp=True by default: {} and that setting are one sampler, drawn once;
+    a setting that changes it, and one the family does not take, are kept and dropped as before."""
+    model = types.SimpleNamespace(sample_options={'sampler': 'ddim', 'eta': 1.0, 'clamp': True, 'guidance_scale': 1.0})
+    c = {'sample_settings': [{}, {'eta': 1.0, 'clamp': True}, {'eta': 0.0}, {'temperature': 0.8}, {'eta': 0.0}]}
+    assert evaluate.family_settings(c, model) == [{}, {'eta': 0.0}]
 
 
 @pytest.mark.slow

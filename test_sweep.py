@@ -16,6 +16,7 @@ One-line mutations of sweep.py each test was checked to catch:
   gpu_variant              `base = train_config` (a run's own config file ignored)
 """
 import json
+import math
 import os
 import re
 import subprocess
@@ -28,11 +29,12 @@ from checkpoint import load_checkpoint
 from conftest import compact_prepared, tinystories_documents
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CPU_SWEEPS = ['families', 't_values', 'eps_x0', 'ctx', 'diversity']
+CPU_SWEEPS = ['families', 't_values', 'eps_x0', 'ctx', 'diversity', 'frontier']
 # every tiny run: 1 block of width 32, 2 windows a step, 2 steps (each sweep keeps its own block sizes)
 TINY = dict(n_layer=1, n_head=2, n_embd=32, batch_size=2, max_iters=2, warmup_iters=1, eval_interval=2, eval_iters=1,
             log_interval=1, device='cpu', dtype='float32', peak_flops=1e11, tensorboard_log=False)
-TINY_EVAL = dict(steps=[2], num_samples=2, sample_batch_size=2, mc_samples=1, max_windows=4, eval_batch_size=4)
+TINY_EVAL = dict(steps=[2], num_samples=2, sample_batch_size=2, mc_samples=1, mc_samples_by_family={}, max_windows=4,
+                 eval_batch_size=4)
 
 
 @pytest.fixture(scope='module')
@@ -99,6 +101,9 @@ def test_sweep_end_to_end(shared, name):
         assert {r['model_type'] for r in res['runs']} == {'embed', 'bits', 'analog', 'mask', 'ar'}
         assert all(r['tokens'] == 2 * 2 * 64 and r['curve'][-1]['tokens'] == r['tokens'] for r in res['runs'])
         assert all(s.get('gen_bits') is not None for s in res['samples'])  # the sweep's own judge scored them
+        assert sorted(r['settings']['seed'] for r in res['runs']) == [1337] * 5 + [1338] * 5  # two seeds each
+        assert [g['seeds'] for g in res['comparisons']['groups'].values()] == [2] * 5
+        assert len(res['comparisons']['pairs']) == 10 and '## Seeds' in md and '## Paired differences' in md
     if name == 't_values':  # T is a column, and each run was trained with its T (and continuous time for one)
         assert sorted(r['settings']['T'] for r in res['runs']) == [100, 100, 250, 250] + [1000] * 4 + [4000, 4000]
         assert all(f"| {r['settings']['T']} | {r['settings']['continuous_time']} |" in row
@@ -117,6 +122,12 @@ def test_sweep_end_to_end(shared, name):
         for r in res['runs']:  # bits/token per range of positions, within each run's own window
             by_pos = r['likelihood']['by_position']
             assert by_pos[0]['positions'][0] == 0 and by_pos[-1]['positions'][1] == r['settings']['block_size']
+    if name == 'frontier':  # every family at its default and its other settings, against NFE, in one picture
+        rows = {(s['family'], tuple(sorted(s['options'].items()))) for s in res['samples']}
+        assert ('embed', ()) in rows and ('embed', (('clamp', False), ('eta', 0.0))) in rows
+        assert ('embed', (('clamp', True), ('eta', 1.0))) not in rows  # embed's default: sampled once, as {}
+        assert {('ar', ()), ('ar', (('temperature', 0.8),)), ('ar', (('temperature', 0.3),))} <= rows
+        assert all(s['nfe'] > 0 and s['seconds'] > 0 for s in res['samples'])
     if name == 'diversity':  # the frontier: each run at temperature 0.5 (sample.py) and 1.0 (evaluate.py)
         temps = {(s['name'], s['temperature']) for s in res['samples']}
         assert temps == {(r['name'], t) for r in res['runs'] for t in (0.5, 1.0)}
@@ -130,6 +141,53 @@ def test_sweep_end_to_end(shared, name):
 
 
 @pytest.mark.slow
+def _run(name, family, seed, gains):
+    return {'name': name, 'model_type': family, 'settings': {'seed': seed},
+            'likelihood': {'window_gain': gains, 'context_gain': sum(gains) / len(gains), 'bits': 8 - sum(gains) / 4}}
+
+
+def test_seed_groups_and_paired_differences_by_hand(monkeypatch):
+    """Four test windows, three settings, two seeds each. a: gains [1..4] and [2..5]; b: [0..3] twice; d: [0..3]
+    and [1..4]. By hand: a's seed-averaged gains are [1.5, 2.5, 3.5, 4.5] (mean 3, SD sqrt(5/3), so SE over windows
+    0.6455), its seeds' means 2.5 and 3.5 (seed SD 0.7071), so the SE of its mean is sqrt(0.6455^2 + 0.5 / 2) =
+    0.8165. a - b is 1.5 on every window: paired SE 0, only the seed term 0.5 / 2: SE 0.5, resolved (an unpaired
+    SE, sqrt(2 x 0.6455^2 + 0.25) = 1.0, would not resolve it). d - b is 0.5 everywhere with d's seed term 0.25:
+    SE 0.5, not resolved; (2 x 0.5 / 0.5)^2 = 4 times the seeds and draws would."""
+    monkeypatch.setattr(sweep, 'paired', 'all')
+    res = {'columns': ['seed'], 'runs': [
+        _run('a1', 'embed', 1, [1, 2, 3, 4]), _run('a2', 'embed', 2, [2, 3, 4, 5]),
+        _run('b1', 'bits', 1, [0, 1, 2, 3]), _run('b2', 'bits', 2, [0, 1, 2, 3]),
+        _run('d1', 'mask', 1, [0, 1, 2, 3]), _run('d2', 'mask', 2, [1, 2, 3, 4])]}
+    cmp = sweep.comparisons(res)
+    a = cmp['groups']['embed']
+    assert a['runs'] == ['a1', 'a2'] and a['seeds'] == 2 and a['gain'] == pytest.approx(3.0)
+    assert a['se_eval'] == pytest.approx(math.sqrt(5 / 3) / 2) and a['seed_sd'] == pytest.approx(math.sqrt(0.5))
+    assert a['se'] == pytest.approx(math.sqrt(5 / 12 + 0.25))
+    assert cmp['groups']['bits']['seed_sd'] == 0
+    pairs = {(p['a'], p['b']): p for p in cmp['pairs']}
+    assert set(pairs) == {('embed', 'bits'), ('embed', 'mask'), ('bits', 'mask')}
+    ab, bd = pairs[('embed', 'bits')], pairs[('bits', 'mask')]
+    assert ab['diff'] == pytest.approx(1.5) and ab['se_paired'] == pytest.approx(0) and ab['se'] == pytest.approx(0.5)
+    assert ab['resolved'] and ab['needed'] is None
+    assert bd['diff'] == pytest.approx(-0.5) and bd['se'] == pytest.approx(0.5)
+    assert not bd['resolved'] and bd['needed'] == 4
+    md = '\n'.join(sweep.comparison_markdown(cmp))
+    assert '| embed | bits | +1.500 | 0.000 | 0.500 | embed is better |' in md
+    assert '| bits | mask | -0.500 | 0.000 | 0.500 | not resolved at this budget (~4x the seeds' in md
+    assert '| embed | 2 | 5.000 (5.500, 4.500) | +3.000 | 0.645 | 0.707 | 0.816 |' in md
+    monkeypatch.setattr(sweep, 'paired', 'within')  # pairs within a family only: none here
+    assert sweep.comparisons(res)['pairs'] == []
+
+
+def test_parallel_jobs_split_the_cores(monkeypatch):
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 8)
+    monkeypatch.setattr(sweep, 'jobs', 2)
+    assert sweep.train_env()['OMP_NUM_THREADS'] == '4'
+    monkeypatch.setattr(sweep, 'jobs', 1)
+    assert 'OMP_NUM_THREADS' not in sweep.train_env()
+
+
 def test_unfinished_run_is_resumed(shared, tmp_path):
     """A run whose checkpoint is short of max_iters continues from it (its first evaluations are kept)."""
     cfg = tmp_path / 'sweep_one.py'

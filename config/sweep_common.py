@@ -2,8 +2,13 @@
 # budget, so every sweep reads its runs on the same yardstick, and runs with the same settings in two sweeps
 # share one out_dir (trained once: e.g. out-sweep-embed is the embed row of sweep_families.py, the T = 1000 row
 # of sweep_t_values.py and the x0 row of sweep_eps_x0.py).
-_ITERS = 200            # every CPU run: 200 x 8 x 64 = 102k tokens (config/cpu_common.py's backbone and batch)
+_ITERS = 4000           # every CPU run: 4000 x 8 x 64 = 2.05M tokens (config/cpu_common.py's backbone and batch), the
+                        # budget at which the slowest family (bits) got 1 bit/token below the unigram line in the
+                        # long CPU runs; at 1,000 steps mask was 0.5 bits below it, at 200 no diffusion run was
+_SEEDS = (1337, 1338)   # the families sweep trains every run with both: the seed spread beside the MC error
 
-# the judge: an ar run of its own (another seed than the compared ar run, so that one is not scored by itself)
-judge = dict(config='config/ar_cpu.py', out_dir='out-sweep-judge', max_iters=2 * _ITERS, seed=2)
+# the judge: an ar run of its own, longer than the compared runs and with another seed (the compared ar run is not
+# scored by its near twin)
+judge = dict(config='config/ar_long_cpu.py', out_dir='out-sweep-judge', seed=2)
 eval_config = 'config/eval_sweep_common.py'
+jobs = 2                # two runs at once, one core each (sweep.py sets OMP_NUM_THREADS): the 2-core CPU's best use

@@ -16,3 +16,4 @@ def gpu(run):
 
 judge = gpu(dict(config='config/ar_cpu.py', out_dir='out-sweep-judge', seed=2))
 eval_config = 'config/eval_sweep_gpu.py'
+jobs = 1                # one run at a time: each takes the whole GPU (or all of them, with a torchrun launcher)

@@ -8,7 +8,7 @@ from config.sweep_common import _ITERS
 runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if L == 64 else f'-ctx{L}'),
              max_iters=_ITERS, block_size=L, batch_size=512 // L)
         for f in ('ar', 'mask') for L in (64, 128, 256)]
-results_dir = 'sweep-ctx'
+results_dir = 'results/sweep-ctx'
 columns = ['block_size', 'batch_size']
 x = 'block_size'
 panels = ['bits_x', 'bits_position', 'bits_tokens', 'gen_ppl_steps']

@@ -5,4 +5,4 @@ from config.sweep_ctx import *  # the runs, columns, panels and notes
 from config.sweep_common_gpu import *  # gpu(), judge, evaluation, budget at GPU scale
 
 runs = [gpu(r) for r in runs]
-results_dir = 'sweep-ctx-gpu'
+results_dir = 'results/sweep-ctx-gpu'

@@ -6,7 +6,7 @@ from config.sweep_common import *  # judge, evaluation, budget
 from config.sweep_common import _ITERS
 
 runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}', max_iters=_ITERS) for f in ('ar', 'mask')]
-results_dir = 'sweep-diversity'
+results_dir = 'results/sweep-diversity'
 temperatures = [0.5, 0.7, 0.85, 1.0, 1.2]
 panels = ['frontier', 'gen_ppl_steps', 'entropy_steps']
 notes = ['Temperature 1.0 rows are evaluate.py\'s (tok/s and NFE measured there); the others are sample.py\'s '

@@ -4,4 +4,4 @@ from config.sweep_diversity import *  # the runs, temperatures, panels and notes
 from config.sweep_common_gpu import *  # gpu(), judge, evaluation, budget at GPU scale
 
 runs = [gpu(r) for r in runs]
-results_dir = 'sweep-diversity-gpu'
+results_dir = 'results/sweep-diversity-gpu'

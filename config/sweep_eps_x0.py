@@ -7,6 +7,6 @@ from config.sweep_common import _ITERS
 runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if p == 'x0' else '-eps'),
              max_iters=_ITERS, predict=p)
         for f in ('embed', 'analog') for p in ('x0', 'eps')]
-results_dir = 'sweep-eps-x0'
+results_dir = 'results/sweep-eps-x0'
 columns = ['predict']
 panels = ['bits_tokens', 'gen_ppl_steps', 'entropy_steps']

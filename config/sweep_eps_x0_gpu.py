@@ -4,4 +4,4 @@ from config.sweep_eps_x0 import *  # the runs, columns, panels and notes
 from config.sweep_common_gpu import *  # gpu(), judge, evaluation, budget at GPU scale
 
 runs = [gpu(r) for r in runs]
-results_dir = 'sweep-eps-x0-gpu'
+results_dir = 'results/sweep-eps-x0-gpu'

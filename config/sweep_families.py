@@ -3,11 +3,13 @@
 # Table: test bits/token ± SE, context gain, gen-PPL and entropy against sampling steps, training s/iter, tok/s.
 #   python sweep.py config/sweep_families.py
 from config.sweep_common import *  # judge, evaluation, budget
-from config.sweep_common import _ITERS
+from config.sweep_common import _ITERS, _SEEDS
 
-runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}', max_iters=_ITERS)
-        for f in ('embed', 'bits', 'analog', 'mask', 'ar')]
-results_dir = 'sweep-families'
+# every family twice, with two seeds (weights, data order and noise): the seed spread is part of the error
+runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if s == _SEEDS[0] else f'-seed{s}'),
+             max_iters=_ITERS, seed=s) for f in ('embed', 'bits', 'analog', 'mask', 'ar') for s in _SEEDS]
+columns = ['seed']
+results_dir = 'results/sweep-families'
 panels = ['bits_tokens', 'bits_seconds', 'gen_ppl_steps', 'entropy_steps']
 notes = ['Equal wall-clock: read the bits_seconds panel (val bits/token from each eval_log.jsonl against training '
          'seconds; train.py logs those without a standard error). Training s/iter in the table is the time per '

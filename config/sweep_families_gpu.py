@@ -6,4 +6,4 @@ from config.sweep_families import *  # the runs, panels and notes
 from config.sweep_common_gpu import *  # gpu(), judge, evaluation, budget at GPU scale
 
 runs = [gpu(r) for r in runs]
-results_dir = 'sweep-families-gpu'
+results_dir = 'results/sweep-families-gpu'

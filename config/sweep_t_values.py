@@ -13,7 +13,7 @@ runs.insert(4, dict(config='config/embed_cpu.py', out_dir='out-sweep-embed-Tcont
                     continuous_time=True))
 runs.append(dict(config='config/bits_cpu.py', out_dir='out-sweep-bits-Tcont', max_iters=_ITERS, T=1000,
                  continuous_time=True))
-results_dir = 'sweep-t-values'
+results_dir = 'results/sweep-t-values'
 columns = ['T', 'continuous_time']
 x = 'T'
 panels = ['bits_x', 'gen_ppl_x', 'bits_tokens']

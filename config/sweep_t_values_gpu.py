@@ -4,5 +4,5 @@ from config.sweep_t_values import *  # the runs, columns, panels and notes
 from config.sweep_common_gpu import *  # gpu(), judge, evaluation, budget at GPU scale
 
 runs = [gpu(r) for r in runs]
-results_dir = 'sweep-t-values-gpu'
+results_dir = 'results/sweep-t-values-gpu'
 eval_overrides = {}  # the whole test split and the GPU evaluation's draws (the CPU sweep's cut is for the CPU)
