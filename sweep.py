@@ -124,7 +124,8 @@ def checkpoint_iter(out_dir, settings):
     if not os.path.isfile(path):
         return None, None
     ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
-    differ = {k: v for k, v in ckpt['model_args'].items() if k in settings and settings[k] != v}
+    differ = {k: v for k, v in ckpt['model_args'].items() if k in settings and settings[k] != v
+              and not (k == 'vocab_size' and settings[k] == 0)}  # vocab_size = 0: the data's, whatever it is
     if differ:
         k, v = next(iter(differ.items()))
         fail(f"{path} holds another run's model ({k}={v!r}, the sweep asks {settings[k]!r}): "
@@ -310,6 +311,29 @@ def comparison_markdown(cmp):
                                             verdict]) + ' |')
         lines += ['', 'Window by window over the same test windows; resolved when |A - B| > 2 SE (the SE with '
                   'the seed spread).', '']
+    return lines
+
+
+def summary_table(res):
+    """One row per setting (its seeds together): the README's results table, made from results.json alone.
+    Samples: the first seed's run at the largest step count, default sampler, beside the test text's."""
+    cmp = res.get('comparisons') or comparisons(res)
+    ref = res.get('reference') or {}
+    head = ['setting', 'seeds', 'test bits/token', 'context gain ± SE (seeds included)',
+            f"gen-PPL (test text {num(ref.get('gen_ppl'), '.1f')})", f"entropy (test text {num(ref.get('entropy'), '.2f')})",
+            'train s/iter']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    by_name = {r['name']: r for r in res['runs']}
+    for label, g in cmp['groups'].items():
+        first = g['runs'][0]
+        rows = [s for s in res['samples'] if s['name'] == first and s.get('temperature', 1.0) == 1.0]
+        last = max(rows, key=lambda s: s['steps'] or 0) if rows else {}
+        spi = [by_name[n]['train_seconds'] / by_name[n]['iters'] for n in g['runs'] if by_name[n]['train_seconds']]
+        lines.append('| ' + ' | '.join([
+            label, str(g['seeds']), f"{g['bits']:.3f}", f"{g['gain']:+.3f} ± {g['se']:.3f}",
+            num(last.get('gen_ppl'), ',.0f') + (f" ({last['steps']} steps)" if last.get('steps') and
+                                                by_name[first]['model_type'] != 'ar' else ''),
+            num(last.get('entropy'), '.2f'), num(statistics.fmean(spi) if spi else None, '.3f')]) + ' |')
     return lines
 
 
@@ -527,7 +551,8 @@ def main(argv=None, log=print):
         for r in res['runs']:
             r['likelihood'] = ev['likelihood'].get(r['name'])
         res['comparisons'] = comparisons(res)
-        res['samples'] = [{**row, 'temperature': 1.0} for row in ev['rows'] if row['family'] != 'data']
+        res['samples'] = [{**row, 'temperature': (row.get('options') or {}).get('temperature', 1.0)}
+                          for row in ev['rows'] if row['family'] != 'data']
         res['reference'] = next((row for row in ev['rows'] if row['family'] == 'data'), None)
         res.update(unigram=ev.get('unigram'), num_samples=ev['num_samples'], sample_length=ev['sample_length'],
                    skipped=ev['skipped'], code=ev.get('code'))  # the code that scored, as evaluate.py recorded it

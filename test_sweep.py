@@ -72,6 +72,11 @@ def test_sweep_end_to_end(shared, name):
     config = f'config/sweep_{name}.py'
     results_dir = str(shared['root'] / f'results-{name}')
     extra = ['--temperatures=[0.5, 1.0]'] if name == 'diversity' else []  # two of the grid's temperatures
+    if name == 'frontier':  # the tiny evaluation, with the frontier's own sampler settings
+        from configurator import configure
+        ns = {k: sweep._DEFAULTS[k] for k in sweep._config_keys}
+        configure(ns, [config], keys=sweep._config_keys, verbose=False)
+        extra = [f"--eval_overrides={dict(TINY_EVAL, sample_settings=ns['eval_overrides']['sample_settings'])!r}"]
     res, _ = run_sweep(shared, config, results_dir, *extra)
     n = len(res['runs'])
     assert n == len(res['sweep']['runs']) and n > 1
@@ -127,6 +132,7 @@ def test_sweep_end_to_end(shared, name):
         assert ('embed', ()) in rows and ('embed', (('clamp', False), ('eta', 0.0))) in rows
         assert ('embed', (('clamp', True), ('eta', 1.0))) not in rows  # embed's default: sampled once, as {}
         assert {('ar', ()), ('ar', (('temperature', 0.8),)), ('ar', (('temperature', 0.3),))} <= rows
+        assert {s['temperature'] for s in res['samples'] if s['family'] == 'ar'} == {1.0, 0.8, 0.3}
         assert all(s['nfe'] > 0 and s['seconds'] > 0 for s in res['samples'])
     if name == 'diversity':  # the frontier: each run at temperature 0.5 (sample.py) and 1.0 (evaluate.py)
         temps = {(s['name'], s['temperature']) for s in res['samples']}
@@ -177,6 +183,19 @@ def test_seed_groups_and_paired_differences_by_hand(monkeypatch):
     assert '| embed | 2 | 5.000 (5.500, 4.500) | +3.000 | 0.645 | 0.707 | 0.816 |' in md
     monkeypatch.setattr(sweep, 'paired', 'within')  # pairs within a family only: none here
     assert sweep.comparisons(res)['pairs'] == []
+
+
+def test_a_finished_run_with_the_datas_vocabulary_is_recognised(tmp_path):
+    """vocab_size = 0 (the configs' default) means the data's: a checkpoint that holds the data's size is this run's;
+    any other setting that differs, or a vocab_size asked for explicitly, is another run's model."""
+    import torch
+    torch.save({'model_args': {'vocab_size': 7989, 'n_layer': 1}, 'iter_num': 5, 'train_seconds': 1.5},
+               tmp_path / 'ckpt.pt')
+    assert sweep.checkpoint_iter(str(tmp_path), {'vocab_size': 0, 'n_layer': 1}) == (5, 1.5)
+    for settings, words in [({'vocab_size': 0, 'n_layer': 2}, 'n_layer=1'), ({'vocab_size': 50257}, 'vocab_size=7989')]:
+        with pytest.raises(SystemExit) as e:
+            sweep.checkpoint_iter(str(tmp_path), settings)
+        assert "holds another run's model" in str(e.value.code) and words in str(e.value.code)
 
 
 def test_parallel_jobs_split_the_cores(monkeypatch):

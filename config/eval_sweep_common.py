@@ -4,6 +4,11 @@
 steps = [10, 100]
 num_samples = 32
 sample_batch_size = 32
-mc_samples = 4            # four draws of each bound per window: a smaller standard error for the diffusion rows
+mc_samples = 4            # draws of each bound per window, for a family not named below
+# per family, enough draws that a family's context gain (two seeds averaged) has a standard error of at most 0.05
+# bits: on the families sweep's checkpoints (two draws on each of the first 96 test windows) one draw's variance is
+# 4.7 (embed), 7.2 (analog) and 11.2 (bits) squared bits/token per window, against ~0.3 between windows; the
+# realized standard errors are in each sweep's results.md (Seeds: SE over windows and draws)
+mc_samples_by_family = {'embed': 8, 'analog': 12, 'bits': 16, 'mask': 4}
 max_windows = 0           # the whole test split (~20k tokens of the TinyStories sample)
 device = 'cpu'

@@ -15,3 +15,4 @@ panels = ['bits_x', 'bits_position', 'bits_tokens', 'gen_ppl_steps']
 eval_overrides = {'position_buckets': 8}  # bits/token in 8 ranges of positions: far into the window, better?
 notes = ['Samples are all at the judge\'s length (64 tokens); samples at each length need a judge with the longest '
          'block_size.']
+paired = ''            # each length scores windows of its own length: no window-by-window pairs

@@ -11,3 +11,4 @@ temperatures = [0.5, 0.7, 0.85, 1.0, 1.2]
 panels = ['frontier', 'gen_ppl_steps', 'entropy_steps']
 notes = ['Temperature 1.0 rows are evaluate.py\'s (tok/s and NFE measured there); the others are sample.py\'s '
          'samples scored with evaluate.py\'s metrics under the same judge.']
+paired = ''            # the runs are the families sweep's (compared there)

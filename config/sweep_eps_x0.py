@@ -10,3 +10,4 @@ runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if p ==
 results_dir = 'results/sweep-eps-x0'
 columns = ['predict']
 panels = ['bits_tokens', 'gen_ppl_steps', 'entropy_steps']
+paired = 'within'      # x0 against eps within each family, window by window

@@ -5,4 +5,4 @@ from config.sweep_common_gpu import *  # gpu(), judge, evaluation, budget at GPU
 
 runs = [gpu(r) for r in runs]
 results_dir = 'results/sweep-t-values-gpu'
-eval_overrides = {}  # the whole test split and the GPU evaluation's draws (the CPU sweep's cut is for the CPU)
+eval_overrides = {}  # the GPU evaluation's step counts and draws (the CPU sweep samples at 25 steps only)
