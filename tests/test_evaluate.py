@@ -19,7 +19,7 @@ from evaluate import checkpoint_data_dir, distinct_n, generative_bits, repetitio
 from model import build_model
 from prepare import PrepareError, TokenWindows, prepare, unigram_logprobs
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, T=50, embed_dim=8)
 
 

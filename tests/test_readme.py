@@ -16,7 +16,7 @@ import pytest
 
 from configurator import configure
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
 with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as _f:
     README = _f.read()
 
@@ -104,7 +104,7 @@ def clone(tmp_path_factory):
                          capture_output=True, text=True)
     files = git.stdout.split() if git.returncode == 0 else [  # not a git checkout: the sources and configs
         os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(ROOT) for f in fs
-        if f.endswith(('.py', '.md', '.txt')) and os.path.relpath(d, ROOT) in ('.', 'config')]
+        if f.endswith(('.py', '.md', '.txt')) and os.path.relpath(d, ROOT) in ('.', 'config', 'tests')]
     for name in ('a', 'b'):
         for f in files:
             if not f.startswith('data/') and os.path.isfile(os.path.join(ROOT, f)):

@@ -18,7 +18,7 @@ from conftest import tinystories_documents
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
 CONFIGS = {'ar': 'ar_tinystories', 'mask': 'mask_tinystories', 'embed': 'embed_tinystories',
            'bits': 'bits_tinystories', 'analog': 'analog_tinystories'}
 SHORT = ['--max_iters=20', '--warmup_iters=5', '--eval_interval=20', '--eval_iters=2', '--log_interval=5',

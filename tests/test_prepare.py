@@ -14,7 +14,7 @@ import torch
 
 import prepare
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # the repository root (this file is in tests/)
 SHARED = REPO.parent / 'shared/data/tinystories'
 STORY_FILES = sorted(SHARED.glob('*.txt'))
 NUM_STORIES = 4714

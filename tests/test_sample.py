@@ -16,7 +16,7 @@ from prepare import EOT, PrepareError, get_encoding
 from sample import build_fixed, decode, encode, evenly
 from util import configure_optimizer
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, T=100, embed_dim=32)
 PROMPT = '<|endoftext|>Once upon a time'
 LEFT, RIGHT = 'Once upon a time, there was a little', ' They played together all day.'

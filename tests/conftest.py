@@ -21,8 +21,8 @@ from util import configure_optimizer, keep_freed_memory
 
 keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (util.py)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED_TINYSTORIES = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'tinystories'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
+SHARED_TINYSTORIES = Path(__file__).resolve().parent.parent.parent / 'shared' / 'data' / 'tinystories'
 
 
 def pytest_configure(config):

@@ -28,7 +28,7 @@ import sweep
 from checkpoint import load_checkpoint
 from conftest import compact_prepared, tinystories_documents
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
 CPU_SWEEPS = ['families', 't_values', 'eps_x0', 'ctx', 'diversity', 'frontier']
 # every tiny run: 1 block of width 32, 2 windows a step, 2 steps (each sweep keeps its own block sizes)
 TINY = dict(n_layer=1, n_head=2, n_embd=32, batch_size=2, max_iters=2, warmup_iters=1, eval_interval=2, eval_iters=1,
