@@ -26,11 +26,11 @@ TINY_TRAIN = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--
 TINY_SAMPLE = ['--num_samples=1', '--steps=2', '--device=cpu']
 
 
-def shell_blocks():
-    """{heading: [command, ...]} of the README's ``` blocks that hold shell commands (not ```python ones); a command
+def shell_blocks(text=README):
+    """{heading: [command, ...]} of a document's ``` blocks that hold shell commands (not ```python ones); a command
     is a list of words (shell quoting and comments removed, `a && b` split, a `for` loop expanded)."""
     blocks, heading, block = {}, '', None
-    for line in README.splitlines():
+    for line in text.splitlines():
         if block is None and line.startswith('#'):
             heading = line.lstrip('# ').strip()
         elif line.startswith('```'):
@@ -69,9 +69,19 @@ def test_the_blocks_are_found():
     assert sum(len(b) for b in BLOCKS.values()) >= 30
 
 
+def other_docs_blocks():
+    """The shell blocks of GUIDE.md and EXPERIMENTS.md: checked like the README's, never run (long runs)."""
+    out = []
+    for name in ('GUIDE.md', 'EXPERIMENTS.md'):
+        with open(os.path.join(ROOT, name), encoding='utf-8') as f:
+            out += [c for b in shell_blocks(f.read()).values() for c in b]
+    return out
+
+
 def test_every_command_names_existing_scripts_configs_and_keys():
     import prepare
-    for cmd in (c for b in BLOCKS.values() for c in b):
+    assert len(other_docs_blocks()) >= 10
+    for cmd in [c for b in BLOCKS.values() for c in b] + other_docs_blocks():
         script, args = script_and_args(cmd)
         if script is None:
             assert cmd[0] in ('python3', '.', 'pip', 'tensorboard') or cmd[:3] == ['python', '-m', 'pytest'], cmd
@@ -174,12 +184,12 @@ def test_training_block_runs_as_written(clone):
 
 
 def test_families_table_says_how_the_bits_bound_is_computed():
-    """The `bits` row's likelihood cell describes BitFlipDiffusion.step_kl: a KL over the joint 16-bit code, exact on
-    the posterior's mode and its 16 one-flip neighbours plus a one-draw estimate of the rest (not per-bit KLs)."""
+    """The `bits` row's likelihood cell describes BitFlipDiffusion.step_kl: a KL over the joint k-bit code, exact on
+    the posterior's mode and its k one-flip neighbours plus a one-draw estimate of the rest (not per-bit KLs)."""
     from diffusion import BitFlipDiffusion
-    row = next(line for line in README.splitlines() if line.startswith('| `bits` | the token id as 16 bits |'))
+    row = next(line for line in README.splitlines() if line.startswith("| `bits` | the token id's k bits"))
     likelihood = row.strip('| ').split(' | ')[-1]
-    assert 'per-bit' not in likelihood and 'joint 16-bit code' in likelihood and '17 codes' in likelihood
+    assert 'per-bit' not in likelihood and 'joint k-bit code' in likelihood and 'k + 1 codes' in likelihood
     assert 'one-draw' in likelihood
     assert 'sums those 17 terms exactly and draws the rest' in BitFlipDiffusion.step_kl.__doc__
 
@@ -192,7 +202,8 @@ def test_quick_start_figures_come_from_the_committed_results():
     rows = {(r['name'], r['steps']): r for r in res['rows']}
     default = rows[('out-embed-cpu [clamp=True, eta=1.0]', 100)]
     text = rows[('test text', None)]
-    para = README[README.index('The main job takes about'):README.index('## Data')]
+    start = README.index('The main job takes about')
+    para = README[start:README.index('\n\n', start)]
     para = ' '.join(para.split())
     expected = [f"{lk['bits']:.2f} ± {lk['bits_se']:.2f} bits per GPT-2 token ({lk['bits_per_byte']:.2f} bits/byte)",
                 f"{lk['context_gain']:.2f} ± {lk['context_gain_se']:.2f} below the unigram line",
