@@ -472,12 +472,18 @@ def _frontier(ax, res):
 def _cost(ax, res, key, cost, label):
     """Sample quality against sampling cost: one line per run and sampler setting across its step counts (ar, whose
     length sets its steps, is a point per temperature), held-out text as a line."""
+    families = list(dict.fromkeys(s['family'] for s in res['samples']))
+    settings = {}  # family -> its settings in order: one colour per family, one line style per setting
     for name in dict.fromkeys(s['name'] for s in res['samples']):
         rows = [s for s in res['samples'] if s['name'] == name and s.get(key) is not None and s.get('nfe')]
-        for t in sorted({s.get('temperature', 1.0) for s in rows}):
-            pts = sorted((s['nfe'] if cost == 'nfe' else s['seconds'] / res['num_samples'], s[key])
-                         for s in rows if s.get('temperature', 1.0) == t)
-            ax.plot(*zip(*pts), marker='o', label=name + ('' if t == 1.0 else f" T={t:g}"))
+        if not rows:
+            continue
+        fam = rows[0]['family']
+        k = len(settings.setdefault(fam, []))
+        settings[fam].append(name)
+        pts = sorted((s['nfe'] if cost == 'nfe' else s['seconds'] / res['num_samples'], s[key]) for s in rows)
+        ax.plot(*zip(*pts), marker='os^dv'[k % 5], ls=['-', '--', ':', '-.'][k % 4],
+                color=f"C{families.index(fam) % 10}", label=name)
     if res.get('reference') and res['reference'].get(key) is not None:
         ax.axhline(res['reference'][key], color='gray', ls='--', label='test text')
     ax.set(xlabel='network evaluations per sample' if cost == 'nfe' else 'seconds per sample (sampled in batches)',
@@ -509,7 +515,7 @@ def draw(res, path):
         ax.set_title(name)
         ax.grid(True, which='both', alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
     save_figure(fig, path, os.path.basename(os.path.dirname(os.path.abspath(path))))
 
 

@@ -17,7 +17,7 @@ eval_overrides = {'steps': [10, 25, 100, 250],
                                       {'temperature': 0.8}, {'temperature': 0.3}],
                   'mc_samples': 1, 'max_windows': 64}  # the likelihood is the families sweep's; here a check only
 paired = ''
-panels = ['gen_ppl_nfe', 'gen_ppl_seconds', 'entropy_nfe', 'frontier']
+panels = ['gen_ppl_nfe', 'gen_ppl_seconds', 'entropy_nfe']
 notes = ['A setting a family\'s sampler already uses by default (embed: eta=1.0, clamp=True; analog: eta=0.0, '
          'clamp=False) repeats its default rows.',
          'Seconds per sample: the sampler\'s wall-clock for a batch, divided by the samples, on the machine that scored.',
