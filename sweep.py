@@ -255,7 +255,7 @@ def group_stats(runs):
     gw = [sum(col) / k for col in zip(*(lk['window_gain'] for lk in lks))]
     se_eval = statistics.stdev(gw) / math.sqrt(len(gw))
     seed_sd = statistics.stdev([lk['context_gain'] for lk in lks]) if k > 1 else None
-    return {'runs': [r['name'] for r in runs], 'seeds': k, 'window_gain': gw,
+    return {'runs': [r['name'] for r in runs], 'family': runs[0]['model_type'], 'seeds': k, 'window_gain': gw,
             'bits': statistics.fmean(lk['bits'] for lk in lks), 'seed_bits': [lk['bits'] for lk in lks],
             'gain': statistics.fmean(gw), 'se_eval': se_eval, 'seed_sd': seed_sd,
             'se': math.sqrt(se_eval ** 2 + (seed_sd ** 2 / k if k > 1 else 0.0))}
@@ -280,7 +280,7 @@ def comparisons(res):
     groups = {label: group_stats(rs) for label, rs in seed_groups(res).items()}
     labels = list(groups)
     pairs = [] if not paired else [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
-                                   if paired == 'all' or a.split()[0] == b.split()[0]]
+                                   if paired == 'all' or groups[a]['family'] == groups[b]['family']]
     out = {'groups': {k: {kk: v for kk, v in g.items() if kk != 'window_gain'} for k, g in groups.items()},
            'pairs': [{'a': a, 'b': b, **paired_difference(groups[a], groups[b])} for a, b in pairs
                      if len(groups[a]['window_gain']) == len(groups[b]['window_gain'])]}
@@ -473,14 +473,13 @@ def _cost(ax, res, key, cost, label):
     """Sample quality against sampling cost: one line per run and sampler setting across its step counts (ar, whose
     length sets its steps, is a point per temperature), held-out text as a line."""
     families = list(dict.fromkeys(s['family'] for s in res['samples']))
-    settings = {}  # family -> its settings in order: one colour per family, one line style per setting
+    drawn = {f: 0 for f in families}  # one colour per family, one line style per setting within it
     for name in dict.fromkeys(s['name'] for s in res['samples']):
         rows = [s for s in res['samples'] if s['name'] == name and s.get(key) is not None and s.get('nfe')]
         if not rows:
             continue
         fam = rows[0]['family']
-        k = len(settings.setdefault(fam, []))
-        settings[fam].append(name)
+        k, drawn[fam] = drawn[fam], drawn[fam] + 1
         pts = sorted((s['nfe'] if cost == 'nfe' else s['seconds'] / res['num_samples'], s[key]) for s in rows)
         ax.plot(*zip(*pts), marker='os^dv'[k % 5], ls=['-', '--', ':', '-.'][k % 4],
                 color=f"C{families.index(fam) % 10}", label=name)
