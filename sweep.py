@@ -328,7 +328,7 @@ def summary_table(res):
         first = g['runs'][0]
         rows = [s for s in res['samples'] if s['name'] == first and s.get('temperature', 1.0) == 1.0]
         last = max(rows, key=lambda s: s['steps'] or 0) if rows else {}
-        spi = [by_name[n]['train_seconds'] / by_name[n]['iters'] for n in g['runs'] if by_name[n]['train_seconds']]
+        spi = [v for v in (seconds_per_iter(by_name[n]) for n in g['runs']) if v is not None]
         lines.append('| ' + ' | '.join([
             label, str(g['seeds']), f"{g['bits']:.3f}", f"{g['gain']:+.3f} ± {g['se']:.3f}",
             num(last.get('gen_ppl'), ',.0f') + (f" ({last['steps']} steps)" if last.get('steps') and
@@ -341,6 +341,11 @@ def summary_table(res):
 
 def num(v, spec='.3f'):
     return '-' if v is None else format(v, spec)
+
+
+def seconds_per_iter(run):
+    """A run's training seconds per iteration as train.py logged them; None for a run without timings."""
+    return run['train_seconds'] / run['iters'] if run['train_seconds'] and run['iters'] else None
 
 
 def pm(v, se, spec='.3f'):
@@ -366,7 +371,7 @@ def markdown(res):
         bits = '-' if not lk else f"{lk['bits']:.3f} (exact)" if lk['exact'] else \
             f"{pm(lk['bits'], lk['bits_se'])} (bound, {lk['mc_samples']} draw/window)"
         gain = '-' if not lk else pm(lk['context_gain'], lk['context_gain_se'], '+.3f')
-        spi = num(r['train_seconds'] / r['iters'] if r['train_seconds'] and r['iters'] else None, '.2f')
+        spi = num(seconds_per_iter(r), '.2f')
         lines.append('| ' + ' | '.join([r['name'], r['model_type'], *[str(r['settings'][k]) for k in cols],
                                         str(r['iters']), f"{r['tokens']:,}", spi, bits, gain]) + ' |')
     scored = [f"Scored by the code at `{res['code'] or 'unknown'}` (git describe, as evaluate.py recorded it; a "

@@ -5,10 +5,10 @@ steps = [10, 100]
 num_samples = 32
 sample_batch_size = 32
 mc_samples = 4            # draws of each bound per window, for a family not named below
-# per family, enough draws that a family's context gain (two seeds averaged) has a standard error of at most 0.05
-# bits: on the families sweep's checkpoints (two draws on each of the first 96 test windows) one draw's variance is
-# 4.7 (embed), 7.2 (analog) and 11.2 (bits) squared bits/token per window, against ~0.3 between windows; the
-# realized standard errors are in each sweep's results.md (Seeds: SE over windows and draws)
+# per family, draws in proportion to one draw's variance: on the families sweep's checkpoints (two draws on each of
+# the first 96 test windows) it is 4.7 (embed), 7.2 (analog) and 11.2 (bits) squared bits/token per window. The
+# context gain's spread between windows (0.4 to 1.1, larger for the noisier bounds) sets a floor no number of draws
+# lowers; the realized standard errors are in each sweep's results.md (Seeds: SE over windows and draws)
 mc_samples_by_family = {'embed': 8, 'analog': 12, 'bits': 16, 'mask': 4}
 max_windows = 0           # the whole test split (~20k tokens of the TinyStories sample)
 device = 'cpu'
