@@ -15,11 +15,12 @@ rotary = True           # relative positions (rotary), as MDLM's and SEDD's DiT:
                         # mask family stayed at the unigram line for 750 iterations with them); ar overrides it
 dropout = 0.0
 
-# token budget: batch_size x block_size x max_iters = 8 x 64 x 2200 = 1.13M tokens (1.2 epochs of the sample's train
-# split): what the quick start (embed) trains in its ten minutes on 2 cores (README)
+# token budget: batch_size x block_size x max_iters = 8 x 64 x 4000 = 2.05M tokens (2.2 epochs of the sample's train
+# split): what the quick start (embed_cpu.py) trains in its ten minutes on 2 cores (results/quickstart/timings.txt),
+# and every other *_cpu config trains on as many tokens, like for like
 batch_size = 8
 gradient_accumulation_steps = 1
-max_iters = 2200
+max_iters = 4000
 learning_rate = 1e-3    # a small model tolerates a high peak rate
 warmup_iters = 50
 weight_decay = 0.0      # as DiT: the diffusion models here are trained without weight decay
