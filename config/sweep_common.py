@@ -6,9 +6,15 @@ _ITERS = 4000           # every CPU run: 4000 x 8 x 64 = 2.05M tokens (config/cp
                         # budget at which the slowest family (bits) got 1 bit/token below the unigram line in the
                         # long CPU runs; at 1,000 steps mask was 0.5 bits below it, at 200 no diffusion run was
 _SEEDS = (1337, 1338)   # the families sweep trains every run with both: the seed spread beside the MC error
-# settings every sweep adds to a family's config/<family>_cpu.py: the roadmap's embed runs are self-conditioned and
-# take T = 1000 discrete steps; the quick start's config/embed_cpu.py changes both (see there)
-_FAMILY = {'embed': dict(self_cond=True, continuous_time=False)}
+
+
+def _run(family, **settings):
+    """A sweep run of `family`: its config/<family>_cpu.py with `settings` on top. The roadmap's embed runs are
+    self-conditioned and take T = 1000 discrete steps, which the quick start's config/embed_cpu.py changes (see
+    there): they are set here unless the run sets them itself."""
+    pinned = dict(self_cond=True, continuous_time=False) if family == 'embed' else {}
+    return dict(config=f'config/{family}_cpu.py', **{**pinned, **settings})
+
 
 # the judge: an ar run of its own, longer than the compared runs and with another seed (the compared ar run is not
 # scored by its near twin)

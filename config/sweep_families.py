@@ -3,11 +3,10 @@
 # Table: test bits/token ± SE, context gain, gen-PPL and entropy against sampling steps, training s/iter, tok/s.
 #   python sweep.py config/sweep_families.py
 from config.sweep_common import *  # judge, evaluation, budget
-from config.sweep_common import _FAMILY, _ITERS, _SEEDS
+from config.sweep_common import _ITERS, _SEEDS, _run
 
 # every family twice, with two seeds (weights, data order and noise): the seed spread is part of the error
-runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if s == _SEEDS[0] else f'-seed{s}'),
-             max_iters=_ITERS, seed=s, **_FAMILY.get(f, {}))
+runs = [_run(f, out_dir=f'out-sweep-{f}' + ('' if s == _SEEDS[0] else f'-seed{s}'), max_iters=_ITERS, seed=s)
         for f in ('embed', 'bits', 'analog', 'mask', 'ar') for s in _SEEDS]
 columns = ['seed']
 results_dir = 'results/sweep-families'

@@ -4,10 +4,9 @@
 # The runs are the families sweep's first seed (trained once, shared), so this sweep only samples.
 #   python sweep.py config/sweep_frontier.py
 from config.sweep_common import *  # judge, evaluation, budget
-from config.sweep_common import _FAMILY, _ITERS, _SEEDS
+from config.sweep_common import _ITERS, _SEEDS, _run
 
-runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}', max_iters=_ITERS, seed=_SEEDS[0],
-             **_FAMILY.get(f, {}))
+runs = [_run(f, out_dir=f'out-sweep-{f}', max_iters=_ITERS, seed=_SEEDS[0])
         for f in ('embed', 'bits', 'analog', 'mask', 'ar')]
 results_dir = 'results/sweep-frontier'
 # each family samples with the settings its sampler takes: {} is every family's default (embed: DDPM-like noise and

@@ -5,14 +5,12 @@
 # mask, continuous-time by construction, is in config/sweep_families.py.
 #   python sweep.py config/sweep_t_values.py
 from config.sweep_common import *  # judge, evaluation, budget
-from config.sweep_common import _FAMILY, _ITERS
+from config.sweep_common import _ITERS, _run
 
-runs = [dict(config=f'config/{f}_cpu.py', out_dir=f'out-sweep-{f}' + ('' if T == 1000 else f'-T{T}'),
-             max_iters=_ITERS, T=T, **_FAMILY.get(f, {})) for f in ('embed', 'bits') for T in (100, 250, 1000, 4000)]
-runs.insert(4, dict(config='config/embed_cpu.py', out_dir='out-sweep-embed-Tcont', max_iters=_ITERS, T=1000,
-                    **{**_FAMILY['embed'], 'continuous_time': True}))
-runs.append(dict(config='config/bits_cpu.py', out_dir='out-sweep-bits-Tcont', max_iters=_ITERS, T=1000,
-                 continuous_time=True))
+runs = [_run(f, out_dir=f'out-sweep-{f}' + ('' if T == 1000 else f'-T{T}'), max_iters=_ITERS, T=T)
+        for f in ('embed', 'bits') for T in (100, 250, 1000, 4000)]
+runs.insert(4, _run('embed', out_dir='out-sweep-embed-Tcont', max_iters=_ITERS, T=1000, continuous_time=True))
+runs.append(_run('bits', out_dir='out-sweep-bits-Tcont', max_iters=_ITERS, T=1000, continuous_time=True))
 results_dir = 'results/sweep-t-values'
 columns = ['T', 'continuous_time']
 x = 'T'
