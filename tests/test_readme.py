@@ -208,7 +208,9 @@ def test_quick_start_figures_come_from_the_committed_results():
     expected = [f"{lk['bits']:.2f} ± {lk['bits_se']:.2f} bits per GPT-2 token ({lk['bits_per_byte']:.2f} bits/byte)",
                 f"{lk['context_gain']:.2f} ± {lk['context_gain_se']:.2f} below the unigram line",
                 f"({lk['unigram_bits']:.2f})", f"gen-PPL {default['gen_ppl']:.0f}",
-                f"{default['gen_ppl'] / text['gen_ppl']:.0f}x held-out text's {text['gen_ppl']:.1f}",
+                f"({default['gen_bits']:.2f} ± {default['gen_bits_se']:.2f} bits/token)",
+                f"{default['gen_ppl'] / text['gen_ppl']:.0f}x held-out text's {text['gen_ppl']:.1f} "
+                f"({text['gen_bits']:.2f} ± {text['gen_bits_se']:.2f})",
                 f"entropy of {default['entropy']:.2f} bits against the text's {text['entropy']:.2f}",
                 f"plain DDIM scores {rows[('out-embed-cpu [clamp=False, eta=0.0]', 100)]['gen_ppl']:,.0f}"]
     for e in expected:
