@@ -416,17 +416,31 @@ class GaussianLM(LanguageModel):
         noise = torch.randn_like(x0)
         return t, noise, self.process.q_sample(x0, t, noise)
 
+    @staticmethod
+    def self_cond_rows(B, device):
+        """Which sequences of a batch of B train with self-conditioning: half of them (Chen et al.'s rate 1/2). Returns
+        the rows the first pass runs on, B // 2 at random for an even B, and for an odd B (B + 1) // 2 rows the last of
+        which keeps its estimate on a coin (`keep`, else None), so every row is self-conditioned with probability exactly
+        1/2. Fixed shapes and no host sync: one graph under torch.compile."""
+        coin = torch.randint(2, (), device=device)
+        rows = torch.randperm(B, device=device)[:(B + 1) // 2]
+        if B % 2 == 0:
+            return rows, None
+        return rows, torch.cat([torch.ones(len(rows) - 1, device=device), coin.float().reshape(1)])
+
     def denoising_loss(self, idx, x0, t, noise, x_t, cond=None):
         """predict='x0': ||x0_hat - x0||^2 + CE(logits, w); predict='eps': ||eps_hat - eps||^2. Records this t's term
         of the bound for the time proposal of position_nll."""
         x0_sc = torch.zeros_like(x_t)
         if self.config.self_cond:
-            # half the sequences see the stop-gradient estimate they would get at sampling time (a tensor mask, not
-            # a Python coin: no host sync, one graph under torch.compile)
+            rows, keep = self.self_cond_rows(x0.shape[0], idx.device)
+            # those sequences see the stop-gradient estimate they would get at sampling time; the gradient-free first
+            # pass runs on them alone, so it costs half a forward pass, not a whole one
             with torch.no_grad():
-                first = self.x0_estimate(x_t, t, x0_sc, cond)[0].detach()
-            use = (torch.rand(x0.shape[0], 1, 1, device=idx.device) < 0.5).to(x_t.dtype)
-            x0_sc = use * first
+                first = self.x0_estimate(x_t[rows], t[rows], x0_sc[rows], None if cond is None else cond[rows])[0]
+            if keep is not None:
+                first = first * keep.to(first.dtype).view(-1, *[1] * (first.dim() - 1))
+            x0_sc = x0_sc.index_copy(0, rows, first)
         x0_hat, logits, eps_hat = self.x0_estimate(x_t, t, x0_sc, cond)
         # the bound's steps are t = 2..T (t = 1 is the decoder's term, which update() skips); kl_step at t = 1 would
         # divide by the zero variance of q(x_0 | x_1, x_0) (abar_0 = 1), so such draws are scored at t = 2 instead
@@ -508,14 +522,14 @@ class EmbedDiffusion(GaussianLM):
     with distance logits (it keeps the embeddings apart) + the prior term at t = T; predict='eps': ||eps_hat -
     eps||^2 + the last two. Sampler (step): DDPM or DDIM, optional clamping to the nearest embedding, and with
     cfg_drop > 0 classifier-free guidance on a prompt. Bound: GaussianLM.position_nll."""
-    # the best measured default (config/eval_quickstart.py): DDPM-like noise, x0 clamped to an embedding, 100 steps
+    # the best measured default (config/eval_quickstart.py): DDPM-like noise, x0 clamped to an embedding, 200 steps
     sample_options = {'sampler': 'ddim', 'eta': 1.0, 'clamp': True, 'guidance_scale': 1.0}
     lookup_only = ('backbone.wpe.weight', 'cond_emb.weight')
     no_decay = ('tok_emb.weight',)  # decaying the diffused embeddings would shrink the signal to the noise
 
     def __init__(self, config):
         super().__init__(config)
-        self.default_steps, D = min(config.T, 100), config.embed_dim  # 100 steps: see sample_options
+        self.default_steps, D = min(config.T, 200), config.embed_dim  # 200 steps: see sample_options
         self.tok_emb = nn.Embedding(self.padded_vocab, D)
         self.in_proj = nn.Linear(2 * D if config.self_cond else D, config.n_embd, bias=config.bias)
         # the prompt condition: a clean token embedding per conditioned position, a learned null elsewhere

@@ -89,7 +89,7 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
     decay = [p for n, p in params if p.dim() >= 2 and n not in model.no_decay]
     other = [p for n, p in params if not (p.dim() >= 2 and n not in model.no_decay)]
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
-    fused = {'fused': True} if device_type == 'cuda' else {}
+    fused = {'fused': True} if device_type in ('cuda', 'cpu') else {}
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
 

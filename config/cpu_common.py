@@ -16,8 +16,8 @@ rotary = True           # relative positions (rotary), as MDLM's and SEDD's DiT:
 dropout = 0.0
 
 # token budget: batch_size x block_size x max_iters = 8 x 64 x 4000 = 2.05M tokens (2.2 epochs of the sample's train
-# split): what the quick start (embed_cpu.py) trains in its ten minutes on 2 cores (results/quickstart/timings.txt),
-# and every other *_cpu config trains on as many tokens, like for like
+# split), the same for every *_cpu config, like for like (the sweeps' budget); the quick start (embed_cpu.py) trains
+# fewer steps, the ones its ten minutes hold
 batch_size = 8
 gradient_accumulation_steps = 1
 max_iters = 4000

@@ -7,7 +7,7 @@
 ckpts = ['out-embed-cpu']
 judge = 'out-ar-long-cpu'
 out_dir = 'results/quickstart'
-steps = [25, 50, 100, 200]
+steps = [25, 50, 100, 200, 400]
 sample_settings = [{'eta': 0.0, 'clamp': False}, {'eta': 1.0, 'clamp': True}]  # DDIM; DDPM-like noise + clamping
 num_samples = 32
 sample_batch_size = 32

@@ -5,14 +5,16 @@
 _ITERS = 4000           # every CPU run: 4000 x 8 x 64 = 2.05M tokens (config/cpu_common.py's backbone and batch), the
                         # budget at which the slowest family (bits) got 1 bit/token below the unigram line in the
                         # long CPU runs; at 1,000 steps mask was 0.5 bits below it, at 200 no diffusion run was
+from config.cpu_common import eval_interval as _EVAL_INTERVAL  # every CPU run's (embed_cpu.py's differs)
 _SEEDS = (1337, 1338)   # the families sweep trains every run with both: the seed spread beside the MC error
 
 
 def _run(family, **settings):
     """A sweep run of `family`: its config/<family>_cpu.py with `settings` on top. The roadmap's embed runs are
-    self-conditioned and take T = 1000 discrete steps, which the quick start's config/embed_cpu.py changes (see
-    there): they are set here unless the run sets them itself."""
-    pinned = dict(self_cond=True, continuous_time=False) if family == 'embed' else {}
+    self-conditioned, take T = 1000 discrete steps and evaluate as often as every CPU run, where the quick start's
+    config/embed_cpu.py may differ (it trains in continuous time and evaluates less often): they are set here unless
+    the run sets them itself."""
+    pinned = dict(self_cond=True, continuous_time=False, eval_interval=_EVAL_INTERVAL) if family == 'embed' else {}
     return dict(config=f'config/{family}_cpu.py', **{**pinned, **settings})
 
 

@@ -98,6 +98,42 @@ def test_loss_is_finite_and_gradients_reach_every_parameter(model_type, kw):
         assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
+@pytest.mark.parametrize('model_type', ['embed', 'analog'])
+def test_self_conditioning_first_pass_runs_on_the_self_conditioned_half_only(model_type, monkeypatch):
+    """Training's gradient-free first pass sees only the B // 2 sequences that are self-conditioned, and the second
+    pass gets its estimate on exactly those rows (zeros elsewhere), without a gradient path through it."""
+    m = tiny(model_type)
+    m.train()
+    calls, original = [], type(m).x0_estimate
+
+    def recording(self, x_t, t, x0_sc, cond=None):
+        out = original(self, x_t, t, x0_sc, cond)
+        calls.append((x_t.detach().clone(), t.clone(), x0_sc, out[0].detach().clone()))
+        return out
+    monkeypatch.setattr(type(m), 'x0_estimate', recording)
+    B = 6
+    m(torch.randint(0, 100, (B, 16)))
+    (x_first, t_first, sc_first, out_first), (x_second, t_second, sc_second, _) = calls
+    assert x_first.shape[0] == B // 2 and torch.equal(sc_first, torch.zeros_like(sc_first))
+    rows = [next(j for j in range(B) if torch.equal(x_second[j], x_first[i])) for i in range(B // 2)]
+    assert len(set(rows)) == B // 2 and torch.equal(t_first, t_second[rows])
+    assert torch.equal(sc_second[rows], out_first) and not sc_second.requires_grad
+    others = [j for j in range(B) if j not in rows]
+    assert torch.equal(sc_second[others], torch.zeros_like(sc_second[others]))
+
+
+def test_self_conditioned_rows_are_each_chosen_half_the_time_for_odd_batches_too():
+    from model import GaussianLM
+    torch.manual_seed(0)
+    for B in (3, 4):
+        n, counts = 4000, torch.zeros(B)
+        for _ in range(n):
+            rows, keep = GaussianLM.self_cond_rows(B, 'cpu')
+            counts[rows] += 1 if keep is None else keep
+        freq = counts / n  # each ~ Binomial(n, 1/2) / n: standard error 0.0079
+        assert (freq - 0.5).abs().max() < 0.04, (B, freq)
+
+
 # ---------------------------------------------------------------- embed: memorise real text, sample it back
 
 @pytest.fixture(scope='module')

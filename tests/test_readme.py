@@ -200,7 +200,10 @@ def test_quick_start_figures_come_from_the_committed_results():
     res = json.load(open(os.path.join(ROOT, 'results', 'quickstart', 'results.json')))
     lk = res['likelihood']['out-embed-cpu']
     rows = {(r['name'], r['steps']): r for r in res['rows']}
-    default = rows[('out-embed-cpu [clamp=True, eta=1.0]', 100)]
+    from model import build_model
+    steps = build_model(dict(model_type='embed', vocab_size=10, n_layer=1, n_head=1, n_embd=8, block_size=4,
+                             continuous_time=True)).default_steps  # what sample.py draws with when not told
+    default = rows[('out-embed-cpu [clamp=True, eta=1.0]', steps)]
     text = rows[('test text', None)]
     start = README.index('The main job takes about')
     para = README[start:README.index('\n\n', start)]
@@ -209,10 +212,11 @@ def test_quick_start_figures_come_from_the_committed_results():
                 f"{lk['context_gain']:.2f} ± {lk['context_gain_se']:.2f} below the unigram line",
                 f"({lk['unigram_bits']:.2f})", f"gen-PPL {default['gen_ppl']:.0f}",
                 f"({default['gen_bits']:.2f} ± {default['gen_bits_se']:.2f} bits/token)",
-                f"{default['gen_ppl'] / text['gen_ppl']:.0f}x held-out text's {text['gen_ppl']:.1f} "
+                f"{default['gen_ppl'] / text['gen_ppl']:.1f}x held-out text's {text['gen_ppl']:.1f} "
                 f"({text['gen_bits']:.2f} ± {text['gen_bits_se']:.2f})",
                 f"entropy of {default['entropy']:.2f} bits against the text's {text['entropy']:.2f}",
-                f"plain DDIM scores {rows[('out-embed-cpu [clamp=False, eta=0.0]', 100)]['gen_ppl']:,.0f}"]
+                f"plain DDIM scores {rows[('out-embed-cpu [clamp=False, eta=0.0]', steps)]['gen_ppl']:,.0f}",
+                f"{steps} steps), score gen-PPL"]
     for e in expected:
         assert e in para, e
     ar = json.load(open(os.path.join(ROOT, 'results', 'compact-vs-gpt2', 'results.json')))['likelihood']['out-ar-cpu']
