@@ -9,8 +9,7 @@ embed_dim = 16          # width of the diffused token embedding (Diffusion-LM's 
 predict = 'x0'          # predicting x0 lets the rounding loss act on the network output directly
 continuous_time = True  # VDM's continuous time: at the roadmap's budget it gave embed its best bound and by far its
                         # best samples (EXPERIMENTS.md section 3); the sweeps pin the discrete T = 1000 they ran with
-self_cond = True        # self-conditioning: the sampler feeds each step's x0 estimate back; with continuous time it gave
-                        # the best samples of the T sweep (EXPERIMENTS.md section 3). Its extra half forward pass makes
-                        # a step ~1.2x dearer, paid for in steps (max_iters)
+self_cond = True        # self-conditioning: the sampler feeds each step's x0 estimate back (as in every sweep's embed
+                        # run); its extra half forward pass makes a step dearer, paid for in steps (max_iters)
 max_iters = 3300        # 3,300 x 8 x 64 = 1.69M tokens: what the ten minutes hold with self-conditioning's extra pass
 eval_interval = 1000    # an evaluation costs ~3 s of the ten minutes: four of them, plus the last step's
