@@ -419,14 +419,15 @@ class GaussianLM(LanguageModel):
     @staticmethod
     def self_cond_rows(B, device):
         """Which sequences of a batch of B train with self-conditioning: half of them (Chen et al.'s rate 1/2). Returns
-        the rows the first pass runs on, B // 2 at random for an even B, and for an odd B (B + 1) // 2 rows the last of
-        which keeps its estimate on a coin (`keep`, else None), so every row is self-conditioned with probability exactly
-        1/2. Fixed shapes and no host sync: one graph under torch.compile."""
+        the (B + 1) // 2 rows the first pass runs on, at random, and a 0/1 weight per row: 1, except that for an odd B
+        the last row's is a coin, so every row is self-conditioned with probability exactly 1/2. Fixed shapes and no
+        host sync: one graph under torch.compile."""
         coin = torch.randint(2, (), device=device)  # drawn whatever B: one draw per step, so the stream is the same
         rows = torch.randperm(B, device=device)[:(B + 1) // 2]
-        if B % 2 == 0:
-            return rows, None
-        return rows, torch.cat([torch.ones(len(rows) - 1, device=device), coin.float().reshape(1)])
+        keep = torch.ones(len(rows), device=device)
+        if B % 2:
+            keep[-1] = coin
+        return rows, keep
 
     def denoising_loss(self, idx, x0, t, noise, x_t, cond=None):
         """predict='x0': ||x0_hat - x0||^2 + CE(logits, w); predict='eps': ||eps_hat - eps||^2. Records this t's term
@@ -438,9 +439,7 @@ class GaussianLM(LanguageModel):
             # pass runs on them alone, so it costs half a forward pass, not a whole one
             with torch.no_grad():
                 first = self.x0_estimate(x_t[rows], t[rows], x0_sc[rows], None if cond is None else cond[rows])[0]
-            if keep is not None:
-                first = first * keep.to(first.dtype).view(-1, *[1] * (first.dim() - 1))
-            x0_sc = x0_sc.index_copy(0, rows, first)
+            x0_sc = x0_sc.index_copy(0, rows, first * keep.to(first.dtype).view(-1, 1, 1))
         x0_hat, logits, eps_hat = self.x0_estimate(x_t, t, x0_sc, cond)
         # the bound's steps are t = 2..T (t = 1 is the decoder's term, which update() skips); kl_step at t = 1 would
         # divide by the zero variance of q(x_0 | x_1, x_0) (abar_0 = 1), so such draws are scored at t = 2 instead

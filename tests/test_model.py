@@ -145,7 +145,7 @@ def test_self_conditioned_rows_are_each_chosen_half_the_time_for_odd_batches_too
         n, counts = 4000, torch.zeros(B)
         for _ in range(n):
             rows, keep = GaussianLM.self_cond_rows(B, 'cpu')
-            counts[rows] += 1 if keep is None else keep
+            counts[rows] += keep
         freq = counts / n  # each ~ Binomial(n, 1/2) / n: standard error 0.0079
         assert (freq - 0.5).abs().max() < 0.04, (B, freq)
 
