@@ -33,7 +33,7 @@ import torch
 
 from configurator import configure
 from model import build_model
-from prepare import DEFAULTS as PREPARE_DEFAULTS, TokenWindows, find_text_files, get_encoding, prepare
+from prepare import DEFAULTS as PREPARE_DEFAULTS, TokenWindows, find_text_files, get_encoding, prepare, read_text_file
 import util
 from util import autocast_context, line_buffered_stdout, measure_peak_flops, resolve_device, sync, write_json
 
@@ -53,7 +53,7 @@ warmup = 3                  # untimed iterations first (allocator, thread pools,
 iters = 10                  # timed iterations; the median is reported
 sample_steps = 20           # steps of the sampling benchmark (ar ignores it); 0 skips sampling
 cache_steps = 1000          # steps of the mask cached-vs-uncached comparison; 0 skips it
-prepare_text = '../shared/data/tinystories'  # text file or directory for the tokenizer benchmark; '' skips it
+prepare_text = 'corpus/tinystories'  # text file or directory for the tokenizer benchmark; '' skips it
 prepare_procs = 0           # prepare.py's processes; 0 = all cores (its default)
 peak_seconds = 1.0          # duration of each matmul peak probe
 device = 'auto'             # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
@@ -129,8 +129,7 @@ def bench_prepare(path, procs):
     `procs` processes, writing) vs a plain loop of tiktoken's encode_ordinary over the same documents."""
     texts = []
     for name, _ in find_text_files(path):
-        with open(name, encoding='utf-8') as f:
-            texts.append(f.read())
+        texts.append(read_text_file(name))  # decompressed here, so the raw loop is charged no decompression
     enc = get_encoding()  # loaded once up front, so neither side is charged for building the BPE tables
     with tempfile.TemporaryDirectory() as tmp:
         procs = procs or PREPARE_DEFAULTS['num_proc']

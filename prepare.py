@@ -1,14 +1,17 @@
 """
 Text -> GPT-2 BPE -> flat token streams that training and evaluation memory-map.
 
+    python prepare.py --input=corpus/tinystories --vocab=compact  # the sample shipped here: no network needed
     python prepare.py                                    # TinyStories, streamed from the Hugging Face hub
     python prepare.py --max_docs=20000                   # only its first 20k stories: a quick start
     python prepare.py --dataset=ID --text_column=NAME    # any Hugging Face text dataset (its 'train' split)
-    python prepare.py --input=../shared/data/tinystories # local text, no network needed
+    python prepare.py --dataset=DIR                      # a dataset saved by datasets' save_to_disk, or data files
 
---input takes one text file, or a directory searched recursively for .txt files. Inside a file, a line
-holding only <|endoftext|> separates documents (TinyStories' own format); a file without one is one
-document. Documents are stripped of surrounding whitespace and empty ones are dropped.
+--input takes one text file, or a directory searched recursively for text files: .txt, or .txt compressed with
+gzip (.txt.gz), xz (.txt.xz) or bzip2 (.txt.bz2), read in sorted path order. A directory holding a SHA256SUMS file
+(sha256sum's format) has the files it lists checked first, so a damaged or truncated file stops the run before any
+work. Inside a file, a line holding only <|endoftext|> separates documents (TinyStories' own format); a file
+without one is one document. Documents are stripped of surrounding whitespace and empty ones are dropped.
 
 Writes out_dir/{train,val,test}.bin, flat arrays of token ids (uint16, as GPT-2's 50257 ids fit) in which
 every document is preceded by <|endoftext|> (50256, each document's BOS and the previous one's EOS), and
@@ -23,16 +26,20 @@ stored in meta.json, so it travels into every checkpoint; Vocab reads it. Its de
 
 The second half of this file is the reader of that format (load_meta, Vocab, TokenWindows).
 """
+import bz2
+import gzip
 import hashlib
 import importlib.util
 import itertools
 import json
+import lzma
 import math
 import multiprocessing as mp
 import os
 import re
 import sys
 import time
+import zlib
 from collections import deque
 
 import numpy as np
@@ -42,8 +49,8 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # flags: python prepare.py --key=value
 DEFAULTS = {
-    'input': '',            # local text: a file, or a directory searched recursively for .txt; '' = use --dataset
-    'dataset': 'roneneldan/TinyStories',  # Hugging Face dataset ID or local dataset dir; streams its 'train' split
+    'input': '',            # local text: a file, or a directory searched for .txt / .txt.gz / .txt.xz / .txt.bz2; '' = --dataset
+    'dataset': 'roneneldan/TinyStories',  # Hugging Face dataset ID (streams its 'train' split), or a local dataset dir
     'text_column': 'text',  # column of --dataset holding the document text
     'max_docs': 0,          # keep only the first N (non-empty) documents; 0 = all
     'out_dir': '',          # '' = data/<name>, name = basename of --input, or of --dataset lowercased
@@ -155,42 +162,104 @@ def recorded_input(path):
     return rel.replace(os.sep, '/') if inside else os.path.basename(os.path.normpath(path))
 
 
+# compressed text: suffix -> (opener, what the format is called in messages)
+COMPRESSED = {'.gz': (gzip.open, 'gzip'), '.xz': (lzma.open, 'xz'), '.bz2': (bz2.open, 'bzip2')}
+TEXT_SUFFIXES = ('.txt', *(f'.txt{c}' for c in COMPRESSED))
+CHECKSUMS = 'SHA256SUMS'  # in an --input directory: sha256sum's "<hex>  <file>" lines, checked before any work
+
+
+def compression(path):
+    """The COMPRESSED entry of a file name's suffix, or None for plain text."""
+    return COMPRESSED.get(os.path.splitext(path)[1].lower())
+
+
+def input_name(path):
+    """The data's name from --input: its basename without .txt and a compression suffix (data/<name>)."""
+    name = os.path.basename(os.path.normpath(path))
+    if compression(name):
+        name = os.path.splitext(name)[0]
+    return name[:-4] if name.lower().endswith('.txt') else name
+
+
+def _check_sums(directory):
+    """Checks the files that directory/SHA256SUMS lists (if it has one) against their sha256."""
+    sums = os.path.join(directory, CHECKSUMS)
+    if not os.path.isfile(sums):
+        return
+    with open(sums, encoding='utf-8') as f:
+        lines = [line.split() for line in f if line.strip()]
+    for n, fields in enumerate(lines, 1):
+        if len(fields) != 2 or not re.fullmatch(r'[0-9a-fA-F]{64}', fields[0]):
+            raise PrepareError(f"{sums}: line {n} is not '<sha256>  <file>'")
+        want, name = fields[0].lower(), fields[1].lstrip('*')
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise PrepareError(f"{path}: missing, though {sums} lists it; restore it "
+                               f"(git checkout -- {directory} for the sample shipped with the project)")
+        h = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+        if h.hexdigest() != want:
+            raise PrepareError(f"{path}: damaged (its sha256 is not the one {sums} lists); restore it "
+                               f"(git checkout -- {path} for the sample shipped with the project)")
+
+
 def find_text_files(path):
-    """[(file, size)] for --input: the file itself, or every .txt below the directory in sorted order."""
+    """[(file, size)] for --input: the file itself, or every text file below the directory (TEXT_SUFFIXES) in sorted
+    order, after the directory's SHA256SUMS check. size is on disk (compressed for a compressed file)."""
     if os.path.isfile(path):
         return [(path, os.path.getsize(path))]
     if not os.path.isdir(path):
         raise PrepareError(f"--input={path}: no such file or directory")
+    _check_sums(path)
     files = []
     for root, dirs, names in os.walk(path):
         dirs.sort()  # walk order = sorted path order, so the output does not depend on the file system
-        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith('.txt')]
+        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(TEXT_SUFFIXES)]
     if not files:
-        raise PrepareError(f"--input={path}: no .txt files in this directory or below it")
+        raise PrepareError(f"--input={path}: no text files ({', '.join(TEXT_SUFFIXES)}) in this directory or below it")
     return [(f, os.path.getsize(f)) for f in files]
+
+
+def _read_blocks(path, block_bytes):
+    """The bytes of a text file in blocks, decompressed if its suffix says so; a damaged compressed file (bad
+    stream, failed checksum, truncated) is a PrepareError naming it."""
+    opener, kind = compression(path) or (open, None)
+    try:
+        with opener(path, 'rb') as f:
+            while block := f.read(block_bytes):
+                yield block
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+        if kind is None:
+            raise
+        raise PrepareError(f"{path}: not a readable {kind} file ({one_line(e)}); restore or recompress it "
+                           f"(git checkout -- {path} for the sample shipped with the project)") from None
+
+
+def read_text_file(path):
+    """The whole text of one --input file (decompressed if its suffix says so), as UTF-8."""
+    return b''.join(_read_blocks(path, 1 << 20)).decode('utf-8')
 
 
 def _file_tasks(files, chunk_bytes):
     """Tasks ('files', [(path, offset, bytes or None)], nbytes). Small files are grouped and read by the worker
-    (None); big ones are read here and cut just after separator lines, so every piece holds whole documents."""
+    (None); big or compressed ones are read (and decompressed) here and cut just after separator lines, so every
+    piece holds whole documents. nbytes counts text: decompressed bytes for a compressed file."""
     def pieces():
         for path, size in files:
-            if size <= chunk_bytes:
+            if size <= chunk_bytes and not compression(path):
                 yield path, 0, None, size
                 continue
-            with open(path, 'rb') as f:
-                buf, offset = bytearray(), 0
-                while True:
-                    block = f.read(chunk_bytes)
-                    lo = max(0, len(buf) - 64)  # a separator line may straddle the previous read
-                    buf += block
-                    cut = _last_separator_end(buf, lo) if block else len(buf)
-                    if cut > 0:  # no separator in sight (one long document): read on
-                        yield path, offset, bytes(buf[:cut]), cut
-                        del buf[:cut]
-                        offset += cut
-                    if not block:
-                        break
+            buf, offset = bytearray(), 0
+            for block in itertools.chain(_read_blocks(path, chunk_bytes), [b'']):
+                lo = max(0, len(buf) - 64)  # a separator line may straddle the previous read
+                buf += block
+                cut = _last_separator_end(buf, lo) if block else len(buf)
+                if cut > 0:  # no separator in sight (one long document): read on
+                    yield path, offset, bytes(buf[:cut]), cut
+                    del buf[:cut]
+                    offset += cut
     task, size = [], 0
     for path, offset, data, n in pieces():
         task.append((path, offset, data))
@@ -202,14 +271,24 @@ def _file_tasks(files, chunk_bytes):
         yield 'files', task, size
 
 
+SHIPPED = 'python prepare.py --input=corpus/tinystories --vocab=compact'  # the command for the shipped sample
+
+
+def _saved_dataset(path):
+    """True for a directory written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                       for f in ('state.json', 'dataset_dict.json'))
+
+
 def _open_dataset(dataset, text_column):
-    """Streams the 'train' split of a Hugging Face dataset; returns its records after checking the column."""
+    """Streams the 'train' split of a Hugging Face dataset (a hub ID, a directory of data files, or a directory
+    save_to_disk wrote); returns its records after checking the column."""
     import datasets  # slow to import, and only needed without --input
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import RepositoryNotFoundError
     datasets.logging.set_verbosity_error()
-    hint = ("with no network, prepare local text instead: "
-            "python prepare.py --input=PATH (a text file or a directory of .txt files)")
+    hint = (f"with no network, prepare the TinyStories sample shipped with the project: {SHIPPED} "
+            "(or your own text: --input=PATH)")
     if not os.path.exists(dataset) and not constants.HF_HUB_OFFLINE:
         # one quick request first: load_dataset retries for ~30 s before it admits the hub is unreachable
         try:
@@ -221,11 +300,22 @@ def _open_dataset(dataset, text_column):
             raise PrepareError(f"cannot reach the Hugging Face hub for --dataset={dataset} "
                                f"({one_line(e)}); {hint}") from None
     try:
-        records = iter(datasets.load_dataset(dataset, split='train', streaming=True))
+        if _saved_dataset(dataset):
+            saved = datasets.load_from_disk(dataset)
+            if isinstance(saved, datasets.DatasetDict):
+                if 'train' not in saved:
+                    raise PrepareError(f"--dataset={dataset}: a saved DatasetDict without a 'train' split "
+                                       f"(it has {', '.join(saved)})")
+                saved = saved['train']
+            records = iter(saved.to_iterable_dataset())
+        else:
+            records = iter(datasets.load_dataset(dataset, split='train', streaming=True))
         first = next(records, None)
+    except PrepareError:
+        raise
     except Exception as e:
-        more = f"; {hint}" if isinstance(e, ConnectionError) else ''
-        raise PrepareError(f"cannot load --dataset={dataset} ({one_line(e)}){more}") from None
+        offline = isinstance(e, ConnectionError) or (constants.HF_HUB_OFFLINE and not os.path.exists(dataset))
+        raise PrepareError(f"cannot load --dataset={dataset} ({one_line(e)})" + f"; {hint}" * offline) from None
     if first is None:
         raise PrepareError(f"--dataset={dataset}: its 'train' split is empty")
     if text_column not in first:
@@ -300,7 +390,8 @@ def _tokenize(task):
             try:
                 text = data.decode('utf-8', _worker['errors'])
             except UnicodeDecodeError as e:
-                raise PrepareError(f"{path}: invalid UTF-8 at byte offset {offset + e.start} "
+                where = ' of its decompressed text' if compression(path) else ''
+                raise PrepareError(f"{path}: invalid UTF-8 at byte offset {offset + e.start}{where} "
                                    "(--errors=replace substitutes U+FFFD for bad bytes)") from None
             if offset == 0 and text.startswith('\ufeff'):
                 text = text[1:]  # a byte-order mark is not part of the first document
@@ -475,13 +566,16 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
         raise PrepareError(f"--vocab={vocab}: expected 'gpt2' (GPT-2's 50,257 ids) or 'compact' (the train split's)")
     if input:
         files = find_text_files(input)
-        name = os.path.basename(os.path.normpath(input))
-        name = name[:-4] if name.lower().endswith('.txt') else name
+        name = input_name(input)
         source = {'input': recorded_input(input)}
-        total, unit = sum(size for _, size in files), 'B'
+        # the bar counts text bytes; a compressed file's are known only once it is read
+        total = None if any(compression(f) for f, _ in files) else sum(size for _, size in files)
+        unit = 'B'
     else:
         name = os.path.basename(os.path.normpath(dataset)).lower()
-        source = {'dataset': dataset, 'dataset_split': 'train', 'text_column': text_column}
+        # a local directory is recorded as --input is (meta.json travels into checkpoints: no absolute paths)
+        source = {'dataset': recorded_input(dataset) if os.path.exists(dataset) else dataset,
+                  'dataset_split': 'train', 'text_column': text_column}
         total, unit = max_docs or None, 'docs'
     out_dir = out_dir or os.path.join('data', name + ('_compact' if vocab == 'compact' else ''))
     _check_vocab_kind(out_dir, vocab, overwrite)

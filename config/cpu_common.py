@@ -2,8 +2,8 @@
 # families compare like for like on two otherwise idle CPU cores. Each *_cpu.py imports this, then sets its family.
 # The data is the sample on its compact vocabulary (the ~8k GPT-2 ids its train split uses, prepare.py --vocab=compact):
 # at this width a 50,257-way output would be most of every step. Prepare it once:
-#   python prepare.py --input=../shared/data/tinystories --vocab=compact
-dataset = 'tinystories_compact'  # python prepare.py --input=../shared/data/tinystories --vocab=compact
+#   python prepare.py --input=corpus/tinystories --vocab=compact
+dataset = 'tinystories_compact'  # python prepare.py --input=corpus/tinystories --vocab=compact
 
 # backbone: 4 DiT blocks of width 128 over 64-token windows
 n_layer = 4

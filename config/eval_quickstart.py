@@ -1,6 +1,6 @@
 # The quick start's model against its baselines, and its sampler against the number of steps: the README's
 # quick-start figures and the choice of embed's default sampler (steps, clamp, eta) come from this run.
-#   python prepare.py --input=../shared/data/tinystories --vocab=compact
+#   python prepare.py --input=corpus/tinystories --vocab=compact
 #   python train.py config/embed_cpu.py            # the quick start's model
 #   python train.py config/ar_long_cpu.py          # the judge: ar on the same data, 3.07M tokens
 #   python evaluate.py config/eval_quickstart.py

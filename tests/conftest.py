@@ -5,6 +5,7 @@ train.py runs (test_train.py, test_curves.py); and the `slow` marker.
     python -m pytest -q -m "not slow"    # all but the end-to-end runs and the other tests over ~5 s: ~2 minutes
 """
 import json
+import lzma
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from util import configure_optimizer, keep_freed_memory
 keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (util.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
-SHARED_TINYSTORIES = Path(__file__).resolve().parent.parent.parent / 'shared' / 'data' / 'tinystories'
+TINYSTORIES = Path(ROOT) / 'corpus' / 'tinystories'  # the TinyStories sample shipped with the project (xz)
 
 
 def pytest_configure(config):
@@ -32,10 +33,10 @@ def pytest_configure(config):
 
 
 def tinystories_documents(limit=None):
-    """Stories from the shared sample files, in order (a line holding only <|endoftext|> separates them)."""
+    """Stories from the shipped sample files, in order (a line holding only <|endoftext|> separates them)."""
     docs = []
-    for path in sorted(SHARED_TINYSTORIES.glob('*.txt')):
-        text = path.read_text(encoding='utf-8')
+    for path in sorted(TINYSTORIES.glob('*.txt.xz')):
+        text = lzma.decompress(path.read_bytes()).decode('utf-8')
         docs += [d.strip() for d in text.split('\n<|endoftext|>\n') if d.strip() and d.strip() != '<|endoftext|>']
         if limit is not None and len(docs) >= limit:
             return docs[:limit]
@@ -132,7 +133,7 @@ EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-    """Real tokens: the first 400 shared TinyStories stories through prepare.py's CLI."""
+    """Real tokens: the first 400 shipped TinyStories stories through prepare.py's CLI."""
     tmp = tmp_path_factory.mktemp('tinystories')
     text = tmp / 'stories.txt'
     text.write_text('\n<|endoftext|>\n'.join(tinystories_documents(limit=400)) + '\n', encoding='utf-8')

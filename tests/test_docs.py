@@ -95,3 +95,14 @@ def test_the_readme_results_table_is_the_families_sweeps_summary():
     table = '\n'.join(sweep.summary_table(res))
     assert table in body
     assert len(sweep.summary_table(res)) - 2 <= 8  # at most 8 rows
+
+
+def test_the_readme_sample_excerpt_is_what_the_quick_start_printed():
+    """The ```text block of the README's first screen is the start of results/quickstart/samples.txt (what the main
+    job's `python sample.py --out_dir=out-embed-cpu` printed), line for line, and no shorter than 3 lines."""
+    readme = read('README.md')
+    blocks = re.findall(r'^```text\n(.*?)^```', readme[:readme.index('\n## ')], flags=re.S | re.M)
+    assert len(blocks) == 1, 'expected one ```text block (the samples) before the first ## section'
+    excerpt = blocks[0].splitlines()
+    printed = read(os.path.join('results', 'quickstart', 'samples.txt')).splitlines()
+    assert len(excerpt) >= 3 and excerpt == printed[:len(excerpt)]

