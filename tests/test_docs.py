@@ -98,11 +98,12 @@ def test_the_readme_results_table_is_the_families_sweeps_summary():
 
 
 def test_the_readme_sample_excerpt_is_what_the_quick_start_printed():
-    """The ```text block of the README's first screen is the start of results/quickstart/samples.txt (what the main
-    job's `python sample.py --out_dir=out-embed-cpu` printed), line for line, and no shorter than 3 lines."""
+    """The ```text block of the README's first screen is a run of consecutive lines of results/quickstart/samples.txt
+    (what the main job's `python sample.py --out_dir=out-embed-cpu` printed), at least two whole samples."""
     readme = read('README.md')
     blocks = re.findall(r'^```text\n(.*?)^```', readme[:readme.index('\n## ')], flags=re.S | re.M)
     assert len(blocks) == 1, 'expected one ```text block (the samples) before the first ## section'
     excerpt = blocks[0].splitlines()
     printed = read(os.path.join('results', 'quickstart', 'samples.txt')).splitlines()
-    assert len(excerpt) >= 3 and excerpt == printed[:len(excerpt)]
+    assert any(printed[i:i + len(excerpt)] == excerpt for i in range(len(printed)))
+    assert sum(line.startswith('================ sample ') for line in excerpt) >= 2
