@@ -293,7 +293,29 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
             'mc_samples': mc, 'exact': model.exact_likelihood, 'by_position': by_position,
             'unigram_bits': uni_window.mean().item(), 'context_gain': gain, 'context_gain_se': gain_se,
             'window_gain': [round(g, 5) for g in (uni_window - per_window).tolist()],  # for paired comparisons
+            'window_bits': [round(b, 5) for b in per_window.tolist()],
+            # what was scored, so that two checkpoints pair only on the same tokens of the same text (a compact
+            # vocabulary renumbers GPT-2's stream one to one: its windows hold the same text as GPT-2's)
+            'scored': {'split': split, 'source': meta.get('source'), 'split_tokens': meta['splits'][split]['tokens'],
+                       'offset': model.extra_tokens},
             'vocab': str(vocab), **per_byte}
+
+
+def paired_bits(likelihoods):
+    """For each two checkpoints that scored the same tokens of the same text: the first's bits/token minus the
+    second's, window by window, with the standard error of those paired differences (far below either run's own
+    SE, which holds the windows' spread that both share)."""
+    names = [n for n, lk in likelihoods.items() if lk.get('window_bits')]
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            la, lb = likelihoods[a], likelihoods[b]
+            if (la['scored'], la['windows'], la['tokens']) != (lb['scored'], lb['windows'], lb['tokens']):
+                continue
+            d = torch.tensor(la['window_bits'], dtype=torch.float64) - torch.tensor(lb['window_bits'], dtype=torch.float64)
+            diff, se = mean_se(d)
+            out.append({'a': a, 'b': b, 'diff': diff, 'se': se, 'windows': la['windows']})
+    return out
 
 
 # ---- sampling
@@ -434,6 +456,10 @@ def markdown_table(results):
                  fmt(r['distinct_1']), fmt(r['distinct_2']), fmt(r['distinct_3']), fmt(r['rep_4']),
                  fmt(r.get('self_bleu'))]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    if results.get('paired'):
+        lines += ['', '| a | b | bits/token a - b, paired by window | windows |', '|---|---|---|---|']
+        lines += [f"| {p['a']} | {p['b']} | {p['diff']:+.4f} ± {p['se']:.4f} | {p['windows']} |"
+                  for p in results['paired']]
     return '\n'.join(lines)
 
 
@@ -689,6 +715,7 @@ def main(argv=None):
         score_model(c, path, checkpoint_name(path) if unique else path, ckpt_info[path], results, add_row, dev, ctx,
                     length)
 
+    results['paired'] = paired_bits(results['likelihood'])
     write_json(os.path.join(c['out_dir'], 'results.json'), results)
     if c['plot']:
         draw_plot(results, os.path.join(c['out_dir'], 'eval.png'))

@@ -18,10 +18,12 @@ every document is preceded by <|endoftext|> (50256, each document's BOS and the 
 out_dir/meta.json. A document's split comes from a keyed hash of its text, so the same input always gives
 byte-identical files whatever --num_proc is, and a story that occurs twice never lands in two splits.
 
---vocab=compact keeps GPT-2's BPE but renumbers its ids densely: the K distinct ids of the train split other than
-<|endoftext|>, most frequent first, are 0..K-1; K is <|unk|>, which stands for every GPT-2 id the train split
-never uses; K+1 is <|endoftext|>, the last id as in GPT-2. On TinyStories that is ~8,000 ids instead of 50,257, so
-the vocabulary-sized layers of a small model shrink six-fold. The map (compact id -> GPT-2 id, -1 for <|unk|>) is
+--vocab=compact keeps GPT-2's BPE but renumbers its ids densely: the K ids other than <|endoftext|> that the train
+split holds at least --min_count times, most frequent first, are 0..K-1; K is <|unk|>, which stands for every other
+GPT-2 id; K+1 is <|endoftext|>, the last id as in GPT-2. The cutoff (2: ids seen once become <|unk|>) puts <|unk|>
+into the train split at the rate rare ids occur, so a model learns how likely an id outside its vocabulary is, as
+it will meet them in held-out text. On the TinyStories sample that is 6,208 ids instead of 50,257, so the
+vocabulary-sized layers of a small model shrink eight-fold. The map (compact id -> GPT-2 id, -1 for <|unk|>) is
 stored in meta.json, so it travels into every checkpoint; Vocab reads it. Its default out_dir is data/<name>_compact.
 
 The second half of this file is the reader of that format (load_meta, Vocab, TokenWindows).
@@ -60,6 +62,7 @@ DEFAULTS = {
     'num_proc': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),  # all cores
     'errors': 'strict',     # invalid UTF-8 in --input: 'strict' stops at it (file, byte offset); 'replace': U+FFFD
     'vocab': 'gpt2',        # 'gpt2': GPT-2's 50,257 ids; 'compact': only the ids the train split uses (see below)
+    'min_count': 2,         # --vocab=compact: an id the train split holds fewer times becomes <|unk|>; 1 keeps them all
     'overwrite': False,     # let --vocab replace an out_dir prepared with the other vocabulary
 }
 CHUNK_BYTES = 1 << 20  # text per worker task: ~60 ms of BPE, so pickling it to and from the worker is noise
@@ -449,17 +452,17 @@ def gpt2_token_bytes(enc):
     return _token_bytes[id(enc)].copy()
 
 
-def _compact_in_place(tmp, dtype, enc, chunk=1 << 24):
-    """Renumbers the three split files (paths in tmp) to the train split's ids, most frequent first, <|unk|> for the
-    others, <|endoftext|> last. Returns the meta.json entries and, per split, how many <|unk|> it holds and their
-    UTF-8 bytes (what bits per byte needs for tokens whose GPT-2 id is no longer known)."""
+def _compact_in_place(tmp, dtype, enc, min_count, chunk=1 << 24):
+    """Renumbers the three split files (paths in tmp) to the ids the train split holds at least min_count times, most
+    frequent first, <|unk|> for the others, <|endoftext|> last. Returns the meta.json entries and, per split, how many
+    <|unk|> it holds and their UTF-8 bytes (what bits per byte needs for tokens whose GPT-2 id is no longer known)."""
     train = np.memmap(tmp['train'], dtype=dtype, mode='r')
     counts = np.zeros(enc.n_vocab, dtype=np.int64)
     for i in range(0, len(train), chunk):
         counts += np.bincount(train[i:i + chunk], minlength=enc.n_vocab)
     del train
     counts[EOT] = 0  # <|endoftext|> takes the last id whatever its count
-    seen = np.flatnonzero(counts)
+    seen = np.flatnonzero(counts >= max(min_count, 1))
     seen = seen[np.lexsort((seen, -counts[seen]))]  # most frequent first; equal counts by GPT-2 id
     K = len(seen)
     lut = np.full(enc.n_vocab, K, dtype=np.int64)  # GPT-2 id -> compact id; <|unk|> = K for the rest
@@ -484,8 +487,10 @@ def _compact_in_place(tmp, dtype, enc, chunk=1 << 24):
     gpt2_ids = [*seen.tolist(), -1, EOT]
     meta = {'vocab_size': K + 2, 'eot_token': K + 1, 'special_tokens': {EOT_STR: K + 1, UNK_STR: K},
             'compact': {'gpt2_ids': gpt2_ids, 'unk_token': K, 'unseen_gpt2_ids': enc.n_vocab - K - 1,
-                        'rule': 'the GPT-2 ids of the train split other than <|endoftext|>, most frequent first; '
-                                'then <|unk|> for every other GPT-2 id; then <|endoftext|>'}}
+                        'min_count': min_count,
+                        'rule': f'the GPT-2 ids other than <|endoftext|> that the train split holds at least '
+                                f'{min_count} times, most frequent first; then <|unk|> for every other GPT-2 id; '
+                                f'then <|endoftext|>'}}
     return {'meta': meta, 'splits': splits}
 
 
@@ -558,10 +563,12 @@ def _report(out_dir, tokens, docs, nbytes, dt, num_proc, fracs):
 
 def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=0, out_dir='', val_frac=0.02,
             test_frac=0.02, seed=1337, num_proc=DEFAULTS['num_proc'], errors='strict', vocab='gpt2',
-            overwrite=False):
+            overwrite=False, min_count=DEFAULTS['min_count']):
     """Tokenizes --input or --dataset into out_dir/{train,val,test}.bin + meta.json; returns the meta dict.
     Raises PrepareError for bad input; the files of an earlier run in out_dir stay intact until the end."""
     _check_args(val_frac, test_frac, num_proc, max_docs, errors)
+    if min_count < 1:
+        raise PrepareError(f"--min_count={min_count}: expected an int >= 1 (1 keeps every id the train split holds)")
     if vocab not in ('gpt2', 'compact'):
         raise PrepareError(f"--vocab={vocab}: expected 'gpt2' (GPT-2's 50,257 ids) or 'compact' (the train split's)")
     if input:
@@ -602,7 +609,7 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
             f.close()
         if sum(docs) == 0:
             raise PrepareError(f"{input or dataset}: no non-empty documents")
-        compact = _compact_in_place(tmp, dtype, enc) if vocab == 'compact' else None
+        compact = _compact_in_place(tmp, dtype, enc, min_count) if vocab == 'compact' else None
         meta = {
             'tokenizer': 'gpt2', 'vocab_size': enc.n_vocab, 'eot_token': EOT, 'special_tokens': {EOT_STR: EOT},
             'dtype': np.dtype(dtype).name,
@@ -638,9 +645,10 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
             pool.terminate()
     _report(out_dir, tokens, docs, nbytes, max(time.time() - t0, 1e-9), num_proc, (val_frac, test_frac))
     if compact is not None:
-        unk = ', '.join(f"{s} {meta['splits'][s]['unk_tokens']:,}" for s in SPLITS[1:])
-        print(f"compact vocabulary: the train split's {meta['vocab_size'] - 2:,} GPT-2 ids, <|unk|> and <|endoftext|>: "
-              f"vocab_size {meta['vocab_size']:,} (GPT-2: {enc.n_vocab:,}); tokens that became <|unk|>: {unk}")
+        unk = ', '.join(f"{s} {meta['splits'][s]['unk_tokens']:,}" for s in SPLITS)
+        print(f"compact vocabulary: the {meta['vocab_size'] - 2:,} GPT-2 ids the train split holds at least "
+              f"{min_count} times, <|unk|> and <|endoftext|>: vocab_size {meta['vocab_size']:,} (GPT-2: "
+              f"{enc.n_vocab:,}); tokens that became <|unk|>: {unk}")
     return meta
 
 
@@ -875,11 +883,23 @@ def unigram_logprobs(data_dir, split='train', vocab_size=None, alpha=0.5, chunk=
     """log p(v) of the unigram model fitted on a split: token counts plus alpha (add-1/2, Krichevsky-Trofimov),
     over vocab_size ids (default: the data's). float64 numpy (V,). The baseline every report stands beside: a
     model at its cross-entropy has learned token frequencies and nothing of context. Checks the split's ids
-    (token_counts)."""
+    (token_counts).
+
+    On a compact vocabulary the model is fitted over GPT-2's ids, so that it is the same line as on GPT-2's: a kept
+    id is one GPT-2 id, with its count + alpha; <|unk|> stands for U GPT-2 ids and gets their counts + alpha each;
+    the normaliser is N + alpha * 50,257. Charged log2 U more at <|unk|> (Vocab.gpt2_bits), each of those ids has
+    p(<|unk|>) / U: exactly GPT-2's add-1/2 probability for an id the split never holds, and their mean for the
+    rarer ids that min_count cut."""
     counts = token_counts(data_dir, split, chunk)
     V = vocab_size or len(counts)
     counts = np.pad(counts, (0, max(0, V - len(counts))))[:V]
-    return np.log(counts + alpha) - np.log(counts.sum() + alpha * V)
+    compact = load_meta(data_dir).get('compact')
+    if compact is None:
+        return np.log(counts + alpha) - np.log(counts.sum() + alpha * V)
+    weight = np.ones(V)  # how many GPT-2 ids each id stands for
+    weight[compact['unk_token']] = compact['unseen_gpt2_ids']
+    gpt2_vocab = len(compact['gpt2_ids']) - 1 + compact['unseen_gpt2_ids']  # K + 1 + U
+    return np.log(counts + alpha * weight) - np.log(counts.sum() + alpha * gpt2_vocab)
 
 
 if __name__ == '__main__':

@@ -461,3 +461,19 @@ def test_a_checkpoint_on_data_of_another_vocabulary_is_one_line_before_any_work(
     msg = p.stderr.strip()
     assert p.returncode == 1 and "was trained on GPT-2's vocabulary" in msg and 'a compact vocabulary' in msg
     assert '\n' not in msg and 'bits/token' not in p.stdout, p.stderr
+
+
+def test_paired_bits_pairs_only_the_same_scored_tokens():
+    """Two checkpoints that scored the same windows of the same text get their bits/token difference window by
+    window (mean and the SE of the differences); a checkpoint scored on other tokens (ar's window[1:], another split)
+    is paired with none; the table shows each pair."""
+    scored = {'split': 'test', 'source': {'input': 'corpus/tinystories'}, 'split_tokens': 100, 'offset': 0}
+    a = {'window_bits': [5.0, 6.0, 7.0, 8.0], 'scored': scored, 'windows': 4, 'tokens': 256}
+    b = {'window_bits': [4.5, 5.0, 6.5, 7.0], 'scored': scored, 'windows': 4, 'tokens': 256}
+    ar = {**b, 'scored': {**scored, 'offset': 1}}
+    pairs = evaluate.paired_bits({'a': a, 'ar': ar, 'b': b})
+    d = np.array([0.5, 1.0, 0.5, 1.0])
+    assert [(p['a'], p['b']) for p in pairs] == [('a', 'b')]
+    assert math.isclose(pairs[0]['diff'], 0.75) and math.isclose(pairs[0]['se'], d.std(ddof=1) / 2)
+    table = evaluate.markdown_table({'judge_name': '', 'rows': [], 'likelihood': {}, 'paired': pairs})
+    assert '| a | b | +0.7500 ± 0.1443 | 4 |' in table

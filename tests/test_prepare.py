@@ -156,24 +156,28 @@ def test_the_shipped_sample_is_the_text_its_sources_list():
     assert len(read_stories(STORY_FILES)) == NUM_STORIES
 
 
-# The data every committed result was made from: the shipped sample through --vocab=compact. These are the figures
-# of its meta.json (and of the GPT-2 run's, but for the map); results/*/results.json name the same map hash.
-RESULTS_DATA = {'splits': {'train': {'tokens': 942841, 'documents': 4535, 'unk_tokens': 0, 'unk_bytes': 0},
-                           'val': {'tokens': 15622, 'documents': 81, 'unk_tokens': 41, 'unk_bytes': 277},
-                           'test': {'tokens': 20507, 'documents': 98, 'unk_tokens': 85, 'unk_bytes': 515}},
-                'vocab_size': 7989, 'text_bytes': 3985098, 'unseen_gpt2_ids': 42269}
+# The data the quick start's results were made from: the shipped sample through --vocab=compact (min_count 2). These
+# are the figures of its meta.json; results/quickstart and results/compact-vs-gpt2 name the same map hash.
+RESULTS_DATA = {'splits': {'train': {'tokens': 942841, 'documents': 4535, 'unk_tokens': 1781, 'unk_bytes': 11392},
+                           'val': {'tokens': 15622, 'documents': 81, 'unk_tokens': 63, 'unk_bytes': 435},
+                           'test': {'tokens': 20507, 'documents': 98, 'unk_tokens': 131, 'unk_bytes': 803}},
+                'vocab_size': 6208, 'text_bytes': 3985098, 'unseen_gpt2_ids': 44050}
+MAP = re.compile(r'a compact vocabulary \([\d,]+ ids, map ([0-9a-f]{12})\)')
 
 
 @pytest.mark.slow
 def test_the_shipped_sample_prepares_to_the_data_the_results_were_made_from(compact_prepared):
+    """The default --vocab=compact of the shipped sample is the data of the quick start's committed results; every
+    committed results file names the map its compact runs were trained on (older sweeps: an earlier map)."""
     meta = prepare.load_meta(compact_prepared)
     got = {'splits': meta['splits'], 'vocab_size': meta['vocab_size'], 'text_bytes': meta['text_bytes'],
            'unseen_gpt2_ids': meta['compact']['unseen_gpt2_ids']}
     assert got == RESULTS_DATA
-    maps = set()
-    for path in sorted((REPO / 'results').glob('*/results.json')):
-        maps |= set(re.findall(r'a compact vocabulary \([\d,]+ ids, map ([0-9a-f]{12})\)', path.read_text()))
-    assert maps == {prepare.Vocab(meta).key[1]}, maps  # the committed results were made on this very map
+    for name in ('quickstart', 'compact-vs-gpt2'):
+        maps = set(MAP.findall((REPO / 'results' / name / 'results.json').read_text()))
+        assert maps == {prepare.Vocab(meta).key[1]}, (name, maps)
+    for path in sorted((REPO / 'results').glob('sweep-*/results.json')):
+        assert MAP.search(path.read_text()), path  # which vocabulary its runs saw is on record
 
 
 def test_compressed_text_reads_as_the_plain_text(tmp_path, stories):
@@ -325,6 +329,7 @@ def bad_inputs(tmp):
         ('unknown flag', ['--bogus=1'], 'unknown flag --bogus'),
         ('bad value', ['--num_proc=two'], '--num_proc=two: expected int'),
         ('bad fraction', ['--input=x', '--val_frac=0.7', '--test_frac=0.4'], 'leave nothing for train'),
+        ('no ids kept', ['--input=x', '--vocab=compact', '--min_count=0'], '--min_count=0: expected an int >= 1'),
     ]
 
 
@@ -507,13 +512,16 @@ def compact_prepared(prepared, tmp_path_factory):
 @pytest.mark.slow
 def test_compact_vocabulary_is_the_train_split_renumbered(prepared, compact_prepared):
     """Mapped back through its map, every split is the GPT-2 stream itself, with <|unk|> exactly where the GPT-2
-    id does not occur in train; the ids are ordered by train frequency; <|endoftext|> is the last id."""
+    id occurs in train fewer than min_count times; the ids are ordered by train frequency; <|endoftext|> is last."""
     meta = prepare.load_meta(compact_prepared)
     ids = np.array(meta['compact']['gpt2_ids'])
     full_train = read_split(prepared, 'train')
-    train_ids = set(np.unique(full_train).tolist())
+    train_counts = np.bincount(full_train, minlength=50257)
+    assert meta['compact']['min_count'] == prepare.DEFAULTS['min_count'] == 2  # ids seen once become <|unk|>
+    train_ids = set(np.flatnonzero(train_counts >= 2).tolist()) | {prepare.EOT}
     K = meta['compact']['unk_token']
     assert meta['vocab_size'] == K + 2 == len(train_ids) + 1 and meta['eot_token'] == K + 1
+    assert meta['splits']['train']['unk_tokens'] == int((train_counts == 1).sum())  # train teaches <|unk|>'s rate
     assert ids[K] == -1 and ids[K + 1] == prepare.EOT and set(ids[:K].tolist()) == train_ids - {prepare.EOT}
     counts = np.bincount(full_train, minlength=50257)[ids[:K]]
     assert (np.diff(counts) <= 0).all() and counts[-1] >= 1  # most frequent first
@@ -582,3 +590,30 @@ def test_unigram_baseline_is_smoothed_train_frequencies(tmp_path):
     lp = prepare.unigram_logprobs(str(tmp_path), chunk=3)  # chunks smaller than the split: the counts must add up
     counts = np.array([1, 2, 4, 0, 1, 0]) + 0.5
     assert np.allclose(lp, np.log(counts / counts.sum()))
+
+
+def test_the_compact_unigram_line_is_gpt2s(tmp_path, stories):
+    """Fitted over GPT-2 ids, a compact vocabulary's unigram line (with <|unk|> charged log2 U, as every compact
+    figure) is GPT-2's add-1/2 line: position by position when min_count keeps every train id; with the cutoff, the
+    cut ids share their GPT-2 mass evenly, so the line still sums to 1 over GPT-2's ids."""
+    text = tmp_path / 'stories.txt'
+    text.write_text('\n<|endoftext|>\n'.join(stories[:300]), encoding='utf-8')
+    fit = dict(input=str(text), num_proc=1, val_frac=0.1, test_frac=0.1)
+    prepare.prepare(**fit, out_dir=str(tmp_path / 'g'))
+    gpt2 = prepare.unigram_logprobs(str(tmp_path / 'g'))
+    test = read_split(tmp_path / 'g', 'test').astype(np.int64)
+    for min_count in (1, 2):
+        d = tmp_path / f'c{min_count}'
+        prepare.prepare(**fit, out_dir=str(d), vocab='compact', min_count=min_count)
+        vocab = prepare.Vocab(prepare.load_meta(d))
+        lp = prepare.unigram_logprobs(str(d))
+        compact = torch.from_numpy(read_split(d, 'test').astype(np.int64))
+        line = -lp[compact.numpy()] / np.log(2) + vocab.gpt2_bits(compact).numpy()
+        # the probability each GPT-2 id gets: kept ids their own, the U ids of <|unk|> a share each
+        assert np.isclose(np.exp(lp).sum(), 1.0)
+        if min_count == 1:
+            assert np.allclose(line, -gpt2[test] / np.log(2), rtol=0, atol=1e-9)
+        else:
+            kept = compact.numpy() != vocab.unk
+            assert np.allclose(line[kept], -gpt2[test][kept] / np.log(2), rtol=0, atol=1e-9)
+            assert (~kept).sum() > 0 and not np.allclose(line[~kept], -gpt2[test][~kept] / np.log(2))

@@ -287,3 +287,5 @@ def test_quick_start_figures_come_from_the_committed_results():
     times = [float(t) for t in re.findall(r'total ([\d.]+) s',
                                           open(os.path.join(ROOT, 'results', 'quickstart', 'timings.txt')).read())]
     assert times and f"The main job takes about {round(sum(times) / len(times) / 60)} minutes on 2 cores" in README
+    steps = int(re.search(r'^max_iters = (\d+)', open(os.path.join(ROOT, 'config', 'embed_cpu.py')).read(), re.M)[1])
+    assert f"for {steps:,} steps of 8 x 64 tokens" in ' '.join(README.split())  # what the main job trains
