@@ -357,8 +357,8 @@ def test_self_bleu_clips_counts_against_the_other_samples():
 
 
 class DrawsModel(torch.nn.Module):
-    """A bidirectional "model" of block size 4 whose bound is the same at every position: values[k] bits at its
-    k-th call (cycling), so each window's draws are known by hand."""
+    """A bidirectional "model" of block size 4 whose bound depends on the draw alone: values[k] bits at its k-th
+    call (cycling; a number for every position, or one per position), so each window's draws are known by hand."""
     config = types.SimpleNamespace(block_size=4, vocab_size=4)
     extra_tokens, exact_likelihood = 0, False
 
@@ -369,20 +369,21 @@ class DrawsModel(torch.nn.Module):
 
     def position_nll(self, x, generator=None):
         self.calls += 1
-        return torch.full(x.shape, self.values[(self.calls - 1) % len(self.values)])
+        return torch.tensor(self.values[(self.calls - 1) % len(self.values)]).expand(x.shape)
 
 
 def test_draw_noise_is_each_windows_variance_over_its_own_draws(tmp_path):
-    """Two draws per window of 2 and 5 bits/token (a model whose bound depends on the draw only): each window's
-    draws vary by (5 - 2)^2 / 2 = 4.5 bits^2, so with 2 draws on 2 windows the draws' part of the SE is
-    sqrt(4.5 / (2 x 2)) = 1.0607, while the window means (3.5 each) do not vary at all: the whole spread of a
-    window's mean comes from the draws. One draw a window cannot tell them apart: draw_var is None."""
+    """Two draws per window, of bits [0, 4, 0, 4] (2 a token) and [5, 5, 5, 5] (5): each window's bits/token vary
+    between its draws by (5 - 2)^2 / 2 = 4.5 bits^2 (a position's by 6.5 on average: not the figure), so with 2
+    draws on 2 windows the draws' part of the SE is sqrt(4.5 / (2 x 2)) = 1.0607, while the window means (3.5 each)
+    do not vary at all. One draw a window cannot tell draws from windows apart: draw_var is None."""
     d = hand_compact_data(tmp_path / 'd', {'train': [3, 0, 0, 1, 0, 1, 3, 0], 'test': [3, 0, 1, 1, 0, 0, 0, 0, 3]},
                           {})
-    lk = evaluate.likelihood(DrawsModel([2.0, 5.0]), d, 'test', 0, 1, 2, None)
+    draws = [[0.0, 4.0, 0.0, 4.0], 5.0]
+    lk = evaluate.likelihood(DrawsModel(draws), d, 'test', 0, 1, 2, None)
     assert lk['windows'] == 2 and lk['bits'] == pytest.approx(3.5) and lk['bits_se'] == 0
     assert lk['draw_var'] == pytest.approx(4.5) and lk['se_draws'] == pytest.approx(math.sqrt(4.5 / 4))
-    assert evaluate.likelihood(DrawsModel([2.0, 5.0]), d, 'test', 0, 1, 1, None)['draw_var'] is None
+    assert evaluate.likelihood(DrawsModel(draws), d, 'test', 0, 1, 1, None)['draw_var'] is None
 
 
 def test_each_checkpoint_draws_its_own_noise(tiny_run, tmp_path):

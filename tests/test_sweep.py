@@ -14,6 +14,11 @@ One-line mutations of sweep.py each test was checked to catch:
   unfinished_run_resumed   no `--init_from=resume` for a run with a checkpoint (trained again from scratch)
   bad_sweep_configs        `if dup:` -> `if False:` (the duplicate-out_dir case)
   gpu_variant              `base = train_config` (a run's own config file ignored)
+  t_quantile               `central(theta) - (2 * p - 1)` -> `central(theta) - p` (a one-sided point)
+  paired_differences       `se_eval = statistics.stdev(lks[0]['window_gain']) / ...` (seed 1's SE only);
+    _by_hand               `abs(d) > t * math.sqrt(var)` -> `abs(d) > math.sqrt(var)` (or `2 * ...`);
+                           `(paired_var, windows - 1)` -> `(paired_var, windows)`; `(v / k, k - 1)` -> `(v / k, k)`;
+                           `[(v, k * f) ...]` -> `[(v / f, k) ...]` (more seeds without their df)
 """
 import json
 import math
