@@ -9,8 +9,12 @@ For each checkpoint in `ckpts`:
   likelihood  bits per token on the test split, over deterministic non-overlapping windows (stride block_size,
               window block_size + model.extra_tokens, so every family of a block size scores the same windows):
               exact for `ar`, the family's variational bound otherwise (a Monte Carlo estimate, one draw per
-              window per mc_samples). Reported: the mean over windows, its standard error (std / sqrt(n) across
-              windows, which includes the Monte Carlo noise), the tokens used, and the perplexity 2 ** bits.
+              window per mc_samples; each checkpoint its own draws, seeded from `seed` and the run that trained it,
+              so two runs never share noise, masks or t). Reported: the mean over windows, its standard error
+              (std / sqrt(n) across windows, which includes the Monte Carlo noise), the draws' part of it (se_draws,
+              from each window's variance over its own draws, draw_var: needs mc_samples >= 2; 0 for ar): k times
+              the draws would leave sqrt(se^2 - se_draws^2 (1 - 1/k)), the rest only more windows shrink, the
+              tokens used, and the perplexity 2 ** bits.
               by_position: the same per range of positions in the window (position_buckets ranges, each with the
               unigram bits of its tokens): for ar, position j is predicted from the j + 1 tokens before it; for the
               bidirectional families every position sees the whole window, so a flat profile is expected there and
@@ -26,7 +30,11 @@ For each checkpoint in `ckpts`:
                           test-text windows begin mid-document): how plausible the text is to a fixed reader.
                           The judge is an `ar` checkpoint of this project, or a pretrained Hugging Face causal
                           LM with GPT-2's tokenizer (judge='gpt2', 'gpt2-large', an id or a local directory;
-                          loaded through `transformers`, only then imported), as MDLM and SEDD report gen-PPL;
+                          loaded through `transformers`, only then imported), as MDLM and SEDD report gen-PPL.
+                          A compact vocabulary's <|unk|> (in samples and test text alike) costs what the judge
+                          gives it: an `ar` judge its own q(<|unk|>), a Hugging Face judge the total probability
+                          of the unseen GPT-2 ids; neither adds the log2(unseen ids) the likelihood charges to
+                          name one of them, so gen-PPL is per token of the samples, not per GPT-2 token;
                 entropy   unigram entropy of each sample, H = -sum_v p_v log2 p_v with p_v the frequency of token
                           v within that sample, averaged over samples: low entropy means repetitive text, which
                           also lowers gen-PPL, so the two are read together;
@@ -56,6 +64,8 @@ The split scored is checked for token ids beyond the vocabulary at load, so a co
 """
 
 import functools
+import hashlib
+import json
 import math
 import os
 import sys
@@ -96,7 +106,8 @@ sample_settings = [{}]      # sampler options (sample.py's knobs), one set of ro
                             # settings whose keys its sampler takes, e.g. [{}, {'temperature': 0.8}, {'order':
                             # 'confidence'}]: {} for all, the second for bits/mask/ar, the third for mask only
 use_ema = True              # evaluate the EMA weights when a checkpoint has them
-seed = 1337                 # one seed for every row: the same noise for every checkpoint and step count
+seed = 1337                 # samples: the same noise for every checkpoint and step count; the bound's draws: each
+                            # checkpoint its own stream from this seed and its run (draw_seed)
 device = 'auto'             # 'auto' (cuda if available) | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'float32'           # network precision while sampling (autocast); likelihoods always run in fp32 (model.nll)
 plot = True                 # draw out_dir/eval.png
@@ -248,7 +259,9 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
     is that of the paired differences. A model with no gain has learned token frequencies, not context.
     Bits are per GPT-2 token (on a compact vocabulary, <|unk|> is charged its share of the unseen ids, for the
     model and the unigram alike: prepare.Vocab), and per UTF-8 byte of the scored text (the figure that compares
-    across tokenizers; None without the tokenizer's files)."""
+    across tokenizers; None without the tokenizer's files). draw_var: the variance of one draw of a window's
+    bits/token, from each window's own mc draws, averaged over windows (None with one draw, 0 for an exact
+    likelihood); se_draws = sqrt(draw_var / (mc n)), the draws' part of bits_se and of context_gain_se."""
     bs = model.config.block_size
     meta = load_meta(data_dir)
     vocab = Vocab(meta)
@@ -263,12 +276,14 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
     n = min(n, max_windows) if max_windows > 0 else n
     device = next(model.parameters()).device
     unigram = torch.from_numpy(unigram_logprobs(data_dir, 'train', model.config.vocab_size)) / -math.log(2)
-    per_position, uni_position, window_bytes = [], [], []
+    per_position, uni_position, window_bytes, draw_var = [], [], [], []
     for start in range(0, n, batch_size):
         x = windows.eval_batch(start, min(batch_size, n - start), bs)
-        est = torch.stack([model.position_nll(x.to(device), generator=gen).double() for _ in range(mc)]).mean(0)
+        draws = torch.stack([model.position_nll(x.to(device), generator=gen).double().cpu() for _ in range(mc)])
+        if mc > 1:  # each window's variance over its own draws (its bits/token, one draw)
+            draw_var.append(draws.mean(2).var(0))
         scored = x[:, model.extra_tokens:]  # the tokens position_nll() scores
-        per_position.append(est.cpu() + vocab.gpt2_bits(scored))
+        per_position.append(draws.mean(0) + vocab.gpt2_bits(scored))
         uni_position.append(unigram[scored] + vocab.gpt2_bits(scored))
         if token_bytes is not None:
             window_bytes.append(token_bytes[scored].sum(1))
@@ -276,6 +291,9 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
     per_window, uni_window = per_position.mean(1), uni_position.mean(1)
     bits, se = mean_se(per_window)
     gain, gain_se = mean_se(uni_window - per_window)
+    # the draws' part of se^2 (and of gain_se^2: the unigram has no draws), E[var over a window's draws] / (mc n);
+    # the rest is the windows' own spread, which only more windows (or seeds) shrink
+    one_draw = 0.0 if model.exact_likelihood else torch.cat(draw_var).mean().item() if draw_var else None
     per_byte = {}
     if token_bytes is not None:
         nbytes = torch.cat(window_bytes)
@@ -290,7 +308,8 @@ def likelihood(model, data_dir, split, max_windows, batch_size, mc, gen, buckets
             by_position.append({'positions': [a, b], 'bits': b_bits, 'bits_se': b_se,
                                 'unigram_bits': uni_position[:, a:b].mean().item()})
     return {'bits': bits, 'bits_se': se, 'ppl': perplexity(bits), 'windows': n, 'tokens': n * bs,
-            'mc_samples': mc, 'exact': model.exact_likelihood, 'by_position': by_position,
+            'mc_samples': mc, 'exact': model.exact_likelihood, 'by_position': by_position, 'draw_var': one_draw,
+            'se_draws': None if one_draw is None else math.sqrt(one_draw / (mc * n)),
             'unigram_bits': uni_window.mean().item(), 'context_gain': gain, 'context_gain_se': gain_se,
             'window_gain': [round(g, 5) for g in (uni_window - per_window).tolist()],  # for paired comparisons
             'window_bits': [round(b, 5) for b in per_window.tolist()],
@@ -586,15 +605,23 @@ def load_judge(c, dev, ckpt_info):
     return judge_model, bos, hf_judge
 
 
+def draw_seed(seed, ckpt):
+    """The seed of a checkpoint's bound draws: `seed` and the run that trained it (its training settings, out_dir
+    and seed among them, and its iteration). Two runs then never share noise, masks or t, so the spread between
+    seeds holds no common Monte Carlo noise, while a checkpoint scores the same wherever it lies."""
+    run = json.dumps([ckpt.get('config'), ckpt.get('iter_num')], sort_keys=True, default=str)
+    return util.stream_seed(seed, int(hashlib.sha256(run.encode()).hexdigest()[:15], 16))
+
+
 def score_model(c, path, name, info, results, add_row, dev, ctx, length):
     """One checkpoint: its likelihood on the split (beside the unigram line), then samples at every step count."""
     model, ckpt = load(path, dev, c['use_ema'])
     cfg, ddir, iter_num, _, _ = info
     results['models'][name] = {'ckpt': path, 'model_type': cfg.model_type, 'model_args': ckpt['model_args'],
                                'iter_num': iter_num, 'params': model.get_num_params(), 'data_dir': ddir}
-    del ckpt
     print(f"{name}: {cfg.model_type}, {model.get_num_params() / 1e6:.2f}M parameters, iteration {iter_num}")
-    gen = torch.Generator(device=dev).manual_seed(c['seed'])
+    gen = torch.Generator(device=dev).manual_seed(draw_seed(c['seed'], ckpt))
+    del ckpt
     mc = 1 if model.exact_likelihood else c['mc_samples_by_family'].get(cfg.model_type, c['mc_samples'])
     try:
         lk = likelihood(model, ddir, c['split'], c['max_windows'], c['eval_batch_size'], mc, gen,
@@ -613,7 +640,8 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
           f"PPL {fmt_ppl(lk['ppl'])}; unigram {lk['unigram_bits']:.4f}, context gain "
           f"{lk['context_gain']:+.4f} ± {fmt(lk['context_gain_se'], '.4f')} bits/token"
           + (f"; {lk['bits_per_byte']:.4f} ± {fmt(lk['bits_per_byte_se'], '.4f')} bits/byte (unigram "
-             f"{lk['unigram_bits_per_byte']:.4f})" if lk.get('bits_per_byte') is not None else ""))
+             f"{lk['unigram_bits_per_byte']:.4f})" if lk.get('bits_per_byte') is not None else "")
+          + (f"; of its SE, {lk['se_draws']:.4f} from the {mc} draws/window" if lk['se_draws'] else ""))
     if lk['by_position']:
         print(f"{name}: by position " + ', '.join(f"{p['positions'][0]}-{p['positions'][1] - 1}: {p['bits']:.3f} ± "
                                                   f"{fmt(p['bits_se'])} (unigram {p['unigram_bits']:.3f})"

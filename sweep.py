@@ -62,6 +62,8 @@ panels = ['bits_tokens', 'bits_seconds', 'gen_ppl_steps', 'entropy_steps']  # wh
 notes = []                  # lines the config adds under the tables (what the sweep does not measure, and why)
 paired = 'all'              # paired per-window differences of context gain: 'all' pairs of run groups, 'within' a
                             # family only, or '' none (a group: the runs that differ only in `seed`)
+retabulate = ''             # a results_dir: make its results.md (and results.json's comparisons) again from its
+                            # results.json by this code's tables and verdicts; nothing is trained or scored
 _config_keys = [k for k, v in list(globals().items()) if not k.startswith('_') and not callable(v)
                 and isinstance(v, (bool, int, float, str, list, tuple, dict))]
 _DEFAULTS = copy.deepcopy({k: globals()[k] for k in _config_keys})  # main() may run twice in one process (tests)
@@ -247,44 +249,129 @@ def seed_groups(res):
 def group_stats(runs):
     """A setting's seed-averaged context gain and its errors. With g[s][w] the gain (unigram minus model bits) of
     seed s on test window w: the mean over seeds and windows; se_eval, the standard error over windows of the
-    seed-averaged gains (the test windows and the bound's draws); seed_sd, the standard deviation of the seeds'
-    mean gains (training noise; it also holds some of the draws' noise, so it errs on the large side); and
-    se = sqrt(se_eval^2 + seed_sd^2 / seeds), the error of the mean as an estimate of the setting's gain."""
+    seed-averaged gains (the test windows and the bound's draws); se_draws, the draws' part of it (each run's own,
+    evaluate.py's se_draws, independent across runs: sqrt(sum_s se_draws_s^2) / seeds; None for results scored
+    without it); seed_sd, the standard deviation of the seeds' mean gains (training noise; it also holds the
+    windows' and draws' noise over seeds, so it errs on the large side); and se = sqrt(se_eval^2 + seed_sd^2 /
+    seeds), the error of the mean as an estimate of the setting's gain. One seed: no seed_sd, and se counts no
+    training noise."""
     lks = [r['likelihood'] for r in runs]
     k = len(lks)
     gw = [sum(col) / k for col in zip(*(lk['window_gain'] for lk in lks))]
     se_eval = statistics.stdev(gw) / math.sqrt(len(gw))
     seed_sd = statistics.stdev([lk['context_gain'] for lk in lks]) if k > 1 else None
+    draws = [lk.get('se_draws') for lk in lks]
     return {'runs': [r['name'] for r in runs], 'family': runs[0]['model_type'], 'seeds': k, 'window_gain': gw,
             'bits': statistics.fmean(lk['bits'] for lk in lks), 'seed_bits': [lk['bits'] for lk in lks],
             'gain': statistics.fmean(gw), 'se_eval': se_eval, 'seed_sd': seed_sd,
+            'se_draws': None if None in draws else math.sqrt(sum(v ** 2 for v in draws)) / k,
             'se': math.sqrt(se_eval ** 2 + (seed_sd ** 2 / k if k > 1 else 0.0))}
+
+
+@functools.lru_cache(maxsize=None)  # the tables of one file ask again for the same df
+def t_quantile(p, df):
+    """The p-quantile (p > 1/2) of Student's t with df >= 1 degrees of freedom (real; inf: the normal's). With
+    t = sqrt(df) tan(theta), P(|T| <= t) = 2 c int_0^theta cos(u)^(df - 1) du, c = Gamma((df + 1) / 2) /
+    (sqrt(pi) Gamma(df / 2)): that integral by Simpson's rule, theta by Newton's method inside a bisection bracket."""
+    if math.isinf(df):
+        return statistics.NormalDist().inv_cdf(p)
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi)
+
+    def central(theta, n=400):
+        f = [math.cos(theta * i / n) ** (df - 1) for i in range(n + 1)]
+        return 2 * c * theta / (3 * n) * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+    lo, hi = 0.0, math.pi / 2
+    theta = math.atan(statistics.NormalDist().inv_cdf(p) / math.sqrt(df))
+    for _ in range(100):
+        g = central(theta) - (2 * p - 1)
+        if abs(g) < 1e-13:
+            break
+        lo, hi = (theta, hi) if g < 0 else (lo, theta)
+        step = theta - g / (2 * c * math.cos(theta) ** (df - 1))
+        theta = step if lo < step < hi else (lo + hi) / 2
+    return math.sqrt(df) * math.tan(theta)
+
+
+def welch(d, paired_var, windows, seeds):
+    """Whether |d| exceeds t SE: SE^2 the paired variance (windows - 1 degrees of freedom) plus each seed term
+    seed_sd^2 / seeds (seeds - 1), t the two-sided 95% point of Student's t at their Welch-Satterthwaite df,
+    SE^4 / sum_i(V_i^2 / df_i). seeds: (seed_sd^2, seeds) of each side that has a spread. Returns
+    (resolved, SE, df, t)."""
+    terms = [(paired_var, windows - 1), *((v / k, k - 1) for v, k in seeds)]
+    var = sum(v for v, _ in terms)
+    spread = sum(v * v / k for v, k in terms)
+    df = var * var / spread if spread > 0 else math.inf
+    t = t_quantile(0.975, df)
+    return abs(d) > t * math.sqrt(var), math.sqrt(var), df, t
 
 
 def paired_difference(a, b):
     """Context gain of a minus b, window by window (the same test windows; ar's are shifted by one token, so
     gains, each against the unigram line on its own tokens, are compared rather than bits), with its standard
-    error: the paired one over windows plus both seed spreads. A difference counts as resolved when it exceeds
-    two standard errors; otherwise `needed` is about how many times the seeds and draws would resolve it."""
+    error: the paired one over windows plus each seed spread. Resolved when it exceeds t SE (welch(): with two
+    seeds a side a seed term of one df dominates and t is near 3, not 2). A one-seed side has no seed spread
+    (one_seed): its SE holds no training noise. `parts` splits SE^2 into what more seeds, bound draws and test
+    windows each shrink (draws and windows together for results scored without the draws' part); `needed`, for
+    an unresolved difference, the smallest multiple of each alone that would resolve it, the df (and so t)
+    following (None: no multiple up to 2^16 would)."""
     dw = [x - y for x, y in zip(a['window_gain'], b['window_gain'])]
-    d, se_pair = statistics.fmean(dw), statistics.stdev(dw) / math.sqrt(len(dw))
-    seed_var = sum(g['seed_sd'] ** 2 / g['seeds'] for g in (a, b) if g['seed_sd'] is not None)
-    se = math.sqrt(se_pair ** 2 + seed_var)
-    resolved = abs(d) > 2 * se
-    return {'diff': d, 'se_paired': se_pair, 'se': se, 'resolved': resolved,
-            'needed': None if resolved or d == 0 else math.ceil((2 * se / abs(d)) ** 2)}
+    n = len(dw)
+    d, se_pair = statistics.fmean(dw), statistics.stdev(dw) / math.sqrt(n)
+    seeds = [(g['seed_sd'] ** 2, g['seeds']) for g in (a, b) if g['seed_sd'] is not None]
+    resolved, se, df, t = welch(d, se_pair ** 2, n, seeds)
+    parts = {'seeds': sum(v / k for v, k in seeds)} if seeds else {}
+    if a['se_draws'] is None or b['se_draws'] is None:
+        parts['windows with draws'] = se_pair ** 2
+    else:  # the runs' draws are independent, so their variances add
+        parts['draws'] = a['se_draws'] ** 2 + b['se_draws'] ** 2
+        parts['windows'] = max(se_pair ** 2 - parts['draws'], 0.0)
+    draws, windows = parts.get('draws', 0.0), se_pair ** 2 - parts.get('draws', 0.0)
+    more = {'seeds': lambda f: welch(d, se_pair ** 2, n, [(v, k * f) for v, k in seeds]),
+            'draws': lambda f: welch(d, windows + draws / f, n, seeds),
+            'windows': lambda f: welch(d, windows / f + draws, n * f, seeds),
+            'windows with draws': lambda f: welch(d, se_pair ** 2 / f, n * f, seeds)}
+
+    def smallest(ok):  # the smallest f in 2..2^16 with ok(f), by doubling then bisection
+        hi = 2
+        while not ok(hi):
+            if hi >= 2 ** 16:
+                return None
+            hi *= 2
+        lo = hi // 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+        return hi
+    needed = None if resolved else {k: smallest(lambda f: more[k](f)[0]) for k in parts}
+    return {'diff': d, 'se_paired': se_pair, 'se': se, 'df': df, 't': t, 'resolved': resolved,
+            'one_seed': min(a['seeds'], b['seeds']) == 1, 'parts': parts, 'needed': needed}
 
 
 def comparisons(res):
-    """The seed groups' stats and the paired differences `paired` asks for (see the config knob)."""
+    """The seed groups' stats and the paired differences `paired` asks for (the config knob; a results file's own
+    setting when it has one)."""
+    mode = (res.get('sweep') or {}).get('paired', paired)
     groups = {label: group_stats(rs) for label, rs in seed_groups(res).items()}
     labels = list(groups)
-    pairs = [] if not paired else [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
-                                   if paired == 'all' or groups[a]['family'] == groups[b]['family']]
+    pairs = [] if not mode else [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
+                                 if mode == 'all' or groups[a]['family'] == groups[b]['family']]
     out = {'groups': {k: {kk: v for kk, v in g.items() if kk != 'window_gain'} for k, g in groups.items()},
            'pairs': [{'a': a, 'b': b, **paired_difference(groups[a], groups[b])} for a, b in pairs
                      if len(groups[a]['window_gain']) == len(groups[b]['window_gain'])]}
     return out
+
+
+def verdict(p):
+    """A pair's verdict in words: who is better, or what each source of error alone would take to resolve it."""
+    if p['resolved']:
+        out = f"{p['a'] if p['diff'] > 0 else p['b']} is better"
+    else:
+        would = ' or '.join(f"~{n}x the {k}" for k, n in p['needed'].items() if n)
+        cannot = ' or '.join(k for k, n in p['needed'].items() if not n)
+        out = 'not resolved at this budget (' + '; '.join(
+            w for w in (would and f"{would} alone would resolve it", cannot and f"more {cannot} alone cannot")
+            if w) + ')'
+    return out + ('; one seed: no training noise in its SE' if p['one_seed'] else '')
 
 
 def comparison_markdown(cmp):
@@ -300,24 +387,27 @@ def comparison_markdown(cmp):
                                             num(g['se'])]) + ' |')
         lines += ['', 'Context gain: unigram minus model bits/token on the same test windows. The SE of the mean '
                   'is sqrt(SE_windows^2 + seed_SD^2 / seeds); with two seeds the seed SD is itself a rough '
-                  'estimate (one degree of freedom).', '']
+                  'estimate (one degree of freedom), which the verdicts below count.', '']
     if cmp['pairs']:
-        head = ['A', 'B', 'gain A - B (bits/token)', 'paired SE', 'SE with seed spread', 'verdict']
+        head = ['A', 'B', 'gain A - B (bits/token)', 'paired SE', 'SE with seed spread', 'df', '(A - B) / SE',
+                't (95%)', 'verdict']
         lines += ['## Paired differences', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for p in cmp['pairs']:
-            verdict = (f"{p['a'] if p['diff'] > 0 else p['b']} is better" if p['resolved'] else
-                       f"not resolved at this budget (~{p['needed']}x the seeds and draws would resolve it)")
             lines.append('| ' + ' | '.join([p['a'], p['b'], f"{p['diff']:+.3f}", num(p['se_paired']), num(p['se']),
-                                            verdict]) + ' |')
-        lines += ['', 'Window by window over the same test windows; resolved when |A - B| > 2 SE (the SE with '
-                  'the seed spread).', '']
+                                            num(p['df'], '.1f'), f"{p['diff'] / p['se']:+.2f}" if p['se'] else '-',
+                                            num(p['t'], '.2f'), verdict(p)]) + ' |')
+        lines += ['', 'Window by window over the same test windows; resolved when |A - B| > t SE (the SE with the '
+                  'seed spread), t the two-sided 95% point of Student\'s t at the Welch-Satterthwaite df of the '
+                  'windows\' term (windows - 1) and each seed spread (seeds - 1). A one-seed setting has no seed '
+                  'spread: its SE counts no training noise. Unresolved: how many times the seeds, the bound\'s '
+                  'draws or the test windows, each alone, would resolve it (the df and t following).', '']
     return lines
 
 
 def summary_table(res):
     """One row per setting (its seeds together): the README's results table, made from results.json alone.
     Samples: the first seed's run at the largest step count, default sampler, beside the test text's."""
-    cmp = res.get('comparisons') or comparisons(res)
+    cmp = comparisons(res)
     ref = res.get('reference') or {}
     head = ['setting', 'seeds', 'test bits/token', 'context gain ± SE (seeds included)',
             f"gen-PPL (test text {num(ref.get('gen_ppl'), '.1f')})", f"entropy (test text {num(ref.get('entropy'), '.2f')})",
@@ -377,8 +467,9 @@ def markdown(res):
     scored = [f"Scored by the code at `{res['code'] or 'unknown'}` (git describe, as evaluate.py recorded it; a "
               f"reused evaluation keeps the code that made it).", ''] if res['sweep']['score'] else []
     out = scored + ['## Runs', '', *lines]
-    if res.get('comparisons'):
-        out += [''] + comparison_markdown(res['comparisons'])
+    cmp = comparison_markdown(comparisons(res))  # by this code's rules, whatever code wrote the file
+    if cmp:
+        out += [''] + cmp
     if res['samples']:
         head = ['run', *cols, 'steps', 'temperature', 'NFE', 'tok/s', 'gen-PPL (judge bits/token ± SE)',
                 'entropy ± SE', 'dist-1', 'dist-2', 'dist-3', 'rep-4', 'self-BLEU ± SE']
@@ -529,6 +620,13 @@ def main(argv=None, log=print):
     globals().update(copy.deepcopy(_DEFAULTS))
     c = copy.deepcopy(configure(globals(), argv, keys=_config_keys, prog='sweep.py'))
     globals().update(copy.deepcopy(c))  # the runs are copies: a config's imported lists are never changed
+    if retabulate:
+        with open(os.path.join(retabulate, 'results.json')) as f:
+            res = json.load(f)
+        if not res.get('sweep', {}).get('score', True):
+            fail(f"{retabulate}/results.json holds no scores to tabulate")
+        res['comparisons'] = comparisons(res)
+        return write_results(res, retabulate, log)
     check_config(c)
     util.check_output_dir(results_dir, 'results.json', util.json_with_keys('sweep', 'runs', 'samples'),
                           ['results.md', 'sweep.png'], 'sweep.py', overwrite, what='results_dir')
@@ -560,7 +658,6 @@ def main(argv=None, log=print):
                                   log)
         for r in res['runs']:
             r['likelihood'] = ev['likelihood'].get(r['name'])
-        res['comparisons'] = comparisons(res)
         res['samples'] = [{**row, 'temperature': (row.get('options') or {}).get('temperature', 1.0)}
                           for row in ev['rows'] if row['family'] != 'data']
         res['reference'] = next((row for row in ev['rows'] if row['family'] == 'data'), None)
@@ -568,13 +665,18 @@ def main(argv=None, log=print):
                    skipped=ev['skipped'], code=ev.get('code'))  # the code that scored, as evaluate.py recorded it
         if temperatures:
             res['samples'] += temperature_rows(res['runs'], ev, judge_dir, os.path.join(ev_dir, 'samples'), log)
+        res['comparisons'] = comparisons(res)  # the record; the tables compute them again (comparisons())
     os.makedirs(results_dir, exist_ok=True)
-    write_json(os.path.join(results_dir, 'results.json'), res)
-    md = markdown(res)
-    write_atomic(os.path.join(results_dir, 'results.md'), lambda tmp: open(tmp, 'w').write(md))
     draw(res, os.path.join(results_dir, 'sweep.png'))
+    return write_results(res, results_dir, log)
+
+
+def write_results(res, directory, log):
+    write_json(os.path.join(directory, 'results.json'), res)
+    md = markdown(res)
+    write_atomic(os.path.join(directory, 'results.md'), lambda tmp: open(tmp, 'w').write(md))
     log(md)
-    log(f"wrote {results_dir}/results.json, results.md and sweep.png")
+    log(f"wrote {directory}/results.json and results.md")
     return res
 
 

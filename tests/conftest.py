@@ -85,6 +85,20 @@ def compact_prepared(data_dir):
     return meta
 
 
+def hand_compact_data(d, splits, unk_bytes):
+    """A compact data dir written by hand: ids 0 ' the', 1 ' and', 2 <|unk|> (for the 50,254 GPT-2 ids it does not
+    name), 3 <|endoftext|>. splits: {split: list of ids}; unk_bytes: {split: UTF-8 bytes of its <|unk|> tokens}."""
+    d.mkdir(exist_ok=True)
+    for name, ids in splits.items():
+        np.array(ids, np.uint16).tofile(d / f'{name}.bin')
+    meta = {'tokenizer': 'gpt2', 'vocab_size': 4, 'eot_token': 3, 'dtype': 'uint16',
+            'splits': {name: {'tokens': len(ids), 'documents': ids.count(3), 'unk_tokens': ids.count(2),
+                              'unk_bytes': unk_bytes.get(name, 0)} for name, ids in splits.items()},
+            'compact': {'gpt2_ids': [262, 290, -1, 50256], 'unk_token': 2, 'unseen_gpt2_ids': 50254}}
+    (d / 'meta.json').write_text(json.dumps(meta))
+    return str(d)
+
+
 def train_steps(model, batch, steps, lr=3e-3, seed=0):
     """Plain AdamW on one fixed batch; returns (first loss, mean of the last 10 losses)."""
     torch.manual_seed(seed)

@@ -63,6 +63,24 @@ def test_time_proposal_follows_the_root_second_moment_per_bin():
     assert torch.allclose(adapted / adapted.sum(), level / level.sum(), atol=1e-9)  # sqrt(E[KL^2]) = level
 
 
+@pytest.mark.parametrize('continuous', [False, True])
+def test_time_proposal_draws_t_with_its_own_probability(continuous):
+    """The importance weight 1 / q(t) is unbiased only if each draw of t comes with q of that very step: q_t must be
+    probs()[t - 2] for t in 2..T (in continuous time, of the cell (t - 1, t] holding the real t), and the steps
+    must be drawn with those probabilities (within 5 standard errors of each step's frequency, 200,000 draws)."""
+    p = BoundTimeProposal(abar_schedule('sqrt', 100), bins=4, warm=2, continuous=continuous)
+    for _ in range(3):  # adapted: a q with unequal neighbours, so a draw paired with the next step's q shows
+        p.update(torch.arange(2, 101), torch.tensor([1.0, 4.0, 9.0, 16.0], dtype=torch.float64)[p.bin_of])
+    q = p.probs()
+    N = 200_000
+    t, q_t = p.draw(N, torch.Generator().manual_seed(0), 'cpu')
+    step = t.ceil().long() if continuous else t
+    assert step.min() >= 2 and step.max() <= 100 and (not continuous or ((step - t >= 0) & (step - t < 1)).all())
+    assert torch.equal(q_t, q[step - 2])
+    freq = torch.bincount(step - 2, minlength=99).double() / N
+    assert ((freq - q).abs() < 5 * (q * (1 - q) / N).sqrt() + 1e-12).all()
+
+
 @pytest.mark.parametrize('model_type,net', [('embed', 'denoise'), ('bits', 'id_logits')])
 def test_continuous_bound_evaluates_a_uniform_time_inside_the_drawn_cell(model_type, net, monkeypatch):
     """The proposal draws a cell t (here always 7: all its mass there); the continuous bound evaluates its integrand

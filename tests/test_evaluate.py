@@ -14,7 +14,7 @@ import torch
 
 import evaluate
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import compact_prepared, tinystories_documents, train_steps
+from conftest import compact_prepared, hand_compact_data, tinystories_documents, train_steps
 from evaluate import checkpoint_data_dir, distinct_n, generative_bits, repetition_rate, unigram_entropy
 from model import build_model
 from prepare import PrepareError, TokenWindows, prepare, unigram_logprobs
@@ -356,35 +356,85 @@ def test_self_bleu_clips_counts_against_the_other_samples():
         self_bleu(torch.tensor([[1, 2]]))
 
 
+class DrawsModel(torch.nn.Module):
+    """A bidirectional "model" of block size 4 whose bound depends on the draw alone: values[k] bits at its k-th
+    call (cycling; a number for every position, or one per position), so each window's draws are known by hand."""
+    config = types.SimpleNamespace(block_size=4, vocab_size=4)
+    extra_tokens, exact_likelihood = 0, False
+
+    def __init__(self, values):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.values, self.calls = values, 0
+
+    def position_nll(self, x, generator=None):
+        self.calls += 1
+        return torch.tensor(self.values[(self.calls - 1) % len(self.values)]).expand(x.shape)
+
+
+def test_draw_noise_is_each_windows_variance_over_its_own_draws(tmp_path):
+    """Two draws per window, of bits [0, 4, 0, 4] (2 a token) and [5, 5, 5, 5] (5): each window's bits/token vary
+    between its draws by (5 - 2)^2 / 2 = 4.5 bits^2 (a position's by 6.5 on average: not the figure), so with 2
+    draws on 2 windows the draws' part of the SE is sqrt(4.5 / (2 x 2)) = 1.0607, while the window means (3.5 each)
+    do not vary at all. One draw a window cannot tell draws from windows apart: draw_var is None."""
+    d = hand_compact_data(tmp_path / 'd', {'train': [3, 0, 0, 1, 0, 1, 3, 0], 'test': [3, 0, 1, 1, 0, 0, 0, 0, 3]},
+                          {})
+    draws = [[0.0, 4.0, 0.0, 4.0], 5.0]
+    lk = evaluate.likelihood(DrawsModel(draws), d, 'test', 0, 1, 2, None)
+    assert lk['windows'] == 2 and lk['bits'] == pytest.approx(3.5) and lk['bits_se'] == 0
+    assert lk['draw_var'] == pytest.approx(4.5) and lk['se_draws'] == pytest.approx(math.sqrt(4.5 / 4))
+    assert evaluate.likelihood(DrawsModel(draws), d, 'test', 0, 1, 1, None)['draw_var'] is None
+
+
+def test_each_checkpoint_draws_its_own_noise(tiny_run, tmp_path):
+    """Two checkpoints of the same weights from two runs (as two seeds of a setting would be): their bounds use
+    draws of their own, so the per-window figures differ; the same checkpoint scored again gives the same ones."""
+    ckpts = []
+    for seed in (1, 2):
+        ckpt = torch.load(os.path.join(tiny_run['ckpts']['embed'], 'ckpt.pt'), weights_only=False)
+        ckpt['config'] = {**ckpt['config'], 'seed': seed}
+        ckpts.append(str(tmp_path / f'out-embed-{seed}'))
+        save_checkpoint(os.path.join(ckpts[-1], 'ckpt.pt'), ckpt)
+    args = [f"--ckpts={ckpts!r}", "--judge=", '--max_windows=4', '--steps=[1]', '--num_samples=2',
+            '--sample_batch_size=2', '--mc_samples=2', '--plot=False', '--device=cpu']
+    lk = evaluate.main([*args, f'--out_dir={tmp_path}/e1'])['likelihood']
+    assert lk['out-embed-1']['window_gain'] != lk['out-embed-2']['window_gain']
+    assert lk['out-embed-1']['se_draws'] > 0
+    again = evaluate.main([*args, f'--out_dir={tmp_path}/e2'])['likelihood']
+    assert again['out-embed-1']['window_gain'] == lk['out-embed-1']['window_gain']
+
+
+def test_hugging_face_judge_scores_unk_as_the_unseen_ids_total():
+    """A compact vocabulary's <|unk|> (-1 in what the judge reads) stands for the unseen GPT-2 ids, here 3 and 4 of
+    a five-id bigram judge: it is scored p(3 | prev) + p(4 | prev), and the next token is read after id 3. Sample
+    [1, unk, 1] after the judge's <|endoftext|> (id 2): p(unk | 1) = 1/8 + 1/8 (2 bits), p(1 | 3) = 1/2 (1 bit)."""
+    p = torch.tensor([[1 / 8, 1 / 8, 1 / 4, 1 / 4, 1 / 4], [1 / 4, 1 / 4, 1 / 4, 1 / 8, 1 / 8],
+                      [1 / 2, 1 / 8, 1 / 8, 1 / 8, 1 / 8], [1 / 4, 1 / 2, 1 / 8, 1 / 16, 1 / 16],
+                      [1 / 2, 1 / 8, 1 / 8, 1 / 8, 1 / 8]])
+
+    class Bigram(torch.nn.Module):
+        config = types.SimpleNamespace(n_positions=8, vocab_size=5)
+
+        def __init__(self):
+            super().__init__()
+            self.logp = torch.nn.Parameter(p.log(), requires_grad=False)
+
+        def forward(self, idx):
+            return types.SimpleNamespace(logits=self.logp[idx])
+
+    judge = evaluate.HFJudge(Bigram())
+    judge.unseen = torch.tensor([3, 4])
+    bits = generative_bits(judge, torch.tensor([[1, -1, 1], [0, 1, 0]]), 2, bos=2)
+    assert bits.tolist() == pytest.approx([(2 + 1) / 2, (3 + 2) / 2], abs=1e-6)  # [0, 1, 0]: 1/8, then 1/4
+
+
 def test_bits_per_gpt2_token_and_per_byte_on_a_compact_vocabulary_by_hand(tmp_path):
     """A compact vocabulary of ' the', ' and', <|unk|>, <|endoftext|> (ids 0-3), unigram counts and a model of
     2 bits at every position: each figure below is worked out by hand. <|unk|> costs log2(50,254) more bits (the
     GPT-2 ids it stands for, uniform), for the model and the unigram alike; its bytes are the split's mean."""
-    import types
-    import numpy as np
-    d = tmp_path / 'd'
-    d.mkdir()
-    train, test = [3, 0, 0, 1, 0, 1, 3, 0], [3, 0, 2, 1, 2, 0, 0, 0, 3]
-    np.array(train, np.uint16).tofile(d / 'train.bin')
-    np.array(test, np.uint16).tofile(d / 'test.bin')
-    meta = {'tokenizer': 'gpt2', 'vocab_size': 4, 'eot_token': 3, 'dtype': 'uint16',
-            'splits': {'train': {'tokens': 8, 'documents': 2, 'unk_tokens': 0, 'unk_bytes': 0},
-                       'test': {'tokens': 9, 'documents': 2, 'unk_tokens': 2, 'unk_bytes': 10}},
-            'compact': {'gpt2_ids': [262, 290, -1, 50256], 'unk_token': 2, 'unseen_gpt2_ids': 50254}}
-    (d / 'meta.json').write_text(json.dumps(meta))
-
-    class TwoBits(torch.nn.Module):  # a bidirectional "model" whose bound is 2 bits at every position
-        config = types.SimpleNamespace(block_size=4, vocab_size=4)
-        extra_tokens, exact_likelihood = 0, False
-
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def position_nll(self, x, generator=None):
-            return torch.full(x.shape, 2.0)
-
-    lk = evaluate.likelihood(TwoBits(), str(d), 'test', 0, 8, 1, None)
+    d = hand_compact_data(tmp_path / 'd', {'train': [3, 0, 0, 1, 0, 1, 3, 0], 'test': [3, 0, 2, 1, 2, 0, 0, 0, 3]},
+                          {'test': 10})
+    lk = evaluate.likelihood(DrawsModel([2.0]), d, 'test', 0, 8, 1, None)
     # windows [3, 0, 2, 1] and [2, 0, 0, 0] (the 9th token is ar's target only); unigram p = (count + 1/2) / 10
     unk = math.log2(50254)
     p = {0: 0.45, 1: 0.25, 2: 0.05, 3: 0.25}

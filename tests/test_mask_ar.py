@@ -145,6 +145,19 @@ def test_mask_confidence_order_reveals_as_many_as_the_ancestral_sampler_at_many_
     assert (confidence[-2][1] <= 1).all()  # no big final jump: at most one position left for the last step
 
 
+@pytest.mark.parametrize('time_cond', [False, True])
+def test_mask_bound_of_a_uniform_predictor_is_exactly_L_log2_V(time_cond, monkeypatch):
+    """A network that spreads every masked position evenly over V ids has -log2 p(w) = L log2 V, and every term of
+    the ELBO is the same, so the bound is tight and each draw of it, whatever m and subset it drew, sums to exactly
+    L log2 V over the sequence: the weight L / m times m masked positions of log2 V each."""
+    m = tiny('mask', time_cond=time_cond).eval()
+    V = 100
+    monkeypatch.setattr(m, 'log_probs', lambda z, t: torch.full((*z.shape, V), -math.log(V)))
+    x = torch.randint(0, V, (64, 16))
+    per_row = m.position_nll(x, generator=torch.Generator().manual_seed(0)).sum(1)
+    assert torch.allclose(per_row, torch.full((64,), 16 * math.log2(V), dtype=torch.float64), rtol=1e-6)
+
+
 def test_mask_rejects_an_unknown_order():
     with pytest.raises(ValueError, match="order='lowest'"):
         tiny('mask').sample(1, 16, steps=4, order='lowest')

@@ -14,6 +14,11 @@ One-line mutations of sweep.py each test was checked to catch:
   unfinished_run_resumed   no `--init_from=resume` for a run with a checkpoint (trained again from scratch)
   bad_sweep_configs        `if dup:` -> `if False:` (the duplicate-out_dir case)
   gpu_variant              `base = train_config` (a run's own config file ignored)
+  t_quantile               `central(theta) - (2 * p - 1)` -> `central(theta) - p` (a one-sided point)
+  paired_differences       `se_eval = statistics.stdev(lks[0]['window_gain']) / ...` (seed 1's SE only);
+    _by_hand               `abs(d) > t * math.sqrt(var)` -> `abs(d) > math.sqrt(var)` (or `2 * ...`);
+                           `(paired_var, windows - 1)` -> `(paired_var, windows)`; `(v / k, k - 1)` -> `(v / k, k)`;
+                           `[(v, k * f) ...]` -> `[(v / f, k) ...]` (more seeds without their df)
 """
 import json
 import math
@@ -146,43 +151,76 @@ def test_sweep_end_to_end(shared, name):
     assert [r['likelihood'] for r in res2['runs']] == [r['likelihood'] for r in res['runs']]
 
 
-@pytest.mark.slow
-def _run(name, family, seed, gains):
+def _run(name, family, seed, gains, se_draws=None):
+    lk = {'window_gain': gains, 'context_gain': sum(gains) / len(gains), 'bits': 8 - sum(gains) / 4}
     return {'name': name, 'model_type': family, 'settings': {'seed': seed},
-            'likelihood': {'window_gain': gains, 'context_gain': sum(gains) / len(gains), 'bits': 8 - sum(gains) / 4}}
+            'likelihood': {**lk, **({} if se_draws is None else {'se_draws': se_draws})}}
+
+
+def test_t_quantile_against_closed_forms():
+    """Student's t, two-sided 95%: df = 1 is Cauchy's, tan(0.475 pi); df = 2 has F(t) = 1/2 + t / (2 sqrt(2 + t^2)),
+    so t = sqrt(2 x 0.95^2 / (1 - 0.95^2)); df = 3 has F(t) = 1/2 + (t / (sqrt(3) (1 + t^2 / 3)) + atan(t / sqrt(3)))
+    / pi; a large df is the normal's 1.95996."""
+    assert sweep.t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-6)
+    assert sweep.t_quantile(0.975, 2) == pytest.approx(math.sqrt(2 * 0.95 ** 2 / (1 - 0.95 ** 2)), rel=1e-6)
+    t = sweep.t_quantile(0.975, 3)
+    assert 0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi == pytest.approx(0.975)
+    assert sweep.t_quantile(0.975, 1e6) == pytest.approx(1.959966, abs=1e-5)
+    assert sweep.t_quantile(0.975, math.inf) == pytest.approx(1.959964, abs=1e-6)
 
 
 def test_seed_groups_and_paired_differences_by_hand(monkeypatch):
-    """Four test windows, three settings, two seeds each. a: gains [1..4] and [2..5]; b: [0..3] twice; d: [0..3]
-    and [1..4]. By hand: a's seed-averaged gains are [1.5, 2.5, 3.5, 4.5] (mean 3, SD sqrt(5/3), so SE over windows
-    0.6455), its seeds' means 2.5 and 3.5 (seed SD 0.7071), so the SE of its mean is sqrt(0.6455^2 + 0.5 / 2) =
-    0.8165. a - b is 1.5 on every window: paired SE 0, only the seed term 0.5 / 2: SE 0.5, resolved (an unpaired
-    SE, sqrt(2 x 0.6455^2 + 0.25) = 1.0, would not resolve it). d - b is 0.5 everywhere with d's seed term 0.25:
-    SE 0.5, not resolved; (2 x 0.5 / 0.5)^2 = 4 times the seeds and draws would."""
+    """Four test windows, three settings. embed: two seeds, gains [1, 2, 3, 4] and [2, 4, 4, 6] (not parallel, so
+    the seeds' average differs from either seed's pattern); bits: [0, 1, 2, 3] twice; mask: one seed, [3, 5, 4, 6].
+    By hand: embed's seed-averaged gains [1.5, 3, 3.5, 5], mean 3.25, variance 6.25 / 3, SE over windows
+    sqrt(6.25 / 12) = 0.7217; seed means 2.5 and 4, seed SD 1.0607; SE of the mean sqrt(6.25 / 12 + 1.125 / 2).
+    embed - bits = [1.5, 2, 1.5, 2]: 1.75, paired SE sqrt(1 / 48) = 0.1443, embed's seed term 1.125 / 2 = 0.5625
+    (bits' is 0): SE 0.7638, 2.29 SE. Welch: df = 0.5833^2 / (0.02083^2 / 3 + 0.5625^2 / 1) = 1.075, so t ~ 11:
+    not resolved (a 2 SE or 1 SE rule would resolve it). Only more seeds can resolve it (the smallest multiple
+    found here by scanning): parts seeds 0.5625, draws 2 x 0.1^2 / 4 = 0.005 (each embed seed's se_draws 0.1,
+    bits' 0), windows 0.02083 - 0.005.
+    bits - mask = [-3, -4, -2, -3]: -3, paired SE sqrt(2 / 3 / 4), no seed term from mask (one seed) and a zero
+    one from bits: df = 3 (the windows'), t = 3.18, 7.3 SE: mask is better, flagged as one seed."""
     monkeypatch.setattr(sweep, 'paired', 'all')
     res = {'columns': ['seed'], 'runs': [
-        _run('a1', 'embed', 1, [1, 2, 3, 4]), _run('a2', 'embed', 2, [2, 3, 4, 5]),
-        _run('b1', 'bits', 1, [0, 1, 2, 3]), _run('b2', 'bits', 2, [0, 1, 2, 3]),
-        _run('d1', 'mask', 1, [0, 1, 2, 3]), _run('d2', 'mask', 2, [1, 2, 3, 4])]}
+        _run('a1', 'embed', 1, [1, 2, 3, 4], 0.1), _run('a2', 'embed', 2, [2, 4, 4, 6], 0.1),
+        _run('b1', 'bits', 1, [0, 1, 2, 3], 0.0), _run('b2', 'bits', 2, [0, 1, 2, 3], 0.0),
+        _run('c1', 'mask', 1, [3, 5, 4, 6], 0.0)]}
     cmp = sweep.comparisons(res)
     a = cmp['groups']['embed']
-    assert a['runs'] == ['a1', 'a2'] and a['seeds'] == 2 and a['gain'] == pytest.approx(3.0)
-    assert a['se_eval'] == pytest.approx(math.sqrt(5 / 3) / 2) and a['seed_sd'] == pytest.approx(math.sqrt(0.5))
-    assert a['se'] == pytest.approx(math.sqrt(5 / 12 + 0.25))
-    assert cmp['groups']['bits']['seed_sd'] == 0
+    assert a['runs'] == ['a1', 'a2'] and a['seeds'] == 2 and a['gain'] == pytest.approx(3.25)
+    assert a['se_eval'] == pytest.approx(math.sqrt(6.25 / 12)) and a['seed_sd'] == pytest.approx(math.sqrt(1.125))
+    assert a['se'] == pytest.approx(math.sqrt(6.25 / 12 + 0.5625)) and a['se_draws'] == pytest.approx(math.sqrt(0.02) / 2)
+    assert cmp['groups']['bits']['seed_sd'] == 0 and cmp['groups']['mask']['seed_sd'] is None
     pairs = {(p['a'], p['b']): p for p in cmp['pairs']}
     assert set(pairs) == {('embed', 'bits'), ('embed', 'mask'), ('bits', 'mask')}
-    ab, bd = pairs[('embed', 'bits')], pairs[('bits', 'mask')]
-    assert ab['diff'] == pytest.approx(1.5) and ab['se_paired'] == pytest.approx(0) and ab['se'] == pytest.approx(0.5)
-    assert ab['resolved'] and ab['needed'] is None
-    assert bd['diff'] == pytest.approx(-0.5) and bd['se'] == pytest.approx(0.5)
-    assert not bd['resolved'] and bd['needed'] == 4
+    ab, bc = pairs[('embed', 'bits')], pairs[('bits', 'mask')]
+    var = 1 / 48 + 0.5625
+    assert ab['diff'] == pytest.approx(1.75) and ab['se_paired'] == pytest.approx(math.sqrt(1 / 48))
+    assert ab['se'] == pytest.approx(math.sqrt(var))
+    assert ab['df'] == pytest.approx(var ** 2 / ((1 / 48) ** 2 / 3 + 0.5625 ** 2)) and ab['t'] > 1.75 / ab['se'] > 2
+    assert ab['t'] == sweep.t_quantile(0.975, ab['df']) and not ab['resolved'] and not ab['one_seed']
+    assert ab['parts'] == pytest.approx({'seeds': 0.5625, 'draws': 0.005, 'windows': 1 / 48 - 0.005})
+    def resolved_with(f):  # f times the seeds: embed's seed term 1.125 / (2 f) with 2 f - 1 df, bits' stays 0
+        var, seed = 1 / 48 + 1.125 / (2 * f), 1.125 / (2 * f)
+        return 1.75 > sweep.t_quantile(0.975, var ** 2 / ((1 / 48) ** 2 / 3 + seed ** 2 / (2 * f - 1))) * math.sqrt(var)
+    assert ab['needed'] == {'seeds': next(f for f in range(2, 10 ** 4) if resolved_with(f)), 'draws': None,
+                            'windows': None}
+    assert bc['diff'] == pytest.approx(-3) and bc['se'] == pytest.approx(math.sqrt(2 / 12))
+    assert bc['df'] == pytest.approx(3)
+    assert bc['resolved'] and bc['one_seed'] and bc['needed'] is None
     md = '\n'.join(sweep.comparison_markdown(cmp))
-    assert '| embed | bits | +1.500 | 0.000 | 0.500 | embed is better |' in md
-    assert '| bits | mask | -0.500 | 0.000 | 0.500 | not resolved at this budget (~4x the seeds' in md
-    assert '| embed | 2 | 5.000 (5.500, 4.500) | +3.000 | 0.645 | 0.707 | 0.816 |' in md
+    assert (f"| embed | bits | +1.750 | 0.144 | 0.764 | 1.1 | +2.29 | {ab['t']:.2f} | not resolved at this budget "
+            f"(~{ab['needed']['seeds']}x the seeds alone would resolve it; more draws or windows alone cannot) |") in md
+    assert '| bits | mask | -3.000 | 0.408 | 0.408 | 3.0 | -7.35 | 3.18 | mask is better; one seed: no training' in md
+    assert '| embed | 2 | 4.750 (5.500, 4.000) | +3.250 | 0.722 | 1.061 | 1.041 |' in md
+    for r in res['runs']:  # results scored before the draws' part was recorded: draws and windows together
+        del r['likelihood']['se_draws']
+    ab = {(p['a'], p['b']): p for p in sweep.comparisons(res)['pairs']}[('embed', 'bits')]
+    assert ab['parts'] == pytest.approx({'seeds': 0.5625, 'windows with draws': 1 / 48})
     monkeypatch.setattr(sweep, 'paired', 'within')  # pairs within a family only: none here
     assert sweep.comparisons(res)['pairs'] == []
+    assert sweep.comparisons({**res, 'sweep': {'paired': 'all'}})['pairs']  # a results file's own setting wins
 
 
 def test_a_finished_run_with_the_datas_vocabulary_is_recognised(tmp_path):

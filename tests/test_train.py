@@ -31,7 +31,7 @@ import train
 import util
 from checkpoint import load_checkpoint
 from configurator import configure
-from conftest import ROOT, TINY_TRAIN as TINY, evals, run_train, weights
+from conftest import ROOT, TINY_TRAIN as TINY, evals, hand_compact_data, run_train, weights
 from model import ModelConfig
 from prepare import TokenWindows, unigram_logprobs
 
@@ -133,6 +133,34 @@ def test_eval_log_holds_the_bound_beside_the_unigram_line(short_run):
     assert abs(recs[-1]['val_bits'] - bits.mean().item()) < 1e-6
     assert abs(recs[-1]['val_bits_se'] - (bits.std() / math.sqrt(len(bits))).item()) < 1e-6
     assert f"{bits.mean().item():.3f} ± {recs[-1]['val_bits_se']:.3f} bits/token" in out
+
+
+def test_val_bits_and_the_unigram_line_per_gpt2_token_and_byte_on_a_compact_vocabulary(tmp_path):
+    """On a hand-made compact vocabulary (' the', ' and', <|unk|>, <|endoftext|>; hand_compact_data), the figures
+    train.py logs at iteration 0 of an `ar` run, computed here again from the very val windows it scores: the
+    unigram line fitted on the train split (add-1/2 over the 4 ids), <|unk|> charged log2(50,254) more bits for
+    the model and the unigram alike, and the bytes of <|unk|> the val split's mean (20 bytes over 4: 5)."""
+    train_ids = [3, 0, 0, 1, 0, 1, 3, 0, 1, 0, 0, 1, 3, 1, 0, 0]
+    d = hand_compact_data(tmp_path / 'd', {'train': train_ids, 'val': [3, 0, 2, 1, 2, 0, 0, 1, 3, 2, 0, 1, 2, 0, 3, 1]},
+                          {'val': 20})
+    out = str(tmp_path / 'out')
+    train.main([*TINY, '--model_type=ar', '--n_embd=16', '--block_size=4', '--batch_size=2', '--max_iters=0',
+                f'--data_dir={d}', f'--out_dir={out}'])
+    with open(os.path.join(out, 'eval_log.jsonl')) as f:
+        rec = json.loads(f.readline())
+    x = torch.cat([TokenWindows(d, 'val', 5).random_batch(2, step=k, seed=train._EVAL_SEED, rank=0) for k in range(2)])
+    y = x[:, 1:]  # what ar predicts
+    assert (y == 2).any()  # the case the charge is about occurs
+    charge = (y == 2).double() * math.log2(50254)
+    nbytes = torch.tensor([4.0, 4.0, 5.0, 0.0], dtype=torch.float64)[y].sum()
+    counts = torch.bincount(torch.tensor(train_ids), minlength=4).double() + 0.5
+    unigram = -(counts / counts.sum()).log2()[y] + charge
+    assert rec['unigram_bits'] == pytest.approx(unigram.mean().item(), rel=1e-9)
+    assert rec['unigram_bits_per_byte'] == pytest.approx((unigram.sum() / nbytes).item(), rel=1e-9)
+    model, _ = load_checkpoint(out, use_ema=False)
+    bits = model.position_nll(x).double() + charge
+    assert rec['val_bits'] == pytest.approx(bits.mean().item(), rel=1e-6)
+    assert rec['val_bits_per_byte'] == pytest.approx((bits.sum() / nbytes).item(), rel=1e-6)
 
 
 @pytest.mark.slow
