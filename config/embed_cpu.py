@@ -1,5 +1,5 @@
 # The CPU demo and the README's quick start: the `embed` family (Diffusion-LM on DiT blocks) on the compact
-# vocabulary: about 13 minutes on two cores with its sampling (results/quickstart/timings.txt).
+# vocabulary: under ten minutes on two idle cores with its sampling (results/quickstart/timings.txt).
 #   python train.py config/embed_cpu.py
 from config.cpu_common import *  # backbone, token budget and system settings shared by all *_cpu configs
 

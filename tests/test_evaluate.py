@@ -430,14 +430,17 @@ def test_hugging_face_judge_scores_unk_as_the_unseen_ids_total():
 
 def test_bits_per_gpt2_token_and_per_byte_on_a_compact_vocabulary_by_hand(tmp_path):
     """A compact vocabulary of ' the', ' and', <|unk|>, <|endoftext|> (ids 0-3), unigram counts and a model of
-    2 bits at every position: each figure below is worked out by hand. <|unk|> costs log2(50,254) more bits (the
+    2 bits at every position: each figure below is worked out by hand (the unigram line is GPT-2's: an unseen id
+    costs -log2(1/2 / Z) whichever vocabulary). <|unk|> costs log2(50,254) more bits (the
     GPT-2 ids it stands for, uniform), for the model and the unigram alike; its bytes are the split's mean."""
     d = hand_compact_data(tmp_path / 'd', {'train': [3, 0, 0, 1, 0, 1, 3, 0], 'test': [3, 0, 2, 1, 2, 0, 0, 0, 3]},
                           {'test': 10})
     lk = evaluate.likelihood(DrawsModel([2.0]), d, 'test', 0, 8, 1, None)
-    # windows [3, 0, 2, 1] and [2, 0, 0, 0] (the 9th token is ar's target only); unigram p = (count + 1/2) / 10
+    # windows [3, 0, 2, 1] and [2, 0, 0, 0] (the 9th token is ar's target only); the unigram is fitted over GPT-2's
+    # 50,257 ids: p = (count + 1/2) / (8 + 50,257 / 2), and <|unk|> gets 1/2 for each of the 50,254 ids it stands for
     unk = math.log2(50254)
-    p = {0: 0.45, 1: 0.25, 2: 0.05, 3: 0.25}
+    Z = 8 + 50257 / 2
+    p = {0: 4.5 / Z, 1: 2.5 / Z, 2: 50254 / 2 / Z, 3: 2.5 / Z}
     tokens = [3, 0, 2, 1, 2, 0, 0, 0]
     assert lk['windows'] == 2 and lk['tokens'] == 8
     assert lk['bits'] == pytest.approx(2 + 2 * unk / 8, abs=1e-9)  # 2 bits, plus two <|unk|> in 8 tokens

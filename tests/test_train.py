@@ -138,7 +138,7 @@ def test_eval_log_holds_the_bound_beside_the_unigram_line(short_run):
 def test_val_bits_and_the_unigram_line_per_gpt2_token_and_byte_on_a_compact_vocabulary(tmp_path):
     """On a hand-made compact vocabulary (' the', ' and', <|unk|>, <|endoftext|>; hand_compact_data), the figures
     train.py logs at iteration 0 of an `ar` run, computed here again from the very val windows it scores: the
-    unigram line fitted on the train split (add-1/2 over the 4 ids), <|unk|> charged log2(50,254) more bits for
+    unigram line fitted on the train split (add-1/2 over GPT-2's ids), <|unk|> charged log2(50,254) more bits for
     the model and the unigram alike, and the bytes of <|unk|> the val split's mean (20 bytes over 4: 5)."""
     train_ids = [3, 0, 0, 1, 0, 1, 3, 0, 1, 0, 0, 1, 3, 1, 0, 0]
     d = hand_compact_data(tmp_path / 'd', {'train': train_ids, 'val': [3, 0, 2, 1, 2, 0, 0, 1, 3, 2, 0, 1, 2, 0, 3, 1]},
@@ -153,8 +153,9 @@ def test_val_bits_and_the_unigram_line_per_gpt2_token_and_byte_on_a_compact_voca
     assert (y == 2).any()  # the case the charge is about occurs
     charge = (y == 2).double() * math.log2(50254)
     nbytes = torch.tensor([4.0, 4.0, 5.0, 0.0], dtype=torch.float64)[y].sum()
-    counts = torch.bincount(torch.tensor(train_ids), minlength=4).double() + 0.5
-    unigram = -(counts / counts.sum()).log2()[y] + charge
+    # fitted over GPT-2's 50,257 ids: <|unk|> gets 1/2 for each of the 50,254 it stands for
+    counts = torch.bincount(torch.tensor(train_ids), minlength=4).double() + torch.tensor([0.5, 0.5, 50254 / 2, 0.5])
+    unigram = -(counts / (len(train_ids) + 50257 / 2)).log2()[y] + charge
     assert rec['unigram_bits'] == pytest.approx(unigram.mean().item(), rel=1e-9)
     assert rec['unigram_bits_per_byte'] == pytest.approx((unigram.sum() / nbytes).item(), rel=1e-9)
     model, _ = load_checkpoint(out, use_ema=False)
