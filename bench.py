@@ -5,8 +5,8 @@ How fast does each family train and sample, against what this machine can do at 
     python bench.py --device=cuda --compile=True --json=bench.json
     python bench.py --families="['ar','mask']" --dtypes="['float32']" --iters=20
 
-At the start a timed matmul probe measures the peak FLOP/s of the device in each dtype (train.py's
-measure_peak_flops): MFU is reported against that, not against a datasheet number the machine never reaches.
+At the start a timed matmul probe measures the peak FLOP/s of the device in each dtype
+(util.measure_peak_flops): MFU is reported against that, not against a datasheet number the machine never reaches.
 Then, for each family at the same backbone size:
   training   ms per iteration (forward + backward + AdamW step; warmup iterations excluded, the median of
              `iters`), tokens/s, MFU (util.flops_per_token(model) x tokens / time / peak of the dtype), and the
@@ -17,7 +17,8 @@ Then, for each family at the same backbone size:
 and once: `mask` sampling at cache_steps steps for one block_size sequence with and without the cache that
 skips the network when no token was revealed since its last call (the ratio of the times), and prepare.py's
 tokenizer throughput on prepare_text against raw single-process tiktoken (encode_ordinary document by
-document). Prints the tables; --json=PATH writes everything as JSON.
+document). Prints the tables; --json=PATH writes everything as JSON, replacing only bench.py's own results unless
+overwrite=True, and never a checkpoint, a split, a meta.json or another script's output (util.check_output).
 """
 
 import contextlib
@@ -62,6 +63,7 @@ compile = False             # also time each family's training step under torch.
 compile_mode = 'default'    # torch.compile mode (see train.py)
 seed = 1337
 json = ''                   # write the results to this path ('' = only print)
+overwrite = False           # let json replace a file that is not bench.py's own results (util.check_output)
 _config_keys = [k for k, v in list(globals().items())
                 if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
 # -----------------------------------------------------------------------------------------------------
@@ -258,6 +260,8 @@ def main(argv=None):
             fail(f"{key}={c[key]}, expected >= 1")
     for d in c['dtypes']:
         dev, device_type, _ = resolve_device(c['device'], d, prog='bench.py')
+    if c['json']:  # now, not after minutes of timing
+        util.check_output(c['json'], 'json', 'bench.py', c['overwrite'])
     if c['threads'] > 0:
         torch.set_num_threads(c['threads'])
     torch.manual_seed(c['seed'])
@@ -274,7 +278,8 @@ def main(argv=None):
 
     for d in c['dtypes']:
         res['peak_flops'][d] = measure_peak_flops(dev, d, seconds=c['peak_seconds'])
-        print(f"peak {d}: {res['peak_flops'][d] / 1e12:.3f} TFLOP/s")
+        print(f"peak {d}: {res['peak_flops'][d] / 1e12:.3f} TFLOP/s (on an idle machine: train.py "
+              f"--peak_flops={res['peak_flops'][d]:.4g} gives its MFU)")
 
     shape = {k: c[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size')}
     for v in c['vocab_sizes']:
@@ -311,4 +316,4 @@ def main(argv=None):
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    main()
+    util.run_script(main, 'bench.py')

@@ -74,6 +74,10 @@ def load_checkpoint(path, device='cpu', use_ema=True):
         model.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise ValueError(f"{path}: its weights do not fit its model_args ({str(e).strip().splitlines()[0]})") from None
+    bad = next((n for n, p in model.named_parameters() if not p.isfinite().all()), None)
+    if bad:  # a diverged run's weights: every sample and score from them would be garbage
+        raise ValueError(f"{path}: its {'EMA ' if state is ckpt.get('ema') else ''}weights hold non-finite values "
+                         f"({bad}): a diverged run's checkpoint; train again from the last good one")
     model.to(device).eval()
     return model, ckpt
 
@@ -82,10 +86,13 @@ def claim_out_dir(out_dir, replace_ok, writer, prog='train.py'):
     """Before any work: no checkpoint in out_dir that a fresh run would replace (unless replace_ok: a resumed run, or
     --overwrite=True) and, for the process that will write it (writer), out_dir writable and taken by no other run.
     Returns the lock's release function (None where this process holds no lock)."""
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'eval_log.jsonl')
     if not replace_ok and os.path.exists(ckpt_path):
         util.fail(prog, f"{ckpt_path} exists and init_from='scratch' would replace it: continue it with "
                         f"--init_from=resume, replace it with --overwrite=True, or use another out_dir")
+    if not replace_ok and os.path.isfile(log_path) and os.path.getsize(log_path):  # an earlier run's, without its ckpt
+        util.fail(prog, f"{log_path} holds an earlier run's evaluations and init_from='scratch' would start it "
+                        f"anew: replace it with --overwrite=True, or use another out_dir")
     if not writer:
         return None
     created = not os.path.exists(out_dir)  # a run that fails before writing anything removes it again

@@ -12,10 +12,10 @@ Writes out_dir/curves.png and out_dir/curves.json, and prints a markdown table o
 out_dir holding files of those names that curves.py did not write (no curves.json of its own) needs overwrite=True.
 """
 
-import json
 import os
 
 from configurator import configure
+from loggers import read_eval_log
 import util
 from util import save_figure, write_json
 
@@ -35,15 +35,7 @@ def read_log(out_dir):
     if not os.path.isfile(path):
         raise SystemExit(f"curves.py: {path} not found: train the run first (train.py writes it at every "
                          f"evaluation with eval_bound=True)")
-    by_iter = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    raise SystemExit(f"curves.py: {path} line {n} is not JSON") from None
-                by_iter[rec['iter']] = rec
+    by_iter = {rec['iter']: rec for rec in read_eval_log(path, 'curves.py')}
     recs = [by_iter[k] for k in sorted(by_iter)]
     if not recs or 'val_bits' not in recs[-1]:
         raise SystemExit(f"curves.py: {path} has no val_bits (run trained with eval_bound=False?)")
@@ -86,8 +78,7 @@ def main(argv=None):
     c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, prog='curves.py')
     if not c['runs']:
         raise SystemExit("curves.py: runs is empty")
-    util.check_output_dir(c['out_dir'], 'curves.json', util.json_with_keys('config', 'curves'), ['curves.png'],
-                          'curves.py', c['overwrite'])
+    util.check_output_dir(c['out_dir'], 'curves.json', ['curves.png'], 'curves.py', c['overwrite'])
     curves = []
     for run in c['runs']:
         recs = read_log(run)
@@ -108,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    util.run_script(main, 'curves.py')

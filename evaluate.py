@@ -119,7 +119,6 @@ _config_keys = [k for k, v in list(globals().items())
 
 
 fail = functools.partial(util.fail, 'evaluate.py')
-RESULTS_OURS = util.json_with_keys('likelihood', 'rows', 'judge_name')  # a results.json evaluate.py wrote
 
 
 # ---- diversity metrics: pure functions of a LongTensor (N, L) of token ids
@@ -542,7 +541,7 @@ def check_settings(c):
     if c['position_buckets'] < 0:
         fail(f"position_buckets={c['position_buckets']}, expected >= 0 (0: no per-position report)")
     # now, not after hours of sampling
-    util.check_output_dir(c['out_dir'], 'results.json', RESULTS_OURS, ['eval.png'] if c['plot'] else [],
+    util.check_output_dir(c['out_dir'], 'results.json', ['eval.png'] if c['plot'] else [],
                           'evaluate.py', c['overwrite'])
 
 
@@ -705,6 +704,8 @@ def main(argv=None):
     if length > min(limits):
         fail(f"sample_length={length} exceeds the smallest block_size ({min(limits)}) among the checkpoints "
              "and the judge")
+    if length < 2:  # the judge reads the first token as context: one token leaves nothing to score
+        fail(f"sample_length={length}, expected >= 2 (0: the smallest block_size)")
     try:
         enc = get_encoding()
     except PrepareError as e:  # scoring works on ids; only the example texts need the tokenizer
@@ -744,16 +745,19 @@ def main(argv=None):
                     length)
 
     results['paired'] = paired_bits(results['likelihood'])
-    write_json(os.path.join(c['out_dir'], 'results.json'), results)
-    if c['plot']:
-        draw_plot(results, os.path.join(c['out_dir'], 'eval.png'))
     table = markdown_table(results)
     print()
-    print(table)
+    print(table)  # first: a full disk then loses only the files
+    try:
+        write_json(os.path.join(c['out_dir'], 'results.json'), results)
+        if c['plot']:
+            draw_plot(results, os.path.join(c['out_dir'], 'eval.png'))
+    except (OSError, ValueError) as e:  # ValueError: a non-finite figure, which strict JSON refuses
+        fail(f"cannot write out_dir={c['out_dir']!r}: {one_line(e)} (is the disk full?); no file was replaced")
     print(f"\nwrote {os.path.join(c['out_dir'], 'results.json')}" + (' and eval.png' if c['plot'] else ''))
     return results
 
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    main()
+    util.run_script(main, 'evaluate.py')

@@ -50,6 +50,11 @@ def check_config(c, rank, world_size):
     for key in ('grad_clip', 'peak_flops'):
         if c[key] < 0:
             fail(f"{key}={c[key]}, expected >= 0")
+    for key in ('beta1', 'beta2'):
+        if not 0.0 <= c[key] < 1.0:
+            fail(f"{key}={c[key]}, expected in [0, 1) (AdamW's moment decay)")
+    if c['seed'] >= 2 ** 64:
+        fail(f"seed={c['seed']}, expected < 2**64 (torch's seeds are 64-bit)")
 
     c['data_dir'] = c['data_dir'] or os.path.join('data', c['dataset'])
     if c['lr_decay_iters'] < 0:
@@ -162,6 +167,12 @@ def check_final_weights(model, world_size, log):
 # -----------------------------------------------------------------------------------------------------
 # a stop at SIGINT / SIGTERM (util.GracefulStop records the signal; the training loop calls this where it is safe)
 
+def kept(run):
+    """What is on disk when a run stops without saving, for its last line."""
+    where = f"iteration {run.last_saved}" if run.last_saved is not None else "none written yet"
+    return f"{run.ckpt_path} is left as it was (last checkpoint: {where})"
+
+
 def stop_and_save(run, stop, resume_cmd, save):
     """Stop at this step boundary: rank 0 saves the current iteration (save(run, iter_num), atomically; a second
     signal during the save abandons it, leaving the previous checkpoint) and says where it stopped and how to
@@ -172,9 +183,8 @@ def stop_and_save(run, stop, resume_cmd, save):
             if run.last_saved != it:
                 save(run, it)
         except util.StopNow as e:
-            where = f"iteration {run.last_saved}" if run.last_saved is not None else "none written yet"
             fail(f"a second {util.GracefulStop.name(e.signum)} during the save at iteration {it}: stopped without "
-                 f"it; {run.ckpt_path} is left as it was (last checkpoint: {where})")
+                 f"it; {kept(run)}")
         print(f"train.py: {name}: stopped at iteration {it}, saved in {run.ckpt_path}; resume with: {resume_cmd}",
               file=sys.stderr)
     if run.ddp:

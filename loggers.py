@@ -6,6 +6,7 @@ asked for, written by rank 0 only), and out_dir/eval_log.jsonl, one JSON line pe
 import functools
 import json
 import os
+import sys
 
 import util
 from prepare import one_line
@@ -94,10 +95,43 @@ def append_eval_log(path, record):
         fail(f"cannot write {path}: {one_line(e)} (disk full?)")
 
 
+def read_eval_log(path, prog='train.py'):
+    """The records of an eval_log.jsonl, in order. A partial last line (what a crash in the middle of an append
+    leaves) is skipped, with a note on stderr; any other line that is not a JSON object is a one-line error."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().split('\n')
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{prog}: cannot read {path}: {one_line(e)}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get('iter'), int):
+                raise ValueError('no iter')
+        except ValueError:
+            if n == len(lines):  # no newline after it: an append that did not finish
+                print(f"{prog}: note: {path}: skipped its partial last line {n} (a crash in the middle of a write)",
+                      file=sys.stderr)
+                break
+            raise SystemExit(f"{prog}: {path} line {n} is not an evaluation record (a JSON object with an iter): "
+                             f"{line[:60]!r}") from None
+        records.append(rec)
+    return records
+
+
 def restart_eval_log(path, c, iter_num):
     """A fresh run starts the log empty; a resumed one drops what its killed predecessor logged after the
-    checkpoint."""
-    old = open(path).read().splitlines() if os.path.exists(path) else []
-    keep = [line for line in old if line.strip() and c['init_from'] == 'resume' and json.loads(line)['iter'] <= iter_num]
-    with open(path, 'w') as f:
-        f.writelines(line + '\n' for line in keep)
+    checkpoint (and a partial last line). Rewritten atomically: a crash keeps the old log."""
+    old = read_eval_log(path) if c['init_from'] == 'resume' and os.path.exists(path) else []
+    keep = [json.dumps(r) + '\n' for r in old if r['iter'] <= iter_num]
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.writelines(keep)
+    try:
+        util.write_atomic(path, write)
+    except OSError as e:
+        fail(f"cannot write {path}: {one_line(e)}")

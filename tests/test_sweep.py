@@ -229,7 +229,7 @@ def test_a_finished_run_with_the_datas_vocabulary_is_recognised(tmp_path):
     import torch
     torch.save({'model_args': {'vocab_size': 7989, 'n_layer': 1}, 'iter_num': 5, 'train_seconds': 1.5},
                tmp_path / 'ckpt.pt')
-    assert sweep.checkpoint_iter(str(tmp_path), {'vocab_size': 0, 'n_layer': 1}) == (5, 1.5)
+    assert sweep.checkpoint_iter(str(tmp_path), {'vocab_size': 0, 'n_layer': 1}) == (5, 1.5, None)
     for settings, words in [({'vocab_size': 0, 'n_layer': 2}, 'n_layer=1'), ({'vocab_size': 50257}, 'vocab_size=7989')]:
         with pytest.raises(SystemExit) as e:
             sweep.checkpoint_iter(str(tmp_path), settings)
@@ -297,8 +297,20 @@ def test_gpu_variant_is_the_cpu_sweep_at_gpu_scale(name, monkeypatch):
         assert all(s[k] == v for k, v in g.items() if k not in ('config', 'block_size', 'batch_size', 'max_iters'))
 
 
+def test_another_scripts_output_is_refused_even_with_overwrite(tmp_path):
+    d = tmp_path / 'results'
+    d.mkdir()
+    (d / 'results.json').write_text('{"likelihood": {}, "rows": [], "judge_name": ""}')  # evaluate.py's
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--runs=[{'out_dir': 'a'}]", f'--run_root={tmp_path}', f'--results_dir={d}', '--overwrite=True'],
+                   log=lambda *a: None)
+    assert str(e.value.code) == (f"sweep.py: '{d / 'results.json'}' (in results_dir='{d}') is evaluate.py's "
+                                 f"results.json; sweep.py never writes over one, not even with --overwrite=True: "
+                                 f"choose another path")
+
+
 @pytest.mark.parametrize('name, content, words', [
-    ('results.json', '{"likelihood": {}, "rows": [], "judge_name": ""}',  # evaluate.py's, not a sweep's
+    ('results.json', '{"table": "of hours"}',
      "(in results_dir='{d}') exists and is not sweep.py's own results.json; choose another path, or replace it with "
      "--overwrite=True"),
     ('results.md', '# notes of hours\n', "(in results_dir='{d}') exists and is not sweep.py's own results.md"),
@@ -318,3 +330,92 @@ def test_results_dir_files_it_did_not_write_are_refused_before_any_run(name, con
         sweep.main(["--runs=[{'out_dir': 'a'}]", safe, f'--run_root={tmp_path}', f'--results_dir={d}',
                     '--overwrite=True'], log=lambda *a: None)
     assert 'overwrite' not in str(e.value.code), e.value.code
+
+
+# ---------------------------------------------------------------- what sweep.py reuses, and what it must not
+
+def test_a_run_trained_with_other_settings_is_not_finished(tmp_path):
+    """Only model_args used to be compared: a changed learning_rate was labelled in results.md but never trained."""
+    import guards
+    s, _ = sweep.train_settings({'out_dir': str(tmp_path / 'a'), 'config': 'config/mask_cpu.py', 'device': 'cpu'})
+    stored = dict(s)
+    guards.check_config(stored, 0, 1)  # as train.py stores it: the derived settings filled in
+    assert sweep.training_changes(stored, s) == []
+    assert sweep.training_changes(stored, {**s, 'eval_interval': 7, 'max_iters': s['max_iters'] + 5}) == []
+    changes = sweep.training_changes(stored, {**s, 'learning_rate': 0.125})
+    assert f"learning_rate={s['learning_rate']!r} -> 0.125" in changes, changes
+    assert sweep.training_changes(None, s) == ['its checkpoint stores no training config']
+
+
+@pytest.mark.parametrize('kind, words', [
+    ('truncated', 'was not loaded: it is not a readable PyTorch checkpoint'),
+    ('code', 'was not loaded: it is a pickle that calls posix.system when unpickled'),
+])
+def test_a_run_checkpoint_that_does_not_load_is_one_line(tmp_path, kind, words):
+    import torch
+    from test_sample import _Payload
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model_args': {}, 'model': _Payload(tmp_path / 'ran') if kind == 'code' else torch.zeros(1000)}, path)
+    if kind == 'truncated':
+        path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(SystemExit) as e:
+        sweep.checkpoint_iter(str(tmp_path), {})
+    msg = str(e.value.code)
+    assert msg.startswith(f'sweep.py: {path} ') and words in msg and '\n' not in msg, msg
+    assert 'weights_only=False' not in msg and not (tmp_path / 'ran').exists()
+
+
+def test_a_launcher_typo_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, 'launcher', 'torchrn --standalone --nproc_per_node=2')
+    monkeypatch.setattr(sweep, 'train_overrides', {})
+    with pytest.raises(SystemExit) as e:
+        sweep.train_run({'out_dir': str(tmp_path / 'a'), 'config': 'config/mask_cpu.py'}, log=lambda *a: None)
+    assert str(e.value.code).startswith("sweep.py: cannot start 'torchrn' (launcher='torchrn --standalone"), e.value.code
+
+
+def test_a_score_is_reused_only_for_the_checkpoints_and_settings_it_was_made_from(tmp_path, monkeypatch):
+    """A retrained run kept its predecessor's scores ('results.json: up to date, reused': 13.036 bits listed,
+    11.373 measured): the key held the iterations, not the checkpoint files."""
+    calls, lines = [], []
+
+    def fake_evaluate(cmd, **kw):
+        out = next(a.split('=', 1)[1] for a in cmd if a.startswith('--out_dir='))
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, 'results.json'), 'w') as f:
+            json.dump({'call': len(calls)}, f)
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, '', '')
+    monkeypatch.setattr(sweep.subprocess, 'run', fake_evaluate)
+    monkeypatch.setattr(sweep, 'results_dir', str(tmp_path / 'results'))
+    monkeypatch.setattr(sweep, 'eval_config', '')
+    monkeypatch.setattr(sweep, 'eval_overrides', {})
+    runs = [str(tmp_path / n) for n in ('a', 'b')]
+    for d in runs:
+        os.makedirs(d)
+        with open(os.path.join(d, 'ckpt.pt'), 'wb') as f:
+            f.write(b'weights')
+    assert sweep.run_evaluate(runs, '', lines.append)[0] == {'call': 0}
+    assert sweep.run_evaluate(runs, '', lines.append)[0] == {'call': 0} and 'reused' in lines[-1]
+    with open(os.path.join(runs[1], 'ckpt.pt'), 'wb') as f:  # retrained: same size, a new file
+        f.write(b'WEIGHTS')
+    os.utime(os.path.join(runs[1], 'ckpt.pt'), ns=(1, 10 ** 18))
+    assert sweep.run_evaluate(runs, '', lines.append)[0] == {'call': 1}
+    assert any(f'not reused, changed since: {runs[1]}/ckpt.pt' in line for line in lines), lines
+    monkeypatch.setattr(sweep, 'eval_overrides', {'num_samples': 3})
+    assert sweep.run_evaluate(runs, '', lines.append)[0] == {'call': 2}
+    assert any('changed since: the evaluation settings' in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_a_changed_training_setting_retrains_the_run(shared, tmp_path):
+    cfg = tmp_path / 'sweep_one.py'
+    cfg.write_text("runs = [dict(config='config/mask_cpu.py', out_dir='out-lr', block_size=16)]\n"
+                   "score = False\npanels = ['bits_tokens']\n")
+    where = {**shared, 'runs': str(tmp_path / 'runs')}
+    assert run_sweep(where, str(cfg), str(tmp_path / 'r1'))[0]['runs'][0]['status'] == 'trained'
+    res, log = run_sweep({**where, 'train': {**shared['train'], 'learning_rate': 1e-4}}, str(cfg),
+                         str(tmp_path / 'r2'))
+    assert res['runs'][0]['status'] == 'retrained' and 'learning_rate=' in log and '-> 0.0001' in log, log
+    assert load_checkpoint(os.path.join(where['runs'], 'out-lr'))[1]['config']['learning_rate'] == 1e-4
+    res, _ = run_sweep({**where, 'train': {**shared['train'], 'learning_rate': 1e-4}}, str(cfg), str(tmp_path / 'r3'))
+    assert res['runs'][0]['status'] == 'skipped'

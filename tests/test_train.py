@@ -4,6 +4,7 @@ Training runs use real TinyStories tokens (a few hundred stories, prepared once 
 conftest.py) and a tiny embed model; the runs in a subprocess are marked slow.
 """
 import ast
+import copy
 import dataclasses
 import glob
 import json
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 
@@ -32,7 +34,7 @@ import util
 from checkpoint import load_checkpoint
 from configurator import configure
 from conftest import ROOT, TINY_TRAIN as TINY, evals, hand_compact_data, run_train, weights
-from model import ModelConfig
+from model import ModelConfig, build_model
 from prepare import TokenWindows, unigram_logprobs
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +232,41 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(short_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_diverging_run_that_always_saves_keeps_its_last_good_checkpoint(small_vocab, tmp_path):
+    """always_save_checkpoint (every long config and every sweep run sets it) used to save NaN weights over the good
+    ones at each evaluation, and then say the checkpoint was left as it was."""
+    data_args, out_dir = small_vocab[1], tmp_path / 'out'
+    args = [*TINY, *data_args, f'--out_dir={out_dir}', '--always_save_checkpoint=True', '--eval_interval=1']
+    train.main([*args, '--max_iters=2'])
+    before = (out_dir / 'ckpt.pt').read_bytes()
+    with pytest.raises(SystemExit) as e:  # the loss is read only every 1000 steps: the evaluation must see it
+        train.main([*args, '--init_from=resume', '--max_iters=6', '--learning_rate=1e30', '--warmup_iters=0',
+                    '--decay_lr=False', '--grad_clip=0', '--log_interval=1000'])
+    msg = str(e.value.code)
+    assert re.fullmatch(r"train\.py: non-finite \w+ loss \((nan|inf)\) at the evaluation of iteration 3; stopping\. "
+                        r".*ckpt\.pt is left as it was \(last checkpoint: iteration 2\)", msg), msg
+    assert (out_dir / 'ckpt.pt').read_bytes() == before
+    assert all(math.isfinite(v) for r in map(json.loads, open(out_dir / 'eval_log.jsonl')) for v in r.values()
+               if isinstance(v, float))
+
+
+@pytest.mark.parametrize('where', ['model', 'ema'])
+def test_non_finite_weights_are_never_saved(tmp_path, where):
+    """The save itself refuses them, so no path (an evaluation, a signal's stop) writes a diverged checkpoint."""
+    model = build_model(ModelConfig(model_type='mask', vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=8))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        next((ema if where == 'ema' else model).parameters()).view(-1)[0] = float('inf')
+    run = types.SimpleNamespace(raw_model=model, ema=ema, ckpt_path=str(tmp_path / 'ckpt.pt'), last_saved=None)
+    with pytest.raises(SystemExit) as e:
+        train.save(run, 5)
+    msg = str(e.value.code)
+    assert msg.startswith('train.py: non-finite weights (') and 'at iteration 5; stopping without saving' in msg, msg
+    assert ('of the EMA' in msg) == (where == 'ema') and 'last checkpoint: none written yet' in msg
+    assert not os.path.exists(run.ckpt_path)
+
+
+@pytest.mark.slow
 def test_ddp_two_ranks_gloo(small_vocab, tmp_path):
     out_dir = str(tmp_path / 'out')
     # gradient_accumulation_steps=1 (the configs' value) on 2 ranks: rounded up to 2, with a message
@@ -299,6 +336,11 @@ def test_bad_configuration_exits_with_a_clear_message(data_dir, tmp_path):
     (['--eval_only=True'], ["init_from=resume"]),
     (['--dtype=float16'], ["float16", 'CUDA']),
     (['--dtype=fp8'], ["dtype='fp8'"]),
+    # these used to end in a traceback
+    (['--n_embd=0'], ['n_embd must be >= 1']),
+    (['--device=tpu'], ["device='tpu', expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
+    (['--beta1=2.0'], ['beta1=2.0, expected in [0, 1)']),
+    (['--seed=18446744073709551616'], ['seed=18446744073709551616, expected < 2**64']),
 ])
 def test_bad_configuration_in_process(argv, words, data_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -675,3 +717,75 @@ def test_a_compact_data_dir_needs_no_flag_and_resuming_on_another_vocabulary_is_
     msg = str(e.value.code)
     assert 'was trained on a compact vocabulary' in msg and "holds GPT-2's vocabulary (50,257 ids)" in msg, msg
     assert '\n' not in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# appends and locks that survive a crash
+
+def test_a_partial_last_line_of_eval_log_is_skipped_and_reported(tmp_path, capsys):
+    """What a crash in the middle of an append leaves: it used to stop every resume and sweep (JSONDecodeError)."""
+    from loggers import read_eval_log, restart_eval_log
+    path = tmp_path / 'eval_log.jsonl'
+    path.write_text('{"iter": 0, "val": 9.0}\n{"iter": 10, "val": 8.0}\n{"iter": 20, "va')
+    assert [r['iter'] for r in read_eval_log(str(path))] == [0, 10]
+    assert 'skipped its partial last line 3' in capsys.readouterr().err
+    restart_eval_log(str(path), {'init_from': 'resume'}, 10)  # what a resumed run keeps: whole lines only
+    assert path.read_text() == '{"iter": 0, "val": 9.0}\n{"iter": 10, "val": 8.0}\n'
+    path.write_text('{"iter": 0}\n{"iter": 1\n{"iter": 2}\n')  # a damaged line inside is no crash's: one line
+    with pytest.raises(SystemExit) as e:
+        read_eval_log(str(path), 'curves.py')
+    assert str(e.value.code).startswith(f"curves.py: {path} line 2 is not an evaluation record"), e.value.code
+
+
+def test_a_fresh_run_never_truncates_an_earlier_runs_eval_log(data_dir, tmp_path):
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    (out_dir / 'eval_log.jsonl').write_text('{"iter": 0, "val": 9.0}\n')
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1'])
+    msg = str(e.value.code)
+    assert msg.startswith(f"train.py: {out_dir / 'eval_log.jsonl'} holds an earlier run's evaluations") and \
+        '--overwrite=True' in msg and '--init_from=resume' not in msg, msg  # no checkpoint there to resume
+    assert (out_dir / 'eval_log.jsonl').read_text() == '{"iter": 0, "val": 9.0}\n'
+
+
+def test_a_lock_that_could_not_be_written_is_removed(tmp_path, monkeypatch):
+    """A full disk while taking the lock used to leave a 0-byte run.lock that blocked every later run."""
+    def full(*a, **k):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(util.json, 'dump', full)
+    with pytest.raises(SystemExit) as e:
+        util.lock_dir(str(tmp_path), 'train.py')
+    assert str(e.value.code).startswith(f"train.py: cannot write the lock {tmp_path / 'run.lock'}: No space left")
+    assert not (tmp_path / 'run.lock').exists()
+
+
+def test_out_of_memory_is_one_line(data_dir, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1099511627776 bytes.")
+    monkeypatch.setattr(train, 'train', oom)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=1'])
+    msg = str(e.value.code)
+    assert msg.startswith("train.py: out of memory (RuntimeError: [enforce fail") and 'lower batch_size' in msg, msg
+
+
+def test_no_mfu_without_a_stated_peak(small_vocab, tmp_path, capsys):
+    """A probe beside the run read 90-97% on a busy machine where an idle bench.py gave 47-66%: without a stated
+    peak_flops there is no MFU to print."""
+    train.main([*TINY, *small_vocab[1], f'--out_dir={tmp_path}/out', '--max_iters=1', '--eval_interval=1',
+                '--eval_iters=1', '--peak_flops=0'])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith('iter 1: loss'))
+    assert 'no MFU: set peak_flops' in out and 'mfu' not in line, out
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(capsys):
+    """Ctrl-C in sample.py, evaluate.py, bench.py ... (and in train.py before its loop): no KeyboardInterrupt
+    traceback; their outputs are renamed into place whole, so nothing is half-written."""
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        util.run_script(main, 'evaluate.py')
+    assert e.value.code == 130 and capsys.readouterr().err == 'evaluate.py: interrupted\n'
