@@ -90,14 +90,21 @@ def claim_out_dir(out_dir, replace_ok, writer, prog='train.py'):
     if not replace_ok and os.path.exists(ckpt_path):
         util.fail(prog, f"{ckpt_path} exists and init_from='scratch' would replace it: continue it with "
                         f"--init_from=resume, replace it with --overwrite=True, or use another out_dir")
-    if not replace_ok and os.path.isfile(log_path) and os.path.getsize(log_path):  # an earlier run's, without its ckpt
-        util.fail(prog, f"{log_path} holds an earlier run's evaluations and init_from='scratch' would start it "
-                        f"anew: replace it with --overwrite=True, or use another out_dir")
+    # an earlier run's evaluations without its checkpoint; checked after the lock, so that a live run's out_dir is
+    # named as that (its log is not yet an earlier run's)
+    stale_log = not replace_ok and os.path.isfile(log_path) and os.path.getsize(log_path)
+    stale_msg = (f"{log_path} holds an earlier run's evaluations and init_from='scratch' would start it anew: "
+                 f"replace it with --overwrite=True, or use another out_dir")
     if not writer:
+        if stale_log:
+            util.fail(prog, stale_msg)
         return None
     created = not os.path.exists(out_dir)  # a run that fails before writing anything removes it again
     check_writable(out_dir, 'out_dir', prog, is_dir=True)
     release = lock_dir(out_dir, prog, created)
+    if stale_log:
+        release()
+        util.fail(prog, stale_msg)
     # temp files of saves that a kill -9 interrupted (ours now: the lock says no other run writes here)
     stale = glob.glob(os.path.join(glob.escape(out_dir), '.ckpt.pt.*.tmp'))
     for f in stale:

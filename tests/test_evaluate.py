@@ -145,7 +145,8 @@ def test_evaluate_end_to_end(tiny_run):
         assert 0 < r['distinct_1'] <= 1 and 0 <= r['rep_4'] <= 1 and isinstance(r['example'], str)
     # the table: a header, a rule, one line per row
     table = [line for line in stdout.splitlines() if line.startswith('|')]
-    assert len(table) == 3 + len(res['rows']) and 'gen-PPL' in table[0] and 'context gain' in table[0]
+    paired = 2 + len(res['paired']) if res['paired'] else 0  # the pairs' header and rule, a row each
+    assert len(table) == 3 + len(res['rows']) + paired and 'gen-PPL' in table[0] and 'context gain' in table[0]
     assert table[2].startswith('| unigram |')
     # the baseline: a unigram model of the train split on the very tokens each model scored (mask: the first 32 of
     # each window of 33, ar: the last 32), and the context gain is its bits minus the model's

@@ -380,13 +380,19 @@ def test_a_compact_checkpoint_without_its_meta_is_refused(ckpts, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_exit_130_and_writes_nothing(ckpts, tmp_path):
     out_file = tmp_path / 's.jsonl'
+    # SIGINT as a terminal delivers it, even where this test runs in the background (which ignores it, and a child
+    # inherits that)
     p = subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={ckpts["embed"]}', '--num_samples=100000',
                           '--batch_size=4', '--device=cpu', f'--out_file={out_file}'], cwd=REPO, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in p.stdout:
-        if line.startswith('sampling '):  # in main(), sampling
-            break
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in p.stdout:
+            if line.startswith('sampling '):  # in main(), sampling
+                break
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()  # never left running (100,000 samples) when the test fails
     assert p.returncode == 130 and err.strip().splitlines()[-1] == 'sample.py: interrupted' and 'Traceback' not in err
     assert os.listdir(tmp_path) == []
