@@ -6,10 +6,10 @@ How fast does each family train and sample, against what this machine can do at 
     python bench.py --families="['ar','mask']" --dtypes="['float32']" --iters=20
 
 At the start a timed matmul probe measures the peak FLOP/s of the device in each dtype
-(util.measure_peak_flops): MFU is reported against that, not against a datasheet number the machine never reaches.
+(system.measure_peak_flops): MFU is reported against that, not against a datasheet number the machine never reaches.
 Then, for each family at the same backbone size:
   training   ms per iteration (forward + backward + AdamW step; warmup iterations excluded, the median of
-             `iters`), tokens/s, MFU (util.flops_per_token(model) x tokens / time / peak of the dtype), and the
+             `iters`), tokens/s, MFU (system.flops_per_token(model) x tokens / time / peak of the dtype), and the
              time relative to `ar` in the same dtype; in float32 and bf16 autocast (CUDA float32 = TF32
              matmuls, as in train.py);
   sampling   tokens/s and network evaluations for batch_size samples of block_size tokens at sample_steps
@@ -18,7 +18,7 @@ and once: `mask` sampling at cache_steps steps for one block_size sequence with 
 skips the network when no token was revealed since its last call (the ratio of the times), and prepare.py's
 tokenizer throughput on prepare_text against raw single-process tiktoken (encode_ordinary document by
 document). Prints the tables; --json=PATH writes everything as JSON, replacing only bench.py's own results unless
-overwrite=True, and never a checkpoint, a split, a meta.json or another script's output (util.check_output).
+overwrite=True, and never a checkpoint, a split, a meta.json or another script's output (checkpoint.check_output).
 """
 
 import contextlib
@@ -32,11 +32,13 @@ import time
 
 import torch
 
+from checkpoint import check_output, write_json
 from configurator import configure
 from model import build_model
 from prepare import DEFAULTS as PREPARE_DEFAULTS, TokenWindows, find_text_files, get_encoding, prepare, read_text_file
-import util
-from util import autocast_context, line_buffered_stdout, measure_peak_flops, resolve_device, sync, write_json
+import system
+from system import (autocast_context, estimate_mfu, flops_per_token, line_buffered_stdout, measure_peak_flops,
+                    resolve_device, run_script, sync)
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; --key=value overrides them
@@ -63,13 +65,13 @@ compile = False             # also time each family's training step under torch.
 compile_mode = 'default'    # torch.compile mode (see train.py)
 seed = 1337
 json = ''                   # write the results to this path ('' = only print)
-overwrite = False           # let json replace a file that is not bench.py's own results (util.check_output)
+overwrite = False           # let json replace a file that is not bench.py's own results (checkpoint.check_output)
 _config_keys = [k for k, v in list(globals().items())
                 if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
 # -----------------------------------------------------------------------------------------------------
 
 
-fail = functools.partial(util.fail, 'bench.py')
+fail = functools.partial(system.fail, 'bench.py')
 
 
 def timed(fn, dev):
@@ -92,7 +94,7 @@ def bench_training(model, c, dev, ctx, compiled=False):
     """(median seconds of one optimizer step (forward, backward, AdamW) after c['warmup'] untimed ones, seconds
     of the first step: with compiled=True that one includes the compilation)."""
     device_type = torch.device(dev).type
-    opt = util.configure_optimizer(model, 0.1, 3e-4, (0.9, 0.95), device_type)
+    opt = model.configure_optimizer(0.1, 3e-4, (0.9, 0.95), device_type)
     run = torch.compile(model, mode=c['compile_mode']) if compiled else model
     batches = [x.to(dev) for x in make_batches(c, c['block_size'] + model.extra_tokens, 4, model.config.vocab_size)]
     model.train()
@@ -229,8 +231,8 @@ def bench_family(c, family, d, shape, dev, device_type, peak):
     row = {'family': family, 'dtype': d, 'vocab_size': shape['vocab_size'], 'params': model.get_num_params(),
            'ms_per_iter': dt * 1000,
            'tokens_per_s': c['batch_size'] * c['block_size'] / dt,
-           'mfu': util.estimate_mfu(model, c['batch_size'], dt, peak),
-           'flops_per_token': util.flops_per_token(model), 'vs_ar': None,
+           'mfu': estimate_mfu(model, c['batch_size'], dt, peak),
+           'flops_per_token': flops_per_token(model), 'vs_ar': None,
            'sample_steps': None, 'sample_nfe': None, 'sample_tokens_per_s': None,
            'compiled_ms_per_iter': None, 'first_compiled_step_s': None}
     if c['compile']:
@@ -261,7 +263,7 @@ def main(argv=None):
     for d in c['dtypes']:
         dev, device_type, _ = resolve_device(c['device'], d, prog='bench.py')
     if c['json']:  # now, not after minutes of timing
-        util.check_output(c['json'], 'json', 'bench.py', c['overwrite'])
+        check_output(c['json'], 'json', 'bench.py', c['overwrite'])
     if c['threads'] > 0:
         torch.set_num_threads(c['threads'])
     torch.manual_seed(c['seed'])
@@ -316,4 +318,4 @@ def main(argv=None):
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    util.run_script(main, 'bench.py')
+    run_script(main, 'bench.py')

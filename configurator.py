@@ -1,5 +1,6 @@
 """
-nanoGPT-style configuration overrides, made safe. Used by train.py, sample.py, evaluate.py, bench.py.
+nanoGPT-style configuration overrides, made safe. Used by train.py, sample.py, evaluate.py, bench.py and sweep.py
+(whose sweep configs set train.py's settings through it too).
 
 A script keeps its settings as plain module-level globals with defaults, then calls
 
@@ -63,7 +64,7 @@ def _unknown(prog, where, key, keys):
     return SystemExit(f"{prog}: {where}: unknown config key '{key}'{hint}")
 
 
-def _check_type(prog, where, key, value, default):
+def check_type(prog, where, key, value, default):
     """Return value converted to the default's type, or raise SystemExit naming what was expected."""
     if default is None:
         return value
@@ -149,7 +150,7 @@ def configure(namespace, argv=None, keys=None, verbose=True, prog=None):
                 if k in known:
                     if v is namespace[k]:
                         continue
-                    v = _check_type(prog, f"config file '{arg}'", k, v, namespace[k])
+                    v = check_type(prog, f"config file '{arg}'", k, v, namespace[k])
                     if verbose and v != namespace[k]:
                         print(f"  {k} = {v!r}")
                     namespace[k] = v
@@ -161,7 +162,7 @@ def configure(namespace, argv=None, keys=None, verbose=True, prog=None):
                 raise SystemExit(f"{prog}: argument '{arg}' has no '='; overrides are written --key=value")
             if key not in known:
                 raise _unknown(prog, f"argument '{arg}'", key, keys)
-            value = _check_type(prog, f"argument '{arg}'", key, _parse_value(text, namespace[key]), namespace[key])
+            value = check_type(prog, f"argument '{arg}'", key, _parse_value(text, namespace[key]), namespace[key])
             if verbose:
                 print(f"{prog}: override {key} = {value!r}")
             namespace[key] = value

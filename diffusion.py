@@ -1,21 +1,26 @@
 """
-The parameter-free maths of the diffusion families: noise schedules, the three forward processes, time draws,
-the bit code and categorical draws. Float64 where precision matters, no nn.Module, no learned parameter:
-model.py's families import these and keep their networks, losses, samplers and bounds beside each other.
+The parameter-free maths of the diffusion families: noise schedules, the three forward processes in discrete and
+continuous time, time draws and the bound's time proposal, the bit code and categorical draws. Float64 where
+precision matters, no learned parameter: model.py's families import these and keep their networks, losses, samplers
+and bounds beside each other.
 
 The three processes have one shape: the marginal q(x_t | x_0) (`q_sample`), the posterior q(x_s | x_t, x_0) for
 any s < t, the prior at the end of the chain, the likelihood of a noisy state under each clean token where the
 family's decoder needs it, and the KL of one step of the bound against the model's reverse step, given the model's
-output (GaussianDiffusion.kl_step for an x0 estimate, BitFlipDiffusion.step_kl for logits over the ids).
+output (`step_kl`: of an x0 estimate for the Gaussian, of logits over the ids for the bit flips).
   GaussianDiffusion  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t = 1..T        (embed, analog)
-  (continuous_time.py holds the first two with t real in [0, T], continuous_time=True)
   BitFlipDiffusion   each bit flips with probability (1 - abar_t) / 2, t = 1..T      (bits)
   MaskSchedule       each token is [MASK] with probability 1 - alpha_t, t in [0, 1]  (mask)
+The first two also run with t real in [0, T] (ModelConfig.continuous_time): ContinuousGaussianDiffusion and
+ContinuousBitFlipDiffusion, whose bounds are integrals over t. The discrete-time bounds' sums over steps, and those
+integrals, are importance-sampled with BoundTimeProposal.
 """
 
 import math
 
+import numpy as np
 import torch
+import torch.nn as nn
 
 NUM_BITS = 16  # GPT-2's 50,257 ids < 2**16 = 65,536; a compact vocabulary needs fewer (code_bits)
 
@@ -33,6 +38,12 @@ def rand(shape, generator, device):
 def randn(shape, generator, device):
     gdev = generator.device if generator is not None else torch.device(device)
     return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
+
+
+def stream_seed(*parts):
+    """A well-mixed 63-bit seed from integers, so (seed, rank, step) streams never collide or correlate."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0]) >> 1
+
 
 def check_draw_options(temperature, top_k, top_p):
     if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):
@@ -113,7 +124,7 @@ def abar_schedule(name, T):
 
 class DiscreteTime:
     """The time of a process with a schedule table: t = 0..T indexes abar (float64); abar_dev is the same table on
-    the model's device (the family's _apply keeps it there). continuous_time.ContinuousTime replaces both."""
+    the model's device (the family's _apply keeps it there). ContinuousTime replaces both."""
     time_dtype = torch.long  # t is a step index
 
     def __init__(self, abar):
@@ -203,7 +214,7 @@ class GaussianDiffusion(DiscreteTime):
         a = self.abar_T
         return 0.5 * (a * x0 ** 2 + (1 - a) - 1 - math.log1p(-a))
 
-    def kl_step(self, x0, x0_hat, t):
+    def step_kl(self, x0, x0_hat, t):
         """KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) per element, in nats, where p is the posterior at
         x0_hat with the same variance: ||mu(x0) - mu(x0_hat)||^2 / (2 var) and mu is linear in x0 with
         coefficient c = sqrt(abar_{t-1}) (1 - abar_t/abar_{t-1}) / (1 - abar_t), so KL = c^2 (x0 - x0_hat)^2 / (2 var).
@@ -212,24 +223,6 @@ class GaussianDiffusion(DiscreteTime):
         c = a_s.sqrt() * (1 - a_t / a_s) / (1 - a_t)
         var = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
         return c ** 2 * (x0.double() - x0_hat.double()) ** 2 / (2 * var)
-
-
-def stratified_times(n, T, generator, device, low=1, continuous=False):
-    """Low-discrepancy draw of n times: one uniform shift of a regular grid, integers in [low, T] (or reals in
-    (low - 1, T] with continuous=True)."""
-    u = (rand((1,), generator, device) + torch.arange(n, device=device, dtype=torch.float64) / n) % 1.0
-    if continuous:  # not below 1e-6: at t -> 0, 1 - abar_t rounds to 0 and the flip odds and SNR become infinite
-        return (T - u * (T - low + 1)).clamp(min=1e-6)
-    return (low + (u * (T - low + 1)).floor().long()).clamp(max=T)
-
-
-def log_snr_drop_proposal(abar):
-    """A time proposal for t = 2..T (index t - 2) from the schedule alone: half uniform, half proportional to
-    log SNR_{t-1} - log SNR_t. A trained model's KL_t ~ (SNR_{t-1} - SNR_t) mmse_t follows that drop."""
-    T = len(abar) - 1
-    log_snr = torch.log(abar[1:]) - torch.log1p(-abar[1:].clamp(max=1 - 1e-12))  # t = 1..T
-    drop = (log_snr[:-1] - log_snr[1:]).clamp(min=0)
-    return 0.5 * drop / drop.sum() + 0.5 / (T - 1)
 
 
 def log_q_bits(b, q1):
@@ -377,6 +370,173 @@ class MaskSchedule:
         a_t = self.alpha(torch.tensor(t, dtype=torch.float64))
         a_s = self.alpha(torch.tensor(s, dtype=torch.float64))
         return 1.0 if s == 0 else float((a_s - a_t) / (1 - a_t))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Continuous time (continuous_time=True): t real in [0, T], abar(t) the function the discrete tables sample,
+# the bound's sum over steps an integral over (1, T] whose integrand each process gives
+
+def abar_continuous(name, T):
+    """abar(t) and d abar / dt for real t in [0, T] (float64 tensors in, float64 out): the function the discrete
+    tables of abar_schedule sample at t = 0..T, where they are not clipped. cosine and sqrt: abar(t) = f(t/T) / f(0)
+    (the discrete product of 1 - beta telescopes to that); linear: -log abar = 1000 int_0^u (1e-4 + 0.0199 v) dv =
+    0.1 u + 9.95 u^2, the limit of the rescaled betas. Floored at the discrete chain's abar_T (its betas are
+    clipped at 0.999, f(1) = 0 for cosine and < 0 for sqrt), where the slope is 0."""
+    floor = float(abar_schedule(name, T)[-1])
+
+    def schedule(t):
+        u = t.double() / T
+        if name == 'linear':
+            a = torch.exp(-(0.1 * u + 9.95 * u ** 2))
+            da = -a * (0.1 + 19.9 * u)
+        elif name == 'cosine':
+            k = math.pi / 2 / 1.008
+            f0 = math.cos(0.008 * k) ** 2
+            a = torch.cos((u + 0.008) * k) ** 2 / f0
+            da = -torch.sin(2 * (u + 0.008) * k) * k / f0
+        else:
+            f0 = 1 - math.sqrt(1e-4)
+            a = (1 - torch.sqrt(u + 1e-4)) / f0
+            da = -0.5 / torch.sqrt(u + 1e-4) / f0
+        low = a <= floor
+        return torch.where(low, floor, a), torch.where(low, 0.0, da / T)
+    return schedule
+
+
+class ContinuousTime:
+    """Mixin for a process class, in place of its DiscreteTime: t real in [0, T], abar(t) from abar_continuous
+    instead of the table (which still holds abar at the integer times, for the time proposal's cells). Everything
+    the process derives from abar_t
+    holds for real s < t; the bound's sum over steps becomes an integral (the subclasses' step_kl / rate_kl)."""
+    time_dtype = torch.float64
+
+    def __init__(self, name, T):
+        self.schedule = abar_continuous(name, T)
+        super().__init__(self.schedule(torch.arange(T + 1, dtype=torch.float64))[0])
+
+    def abar_of(self, t):
+        return self.schedule(t)[0]
+
+
+class ContinuousGaussianDiffusion(ContinuousTime, GaussianDiffusion):
+    """GaussianDiffusion with t real in [0, T] (VDM, Kingma et al. 2021). The KL of one ancestral step
+    from t to s is 0.5 (SNR_s - SNR_t) ||x0 - x0_hat||^2 (SNR = abar / (1 - abar)), so the sum over steps becomes
+
+        L_inf = int_1^T 0.5 (-dSNR/dt) E_q ||x0 - x0_hat(x_t, t)||^2 dt,
+
+    with the decoder at t = 1 and the prior at t = T as before. For an x0_hat that does not depend on t the integral
+    over the cell (t - 1, t] is the discrete step's KL exactly; a network's x0_hat improves as t falls inside the
+    cell, so L_inf is the limit the discrete bounds approach as the steps get finer. `step_kl(x0, x0_hat, t)` is
+    the integrand at real t: averaged over t uniform in a cell it is that cell's term."""
+
+    def step_kl(self, x0, x0_hat, t):
+        """0.5 (-dSNR/dt) (x0 - x0_hat)^2 per element at real t, nats per unit of t; dSNR/dt = abar' / (1 - abar)^2."""
+        a, da = (v.view(-1, *([1] * (x0.dim() - 1))) for v in self.schedule(t))
+        return 0.5 * (-da / (1 - a) ** 2) * (x0.double() - x0_hat.double()) ** 2
+
+
+class ContinuousBitFlipDiffusion(ContinuousTime, BitFlipDiffusion):
+    """BitFlipDiffusion with t real in [0, T]: each bit flips at rate lambda(t) = -abar'(t) / (2 abar(t)), so that
+    q(b_t != b_0) = (1 - abar_t) / 2 as before. The reverse process is a jump process too: in time dt a bit in
+    state b flips with rate lambda(t) q_t(1 - b | b_0) / q_t(b | b_0), i.e. lambda r_s when b = b_0 and lambda r_d
+    when it is not, r_s = (1 - abar_t) / (1 + abar_t) = 1 / r_d. The model's rate mixes the same over its clean
+    ids; being linear in p(w | b_t) it needs only the marginal pi = P(b_0,k = b_t,k): lambda (pi r_s + (1 - pi) r_d).
+    The sum of the discrete steps' KLs becomes the path KL of the two jump processes (Campbell et al. 2022):
+
+        L_inf = int_1^T E_q sum_k [ R_model - R_true + R_true log(R_true / R_model) ] dt   (per bit k),
+
+    decoder at t = 1 and prior at t = T as before; `rate_kl` is the integrand at real t."""
+
+    def rate_kl(self, b0, b_t, p1, t):
+        """sum over the bits of R_model - R_true + R_true log(R_true / R_model), nats per unit of t, per position;
+        p1 = the model's P(b_0,k = 1 | b_t) (..., 16), float64."""
+        a, da = (v.view(-1, *([1] * (b_t.dim() - 1))) for v in self.schedule(t))
+        rate = -da / (2 * a)
+        r_s = (1 - a) / (1 + a)
+        up = b_t > 0.5
+        pi = torch.where(up, p1, 1 - p1).clamp(0.0, 1.0)                   # model: P(clean bit = current bit)
+        r_model = pi * r_s + (1 - pi) / r_s
+        r_true = torch.where(b0 == b_t, r_s, 1 / r_s).expand_as(r_model)
+        return (rate * (r_model - r_true + r_true * (r_true.log() - r_model.log()))).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Time draws: training's stratified t, and the bounds' proposal over steps (an nn.Module for its buffers
+# alone, whose statistics travel in checkpoints as a family's `time_proposal.*` entries)
+
+def stratified_times(n, T, generator, device, low=1, continuous=False):
+    """Low-discrepancy draw of n times: one uniform shift of a regular grid, integers in [low, T] (or reals in
+    (low - 1, T] with continuous=True)."""
+    u = (rand((1,), generator, device) + torch.arange(n, device=device, dtype=torch.float64) / n) % 1.0
+    if continuous:  # not below 1e-6: at t -> 0, 1 - abar_t rounds to 0 and the flip odds and SNR become infinite
+        return (T - u * (T - low + 1)).clamp(min=1e-6)
+    return (low + (u * (T - low + 1)).floor().long()).clamp(max=T)
+
+
+def log_snr_drop_proposal(abar):
+    """A time proposal for t = 2..T (index t - 2) from the schedule alone: half uniform, half proportional to
+    log SNR_{t-1} - log SNR_t. A trained model's KL_t ~ (SNR_{t-1} - SNR_t) mmse_t follows that drop."""
+    T = len(abar) - 1
+    log_snr = torch.log(abar[1:]) - torch.log1p(-abar[1:].clamp(max=1 - 1e-12))  # t = 1..T
+    drop = (log_snr[:-1] - log_snr[1:]).clamp(min=0)
+    return 0.5 * drop / drop.sum() + 0.5 / (T - 1)
+
+
+class BoundTimeProposal(nn.Module):
+    """The proposal q(t), t = 2..T, for the importance-sampled sum over the steps of a discrete-time bound, adapted
+    to the model's own terms (improved-diffusion's second-moment resampler).
+
+    Training records each sequence's term KL_t (nats/token) as a running mean of KL_t^2 in `bins` bins of t. The
+    variance of KL_t / q(t) is smallest for q(t) ~ sqrt(E[KL_t^2]) (Nichol & Dhariwal 2021, sec. 3.3): q is that
+    level per bin, shaped inside it by the schedule's proposal, and mixed with that proposal (weight `floor`) so
+    no step is starved and KL_t / q(t) stays bounded; until every bin has `warm` values, the schedule's alone.
+    The statistics are buffers: they travel in checkpoints (and the EMA copies them). In continuous time (an
+    integral over (1, T]) step t is the cell (t - 1, t], and a draw is a real time uniform inside the cell drawn."""
+
+    def __init__(self, abar, bins=50, decay=0.99, warm=10, floor=0.1, continuous=False):
+        super().__init__()
+        T = len(abar) - 1
+        self.T, self.bins, self.decay, self.warm, self.floor = T, min(bins, T - 1), decay, warm, floor
+        self.continuous = continuous
+        self.register_buffer('base', log_snr_drop_proposal(abar), persistent=False)
+        self.register_buffer('bin_of', (torch.arange(T - 1) * self.bins) // (T - 1), persistent=False)  # t - 2 -> bin
+        self.register_buffer('m2', torch.zeros(self.bins, dtype=torch.float64))
+        self.register_buffer('count', torch.zeros(self.bins, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, t, kl):
+        """Record per-sequence terms kl (B,) at times t (B,); sequences at t = 1 (the decoder's step) are skipped. A
+        real t (continuous time) counts in the cell (t - 1, t] that holds it."""
+        if t.is_floating_point():
+            t = t.ceil().long()
+        keep = (t >= 2) & torch.isfinite(kl)
+        b = self.bin_of[(t - 2).clamp(min=0)]
+        n = torch.zeros_like(self.count).index_add_(0, b, keep.double())
+        s = torch.zeros_like(self.m2).index_add_(0, b, torch.where(keep, kl.double() ** 2, 0.0))
+        hit = n > 0
+        # a running mean over the first 1/(1 - decay) values of a bin, an exponential average after
+        w = torch.where(hit, torch.maximum(n / (self.count + n), torch.full_like(n, 1 - self.decay)), 0.0)
+        self.m2.copy_((1 - w) * self.m2 + w * s / n.clamp(min=1))
+        self.count.add_(n)
+
+    def probs(self):
+        """q(t) for t = 2..T, float64, summing to 1."""
+        if bool((self.count < self.warm).any()):
+            return self.base
+        level = self.m2.sqrt()[self.bin_of]
+        mass_in_bin = torch.zeros(self.bins, dtype=torch.float64, device=self.base.device).index_add_(
+            0, self.bin_of, self.base)[self.bin_of]
+        adapted = level * self.base / mass_in_bin
+        adapted = adapted / adapted.sum()
+        return (1 - self.floor) * adapted + self.floor * self.base
+
+    def draw(self, n, generator, device):
+        """n times t in 2..T drawn from q by inverse CDF (float64, any generator device) and q(t) of each; in
+        continuous time, t - U[0, 1): a real time in the cell, whose density is q(t) too."""
+        q = self.probs().to(device)
+        cdf = q.cumsum(0)
+        idx = torch.searchsorted(cdf, rand((n,), generator, device) * cdf[-1], right=True).clamp(max=self.T - 2)
+        return (idx + 2 - rand((n,), generator, device) if self.continuous else idx + 2), q[idx]
 
 
 # ----------------------------------------------------------------------------------------------------

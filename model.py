@@ -1,15 +1,16 @@
 """
 The transformer backbone and every model family of the project, in two parts as in DiT: the network (blocks
 modulated by a time embedding through adaLN-zero), then one section per family, whose class holds its input, head,
-training loss (forward), sampler (init_state, step) and likelihood bound (position_nll): EmbedDiffusion (`embed`)
-and AnalogBitDiffusion (`analog`), which share the Gaussian machinery of GaussianLM, BitDiffusion (`bits`),
-MaskedDiffusion (`mask`) and AutoregressiveLM (`ar`). All five share the sampling loop (LanguageModel.sample); the
-parameter-free maths (schedules, the processes and their step KLs, time and categorical draws, the bit code) is in
-diffusion.py and continuous_time.py, what the bounds share in bounds.py.
+training loss (forward), sampler (init_state, step) and likelihood bound (position_nll): EmbedDiffusion (`embed`),
+AnalogBitDiffusion (`analog`: embed's Gaussian process over the id's bits, so a subclass of it), BitDiffusion
+(`bits`), MaskedDiffusion (`mask`) and AutoregressiveLM (`ar`). All five share the sampling loop
+(LanguageModel.sample); the parameter-free maths (schedules, the processes and their step KLs in discrete and
+continuous time, the bounds' time proposal, time and categorical draws, the bit code) is in diffusion.py.
 
-The literature's names: `embed` is Diffusion-LM / CDCD / Plaid (the seed's DiT LM; CDCD's and Plaid's softmax x0
-estimate); `analog` is Chen et al.'s Bit Diffusion (Analog Bits: the bits as reals under Gaussian noise); `bits` is
-the seed's bit-flip diffusion, D3PM-style on the id's bits; `mask` is MDLM; `ar` is the autoregressive baseline.
+The literature's names: `embed` is Diffusion-LM / CDCD / Plaid (Gaussian diffusion on learned embeddings; CDCD's and
+Plaid's softmax x0 estimate); `analog` is Chen et al.'s Bit Diffusion (Analog Bits: the bits as reals under Gaussian
+noise); `bits` is bit-flip diffusion, D3PM-style on the id's bits; `mask` is MDLM; `ar` is the autoregressive
+baseline.
 
 Time. embed, analog, bits: t = 0..T, the steps of the discrete chain, abar_0 = 1 (clean data); training draws t in
 1..T, sampling runs from T to 0. The bound is the decoder's term at t = 1, one KL per step t = 2..T (t drawn by
@@ -27,12 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bounds import BoundTimeProposal, eval_in_full_precision
-from continuous_time import ContinuousBitFlipDiffusion, ContinuousGaussianDiffusion
-from diffusion import (NUM_BITS, BitFlipDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
+from diffusion import (NUM_BITS, BitFlipDiffusion, BoundTimeProposal, ContinuousBitFlipDiffusion,
+                       ContinuousGaussianDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
                        categorical_mean, code_bits, draw_categorical, ids_to_bits, rand, randn, rounding_logits,
                        stratified_times, valid_codes)
-from util import in_eval_mode
 
 MODEL_TYPES = ('embed', 'bits', 'analog', 'mask', 'ar')
 
@@ -49,7 +48,7 @@ class ModelConfig:
     bias: bool = True                # biases in Linear layers
     rotary: bool = False             # rotary position embedding instead of a learned absolute one
     T: int = 1000                    # diffusion steps of the discrete-time process (embed, bits, analog)
-    continuous_time: bool = False    # embed/analog/bits: real t in [0, T], the bound an integral (continuous_time.py);
+    continuous_time: bool = False    # embed/analog/bits: real t in [0, T], the bound an integral (diffusion.py);
                                      # T then sets the decoder's time t = 1, the bound's cells and the default steps
     noise_schedule: str = 'sqrt'     # linear | cosine | sqrt (Diffusion-LM's; bits configs use cosine)
     predict: str = 'x0'              # embed/analog: the network predicts eps or x0
@@ -270,10 +269,36 @@ def vocab_logits(h, tok_emb, vocab_size):
 
 
 # -------- The shared skeleton of every family
+def in_eval_mode(method):
+    """Run a method with the module in eval mode (no dropout), restoring the previous mode afterwards."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        was_training = self.training
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+    return wrapper
+
+
+def eval_in_full_precision(method):
+    """For position_nll(): no gradients, eval mode, no autocast: the Gaussian bounds multiply every error in the x0
+    estimate by SNR/2 (~1e4 near t = 1), so bf16 rounding alone would add bits per token."""
+    @functools.wraps(method)
+    @in_eval_mode
+    def wrapper(self, idx, *args, **kwargs):
+        with torch.no_grad(), torch.autocast(idx.device.type, enabled=False):
+            return method(self, idx, *args, **kwargs)
+    return wrapper
+
+
 class LanguageModel(nn.Module):
-    """Base of the families: parameter counts and the sampling loop. A family implements `forward(idx) -> loss`,
-    `position_nll(idx) -> (B, L) bits` (its bound, or exact NLL, split over the positions it scores) and the sampler
-    hooks `init_state`, `step`, `current_tokens` (`time_grid`, `final_tokens` have defaults)."""
+    """Base of the families: the process, parameter counts, the optimizer and the sampling loop. A family
+    implements `forward(idx) -> loss`, `position_nll(idx) -> (B, L) bits` (its bound, or exact NLL, split over the
+    positions it scores) and the sampler hooks `init_state`, `step`, `current_tokens` (`time_grid`, `final_tokens`
+    have defaults)."""
+    processes = None        # (discrete, continuous) process classes of diffusion.py: embed, analog and bits
     extra_tokens = 0        # windows are block_size + extra_tokens long (ar needs one more for its targets)
     sample_options = {}     # option -> default, the sampler knobs of the family
     lookup_only = ('backbone.wpe.weight',)  # tables only indexed, never multiplied (no FLOPs, not "model size")
@@ -288,16 +313,17 @@ class LanguageModel(nn.Module):
         self.config = config
         self.padded_vocab = ((config.vocab_size + self.extra_ids + 63) // 64) * 64
         self.nfe = 0  # network evaluations of the last sample(): it resets them, each family's step adds its own
+        if self.processes:
+            # the process, the bound's time proposal, T sampling steps, and the schedule as the buffer `abar` (not
+            # saved), which .to() moves and _apply hands to the process (abar_dev): no copy or sync
+            discrete, continuous = self.processes
+            self.process = continuous(config.noise_schedule, config.T) if config.continuous_time else \
+                discrete(abar_schedule(config.noise_schedule, config.T))
+            self.register_buffer('abar', self.process.abar.clone(), persistent=False)
+            self.time_proposal = BoundTimeProposal(self.process.abar, continuous=config.continuous_time)
+            self.default_steps = self.max_steps = config.T
 
-    def use_process(self, process):
-        """embed, analog, bits: the process (diffusion.py), the bound's time proposal, T sampling steps, and the schedule
-        as the buffer `abar` (not saved), which .to() moves and _apply hands to the process (abar_dev): no copy or sync."""
-        self.process = process
-        self.register_buffer('abar', process.abar.clone(), persistent=False)
-        self.time_proposal = BoundTimeProposal(process.abar, continuous=self.config.continuous_time)
-        self.default_steps = self.max_steps = self.config.T
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double() ... end here: see use_process
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double() ... end here: see __init__
         super()._apply(fn, *args, **kwargs)
         if 'abar' in self._buffers:
             self.process.abar_dev = self.abar
@@ -313,6 +339,15 @@ class LanguageModel(nn.Module):
     def get_num_params(self, non_embedding=True):
         skip = set(self.lookup_only) if non_embedding else set()
         return sum(p.numel() for n, p in self.named_parameters() if n not in skip)
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices only (not biases, gains or the tables in the family's `no_decay`)."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.dim() >= 2 and n not in self.no_decay]
+        other = [p for n, p in params if not (p.dim() >= 2 and n not in self.no_decay)]
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
+        fused = {'fused': True} if device_type in ('cuda', 'cpu') else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
     # -- the sampling loop
     def check_sample_args(self, length, steps, options):
@@ -371,26 +406,56 @@ class LanguageModel(nn.Module):
         return self.current_tokens(state)
 
 
-# -------- Gaussian families (embed, analog): the machinery they share
-class GaussianLM(LanguageModel):
-    """What embed and analog share, called from their own forward and step: x0_estimate / denoise (the network),
-    noisy_draw + denoising_loss (training), position_nll (the bound), init_state, estimate_at_step, ancestral_step
-    (the sampler). Token w's clean state x_0 is row w of the family's (V, D) table(); the network reads the family's
-    features(x_t, x0_sc, cond) and returns logits over the vocabulary, and x0_hat = softmax(logits) @ table (CDCD,
-    Plaid): near t = 0, where the bound multiplies every error in x0_hat by the SNR (~1e4), a confident categorical
-    lands exactly on a row, where a regression leaves an error that does not shrink (predict='eps': rounding logits)."""
+# -------- embed: Gaussian diffusion over learned token embeddings (Diffusion-LM)
+class EmbedDiffusion(LanguageModel):
+    """Diffusion-LM: Gaussian diffusion (GaussianDiffusion) over learned token embeddings of width embed_dim, on the
+    DiT backbone. Token w's clean state x_0 is row w of table(); the network reads features(x_t, x0_sc, cond) and
+    returns logits over the vocabulary, and x0_hat = softmax(logits) @ table (CDCD, Plaid): near t = 0, where the
+    bound multiplies every error in x0_hat by the SNR (~1e4), a confident categorical lands exactly on a row, where a
+    regression leaves an error that does not shrink (predict='eps': rounding logits of the estimate).
+    Loss (forward; predict='x0'): ||x0_hat - x0||^2 + CE(logits, w) + the rounding CE -log p(w | x0) with distance
+    logits (it keeps the embeddings apart) + the prior term at t = T; predict='eps': ||eps_hat - eps||^2 + the last
+    two. Bound (position_nll): the variational bound, one step t per sequence. Sampler (step): DDPM or DDIM from
+    x_T ~ N(0, I), optional clamping to the nearest embedding, and with cfg_drop > 0 classifier-free guidance on a
+    prompt."""
+    processes = (GaussianDiffusion, ContinuousGaussianDiffusion)
+    # the measured default (config/eval_quickstart.py): DDIM at eta = 1, which is DDPM's ancestral step (the
+    # posterior's noise), with x0 clamped to an embedding, beat plain DDIM (eta = 0, no clamping) at every step count;
+    # 200 steps sit in the flat part of gen-PPL against steps (past 100)
+    sample_options = {'sampler': 'ddim', 'eta': 1.0, 'clamp': True, 'guidance_scale': 1.0}
+    lookup_only = ('backbone.wpe.weight', 'cond_emb.weight')
+    no_decay = ('tok_emb.weight',)  # decaying the diffused embeddings would shrink the signal to the noise
+
     def __init__(self, config):
         super().__init__(config)
-        self.use_process(ContinuousGaussianDiffusion(config.noise_schedule, config.T) if config.continuous_time
-                         else GaussianDiffusion(abar_schedule(config.noise_schedule, config.T)))
+        self.default_steps, D = min(config.T, 200), config.embed_dim  # 200 steps: see sample_options
+        self.tok_emb = nn.Embedding(self.padded_vocab, D)
+        self.in_proj = nn.Linear(2 * D if config.self_cond else D, config.n_embd, bias=config.bias)
+        # the prompt condition: a clean token embedding per conditioned position, a learned null elsewhere
+        self.cond_emb = nn.Embedding(self.padded_vocab + 1, config.n_embd) if config.cfg_drop > 0 else None
+        self.backbone = Backbone(config, causal=False, time_cond=True)
+        self.add_head(D)
+        init_weights(self, config.n_layer)
+        nn.init.normal_(self.tok_emb.weight, std=1.0)  # unit-scale embeddings match the unit-variance noise
 
     def add_head(self, width):  # the output layer: eps_hat (the state's width) if predict='eps', else vocab logits
         cfg = self.config
         self.eps_head = nn.Linear(cfg.n_embd, width, bias=cfg.bias) if cfg.predict == 'eps' else None
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if cfg.predict == 'x0' else None
 
+    def table(self):  # the clean states of the vocabulary, one row per token
+        return self.tok_emb.weight[:self.config.vocab_size]
+
     def clean(self, idx):  # x_0 of the tokens idx: their rows of the table
         return F.embedding(idx, self.table())
+
+    def features(self, x_t, x0_sc, cond):
+        h = self.in_proj(torch.cat([x_t, x0_sc], -1) if self.config.self_cond else x_t)
+        if self.cond_emb is not None:
+            cond_ids = torch.full(x_t.shape[:2], self.padded_vocab, dtype=torch.long, device=x_t.device) \
+                if cond is None else torch.where(cond >= 0, cond, self.padded_vocab)
+            h = h + self.cond_emb(cond_ids)
+        return h
 
     # -- the network
     def x0_estimate(self, x_t, t, x0_sc, cond=None):
@@ -414,7 +479,24 @@ class GaussianLM(LanguageModel):
             x0_sc = self.x0_estimate(x_t, t, zero, cond)[0] if self.config.self_cond else zero
         return self.x0_estimate(x_t, t, x0_sc, cond)
 
-    # -- training
+    # -- the loss
+    def training_condition(self, idx):
+        """With cfg_drop > 0: condition on a random-length prefix (up to half the sequence), dropped with
+        probability cfg_drop so the same network also learns the unconditional model guidance needs."""
+        if self.cond_emb is None:
+            return None
+        (B, L), dev = idx.shape, idx.device
+        plen = (torch.rand(B, device=dev) * (L // 2 + 1)).long()
+        plen = torch.where(torch.rand(B, device=dev) < self.config.cfg_drop, 0, plen)
+        return torch.where(torch.arange(L, device=dev)[None] < plen[:, None], idx, -1)
+
+    def forward(self, idx):
+        x0 = self.clean(idx)
+        t, noise, x_t = self.noisy_draw(x0)
+        loss = self.denoising_loss(idx, x0, t, noise, x_t, self.training_condition(idx))
+        rounding = F.cross_entropy(rounding_logits(x0, self.table()).flatten(0, 1).float(), idx.flatten())
+        return loss + (rounding + self.process.prior_kl(x0).mean().float())
+
     def noisy_draw(self, x0):
         """A training draw: t per sequence (stratified over 1..T, or real in (0, T]), the noise eps and x_t."""
         t = stratified_times(x0.shape[0], self.config.T, None, x0.device, continuous=self.config.continuous_time)
@@ -446,10 +528,10 @@ class GaussianLM(LanguageModel):
                 first = self.x0_estimate(x_t[rows], t[rows], x0_sc[rows], None if cond is None else cond[rows])[0]
             x0_sc = x0_sc.index_copy(0, rows, first * keep.to(first.dtype).view(-1, 1, 1))
         x0_hat, logits, eps_hat = self.x0_estimate(x_t, t, x0_sc, cond)
-        # the bound's steps are t = 2..T (t = 1 is the decoder's term, which update() skips); kl_step at t = 1 would
+        # the bound's steps are t = 2..T (t = 1 is the decoder's term, which update() skips); step_kl at t = 1 would
         # divide by the zero variance of q(x_0 | x_1, x_0) (abar_0 = 1), so such draws are scored at t = 2 instead
         t_kl = t if self.config.continuous_time else t.clamp(min=2)
-        kl = self.process.kl_step(x0.detach(), x0_hat.detach(), t_kl).sum((1, 2)) / idx.shape[1]
+        kl = self.process.step_kl(x0.detach(), x0_hat.detach(), t_kl).sum((1, 2)) / idx.shape[1]
         self.time_proposal.update(t, kl)
         if self.config.predict == 'eps':
             return F.mse_loss(eps_hat.float(), noise.float())
@@ -472,7 +554,7 @@ class GaussianLM(LanguageModel):
         -log p(w) <= E_q[-log p(w | x_1)] + sum_{t=2}^T E_q KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
                      + KL(q(x_T|x_0) || N(0, I)),   x_0 = clean(w).
         The prior KL is exact, the sum one t per sequence from BoundTimeProposal weighted KL_t / q(t) (in continuous
-        time the integral over (1, T] of kl_step's integrand at a real t, still / q(t)), the decoder term one draw of
+        time the integral over (1, T] of step_kl's integrand at a real t, still / q(t)), the decoder term one draw of
         x_1. With self-conditioning p(x_{t-1} | x_t) uses the two-pass estimate x0(x_t, x0(x_t, 0)), a function of
         x_t alone: a bound of a Markov model, not of the sampler (which feeds the previous step's estimate)."""
         B, device = idx.shape[0], idx.device
@@ -480,7 +562,7 @@ class GaussianLM(LanguageModel):
         prior = self.process.prior_kl(x0.double()).sum(-1)
         t, q_t = self.time_proposal.draw(B, generator, device)
         x_t = self.process.q_sample(x0, t, randn(x0.shape, generator, device).to(x0.dtype))
-        kl_sum = self.process.kl_step(x0, self.denoise(x_t, t)[0], t).sum(-1) / q_t[:, None]
+        kl_sum = self.process.step_kl(x0, self.denoise(x_t, t)[0], t).sum(-1) / q_t[:, None]
         one = torch.ones(B, dtype=self.process.time_dtype, device=device)
         x_1 = self.process.q_sample(x0, one, randn(x0.shape, generator, device).to(x0.dtype))
         logp = self.decoder_logprobs(x_1, self.denoise(x_1, one)[1])
@@ -488,11 +570,24 @@ class GaussianLM(LanguageModel):
 
     # -- the sampler: x_T ~ N(0, I), then one DDPM or DDIM step per grid interval (t, s), down to s = 0
     def init_state(self, n, length, fixed, generator, opts):
+        if opts.get('guidance_scale', 1.0) != 1.0 and self.config.cfg_drop == 0.0:  # (analog has none)
+            raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
         if opts['sampler'] not in ('ddpm', 'ddim'):
             raise ValueError(f"sampler={opts['sampler']!r}, expected 'ddpm' or 'ddim'")
         x = randn((n, length, self.table().shape[1]), generator, fixed.device).to(next(self.parameters()).dtype)
         known = self.clean(fixed.clamp(min=0))
         return {'x': x, 'x0_sc': None, 'x0_hat': None, 'out': None, 'known': known}
+
+    def step(self, state, t, s, fixed, generator, opts):
+        """One DDPM/DDIM step from t to s at the x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u)
+        when the model has a prompt condition and guidance_scale w != 1 (x0_u: the estimate with no prompt)."""
+        t, s = self.time_batch(t, state['x']), self.time_batch(s, state['x'])
+        x0_hat, out = self.estimate_at_step(state, t, fixed if self.config.cfg_drop > 0 else None)
+        w = opts['guidance_scale']
+        if w != 1.0:
+            x0_u, out_u = self.estimate_at_step(state, t, torch.full_like(fixed, -1))
+            x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
+        return self.ancestral_step(state, x0_hat, out, t, s, fixed, generator, opts)
 
     def estimate_at_step(self, state, t, cond):
         """(x0_hat, logits) at the state's x_t, self-conditioned on the previous step's estimate; counts the network
@@ -519,87 +614,19 @@ class GaussianLM(LanguageModel):
         return state['out'].argmax(-1)
 
 
-# -------- embed: Gaussian diffusion over learned token embeddings (Diffusion-LM; the seed's DiT LM)
-class EmbedDiffusion(GaussianLM):
-    """Diffusion-LM: Gaussian diffusion over learned token embeddings (width embed_dim), rounded to tokens, on the
-    DiT backbone. Loss (forward; predict='x0'): ||x0_hat - x0||^2 + CE(logits, w) + the rounding CE -log p(w | x0)
-    with distance logits (it keeps the embeddings apart) + the prior term at t = T; predict='eps': ||eps_hat -
-    eps||^2 + the last two. Sampler (step): DDPM or DDIM, optional clamping to the nearest embedding, and with
-    cfg_drop > 0 classifier-free guidance on a prompt. Bound: GaussianLM.position_nll."""
-    # the measured default (config/eval_quickstart.py): DDPM-like noise and x0 clamped to an embedding beat plain DDIM
-    # at every step count; 200 steps sit in the flat part of gen-PPL against steps (past 100)
-    sample_options = {'sampler': 'ddim', 'eta': 1.0, 'clamp': True, 'guidance_scale': 1.0}
-    lookup_only = ('backbone.wpe.weight', 'cond_emb.weight')
-    no_decay = ('tok_emb.weight',)  # decaying the diffused embeddings would shrink the signal to the noise
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.default_steps, D = min(config.T, 200), config.embed_dim  # 200 steps: see sample_options
-        self.tok_emb = nn.Embedding(self.padded_vocab, D)
-        self.in_proj = nn.Linear(2 * D if config.self_cond else D, config.n_embd, bias=config.bias)
-        # the prompt condition: a clean token embedding per conditioned position, a learned null elsewhere
-        self.cond_emb = nn.Embedding(self.padded_vocab + 1, config.n_embd) if config.cfg_drop > 0 else None
-        self.backbone = Backbone(config, causal=False, time_cond=True)
-        self.add_head(D)
-        init_weights(self, config.n_layer)
-        nn.init.normal_(self.tok_emb.weight, std=1.0)  # unit-scale embeddings match the unit-variance noise
-
-    def table(self):
-        return self.tok_emb.weight[:self.config.vocab_size]
-
-    def features(self, x_t, x0_sc, cond):
-        h = self.in_proj(torch.cat([x_t, x0_sc], -1) if self.config.self_cond else x_t)
-        if self.cond_emb is not None:
-            cond_ids = torch.full(x_t.shape[:2], self.padded_vocab, dtype=torch.long, device=x_t.device) \
-                if cond is None else torch.where(cond >= 0, cond, self.padded_vocab)
-            h = h + self.cond_emb(cond_ids)
-        return h
-
-    def training_condition(self, idx):
-        """With cfg_drop > 0: condition on a random-length prefix (up to half the sequence), dropped with
-        probability cfg_drop so the same network also learns the unconditional model guidance needs."""
-        if self.cond_emb is None:
-            return None
-        (B, L), dev = idx.shape, idx.device
-        plen = (torch.rand(B, device=dev) * (L // 2 + 1)).long()
-        plen = torch.where(torch.rand(B, device=dev) < self.config.cfg_drop, 0, plen)
-        return torch.where(torch.arange(L, device=dev)[None] < plen[:, None], idx, -1)
-
-    def forward(self, idx):
-        x0 = self.clean(idx)
-        t, noise, x_t = self.noisy_draw(x0)
-        loss = self.denoising_loss(idx, x0, t, noise, x_t, self.training_condition(idx))
-        rounding = F.cross_entropy(rounding_logits(x0, self.table()).flatten(0, 1).float(), idx.flatten())
-        return loss + (rounding + self.process.prior_kl(x0).mean().float())
-
-    def init_state(self, n, length, fixed, generator, opts):
-        if opts['guidance_scale'] != 1.0 and self.config.cfg_drop == 0.0:
-            raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
-        return super().init_state(n, length, fixed, generator, opts)
-
-    def step(self, state, t, s, fixed, generator, opts):
-        """One DDPM/DDIM step from t to s at the x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u)
-        when the model has a prompt condition and guidance_scale w != 1 (x0_u: the estimate with no prompt)."""
-        t, s = self.time_batch(t, state['x']), self.time_batch(s, state['x'])
-        x0_hat, out = self.estimate_at_step(state, t, fixed if self.config.cfg_drop > 0 else None)
-        w = opts['guidance_scale']
-        if w != 1.0:
-            x0_u, out_u = self.estimate_at_step(state, t, torch.full_like(fixed, -1))
-            x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
-        return self.ancestral_step(state, x0_hat, out, t, s, fixed, generator, opts)
-
-
-# -------- analog: Gaussian diffusion over the id's bits as reals (Chen et al.'s Bit Diffusion, "Analog Bits")
-class AnalogBitDiffusion(GaussianLM):
-    """Analog Bits (Chen, Zhang & Hinton 2023): the k = code_bits(V) bits of the id as +-scale reals under the
-    Gaussian process, read through BitCodeInput; x0_hat, the posterior mean of the valid ids' codes, is never an
-    invalid code's. Loss (forward): ||x0_hat - x0||^2 + CE(logits, w); predict='eps': ||eps_hat - eps||^2 alone.
-    Sampler (step): DDIM (or DDPM) with asymmetric time intervals (td). Bound: GaussianLM.position_nll."""
+# -------- analog: embed's Gaussian diffusion over the id's bits as reals (Chen et al.'s Bit Diffusion, "Analog Bits")
+class AnalogBitDiffusion(EmbedDiffusion):
+    """Analog Bits (Chen, Zhang & Hinton 2023): embed's Gaussian process, network estimate, bound and sampler, with the
+    k = code_bits(V) bits of the id as +-scale reals for the clean states, read through BitCodeInput; x0_hat, the
+    posterior mean of the valid ids' codes, is never an invalid code's. Loss (forward): ||x0_hat - x0||^2 +
+    CE(logits, w); predict='eps': ||eps_hat - eps||^2 alone (no rounding or prior term: the codes are fixed). Sampler
+    (step): DDIM (or DDPM) with asymmetric time intervals (td)."""
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'td': 0.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
+    no_decay = ()
 
     def __init__(self, config):
-        super().__init__(config)
+        LanguageModel.__init__(self, config)  # the process; embed's input and head are not analog's
         self.num_bits = nb = code_bits(config.vocab_size)  # 16 for GPT-2's ids, 13 for a compact 8k
         self.bit_input = BitCodeInput(2 * nb if config.self_cond else nb, config.n_embd, config.bias, nb)
         self.backbone = Backbone(config, causal=False, time_cond=True)
@@ -627,20 +654,19 @@ class AnalogBitDiffusion(GaussianLM):
         return self.ancestral_step(state, x0_hat, out, t, land, fixed, generator, opts)
 
 
-# -------- bits: the seed's bit-flip diffusion, D3PM-style, on the k = code_bits(V) bits of the id (16 for GPT-2)
+# -------- bits: bit-flip diffusion, D3PM-style, on the k = code_bits(V) bits of the id (16 for GPT-2)
 class BitDiffusion(LanguageModel):
     """Bit flips of the id's k bits (BitFlipDiffusion) with a head over the ids, p(w | b_t): its clean-bit marginals
     sum_w p(w | b_t) bit_k(w) would take a factorised 16-bit head a memorised code of every id. Loss (forward):
     CE(logits, w) + the binary CE of those marginals. The transition is p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t,
     b_0 = code(w)), any s < t (D3PM's x0-parameterisation): the sampler (step) draws w, then b_s from the exact
     posterior, the last step the id from the decoder p(w | b_1); the bound (position_nll) scores the same mixture."""
+    processes = (BitFlipDiffusion, ContinuousBitFlipDiffusion)
     sample_options = {'temperature': 1.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
 
     def __init__(self, config):
         super().__init__(config)
-        self.use_process(ContinuousBitFlipDiffusion(config.noise_schedule, config.T) if config.continuous_time
-                         else BitFlipDiffusion(abar_schedule(config.noise_schedule, config.T)))
         self.register_buffer('codes', valid_codes(config.vocab_size), persistent=False)
         self.num_bits = code_bits(config.vocab_size)  # 16 for GPT-2's ids, 13 for a compact 8k
         self.bit_input = BitCodeInput(self.num_bits, config.n_embd, config.bias, self.num_bits)

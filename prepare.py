@@ -939,6 +939,6 @@ if __name__ == '__main__':
         prepare(**parse_flags(sys.argv[1:]))
     except (PrepareError, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")
-    except KeyboardInterrupt:  # as util.run_script (not imported here: it loads torch); the files were cleaned up
+    except KeyboardInterrupt:  # as system.run_script (not imported here: it loads torch); the files were cleaned up
         print("prepare.py: interrupted", file=sys.stderr)
         sys.exit(130)

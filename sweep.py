@@ -24,7 +24,7 @@ Table: one row per run (its settings in `columns`, iterations, tokens, training 
 context gain ± SE), then one row per sample set (steps, temperature, gen-PPL from judge bits ± SE, entropy ± SE,
 distinct-n, rep-4). The plot draws the panels named in `panels` (see PANELS). results_dir is checked before any run trains: it
 replaces only sweep.py's own results (a results_dir whose results.json sweep.py wrote, known by its keys) unless
-overwrite=True (see util.check_output).
+overwrite=True (see checkpoint.check_output).
 """
 
 import concurrent.futures
@@ -41,10 +41,11 @@ import subprocess
 import sys
 import time
 
+from checkpoint import check_output_dir, save_figure, write_atomic, write_json
 from configurator import configure
 from loggers import read_eval_log
-import util
-from util import save_figure, write_atomic, write_json
+import system
+from system import run_script
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; a sweep config (config/sweep_*.py) or --key=value overrides them
@@ -77,7 +78,7 @@ _DEFAULTS = copy.deepcopy({k: globals()[k] for k in _config_keys})  # main() may
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-fail = functools.partial(util.fail, 'sweep.py')
+fail = functools.partial(system.fail, 'sweep.py')
 
 
 def train_settings(run):
@@ -152,14 +153,13 @@ def training_changes(stored, settings):
     every setting that changes the trained weights (train.NOT_TRAINING and the model's, checked by checkpoint_iter,
     aside; and max_iters, which a resumed run extends, with the lr_decay_iters it implies)."""
     import dataclasses
-    import guards
     import train
     from model import ModelConfig
     if not isinstance(stored, dict):
         return ['its checkpoint stores no training config']
     want = dict(settings)
     try:
-        guards.check_config(want, 0, 1)  # the derived settings (data_dir, min_lr, dtype ...), as train.py stores them
+        train.check_settings(want, 0, 1)  # the derived settings (data_dir, min_lr, dtype ...), as train.py stores them
     except SystemExit as e:
         fail(f"run {settings['out_dir']!r}: {e}")
     skip = {*train.NOT_TRAINING, *(f.name for f in dataclasses.fields(ModelConfig)), 'max_iters',
@@ -704,7 +704,7 @@ def main(argv=None, log=print):
         res['comparisons'] = comparisons(res)
         return write_results(res, retabulate, log)
     check_config(c)
-    util.check_output_dir(results_dir, 'results.json', ['results.md', 'sweep.png'], 'sweep.py', overwrite,
+    check_output_dir(results_dir, 'results.json', ['results.md', 'sweep.png'], 'sweep.py', overwrite,
                           what='results_dir')
     if run_root:
         for r in [*runs, *([judge] if judge else [])]:
@@ -756,4 +756,4 @@ def write_results(res, directory, log):
 
 
 if __name__ == '__main__':
-    util.run_script(main, 'sweep.py')
+    run_script(main, 'sweep.py')

@@ -1,4 +1,5 @@
-# The `analog` family (Analog Bits: the 16 bits as +-1 reals under Gaussian noise) at the CPU demo's size and budget.
+# CPU: the `analog` family (Analog Bits: the id's bits as +-1 reals under Gaussian noise) at the demo's size and
+# budget.
 #   python train.py config/analog_cpu.py
 from config.cpu_common import *  # backbone, token budget and system settings shared by all *_cpu configs
 

@@ -1,4 +1,4 @@
-# The `bits` family (token ids as 16 bits under independent bit flips) at the CPU demo's size and budget.
+# CPU: the `bits` family (token ids as 16 bits under independent bit flips) at the CPU demo's size and budget.
 #   python train.py config/bits_cpu.py
 from config.cpu_common import *  # backbone, token budget and system settings shared by all *_cpu configs
 

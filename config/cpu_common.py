@@ -1,4 +1,4 @@
-# Shared by every config/*_cpu.py: one small backbone and one token budget on the TinyStories sample, so the
+# CPU: shared by every config/*_cpu.py: one small backbone and one token budget on the TinyStories sample, so the
 # families compare like for like on two otherwise idle CPU cores. Each *_cpu.py imports this, then sets its family.
 # The data is the sample on its compact vocabulary (the ~6k GPT-2 ids its train split holds twice or more,
 # prepare.py --vocab=compact): at this width a 50,257-way output would be most of every step. Prepare it once:

@@ -1,4 +1,4 @@
-# The CPU demo and the README's quick start: the `embed` family (Diffusion-LM on DiT blocks) on the compact
+# CPU: the demo and the README's quick start: the `embed` family (Diffusion-LM on DiT blocks) on the compact
 # vocabulary: under ten minutes on two idle cores with its sampling (results/quickstart/timings.txt).
 #   python train.py config/embed_cpu.py
 from config.cpu_common import *  # backbone, token budget and system settings shared by all *_cpu configs
@@ -7,8 +7,9 @@ out_dir = 'out-embed-cpu'
 model_type = 'embed'
 embed_dim = 16          # width of the diffused token embedding (Diffusion-LM's choice for small data)
 predict = 'x0'          # predicting x0 lets the rounding loss act on the network output directly
-continuous_time = True  # VDM's continuous time: at the roadmap's budget it gave embed its best bound and by far its
-                        # best samples (EXPERIMENTS.md section 3); the sweeps pin the discrete T = 1000 they ran with
+continuous_time = True  # VDM's continuous time: at the roadmap's budget its samples were embed's best (gen-PPL 157.6
+                        # against 279.7 at T = 1000, 25 steps) and its bound the lowest, though not resolved against
+                        # T = 1000's (0.126 +- 0.074, EXPERIMENTS.md section 3); the sweeps pin the T = 1000 they ran
 self_cond = True        # self-conditioning: the sampler feeds each step's x0 estimate back (as in every sweep's embed
                         # run); its extra half forward pass makes a step dearer, paid for in steps (max_iters)
 max_iters = 2500        # 2,500 x 8 x 64 = 1.28M tokens: what ten minutes hold with self-conditioning's extra pass

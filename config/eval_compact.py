@@ -1,5 +1,5 @@
-# The compact vocabulary against GPT-2's, at equal tokens: ar (exact likelihood) trained 1,000 steps of 8 x 64 tokens
-# on each, scored per GPT-2 token on the same test text; and ar at the quick start's budget, its baseline.
+# CPU: the compact vocabulary against GPT-2's, at equal tokens: ar (exact likelihood) trained 1,000 steps of 8 x 64
+# tokens on each, scored per GPT-2 token on the same test text; and ar at the quick start's budget, its baseline.
 #   python prepare.py --input=corpus/tinystories --vocab=compact && python prepare.py --input=corpus/tinystories
 #   python train.py config/ar_cpu.py                                        # 4,000 steps, compact: out-ar-cpu
 #   python train.py config/ar_cpu.py --max_iters=1000 --out_dir=out-ar-cmp-compact

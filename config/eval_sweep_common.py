@@ -1,4 +1,4 @@
-# The evaluation of the CPU sweeps (sweep.py passes the checkpoints, the judge and the output directory): the
+# CPU: the evaluation of the sweeps (sweep.py passes the checkpoints, the judge and the output directory): the
 # same step counts, sample budget and bound draws for every sweep, so they compare on one yardstick.
 #   python sweep.py config/sweep_families.py   (and the other config/sweep_*.py)
 steps = [10, 100]

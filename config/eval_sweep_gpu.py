@@ -1,4 +1,4 @@
-# The evaluation of the GPU-scale sweeps (config/sweep_*_gpu.py): more step counts, samples and bound draws.
+# GPU: the evaluation of the GPU-scale sweeps (config/sweep_gpu.py): more step counts, samples and bound draws.
 steps = [10, 100, 1000]
 num_samples = 256
 sample_batch_size = 128

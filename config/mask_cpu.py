@@ -1,4 +1,4 @@
-# The `mask` family (MDLM: absorbing [MASK] diffusion) at the CPU demo's size and budget.
+# CPU: the `mask` family (MDLM: absorbing [MASK] diffusion) at the CPU demo's size and budget.
 #   python train.py config/mask_cpu.py
 from config.cpu_common import *  # backbone, token budget and system settings shared by all *_cpu configs
 

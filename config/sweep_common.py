@@ -1,11 +1,10 @@
-# Shared by the CPU sweeps (config/sweep_*.py, run by sweep.py): one judge, one evaluation and one training
+# CPU: shared by the sweeps (config/sweep_*.py, run by sweep.py): one judge, one evaluation and one training
 # budget, so every sweep reads its runs on the same yardstick, and runs with the same settings in two sweeps
 # share one out_dir (trained once: e.g. out-sweep-embed is the embed row of sweep_families.py, the T = 1000 row
 # of sweep_t_values.py and the x0 row of sweep_eps_x0.py).
 from config.cpu_common import eval_interval as _EVAL_INTERVAL  # every CPU run's (embed_cpu.py's differs)
-_ITERS = 4000           # every CPU run: 4000 x 8 x 64 = 2.05M tokens (config/cpu_common.py's backbone and batch), the
-                        # budget at which the slowest family (bits) got 1 bit/token below the unigram line in the
-                        # long CPU runs; at 1,000 steps mask was 0.5 bits below it, at 200 no diffusion run was yet
+_ITERS = 4000           # every CPU run: 4000 x 8 x 64 = 2.05M tokens (config/cpu_common.py's backbone and batch), a
+                        # budget at which every diffusion family has learned context (EXPERIMENTS.md section 1)
 _SEEDS = (1337, 1338)   # the families sweep trains every run with both: the seed spread beside the MC error
 
 

@@ -1,4 +1,4 @@
-# Roadmap: context length (64, 128, 256 tokens) for ar and mask at equal tokens per step (batch x block = 512),
+# CPU, roadmap: context length (64, 128, 256 tokens) for ar and mask at equal tokens per step (batch x block = 512),
 # so runs differ only in how much context each prediction has. Likelihood: each run on windows of its own
 # length over the same test tokens. Samples: all at the shortest length (the judge's 64 tokens).
 #   python sweep.py config/sweep_ctx.py

@@ -1,4 +1,4 @@
-# Roadmap: sample diversity against the autoregressive baseline: entropy, distinct-n and gen-PPL against the
+# CPU, roadmap: sample diversity against the autoregressive baseline: entropy, distinct-n and gen-PPL against the
 # sampling temperature (ar and mask; sample.py) and against steps (mask; evaluate.py), drawn as a
 # quality-diversity frontier: one line per run and step count across temperatures.
 #   python sweep.py config/sweep_diversity.py

@@ -1,4 +1,4 @@
-# Roadmap: eps vs x0 prediction for the two Gaussian families, embed and analog: the bound, the samples and the
+# CPU, roadmap: eps vs x0 prediction for the two Gaussian families, embed and analog: the bound, the samples and the
 # training curves. The x0 rows are the families' defaults (shared with config/sweep_families.py).
 #   python sweep.py config/sweep_eps_x0.py
 from config.sweep_common import *  # judge, evaluation, budget

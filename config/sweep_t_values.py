@@ -1,4 +1,4 @@
-# Roadmap: the number of diffusion steps T (100, 250, 1000, 4000) for embed and bits: the bound and the samples
+# CPU, roadmap: the number of diffusion steps T (100, 250, 1000, 4000) for embed and bits: the bound and the samples
 # against T, and both in continuous time (T -> infinity, continuous_time=True: VDM's integral bound for embed, the
 # path KL of two jump processes for bits; T = 1000 then only places the decoder at 1/1000 of the way and sets the
 # default steps). Every run samples at the same step counts (at most the smallest T), so the rows differ in T only.

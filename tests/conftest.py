@@ -1,5 +1,5 @@
 """Shared test fixtures: real TinyStories text, tokenized with the project's GPT-2 encoding; prepared data and
-train.py runs (test_train.py, test_curves.py); and the `slow` marker.
+train.py runs (test_train.py, test_loggers.py); and the `slow` marker.
 
     python -m pytest -q                  # everything (what CI runs)
     python -m pytest -q -m "not slow"    # all but the end-to-end runs and the other tests over ~5 s: ~2 minutes
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from prepare import load_meta
-from util import configure_optimizer, keep_freed_memory
+from system import keep_freed_memory
 
-keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (util.py)
+keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (system.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
 TINYSTORIES = Path(ROOT) / 'corpus' / 'tinystories'  # the TinyStories sample shipped with the project (xz)
@@ -102,7 +102,7 @@ def hand_compact_data(d, splits, unk_bytes):
 def train_steps(model, batch, steps, lr=3e-3, seed=0):
     """Plain AdamW on one fixed batch; returns (first loss, mean of the last 10 losses)."""
     torch.manual_seed(seed)
-    opt = configure_optimizer(model, 0.0, lr, (0.9, 0.99), 'cpu')
+    opt = model.configure_optimizer(0.0, lr, (0.9, 0.99), 'cpu')
     model.train()
     losses = []
     for _ in range(steps):
@@ -136,7 +136,7 @@ def prompted(model, rows, keep, per_row=3, **options):
 
 
 # --------------------------------------------------------------------------------------------------
-# prepared data and train.py runs (test_train.py, test_curves.py)
+# prepared data and train.py runs (test_train.py, test_loggers.py)
 
 # a model small enough that one iteration takes tens of milliseconds, still with the real 50,257-id vocabulary
 TINY_TRAIN = ['--model_type=embed', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--embed_dim=16',

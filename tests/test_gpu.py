@@ -1,9 +1,9 @@
 """The GPU path end to end, for a developer with CUDA:  python -m pytest -q -m gpu   (skipped without CUDA).
 
-Every family at its GPU-size config (config/*_tinystories.py: 12 x 768, block 256) trains 20 compiled bf16 steps
-on the shared TinyStories sample, then resumes, samples, and is scored by evaluate.py on CUDA (likelihood and
-gen-PPL under the ar run); fp16 with loss scaling and torchrun with NCCL run once each. Sized to finish in a few
-minutes on one H100/H200-class GPU (most of it is compilation).
+Every family at its GPU-size config (config/dit_tinystories.py, config/<family>_gpu.py: 12 x 768, block 256)
+trains 20 compiled bf16 steps on the shared TinyStories sample, then resumes, samples, and is scored by evaluate.py on
+CUDA (likelihood and gen-PPL under the ar run); fp16 with loss scaling and torchrun with NCCL run once each. Sized to
+finish in a few minutes on one H100/H200-class GPU (most of it is compilation).
 """
 import json
 import os
@@ -19,8 +19,7 @@ from conftest import tinystories_documents
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
-CONFIGS = {'ar': 'ar_tinystories', 'mask': 'mask_tinystories', 'embed': 'embed_tinystories',
-           'bits': 'bits_tinystories', 'analog': 'analog_tinystories'}
+CONFIGS = {'ar': 'ar_gpu', 'mask': 'mask_gpu', 'embed': 'dit_tinystories', 'bits': 'bits_gpu', 'analog': 'analog_gpu'}
 SHORT = ['--max_iters=20', '--warmup_iters=5', '--eval_interval=20', '--eval_iters=2', '--log_interval=5',
          '--gradient_accumulation_steps=1', '--batch_size=16', '--tensorboard_log=False', '--device=cuda']
 
@@ -90,7 +89,7 @@ def test_fp16_with_loss_scaling(data_dir, tmp_path):
 @pytest.mark.slow
 def test_torchrun_nccl_one_rank(data_dir, tmp_path):
     torchrun = shutil.which('torchrun') or os.path.join(os.path.dirname(sys.executable), 'torchrun')
-    log = run('train.py', 'config/mask_tinystories.py', *SHORT, f'--data_dir={data_dir}',
+    log = run('train.py', 'config/mask_gpu.py', *SHORT, f'--data_dir={data_dir}',
               f'--out_dir={tmp_path / "out"}', '--compile=False', '--backend=nccl',
               launcher=[torchrun, '--standalone', '--nproc_per_node=1'])
     assert 'ddp: 1 ranks' in log and 'identical on all ranks' in log

@@ -153,7 +153,8 @@ def runnable(cmd):
     script, args = script_and_args(cmd)
     if script == 'prepare.py' and not any(a.startswith('--input=') for a in args):
         return False  # streams from the Hugging Face hub
-    return script is not None and not any(a.endswith('_tinystories.py') or a.startswith('--nnodes') for a in cmd)
+    return script is not None and not any(a.endswith(('_gpu.py', '_tinystories.py')) or a.startswith('--nnodes')
+                                          for a in cmd)
 
 
 @pytest.mark.slow
@@ -228,6 +229,18 @@ def test_no_file_names_a_path_outside_the_repository():
     if git.returncode == 128:
         pytest.skip('not a git checkout')
     assert git.returncode == 1 and not git.stdout, git.stdout  # 1: no match
+
+
+def test_the_layout_table_is_the_house_and_every_module_has_its_test_file():
+    """The README's layout table names every top-level module (no more than twelve) and nothing that is not there; each
+    module has its tests in tests/test_<module>.py, and every test file but the documents' and the GPU's is a
+    module's."""
+    layout = README[README.index('## Layout'):]
+    listed = set(re.findall(r'^\| `(\w+\.py)` \|', layout, flags=re.M))
+    modules = {f for f in os.listdir(ROOT) if f.endswith('.py')}
+    assert listed == modules and len(modules) <= 12, (listed ^ modules, len(modules))
+    tests = {f for f in os.listdir(os.path.join(ROOT, 'tests')) if f.startswith('test_') and f.endswith('.py')}
+    assert {f'test_{m}' for m in modules} | {'test_readme.py', 'test_docs.py', 'test_gpu.py'} == tests
 
 
 def test_families_table_says_how_the_bits_bound_is_computed():

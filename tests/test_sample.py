@@ -15,7 +15,6 @@ from checkpoint import save_checkpoint
 from model import FAMILIES, ModelConfig, build_model
 from prepare import EOT, PrepareError, get_encoding
 from sample import build_fixed, decode, encode, evenly
-from util import configure_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, T=100, embed_dim=32)
@@ -64,8 +63,9 @@ def test_templates_that_do_not_fit_are_errors(enc, template, length, message):
 
 def test_every_family_option_has_a_knob():
     """sample.py passes a family's sampler option from the module-level knob of the same name (the configurator only
-    accepts keys it has), and only when set: each option of each family needs one, of its type, with the family's
-    default where the families agree on it (embed and analog differ in eta and clamp, so unset means each own)."""
+    accepts keys it has), and only when set: each option of each family needs one, with the family's default (of its
+    type) where the families agree on it, and None where they differ (embed and analog in eta and clamp), so that
+    --help shows no value a family does not use."""
     defaults = {}
     for family in FAMILIES.values():
         for key, default in family.sample_options.items():
@@ -74,8 +74,10 @@ def test_every_family_option_has_a_knob():
         for key, default in family.sample_options.items():
             assert key in sample._config_keys, f"{name}: sampler option {key!r} has no knob in sample.py"
             knob = getattr(sample, key)
-            assert type(knob) is type(default), (name, key, knob, default)
-            assert knob == default or len(defaults[key]) > 1, (name, key, knob, default)
+            if len(defaults[key]) > 1:
+                assert knob is None, (name, key, knob, defaults[key])
+            else:
+                assert type(knob) is type(default) and knob == default, (name, key, knob, default)
             assert key in sample._FAMILY_OPTIONS
 
 
@@ -92,7 +94,7 @@ def train_checkpoint(out_dir, model_type, windows, iters):
     config = ModelConfig(model_type=model_type, **TINY)
     model = build_model(config)
     data = windows[:, :config.block_size + model.extra_tokens]
-    opt = configure_optimizer(model, 0.0, 3e-3, (0.9, 0.99), 'cpu')
+    opt = model.configure_optimizer(0.0, 3e-3, (0.9, 0.99), 'cpu')
     g = torch.Generator().manual_seed(0)
     for _ in range(iters):
         loss = model(data[torch.randint(len(data), (8,), generator=g)])
@@ -358,11 +360,16 @@ def test_two_outputs_of_one_run_never_share_a_path(ckpts, tmp_path):
     assert not path.exists()
 
 
-def test_eta_outside_0_1_is_one_line(ckpts):
-    """eta=50 asks DDIM for a negative variance; it used to be accepted."""
-    with pytest.raises(SystemExit) as e:
-        sample.main([f'--out_dir={ckpts["embed"]}', '--device=cpu', '--eta=50.0', '--num_samples=1', '--steps=2'])
-    assert str(e.value.code) == 'sample.py: eta=50.0, expected a number in [0, 1]', e.value.code
+def test_eta_outside_0_1_or_of_another_type_is_one_line(ckpts):
+    """eta=50 asks DDIM for a negative variance; eta and clamp default to None (each family its own), so their type
+    is checked against the family's default."""
+    for arg, msg in (('--eta=50.0', 'sample.py: eta=50.0, expected a number in [0, 1]'),
+                     ('--eta=high', "sample.py: model_type='embed': eta='high' has type str; expected a float"),
+                     ('--clamp=1', "sample.py: model_type='embed': clamp=1 has type int; expected a bool "
+                                   "(write True or False)")):
+        with pytest.raises(SystemExit) as e:
+            sample.main([f'--out_dir={ckpts["embed"]}', '--device=cpu', arg, '--num_samples=1', '--steps=2'])
+        assert str(e.value.code) == msg, e.value.code
 
 
 def test_a_compact_checkpoint_without_its_meta_is_refused(ckpts, tmp_path):

@@ -283,15 +283,18 @@ def test_bad_sweep_configs_fail_in_one_line(args, words, tmp_path):
 
 @pytest.mark.parametrize('name', CPU_SWEEPS)
 def test_gpu_variant_is_the_cpu_sweep_at_gpu_scale(name, monkeypatch):
-    """Each config/sweep_<name>_gpu.py: the same runs on the DiT-B configs, out_dirs of their own."""
+    """config/sweep_<name>.py config/sweep_gpu.py: the same runs and judge on the DiT-B configs, out_dirs and a
+    results_dir of their own, the GPU evaluation."""
     from configurator import configure
     monkeypatch.setattr(sweep, 'train_overrides', {})  # (an earlier test's sweep.main() leaves its own)
     cpu, gpu = ({k: sweep._DEFAULTS[k] for k in sweep._config_keys} for _ in range(2))
     configure(cpu, [f'config/sweep_{name}.py'], keys=sweep._config_keys, verbose=False)
-    configure(gpu, [f'config/sweep_{name}_gpu.py'], keys=sweep._config_keys, verbose=False)
-    assert len(gpu['runs']) == len(cpu['runs']) and gpu['results_dir'] != cpu['results_dir']
+    configure(gpu, [f'config/sweep_{name}.py', 'config/sweep_gpu.py'], keys=sweep._config_keys, verbose=False)
+    assert len(gpu['runs']) == len(cpu['runs']) and gpu['results_dir'] == cpu['results_dir'] + '-gpu'
+    assert gpu['eval_config'] == 'config/eval_sweep_gpu.py' and gpu['judge']['out_dir'] == 'out-sweep-judge-gpu'
+    assert sweep.train_settings(gpu['judge'])[0]['model_type'] == 'ar'
     for c, g in zip(cpu['runs'], gpu['runs']):
-        assert g['out_dir'] == c['out_dir'] + '-gpu' and re.search(r'_tinystories\.py$', g['config'])
+        assert g['out_dir'] == c['out_dir'] + '-gpu' and re.search(r'(_gpu|dit_tinystories)\.py$', g['config'])
         s, _ = sweep.train_settings(g)
         assert (s['n_layer'], s['n_embd']) == (12, 768)
         assert all(s[k] == v for k, v in g.items() if k not in ('config', 'block_size', 'batch_size', 'max_iters'))
@@ -335,11 +338,12 @@ def test_results_dir_files_it_did_not_write_are_refused_before_any_run(name, con
 # ---------------------------------------------------------------- what sweep.py reuses, and what it must not
 
 def test_a_run_trained_with_other_settings_is_not_finished(tmp_path):
-    """Only model_args used to be compared: a changed learning_rate was labelled in results.md but never trained."""
-    import guards
+    """Every setting that changes the trained weights is compared, not only model_args: a changed learning_rate
+    means the run is trained again."""
+    import train
     s, _ = sweep.train_settings({'out_dir': str(tmp_path / 'a'), 'config': 'config/mask_cpu.py', 'device': 'cpu'})
     stored = dict(s)
-    guards.check_config(stored, 0, 1)  # as train.py stores it: the derived settings filled in
+    train.check_settings(stored, 0, 1)  # as train.py stores it: the derived settings filled in
     assert sweep.training_changes(stored, s) == []
     assert sweep.training_changes(stored, {**s, 'eval_interval': 7, 'max_iters': s['max_iters'] + 5}) == []
     changes = sweep.training_changes(stored, {**s, 'learning_rate': 0.125})

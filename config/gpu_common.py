@@ -1,6 +1,7 @@
-# Shared by the GPU-scale TinyStories configs (embed_tinystories.py, bits_tinystories.py, ...): one DiT-B-sized
-# backbone (12 x 768) and one token budget, so the families compare like for like. Each imports this, then
-# sets its family. For a single GPU:  python train.py config/dit_tinystories.py
+# GPU: shared by the GPU configs (dit_tinystories.py for embed, <family>_gpu.py for the others): one DiT-B-sized
+# backbone (12 x 768) and one token budget on all of TinyStories (python prepare.py), so the families compare like
+# for like.
+# Each imports this, then sets its family. For a single GPU:  python train.py config/dit_tinystories.py
 # For 8 GPUs:  torchrun --standalone --nproc_per_node=8 train.py config/dit_tinystories.py
 dataset = 'tinystories'
 
