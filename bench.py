@@ -39,6 +39,7 @@ from prepare import DEFAULTS as PREPARE_DEFAULTS, TokenWindows, find_text_files,
 import system
 from system import (autocast_context, estimate_mfu, flops_per_token, line_buffered_stdout, measure_peak_flops,
                     resolve_device, run_script, sync)
+from train import configure_optimizer
 
 # -----------------------------------------------------------------------------------------------------
 # config globals; --key=value overrides them
@@ -94,7 +95,7 @@ def bench_training(model, c, dev, ctx, compiled=False):
     """(median seconds of one optimizer step (forward, backward, AdamW) after c['warmup'] untimed ones, seconds
     of the first step: with compiled=True that one includes the compilation)."""
     device_type = torch.device(dev).type
-    opt = model.configure_optimizer(0.1, 3e-4, (0.9, 0.95), device_type)
+    opt = configure_optimizer(model, 0.1, 3e-4, (0.9, 0.95), device_type)
     run = torch.compile(model, mode=c['compile_mode']) if compiled else model
     batches = [x.to(dev) for x in make_batches(c, c['block_size'] + model.extra_tokens, 4, model.config.vocab_size)]
     model.train()

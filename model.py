@@ -7,16 +7,11 @@ AnalogBitDiffusion (`analog`: embed's Gaussian process over the id's bits, so a 
 (LanguageModel.sample); the parameter-free maths (schedules, the processes and their step KLs in discrete and
 continuous time, the bounds' time proposal, time and categorical draws, the bit code) is in diffusion.py.
 
-The literature's names: `embed` is Diffusion-LM / CDCD / Plaid (Gaussian diffusion on learned embeddings; CDCD's and
-Plaid's softmax x0 estimate); `analog` is Chen et al.'s Bit Diffusion (Analog Bits: the bits as reals under Gaussian
-noise); `bits` is bit-flip diffusion, D3PM-style on the id's bits; `mask` is MDLM; `ar` is the autoregressive
-baseline.
-
 Time. embed, analog, bits: t = 0..T, the steps of the discrete chain, abar_0 = 1 (clean data); training draws t in
-1..T, sampling runs from T to 0. The bound is the decoder's term at t = 1, one KL per step t = 2..T (t drawn by
-BoundTimeProposal, whose tables are indexed by t - 2) and the prior at T. continuous_time=True: t real in [0, T],
-the same marginals, the sum over steps an integral over (1, T]. mask: t real in [0, 1], alpha_t the probability a
-token is still clean. ar: no time. The network sees t in [0, 1]: t / T (mask: t itself, with time_cond=True only).
+1..T, sampling runs from T to 0. The bound is the decoder's term at t = 1, one KL per step t = 2..T (drawn by
+BoundTimeProposal, indexed by t - 2) and the prior at T. continuous_time=True: t real in [0, T], the same marginals,
+the sum over steps an integral over (1, T]. mask: t real in [0, 1], alpha_t the probability a token is still clean.
+ar: no time. The network sees t in [0, 1]: t / T (mask: t itself, with time_cond=True only).
 Token ids are GPT-2's (50,257; 50256 = <|endoftext|>) or a compact vocabulary's; likelihoods are in bits per token.
 """
 
@@ -66,17 +61,15 @@ class ModelConfig:
         for key, allowed in (('model_type', MODEL_TYPES), ('noise_schedule', ('linear', 'cosine', 'sqrt')),
                              ('predict', ('eps', 'x0')), ('mask_schedule', ('loglinear', 'cosine'))):
             need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r}, expected one of {allowed}")
-        need(self.vocab_size >= 2, f"vocab_size={self.vocab_size}, expected >= 2")
-        need(self.block_size >= 1, f"block_size={self.block_size}, expected >= 1")
+        for key, low in (('vocab_size', 2), ('block_size', 1), ('T', 2), ('embed_dim', 1)):
+            need(getattr(self, key) >= low, f"{key}={getattr(self, key)}, expected >= {low}")
         need(self.n_layer >= 1 and self.n_head >= 1 and self.n_embd >= 1, "n_layer, n_head and n_embd must be >= 1")
         need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         need(not self.rotary or (self.n_embd // self.n_head) % 2 == 0, "rotary needs an even head size")
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout}, expected in [0, 1)")
-        need(self.T >= 2, f"T={self.T}, expected >= 2")
         need(not self.continuous_time or self.model_type in ('embed', 'analog', 'bits'),
              "continuous_time is for embed, analog and bits; mask is continuous-time already, ar has no time")
         need(self.predict == 'x0' or self.model_type in ('embed', 'analog'), "predict='eps' is for embed and analog")
-        need(self.embed_dim >= 1, f"embed_dim={self.embed_dim}, expected >= 1")
         need(0.0 <= self.cfg_drop < 1.0, f"cfg_drop={self.cfg_drop}, expected in [0, 1)")
         need(self.cfg_drop == 0.0 or self.model_type == 'embed', "cfg_drop (guidance) is only for model_type='embed'")
         need(self.analog_scale > 0, f"analog_scale={self.analog_scale}, expected > 0")
@@ -246,11 +239,9 @@ def init_weights(module, n_layer):
 
 
 class BitCodeInput(nn.Module):
-    """The network's input from a noisy k-bit code (bits: the flipped bits, analog: the signs of x_t; k = 16 for
-    GPT-2's ids, 13 for a compact vocabulary): a linear map of its +-1 bits plus an embedding of the whole code as
-    an integer (2**k rows). With the linear part alone the bit families never got past per-bit frequencies (a small
-    network cannot rebuild 50k ids from 16 arbitrary bits); where the code is intact the embedding is a token
-    embedding, where bits flipped the linear part helps."""
+    """The network's input from a noisy k-bit code (bits: the flipped bits, analog: the signs of x_t): a linear map of
+    its +-1 bits, plus an embedding of the whole code as an integer (2**k rows), a token embedding where the code is
+    intact: from the linear part alone a small network cannot rebuild the ids, and learns per-bit frequencies only."""
 
     def __init__(self, in_dim, n_embd, bias, num_bits):
         super().__init__()
@@ -269,40 +260,36 @@ def vocab_logits(h, tok_emb, vocab_size):
 
 
 # -------- The shared skeleton of every family
-def in_eval_mode(method):
-    """Run a method with the module in eval mode (no dropout), restoring the previous mode afterwards."""
+def in_eval_mode(method, full_precision=False):
+    """Run a method with the module in eval mode (no dropout), restoring the previous mode afterwards; with
+    full_precision (position_nll) also without gradients or autocast: the Gaussian bounds multiply every error in the
+    x0 estimate by SNR/2 (~1e4 near t = 1), so bf16 rounding alone would add bits per token."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         was_training = self.training
         self.eval()
         try:
-            return method(self, *args, **kwargs)
+            if not full_precision:
+                return method(self, *args, **kwargs)
+            with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):  # args[0]: the ids scored
+                return method(self, *args, **kwargs)
         finally:
             self.train(was_training)
     return wrapper
 
 
-def eval_in_full_precision(method):
-    """For position_nll(): no gradients, eval mode, no autocast: the Gaussian bounds multiply every error in the x0
-    estimate by SNR/2 (~1e4 near t = 1), so bf16 rounding alone would add bits per token."""
-    @functools.wraps(method)
-    @in_eval_mode
-    def wrapper(self, idx, *args, **kwargs):
-        with torch.no_grad(), torch.autocast(idx.device.type, enabled=False):
-            return method(self, idx, *args, **kwargs)
-    return wrapper
+eval_in_full_precision = functools.partial(in_eval_mode, full_precision=True)  # the decorator of position_nll()
 
 
 class LanguageModel(nn.Module):
-    """Base of the families: the process, parameter counts, the optimizer and the sampling loop. A family
-    implements `forward(idx) -> loss`, `position_nll(idx) -> (B, L) bits` (its bound, or exact NLL, split over the
-    positions it scores) and the sampler hooks `init_state`, `step`, `current_tokens` (`time_grid`, `final_tokens`
-    have defaults)."""
+    """Base of the families: the process, parameter counts and the sampling loop. A family implements `forward(idx) ->
+    loss`, `position_nll(idx) -> (B, L) bits` (its bound, or exact NLL, per position it scores) and the sampler hooks
+    `init_state`, `step`, `current_tokens` (`time_grid`, `final_tokens` have defaults)."""
     processes = None        # (discrete, continuous) process classes of diffusion.py: embed, analog and bits
     extra_tokens = 0        # windows are block_size + extra_tokens long (ar needs one more for its targets)
     sample_options = {}     # option -> default, the sampler knobs of the family
     lookup_only = ('backbone.wpe.weight',)  # tables only indexed, never multiplied (no FLOPs, not "model size")
-    no_decay = ()           # matrices that must not be weight-decayed
+    no_decay = ()           # matrices that must not be weight-decayed (train.configure_optimizer)
     extra_ids = 0           # ids past the vocabulary the family's tables need (mask: one for [MASK])
     fixed_steps = False     # True where the length sets the number of sampling steps (ar: one token per step)
     exact_likelihood = False  # True where position_nll() is the exact NLL rather than a bound (ar)
@@ -340,15 +327,6 @@ class LanguageModel(nn.Module):
         skip = set(self.lookup_only) if non_embedding else set()
         return sum(p.numel() for n, p in self.named_parameters() if n not in skip)
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only (not biases, gains or the tables in the family's `no_decay`)."""
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decay = [p for n, p in params if p.dim() >= 2 and n not in self.no_decay]
-        other = [p for n, p in params if not (p.dim() >= 2 and n not in self.no_decay)]
-        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
-        fused = {'fused': True} if device_type in ('cuda', 'cpu') else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
-
     # -- the sampling loop
     def check_sample_args(self, length, steps, options):
         if self.fixed_steps and steps is not None:
@@ -379,8 +357,7 @@ class LanguageModel(nn.Module):
         opts = self.check_sample_args(length, steps, options)
         steps = self.default_steps if steps is None else steps
         device = next(self.parameters()).device
-        if fixed is None:
-            fixed = torch.full((num_samples, length), -1, dtype=torch.long, device=device)
+        fixed = torch.full((num_samples, length), -1) if fixed is None else fixed
         fixed = fixed.to(device).long().expand(num_samples, length).clone()
         if (fixed >= self.config.vocab_size).any():
             raise ValueError(f"fixed tokens must be ids < vocab_size={self.config.vocab_size}")
@@ -408,20 +385,16 @@ class LanguageModel(nn.Module):
 
 # -------- embed: Gaussian diffusion over learned token embeddings (Diffusion-LM)
 class EmbedDiffusion(LanguageModel):
-    """Diffusion-LM: Gaussian diffusion (GaussianDiffusion) over learned token embeddings of width embed_dim, on the
-    DiT backbone. Token w's clean state x_0 is row w of table(); the network reads features(x_t, x0_sc, cond) and
-    returns logits over the vocabulary, and x0_hat = softmax(logits) @ table (CDCD, Plaid): near t = 0, where the
-    bound multiplies every error in x0_hat by the SNR (~1e4), a confident categorical lands exactly on a row, where a
-    regression leaves an error that does not shrink (predict='eps': rounding logits of the estimate).
-    Loss (forward; predict='x0'): ||x0_hat - x0||^2 + CE(logits, w) + the rounding CE -log p(w | x0) with distance
-    logits (it keeps the embeddings apart) + the prior term at t = T; predict='eps': ||eps_hat - eps||^2 + the last
-    two. Bound (position_nll): the variational bound, one step t per sequence. Sampler (step): DDPM or DDIM from
-    x_T ~ N(0, I), optional clamping to the nearest embedding, and with cfg_drop > 0 classifier-free guidance on a
-    prompt."""
+    """Diffusion-LM: Gaussian diffusion over learned token embeddings (width embed_dim). Token w's clean state is row w
+    of table(); the network reads features(x_t, x0_sc, cond) and returns logits over the vocabulary, and x0_hat =
+    softmax(logits) @ table (CDCD, Plaid): near t = 0, where the bound multiplies every error in x0_hat by the SNR
+    (~1e4), a confident categorical lands exactly on a row, where a regression's error would not shrink. Loss
+    (forward): ||x0_hat - x0||^2 + CE(logits, w) (predict='eps': ||eps_hat - eps||^2) + the rounding CE -log p(w | x0)
+    with distance logits (it keeps the embeddings apart) + the prior term. Bound: position_nll. Sampler (step): DDPM or
+    DDIM from x_T ~ N(0, I), clamping to the nearest embedding, classifier-free guidance on a prompt (cfg_drop > 0)."""
     processes = (GaussianDiffusion, ContinuousGaussianDiffusion)
-    # the measured default (config/eval_quickstart.py): DDIM at eta = 1, which is DDPM's ancestral step (the
-    # posterior's noise), with x0 clamped to an embedding, beat plain DDIM (eta = 0, no clamping) at every step count;
-    # 200 steps sit in the flat part of gen-PPL against steps (past 100)
+    # the measured default (config/eval_quickstart.py): DDIM at eta = 1 (DDPM's ancestral step) with x0 clamped to an
+    # embedding beat plain DDIM at every step count; 200 steps sit where gen-PPL no longer falls with steps (past 100)
     sample_options = {'sampler': 'ddim', 'eta': 1.0, 'clamp': True, 'guidance_scale': 1.0}
     lookup_only = ('backbone.wpe.weight', 'cond_emb.weight')
     no_decay = ('tok_emb.weight',)  # decaying the diffused embeddings would shrink the signal to the noise
@@ -570,7 +543,7 @@ class EmbedDiffusion(LanguageModel):
 
     # -- the sampler: x_T ~ N(0, I), then one DDPM or DDIM step per grid interval (t, s), down to s = 0
     def init_state(self, n, length, fixed, generator, opts):
-        if opts.get('guidance_scale', 1.0) != 1.0 and self.config.cfg_drop == 0.0:  # (analog has none)
+        if opts.get('guidance_scale', 1.0) != 1.0 and self.config.cfg_drop == 0.0:
             raise ValueError("guidance_scale != 1 needs a model trained with cfg_drop > 0")
         if opts['sampler'] not in ('ddpm', 'ddim'):
             raise ValueError(f"sampler={opts['sampler']!r}, expected 'ddpm' or 'ddim'")
@@ -579,26 +552,21 @@ class EmbedDiffusion(LanguageModel):
         return {'x': x, 'x0_sc': None, 'x0_hat': None, 'out': None, 'known': known}
 
     def step(self, state, t, s, fixed, generator, opts):
-        """One DDPM/DDIM step from t to s at the x0 estimate, with classifier-free guidance x0_u + w (x0_c - x0_u)
-        when the model has a prompt condition and guidance_scale w != 1 (x0_u: the estimate with no prompt)."""
-        t, s = self.time_batch(t, state['x']), self.time_batch(s, state['x'])
-        x0_hat, out = self.estimate_at_step(state, t, fixed if self.config.cfg_drop > 0 else None)
-        w = opts['guidance_scale']
-        if w != 1.0:
-            x0_u, out_u = self.estimate_at_step(state, t, torch.full_like(fixed, -1))
-            x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
-        return self.ancestral_step(state, x0_hat, out, t, s, fixed, generator, opts)
-
-    def estimate_at_step(self, state, t, cond):
-        """(x0_hat, logits) at the state's x_t, self-conditioned on the previous step's estimate; counts the network
-        evaluations: two at the first step with self-conditioning (no previous estimate yet), else one."""
-        self.nfe += 2 if self.config.self_cond and state['x0_sc'] is None else 1
-        return self.denoise(state['x'], t, cond, state['x0_sc'])[:2]
-
-    def ancestral_step(self, state, x0_hat, out, t, s, fixed, generator, opts):
-        """x_t -> x_s given the estimate (x0_hat, logits out): DDPM's posterior draw or DDIM; clamp=True snaps x0_hat
-        to its most likely token first. Fixed positions get a fresh draw of q(x_s | x_0 = the fixed token)."""
+        """x_t -> x_s, DDPM's posterior draw or DDIM, at the x0 estimate: self-conditioned on the previous step's (two
+        network evaluations at the first step with self-conditioning, else one), with classifier-free guidance x0_u +
+        w (x0_c - x0_u) when the model has a prompt condition and guidance_scale w != 1 (x0_u: with no prompt), and
+        snapped to its most likely token with clamp=True. Fixed positions get a fresh draw of q(x_s | x_0 = the token)."""
         x = state['x']
+        t, s = self.time_batch(t, x), self.time_batch(s, x)
+
+        def estimate(cond):  # (x0_hat, logits) at x_t
+            self.nfe += 2 if self.config.self_cond and state['x0_sc'] is None else 1
+            return self.denoise(x, t, cond, state['x0_sc'])[:2]
+        x0_hat, out = estimate(fixed if self.config.cfg_drop > 0 else None)
+        w = opts.get('guidance_scale', 1.0)  # (analog has no prompt condition)
+        if w != 1.0:
+            x0_u, out_u = estimate(torch.full_like(fixed, -1))
+            x0_hat, out = x0_u + w * (x0_hat - x0_u), out_u + w * (out - out_u)
         if opts['clamp']:
             x0_hat = self.clean(out.argmax(-1))  # the clamping trick: snap to the most likely token
         noise, known_noise = (randn(x.shape, generator, x.device).to(x.dtype) for _ in range(2))
@@ -616,11 +584,10 @@ class EmbedDiffusion(LanguageModel):
 
 # -------- analog: embed's Gaussian diffusion over the id's bits as reals (Chen et al.'s Bit Diffusion, "Analog Bits")
 class AnalogBitDiffusion(EmbedDiffusion):
-    """Analog Bits (Chen, Zhang & Hinton 2023): embed's Gaussian process, network estimate, bound and sampler, with the
-    k = code_bits(V) bits of the id as +-scale reals for the clean states, read through BitCodeInput; x0_hat, the
-    posterior mean of the valid ids' codes, is never an invalid code's. Loss (forward): ||x0_hat - x0||^2 +
-    CE(logits, w); predict='eps': ||eps_hat - eps||^2 alone (no rounding or prior term: the codes are fixed). Sampler
-    (step): DDIM (or DDPM) with asymmetric time intervals (td)."""
+    """Analog Bits (Chen, Zhang & Hinton 2023): embed's process, network estimate, bound and sampler, the clean states
+    the id's k = code_bits(V) bits as +-scale reals, read through BitCodeInput; x0_hat, the posterior mean of the valid
+    ids' codes, is never an invalid code's. Loss (forward): embed's without the rounding and prior terms (the codes are
+    fixed). Sampler (step): embed's, with asymmetric time intervals (td)."""
     sample_options = {'sampler': 'ddim', 'eta': 0.0, 'clamp': False, 'td': 0.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
     no_decay = ()
@@ -645,22 +612,20 @@ class AnalogBitDiffusion(EmbedDiffusion):
         return self.denoising_loss(idx, x0, *self.noisy_draw(x0))
 
     def step(self, state, t, s, fixed, generator, opts):
-        """One DDPM/DDIM step from grid time t, landing at s - td (t - s) (not below 0) while the network is told t:
-        Analog Bits' asymmetric time intervals, which help when few steps are used (Chen et al. 2023, sec. 3)."""
+        """embed's step from grid time t, landing at s - td (t - s) (not below 0) while the network is told t: Analog
+        Bits' asymmetric time intervals, which help when few steps are used (Chen et al. 2023, sec. 3)."""
         further = opts['td'] * (t - s)
-        land = max(0, s - (further if self.config.continuous_time else round(further)))
-        t, land = self.time_batch(t, state['x']), self.time_batch(land, state['x'])
-        x0_hat, out = self.estimate_at_step(state, t, None)
-        return self.ancestral_step(state, x0_hat, out, t, land, fixed, generator, opts)
+        return super().step(state, t, max(0, s - (further if self.config.continuous_time else round(further))), fixed,
+                            generator, opts)
 
 
 # -------- bits: bit-flip diffusion, D3PM-style, on the k = code_bits(V) bits of the id (16 for GPT-2)
 class BitDiffusion(LanguageModel):
-    """Bit flips of the id's k bits (BitFlipDiffusion) with a head over the ids, p(w | b_t): its clean-bit marginals
-    sum_w p(w | b_t) bit_k(w) would take a factorised 16-bit head a memorised code of every id. Loss (forward):
-    CE(logits, w) + the binary CE of those marginals. The transition is p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t,
+    """Bit flips of the id's k bits (BitFlipDiffusion) with a head over the ids, p(w | b_t), whose clean-bit marginals
+    sum_w p(w | b_t) bit_k(w) a factorised k-bit head could give only with a memorised code of every id. Loss
+    (forward): CE(logits, w) + the binary CE of the marginals. Transition: p(b_s | b_t) = sum_w p(w | b_t) q(b_s | b_t,
     b_0 = code(w)), any s < t (D3PM's x0-parameterisation): the sampler (step) draws w, then b_s from the exact
-    posterior, the last step the id from the decoder p(w | b_1); the bound (position_nll) scores the same mixture."""
+    posterior, at the end the id from the decoder p(w | b_1); the bound (position_nll) scores the same mixture."""
     processes = (BitFlipDiffusion, ContinuousBitFlipDiffusion)
     sample_options = {'temperature': 1.0}
     lookup_only = ('backbone.wpe.weight', 'bit_input.code_emb.weight')
@@ -713,7 +678,7 @@ class BitDiffusion(LanguageModel):
         kl = self.bound_term(b0, b_t, self.id_logits(b_t, t), t, generator) / q_t[:, None]
         one = torch.ones(B, dtype=self.process.time_dtype, device=device)
         b_1 = self.process.q_sample(b0, one, generator)
-        logp = self.decoder_logprobs(b_1, self.id_logits(b_1, one))
+        logp = self.id_logits(b_1, one).double().log_softmax(-1)  # the decoder p(w | b_1), flip likelihood included
         prior = self.process.prior_kl(self.num_bits)
         return (prior + kl - logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) / math.log(2)
 
@@ -725,10 +690,6 @@ class BitDiffusion(LanguageModel):
             return self.process.rate_kl(b0, b_t, self.marginals(logits, torch.float64), t)
         return self.process.step_kl(b0, b_t, logits, self.codes, t.clamp(min=2), generator,
                                     dtype=torch.float64 if near else torch.float32, near=near)
-
-    def decoder_logprobs(self, b_1, logits):
-        """log p(w | b_1) (float64): the logits of id_logits(b_1, 1) already hold the flip likelihood of b_1."""
-        return logits.double().log_softmax(-1)
 
     # -- the sampler: b_T uniform, then ancestral steps through the mixture p(b_s | b_t), the decoder at the end
     def init_state(self, n, length, fixed, generator, opts):
@@ -756,19 +717,17 @@ class BitDiffusion(LanguageModel):
 
     def final_tokens(self, state, generator, opts):
         # the id from the decoder p(w | b_1) of the last step, its logits divided by the temperature (0: the argmax)
-        logp = self.decoder_logprobs(state['b_in'], state['logits'])
+        logp = state['logits'].double().log_softmax(-1)
         return draw_categorical(logp.flatten(0, 1), generator, float(opts['temperature'] > 0)).view(logp.shape[:-1])
 
 
 # -------- mask: masked (absorbing-state) diffusion, MDLM
 class MaskedDiffusion(LanguageModel):
-    """MDLM (Sahoo et al. 2024): each token is replaced by [MASK] with probability 1 - alpha_t, t in [0, 1]. SUBS
-    parameterisation: p(x_0 | z_t) puts no mass on [MASK] or the padding ids, and unmasked tokens are carried over
-    (the sampler never touches them, the loss counts only masked positions). Loss: the continuous-time ELBO
+    """MDLM (Sahoo et al. 2024): each token is [MASK] with probability 1 - alpha_t, t in [0, 1]. SUBS: p(x_0 | z_t)
+    puts no mass on [MASK] or padding, unmasked tokens are carried over (the loss counts masked ones only). Loss:
         E_t [ -alpha'_t / (1 - alpha_t) sum_{masked l} -log p(x_l | z_t) ] / L  nats per token,
-    with t integrated out (nll): the same number for every schedule alpha_t."""
+    the continuous-time ELBO with t integrated out (nll): the same number for every schedule alpha_t."""
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'cached': True, 'order': 'random'}
-    orders = ('random', 'confidence')  # the values of the `order` option (see step)
     extra_ids = 1  # the [MASK] id, vocab_size
 
     def __init__(self, config):
@@ -818,21 +777,19 @@ class MaskedDiffusion(LanguageModel):
         return list(zip(ts[:-1], ts[1:]))
 
     def init_state(self, n, length, fixed, generator, opts):
-        if opts['order'] not in self.orders:
-            raise ValueError(f"order={opts['order']!r}, expected one of {self.orders}")
+        if opts['order'] not in ('random', 'confidence'):  # (see step)
+            raise ValueError(f"order={opts['order']!r}, expected one of ('random', 'confidence')")
         z = torch.where(fixed >= 0, fixed, self.mask_id)
         return {'z': z, 'logp': None, 'changed': True, 'expected': (z == self.mask_id).sum(1, keepdim=True).double()}
 
     def step(self, state, t, s, fixed, generator, opts):
-        """Step t -> s. order='random' is the ancestral step: each masked token is revealed with probability
-        r = (alpha_s - alpha_t)/(1 - alpha_t), drawn from p(x_0 | z_t). order='confidence' (MaskGIT; LLaDA's
-        low-confidence remasking) draws a token at every masked position and keeps the k of each row whose draws
-        are most probable, the rest masked again; k carries the fraction over from step to step: the row's expected
-        count still masked under order='random', e_s = e_t (1 - r) from e = the masked count at the start, is kept
-        and k = masked - round(e_s), so the count follows that expectation within 1/2 at any number of steps, but
-        the easy tokens first. It is not the model's distribution (lower entropy, better judged text) and the bound
-        does not cover it. Revealed tokens never change again. The network is skipped when nothing changed since
-        its last call and it does not see t (its output would be identical)."""
+        """Step t -> s. order='random' is the ancestral step: each masked token is revealed with probability r =
+        (alpha_s - alpha_t)/(1 - alpha_t), drawn from p(x_0 | z_t). order='confidence' (MaskGIT; LLaDA's low-confidence
+        remasking) draws at every masked position and keeps the k most probable draws of each row: k = masked -
+        round(e_s), e_s = e_t (1 - r) the row's expected count still masked under order='random' (e at the start: the
+        masked count), so the count follows that expectation within 1/2 at any number of steps, the easy tokens first;
+        not the model's distribution (lower entropy, better judged text), and the bound does not cover it. Revealed
+        tokens never change. The network is skipped when nothing changed and it does not see t (the same output)."""
         z, logp = state['z'].clone(), state['logp']
         n, device = z.shape[0], z.device
         if logp is None or state['changed'] or self.config.time_cond or not opts['cached']:
@@ -868,9 +825,8 @@ class MaskedDiffusion(LanguageModel):
 
 # -------- ar: the autoregressive baseline (and the judge for generative perplexity)
 class AutoregressiveLM(LanguageModel):
-    """GPT on the same backbone: causal attention, no time input (adaLN from a learned constant). Windows are
-    block_size + 1 tokens: it reads the first block_size and predicts the next token at each position. Generation is
-    left to right with a KV cache, starting from <|endoftext|> (the last id)."""
+    """GPT on the same backbone: causal attention, no time input (adaLN from a learned constant); a window of
+    block_size + 1 tokens, the next one predicted at each of the first block_size, generated from <|endoftext|>."""
     extra_tokens = 1
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
     fixed_steps = True

@@ -469,14 +469,16 @@ def comparison_markdown(cmp):
                 't (95%)', 'verdict']
         lines += ['## Paired differences', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for p in cmp['pairs']:
-            lines.append('| ' + ' | '.join([p['a'], p['b'], f"{p['diff']:+.3f}", num(p['se_paired']), num(p['se']),
+            spread = num(p['se']) if 'seeds' in p['parts'] else '-'  # neither side has a seed spread to add
+            lines.append('| ' + ' | '.join([p['a'], p['b'], f"{p['diff']:+.3f}", num(p['se_paired']), spread,
                                             num(p['df'], '.1f'), f"{p['diff'] / p['se']:+.2f}" if p['se'] else '-',
                                             num(p['t'], '.2f'), verdict(p)]) + ' |')
         lines += ['', 'Window by window over the same test windows; resolved when |A - B| > t SE (the SE with the '
                   'seed spread), t the two-sided 95% point of Student\'s t at the Welch-Satterthwaite df of the '
                   'windows\' term (windows - 1) and each seed spread (seeds - 1). A one-seed setting has no seed '
-                  'spread: its SE counts no training noise. Unresolved: how many times the seeds, the bound\'s '
-                  'draws or the test windows, each alone, would resolve it (the df and t following).', '']
+                  'spread: its SE counts no training noise (\'-\' where neither side has one). Unresolved: how many '
+                  'times the seeds, the bound\'s draws or the test windows, each alone, would resolve it (the df and t '
+                  'following).', '']
     return lines
 
 

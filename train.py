@@ -100,7 +100,7 @@ cfg_drop = 0.0                  # embed: >0 trains a prompt-condition channel, d
 analog_scale = 1.0              # analog: bits are mapped to -scale / +scale
 mask_schedule = 'loglinear'     # mask: alpha_t = 1 - t (loglinear) or cos(pi t / 2) (cosine)
 time_cond = False               # mask: condition the network on t (MDLM's default is off)
-# optimizer (AdamW; weight decay on matrices only, see model.LanguageModel.configure_optimizer)
+# optimizer (AdamW; weight decay on matrices only, see configure_optimizer)
 learning_rate = 6e-4            # peak learning rate
 max_iters = 5000                # total optimizer steps (0: none; the initial weights are evaluated and saved)
 weight_decay = 0.1
@@ -237,8 +237,8 @@ def train(c, ddp, rank, world_size, device_type, stop, resume_cmd):
     ga = c['gradient_accumulation_steps'] // world_size  # micro-batches per optimizer step on this rank
     tokens_per_iter = c['batch_size'] * c['block_size'] * ga * world_size
 
-    optimizer = raw_model.configure_optimizer(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
-                                              device_type)
+    optimizer = configure_optimizer(raw_model, c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
+                                    device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c['dtype'] == 'float16')
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval() if c['ema_decay'] > 0 else None
     iter_num, best_val_loss, last_saved, train_seconds = 0, float('inf'), None, 0.0
@@ -484,6 +484,16 @@ def get_batch(loader, c, step, seed, rank):
     if c['device'].startswith('cuda'):
         return x.pin_memory().to(c['device'], non_blocking=True)
     return x.to(c['device'])
+
+
+def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on matrices only (not biases, gains or the tables in the family's `no_decay`)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2 and n not in model.no_decay]
+    other = [p for n, p in params if not (p.dim() >= 2 and n not in model.no_decay)]
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
+    fused = {'fused': True} if device_type in ('cuda', 'cpu') else {}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
 
 def get_lr(it, c):

@@ -19,6 +19,7 @@ import torch
 
 from prepare import load_meta
 from system import keep_freed_memory
+from train import configure_optimizer
 
 keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (system.py)
 
@@ -102,7 +103,7 @@ def hand_compact_data(d, splits, unk_bytes):
 def train_steps(model, batch, steps, lr=3e-3, seed=0):
     """Plain AdamW on one fixed batch; returns (first loss, mean of the last 10 losses)."""
     torch.manual_seed(seed)
-    opt = model.configure_optimizer(0.0, lr, (0.9, 0.99), 'cpu')
+    opt = configure_optimizer(model, 0.0, lr, (0.9, 0.99), 'cpu')
     model.train()
     losses = []
     for _ in range(steps):

@@ -64,8 +64,8 @@ TINIEST = ['--device=cpu', "--families=['ar']", "--dtypes=['float32']", '--n_lay
     ('dir', True, 'cannot write json='),
 ])
 def test_json_never_replaces_what_bench_did_not_write(tmp_path, target, overwrite, message):
-    """--json used to write over anything (a checkpoint, a split, a meta.json, a notes file, /dev/null as root),
-    after all the timing; now it is refused in one line before any, the file left as it was."""
+    """--json at a file bench.py did not write (a checkpoint, a split, a meta.json, a notes file, /dev/null as root) is
+    refused in one line before any timing, the file left as it was."""
     import torch
     import bench
     path = tmp_path / target

@@ -462,8 +462,8 @@ def test_bits_per_gpt2_token_and_per_byte_on_a_compact_vocabulary_by_hand(tmp_pa
 # ---------------------------------------------------------------- hostile inputs
 
 def test_a_split_with_an_id_beyond_the_vocabulary_is_one_line_before_any_work(tiny_run, tmp_path, capsys):
-    """A test.bin holding id 65000 (past any vocabulary here): today's reader met it at some window, mid-run, and
-    the run died with a traceback; now every id of the scored split is checked when the checkpoints load."""
+    """A test.bin holding id 65000 (past any vocabulary here): every id of the scored split is checked when the
+    checkpoints load, so the run stops in one line before any work, not with a traceback at some window mid-run."""
     bad = tmp_path / 'data'
     shutil.copytree(tiny_run['data_dir'], bad)
     ids = np.fromfile(bad / 'test.bin', dtype=np.uint16)
@@ -534,8 +534,8 @@ def test_paired_bits_pairs_only_the_same_scored_tokens():
 
 
 def test_a_checkpoint_with_non_finite_weights_is_one_line_before_any_work(tiny_run, tmp_path):
-    """A diverged run's checkpoint used to end, after all the scoring, in 'Out of range float values are not JSON
-    compliant: nan'."""
+    """A diverged run's checkpoint stops evaluate.py before any scoring, not after it all in a results file that JSON
+    cannot hold ('Out of range float values are not JSON compliant: nan')."""
     ck = torch.load(os.path.join(tiny_run['ckpts']['ar'], 'ckpt.pt'), weights_only=True)
     ck['model'] = {k: v.clone() for k, v in ck['model'].items()}
     ck['model'][next(k for k in ck['model'] if k.endswith('weight'))].view(-1)[0] = float('nan')

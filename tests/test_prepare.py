@@ -644,7 +644,7 @@ def test_the_compact_unigram_line_is_gpt2s(tmp_path, stories):
 
 @pytest.mark.parametrize('overwrite', [False, True])
 def test_a_data_dir_prepare_did_not_write_is_never_replaced(tmp_path, overwrite):
-    """A directory holding someone's meta.json and train.bin used to be replaced, exit 0."""
+    """A directory holding someone's meta.json and train.bin is left as it is, with a one-line refusal."""
     text = tmp_path / 'a.txt'
     text.write_text('One story here.\n<|endoftext|>\nAnother story there.\n')
     out = tmp_path / 'd'
@@ -661,8 +661,8 @@ def test_a_data_dir_prepare_did_not_write_is_never_replaced(tmp_path, overwrite)
 
 
 def test_a_damaged_compact_map_is_refused_where_it_is_read(tmp_path):
-    """A negative id, an id beyond GPT-2's (an IndexError later), a wrong unseen count or moved entries used to shift
-    bits per token and per byte silently."""
+    """A negative id, an id beyond GPT-2's (an IndexError later), a wrong unseen count or moved entries would shift
+    bits per token and per byte silently: each is refused where the map is read."""
     text = tmp_path / 'a.txt'
     text.write_text('One story here.\n<|endoftext|>\nAnother story there, and one more.\n')
     good = tmp_path / 'good'

@@ -15,6 +15,7 @@ from checkpoint import save_checkpoint
 from model import FAMILIES, ModelConfig, build_model
 from prepare import EOT, PrepareError, get_encoding
 from sample import build_fixed, decode, encode, evenly
+from train import configure_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, T=100, embed_dim=32)
@@ -53,7 +54,7 @@ def test_gaps_share_the_free_positions_and_exact_gaps_keep_their_size(enc):
     ('A [...] b [...] c', 4, 'free position'),
     ('A [...0] b', 8, '0 tokens'),
     ('Once', 1, 'nothing left to generate'),
-    ('A [..5] b', 12, r"'\[\.\.5\]' in the prompt is not a gap"),  # these used to be fixed as literal text
+    ('A [..5] b', 12, r"'\[\.\.5\]' in the prompt is not a gap"),  # not fixed as literal text
     ('A [...-3] b', 12, r"'\[\.\.\.-3\]' in the prompt is not a gap"),
 ])
 def test_templates_that_do_not_fit_are_errors(enc, template, length, message):
@@ -94,7 +95,7 @@ def train_checkpoint(out_dir, model_type, windows, iters):
     config = ModelConfig(model_type=model_type, **TINY)
     model = build_model(config)
     data = windows[:, :config.block_size + model.extra_tokens]
-    opt = model.configure_optimizer(0.0, 3e-3, (0.9, 0.99), 'cpu')
+    opt = configure_optimizer(model, 0.0, 3e-3, (0.9, 0.99), 'cpu')
     g = torch.Generator().manual_seed(0)
     for _ in range(iters):
         loss = model(data[torch.randint(len(data), (8,), generator=g)])
@@ -291,7 +292,7 @@ def test_no_tokenizer_is_a_warning_and_samples_are_ids(ckpts, tmp_path, monkeypa
     ('out_file', 'notes.txt', False, "exists and is not sample.py's own out_file; choose another path, or replace it "
                                      "with --overwrite=True"),
     ('trajectory_png', 'notes.txt', False, "exists and is not sample.py's own trajectory_png"),
-    ('out_file', 'fifo', True, 'is a FIFO (named pipe); sample.py never writes over one'),  # it used to hang
+    ('out_file', 'fifo', True, 'is a FIFO (named pipe); sample.py never writes over one'),  # (opening one hangs)
     ('out_file', 'link', True, 'is a symbolic link; sample.py never writes over one'),  # to /dev/null: replaced
     ('trajectory_png', 'results.json', True, "is evaluate.py's results.json; sample.py never writes over one"),
 ])
@@ -350,7 +351,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line(ckpts, tmp_
 
 
 def test_two_outputs_of_one_run_never_share_a_path(ckpts, tmp_path):
-    """--out_file and --trajectory_png at one path: the PNG used to replace the samples."""
+    """--out_file and --trajectory_png at one path: refused, or the PNG would replace the samples."""
     path = tmp_path / 'out'
     with pytest.raises(SystemExit) as e:
         sample.main([f'--out_dir={ckpts["mask"]}', '--device=cpu', f'--out_file={path}',
@@ -373,7 +374,7 @@ def test_eta_outside_0_1_or_of_another_type_is_one_line(ckpts):
 
 
 def test_a_compact_checkpoint_without_its_meta_is_refused(ckpts, tmp_path):
-    """Without meta (the compact map) its ids were decoded as GPT-2's: nonsense text and no warning."""
+    """Without meta (the compact map) its ids would be decoded as GPT-2's: nonsense text and no warning."""
     ck = torch.load(os.path.join(ckpts['mask'], 'ckpt.pt'), weights_only=True)
     config = ModelConfig(**{**ck['model_args'], 'vocab_size': 300})
     save_checkpoint(str(tmp_path / 'ckpt.pt'), {'model_args': asdict(config),

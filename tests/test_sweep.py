@@ -221,6 +221,11 @@ def test_seed_groups_and_paired_differences_by_hand(monkeypatch):
     monkeypatch.setattr(sweep, 'paired', 'within')  # pairs within a family only: none here
     assert sweep.comparisons(res)['pairs'] == []
     assert sweep.comparisons({**res, 'sweep': {'paired': 'all'}})['pairs']  # a results file's own setting wins
+    # two one-seed settings: no seed spread on either side, so the table shows none ('-'), only the paired SE:
+    # [3, 5, 4, 6] - [4, 5, 5, 6] = [-1, 0, -1, 0], mean -0.5, SE sqrt(1 / 3 / 4) = 0.289
+    one = {'columns': ['seed'], 'runs': [_run('c1', 'mask', 1, [3, 5, 4, 6]), _run('d1', 'ar', 1, [4, 5, 5, 6])]}
+    md = '\n'.join(sweep.comparison_markdown(sweep.comparisons({**one, 'sweep': {'paired': 'all'}})))
+    assert '| mask | ar | -0.500 | 0.289 | - | 3.0 | -1.73 | 3.18 | not resolved' in md, md
 
 
 def test_a_finished_run_with_the_datas_vocabulary_is_recognised(tmp_path):

@@ -238,8 +238,8 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(short_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_diverging_run_that_always_saves_keeps_its_last_good_checkpoint(small_vocab, tmp_path):
-    """always_save_checkpoint (every long config and every sweep run sets it) used to save NaN weights over the good
-    ones at each evaluation, and then say the checkpoint was left as it was."""
+    """always_save_checkpoint (every sweep run and the judge's config set it) must not save NaN weights over the good
+    ones at an evaluation, and the last line says which checkpoint is left."""
     data_args, out_dir = small_vocab[1], tmp_path / 'out'
     args = [*TINY, *data_args, f'--out_dir={out_dir}', '--always_save_checkpoint=True', '--eval_interval=1']
     train.main([*args, '--max_iters=2'])
@@ -341,7 +341,7 @@ def test_bad_configuration_exits_with_a_clear_message(data_dir, tmp_path):
     (['--eval_only=True'], ["init_from=resume"]),
     (['--dtype=float16'], ["float16", 'CUDA']),
     (['--dtype=fp8'], ["dtype='fp8'"]),
-    # these used to end in a traceback
+    # one line each, never a traceback
     (['--n_embd=0'], ['n_embd must be >= 1']),
     (['--device=tpu'], ["device='tpu', expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
     (['--beta1=2.0'], ['beta1=2.0, expected in [0, 1)']),
