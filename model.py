@@ -394,7 +394,8 @@ class GaussianLM(LanguageModel):
 
     # -- the network
     def x0_estimate(self, x_t, t, x0_sc, cond=None):
-        """(x0_hat, logits over the vocabulary, eps_hat or None) at (x_t, t): one network evaluation."""
+        """(x0_hat, scores over the vocabulary, eps_hat or None) at (x_t, t): one network evaluation. The scores are
+        log-probabilities (predict='x0') or rounding logits ('eps'): either one's softmax is the estimate's p(w)."""
         h = self.backbone(self.features(x_t, x0_sc, cond), t.float() / self.config.T)
         if self.config.predict == 'eps':
             eps_hat = self.eps_head(h)
@@ -404,8 +405,10 @@ class GaussianLM(LanguageModel):
             return x0_hat, rounding_logits(x0_hat, self.table()), eps_hat
         # the network supplies what x_t alone cannot say (the context); the likelihood of x_t under each token is
         # known exactly and added at every t, so at high SNR the posterior is right by construction
-        logits = self.lm_head(h).float() + self.process.token_loglik(x_t, self.process.at(t, x_t), self.table())
-        return categorical_mean(logits, self.table()).to(x_t.dtype), logits, None
+        logits = self.process.token_loglik(x_t, self.process.at(t, x_t), self.table(), add_to=self.lm_head(h).float())
+        # normalised once: the categorical mean and the cross-entropy of denoising_loss both read these log-probs
+        logp = logits.log_softmax(-1)
+        return categorical_mean(logp, self.table()).to(x_t.dtype), logp, None
 
     def denoise(self, x_t, t, cond=None, x0_sc=None):
         """x0 estimate at (x_t, t); with self-conditioning and no previous estimate, a first pass supplies it."""
@@ -453,7 +456,7 @@ class GaussianLM(LanguageModel):
         self.time_proposal.update(t, kl)
         if self.config.predict == 'eps':
             return F.mse_loss(eps_hat.float(), noise.float())
-        return F.mse_loss(x0_hat.float(), x0.float()) + F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())
+        return F.mse_loss(x0_hat.float(), x0.float()) + F.nll_loss(logits.float().flatten(0, 1), idx.flatten())
 
     # -- the bound
     def decoder_logprobs(self, x_1, logits):
@@ -569,8 +572,18 @@ class EmbedDiffusion(GaussianLM):
         x0 = self.clean(idx)
         t, noise, x_t = self.noisy_draw(x0)
         loss = self.denoising_loss(idx, x0, t, noise, x_t, self.training_condition(idx))
-        rounding = F.cross_entropy(rounding_logits(x0, self.table()).flatten(0, 1).float(), idx.flatten())
-        return loss + (rounding + self.process.prior_kl(x0).mean().float())
+        return loss + (self.rounding_loss(idx) + self.process.prior_kl(x0).mean().float())
+
+    def rounding_loss(self, idx):
+        """Mean over positions of -log p(w | c_w) under the distance logits of rounding_logits: a function of the id w
+        alone, so each distinct id of the batch is scored once and weighted by its count (the same loss, a fraction
+        of the vocabulary-wide work). Compiled, every position is scored: unique() has a shape known only at run time."""
+        ids = idx.flatten()
+        if torch.compiler.is_compiling():
+            return F.cross_entropy(rounding_logits(self.clean(ids), self.table()), ids)
+        ids, counts = ids.unique(return_counts=True)
+        ce = F.cross_entropy(rounding_logits(self.clean(ids), self.table()), ids, reduction='none')
+        return (ce * counts).sum() / idx.numel()
 
     def init_state(self, n, length, fixed, generator, opts):
         if opts['guidance_scale'] != 1.0 and self.config.cfg_drop == 0.0:
