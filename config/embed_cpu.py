@@ -11,5 +11,5 @@ continuous_time = True  # VDM's continuous time: at the roadmap's budget it gave
                         # best samples (EXPERIMENTS.md section 3); the sweeps pin the discrete T = 1000 they ran with
 self_cond = True        # self-conditioning: the sampler feeds each step's x0 estimate back (as in every sweep's embed
                         # run); its extra half forward pass makes a step dearer, paid for in steps (max_iters)
-max_iters = 2800        # 2,800 x 8 x 64 = 1.43M tokens: what ten minutes hold with self-conditioning's extra pass
+max_iters = 2600        # 2,600 x 8 x 64 = 1.33M tokens: what ten minutes hold with self-conditioning's extra pass
 eval_interval = 1000    # an evaluation costs a few seconds of the ten minutes: at steps 0, 1,000, 2,000 and the last
