@@ -86,19 +86,21 @@ def draw_categorical(logits, generator, temperature=1.0, top_k=0, top_p=1.0, chu
     return out
 
 
-def categorical_mean(logits, table):
-    """E_p[table[w]] under p = softmax(logits) over the vocabulary: (..., V) x (V, D) -> (..., D)."""
-    return logits.float().softmax(-1) @ table
+def categorical_mean(logp, table):
+    """E_p[table[w]] under p = exp(logp), the vocabulary's log-probabilities: (..., V) x (V, D) -> (..., D)."""
+    return logp.float().exp() @ table
 
 
 def rounding_logits(x, table):
     """logit_v = -||x - c_v||^2 + ||x||^2 = 2 x.c_v - ||c_v||^2 over the rows c_v of table: ||x||^2 is the same for
-    every v, so dropping it changes neither the softmax nor the argmax. Float32, autocast off: in bf16 the
-    cancellation between terms of size ~D costs ~0.5 logits."""
+    every v, so dropping it changes neither the softmax nor the argmax. One GEMM, [x, 1] . [2 c_v, -||c_v||^2]: the
+    (V-wide) output is written once. Float32, autocast off: in bf16 the cancellation between terms of size ~D costs
+    ~0.5 logits."""
     with torch.autocast(x.device.type, enabled=False):
         E = table.float()
-        flat = torch.addmm(-(E * E).sum(-1), x.float().reshape(-1, x.shape[-1]), E.t(), alpha=2)
-    return flat.view(*x.shape[:-1], -1)
+        flat = x.float().reshape(-1, x.shape[-1])
+        lhs = torch.cat([flat, torch.ones_like(flat[:, :1])], -1)
+        return (lhs @ torch.cat([2 * E, -(E * E).sum(-1, keepdim=True)], -1).t()).view(*x.shape[:-1], -1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,20 +196,26 @@ class GaussianDiffusion(DiscreteTime):
         dt = x_t.dtype
         return a_s.sqrt().to(dt) * x0_hat + c_eps.to(dt) * eps + sigma.to(dt) * noise
 
-    def token_loglik(self, x_t, a, table, dtype=torch.float32):
+    def token_loglik(self, x_t, a, table, dtype=torch.float32, add_to=None):
         """log q(x_t | w) = log N(x_t; sqrt(a) c_w, (1 - a) I) for every row c_w of table (V, D), up to a constant
         per position: (2 sqrt(a) x_t.c_w - a ||c_w||^2) / (2 (1 - a)); a = abar_t, a float or a float64 tensor
-        shaped to broadcast on x_t. Autocast off: the term reaches ~1e3 nats, whose differences bf16 would lose."""
+        shaped to broadcast on x_t. With add_to (dtype, shaped (..., V)), the term is added to it in place and it is
+        returned. Autocast off: the term reaches ~1e3 nats, whose differences bf16 would lose."""
         a = torch.as_tensor(a, dtype=torch.float64, device=x_t.device)
-        n = a.numel()  # one abar for all, or one per row of x_t (shaped (B, 1, ...))
-        assert n in (1, x_t.shape[0]), (a.shape, x_t.shape)
+        B, D = x_t.shape[0], x_t.shape[-1]
+        assert a.numel() in (1, B), (a.shape, x_t.shape)  # one abar for all, or one per row of x_t (shaped (B, 1, ...))
+        a = a.reshape(-1, 1, 1).expand(B, 1, 1)
         with torch.autocast(x_t.device.type, enabled=False):
             E = table.to(dtype)
-            x = (a.sqrt() / (1 - a)).to(dtype) * x_t.to(dtype)              # scaled before the matmul: D columns, not V
-            bias = -(a / (2 * (1 - a))).to(dtype).reshape(n, 1, 1) * (E * E).sum(-1)  # (n, 1, V)
-            # one batched GEMM that starts from the bias: (V-wide) output written once, no separate scale and subtract
-            out = torch.baddbmm(bias, x.reshape(n, -1, x.shape[-1]), E.t().expand(n, -1, -1))
-            return out.view(*x_t.shape[:-1], E.shape[0])
+            # [sqrt(a) x_t / (1 - a), -a / (2 (1 - a))] . [c_w, ||c_w||^2]: one GEMM of D + 1 columns writes the
+            # (V-wide) output once, with no separate scale, bias or add
+            x = (a.sqrt() / (1 - a)).to(dtype) * x_t.to(dtype).reshape(B, -1, D)
+            lhs = torch.cat([x, (-(a / (2 * (1 - a)))).to(dtype).expand(B, x.shape[1], 1)], -1)
+            rhs = torch.cat([E, (E * E).sum(-1, keepdim=True)], -1).t().expand(B, -1, -1)
+            if add_to is None:
+                return torch.bmm(lhs, rhs).view(*x_t.shape[:-1], E.shape[0])
+            assert add_to.shape == (B, x.shape[1], E.shape[0]), (add_to.shape, x_t.shape)
+            return add_to.baddbmm_(lhs, rhs)
 
     def prior_kl(self, x0):
         """KL(q(x_T | x_0) || N(0, I)) per element, in nats, in x0's dtype (coefficients in float64)."""

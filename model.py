@@ -27,6 +27,7 @@ from diffusion import (NUM_BITS, BitFlipDiffusion, BoundTimeProposal, Continuous
                        ContinuousGaussianDiffusion, GaussianDiffusion, MaskSchedule, abar_schedule, bits_to_ids,
                        categorical_mean, code_bits, draw_categorical, ids_to_bits, rand, randn, rounding_logits,
                        stratified_times, valid_codes)
+from system import eval_in_full_precision, in_eval_mode
 
 MODEL_TYPES = ('embed', 'bits', 'analog', 'mask', 'ar')
 
@@ -260,27 +261,6 @@ def vocab_logits(h, tok_emb, vocab_size):
 
 
 # -------- The shared skeleton of every family
-def in_eval_mode(method, full_precision=False):
-    """Run a method with the module in eval mode (no dropout), restoring the previous mode afterwards; with
-    full_precision (position_nll) also without gradients or autocast: the Gaussian bounds multiply every error in the
-    x0 estimate by SNR/2 (~1e4 near t = 1), so bf16 rounding alone would add bits per token."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        was_training = self.training
-        self.eval()
-        try:
-            if not full_precision:
-                return method(self, *args, **kwargs)
-            with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):  # args[0]: the ids scored
-                return method(self, *args, **kwargs)
-        finally:
-            self.train(was_training)
-    return wrapper
-
-
-eval_in_full_precision = functools.partial(in_eval_mode, full_precision=True)  # the decorator of position_nll()
-
-
 class LanguageModel(nn.Module):
     """Base of the families: the process, parameter counts and the sampling loop. A family implements `forward(idx) ->
     loss`, `position_nll(idx) -> (B, L) bits` (its bound, or exact NLL, per position it scores) and the sampler hooks
@@ -432,7 +412,8 @@ class EmbedDiffusion(LanguageModel):
 
     # -- the network
     def x0_estimate(self, x_t, t, x0_sc, cond=None):
-        """(x0_hat, logits over the vocabulary, eps_hat or None) at (x_t, t): one network evaluation."""
+        """(x0_hat, scores over the vocabulary, eps_hat or None) at (x_t, t): one network evaluation. The scores are
+        log-probabilities (predict='x0') or rounding logits ('eps'): either one's softmax is the estimate's p(w)."""
         h = self.backbone(self.features(x_t, x0_sc, cond), t.float() / self.config.T)
         if self.config.predict == 'eps':
             eps_hat = self.eps_head(h)
@@ -442,8 +423,10 @@ class EmbedDiffusion(LanguageModel):
             return x0_hat, rounding_logits(x0_hat, self.table()), eps_hat
         # the network supplies what x_t alone cannot say (the context); the likelihood of x_t under each token is
         # known exactly and added at every t, so at high SNR the posterior is right by construction
-        logits = self.lm_head(h).float() + self.process.token_loglik(x_t, self.process.at(t, x_t), self.table())
-        return categorical_mean(logits, self.table()).to(x_t.dtype), logits, None
+        logits = self.process.token_loglik(x_t, self.process.at(t, x_t), self.table(), add_to=self.lm_head(h).float())
+        # normalised once: the categorical mean and the cross-entropy of denoising_loss both read these log-probs
+        logp = logits.log_softmax(-1)
+        return categorical_mean(logp, self.table()).to(x_t.dtype), logp, None
 
     def denoise(self, x_t, t, cond=None, x0_sc=None):
         """x0 estimate at (x_t, t); with self-conditioning and no previous estimate, a first pass supplies it."""
@@ -467,8 +450,18 @@ class EmbedDiffusion(LanguageModel):
         x0 = self.clean(idx)
         t, noise, x_t = self.noisy_draw(x0)
         loss = self.denoising_loss(idx, x0, t, noise, x_t, self.training_condition(idx))
-        rounding = F.cross_entropy(rounding_logits(x0, self.table()).flatten(0, 1).float(), idx.flatten())
-        return loss + (rounding + self.process.prior_kl(x0).mean().float())
+        return loss + (self.rounding_loss(idx) + self.process.prior_kl(x0).mean().float())
+
+    def rounding_loss(self, idx):
+        """Mean over positions of -log p(w | c_w) under the distance logits of rounding_logits: a function of the id w
+        alone, so each distinct id of the batch is scored once and weighted by its count (the same loss, a fraction
+        of the vocabulary-wide work). Compiled, every position is scored: unique() has a shape known only at run time."""
+        ids = idx.flatten()
+        if torch.compiler.is_compiling():
+            return F.cross_entropy(rounding_logits(self.clean(ids), self.table()), ids)
+        ids, counts = ids.unique(return_counts=True)
+        ce = F.cross_entropy(rounding_logits(self.clean(ids), self.table()), ids, reduction='none')
+        return (ce * counts).sum() / idx.numel()
 
     def noisy_draw(self, x0):
         """A training draw: t per sequence (stratified over 1..T, or real in (0, T]), the noise eps and x_t."""
@@ -508,7 +501,7 @@ class EmbedDiffusion(LanguageModel):
         self.time_proposal.update(t, kl)
         if self.config.predict == 'eps':
             return F.mse_loss(eps_hat.float(), noise.float())
-        return F.mse_loss(x0_hat.float(), x0.float()) + F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())
+        return F.mse_loss(x0_hat.float(), x0.float()) + F.nll_loss(logits.float().flatten(0, 1), idx.flatten())
 
     # -- the bound
     def decoder_logprobs(self, x_1, logits):
@@ -825,8 +818,9 @@ class MaskedDiffusion(LanguageModel):
 
 # -------- ar: the autoregressive baseline (and the judge for generative perplexity)
 class AutoregressiveLM(LanguageModel):
-    """GPT on the same backbone: causal attention, no time input (adaLN from a learned constant); a window of
-    block_size + 1 tokens, the next one predicted at each of the first block_size, generated from <|endoftext|>."""
+    """GPT on the same backbone: causal attention, no time input (adaLN from a learned constant). Windows are
+    block_size + 1 tokens: it reads the first block_size and predicts the next token at each position. Generation is
+    left to right with a KV cache, starting from <|endoftext|> (the last id)."""
     extra_tokens = 1
     sample_options = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
     fixed_steps = True

@@ -325,6 +325,23 @@ def test_embed_bound_is_not_below_the_entropy():
     assert bound < 50  # and training made it a usable number, not a blown-up one
 
 
+def test_rounding_loss_scores_each_distinct_id_once_and_equals_the_loss_over_every_position():
+    """embed's rounding loss, -log p(w | c_w) averaged over positions, is computed once per distinct id weighted by its
+    count: the value and the gradient must be those of the plain mean over all positions."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(model_type='embed', vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                                embed_dim=4))
+    idx = torch.tensor([[3, 3, 3, 5, 0, 3, 10, 5], [5, 1, 1, 3, 3, 3, 3, 2]])  # repeats with different counts
+    got = m.rounding_loss(idx)
+    (g_got,) = torch.autograd.grad(got, m.tok_emb.weight)
+    table = m.table()
+    logits = -((table[idx][..., None, :] - table) ** 2).sum(-1)  # -||c_w - c_v||^2 for every position and v
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten())
+    (g_want,) = torch.autograd.grad(want, m.tok_emb.weight)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert torch.allclose(g_got, g_want, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the Gaussian and bit bounds, term by term
 
 TOY = dict(vocab_size=8, block_size=4, n_layer=1, n_head=2, n_embd=16, T=20, embed_dim=4)
