@@ -1,7 +1,7 @@
 """
 Compare trained checkpoints of every family on one yardstick: likelihood, sample quality, diversity, speed.
 
-    python evaluate.py config/eval_steps.py
+    python evaluate.py config/eval_quickstart.py
     python evaluate.py --ckpts="['out-ar-cpu','out-mask-cpu']" --judge=out-ar-cpu --steps="[10,100]"
     python evaluate.py --ckpts="['out-mask-cpu']" --judge=gpt2-large     # the field's judge (pip install transformers)
 

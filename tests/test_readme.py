@@ -231,6 +231,19 @@ def test_no_file_names_a_path_outside_the_repository():
     assert git.returncode == 1 and not git.stdout, git.stdout  # 1: no match
 
 
+def test_every_config_file_the_docs_and_the_code_name_exists():
+    """A config named anywhere, in a command or in prose, in the documents or in the code's comments, is in config/."""
+    named = set()
+    for d, _, files in os.walk(ROOT):
+        if os.path.relpath(d, ROOT).split(os.sep)[0] in ('.', 'config', 'tests'):
+            for f in files:
+                if f.endswith(('.py', '.md')) and not f.startswith('ISSUE'):
+                    with open(os.path.join(d, f), encoding='utf-8') as fh:
+                        named |= set(re.findall(r'config/([a-z]\w*\.py)', fh.read()))  # (not config/FILE.py)
+    missing = sorted(n for n in named if not os.path.isfile(os.path.join(ROOT, 'config', n)))
+    assert len(named) >= 20 and not missing, missing
+
+
 def test_the_layout_table_is_the_house_and_every_module_has_its_test_file():
     """The README's layout table names every top-level module (no more than twelve) and nothing that is not there; each
     module has its tests in tests/test_<module>.py, and every test file but the documents' and the GPU's is a
