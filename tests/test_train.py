@@ -311,7 +311,7 @@ def test_bf16_autocast_on_cpu(data_dir, tmp_path):
 def test_compile(data_dir, tmp_path):
     out_dir = str(tmp_path / 'out')
     _, out = run_train([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=2',
-                        '--eval_interval=2', '--eval_iters=1', '--compile=True', '--self_cond=False'], timeout=400)
+                        '--eval_interval=2', '--eval_iters=1', '--compile=True', '--model_type=ar'], timeout=400)
     assert 'compile=True' in out and weights(out_dir)['iter_num'] == 2
     # the checkpoint holds the un-compiled module's names (no _orig_mod. prefix), so the loader reads it
     assert not any(k.startswith('_orig_mod') for k in weights(out_dir)['model'])
