@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,12 +82,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 fail = functools.partial(system.fail, 'sweep.py')
 
 
+RUN_KEYS = ('config', 'branch_from')  # a run's keys that are sweep.py's, not train.py settings
+
+
 def train_settings(run):
     """A run's full train.py settings (its config file, its own keys, train_overrides) and the argv that sets them."""
     import train
     base = run.get('config', train_config)
     argv = [base] + [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}"
-                     for k, v in {**run, **train_overrides}.items() if k != 'config']
+                     for k, v in {**run, **train_overrides}.items() if k not in RUN_KEYS]
     try:
         s = configure({k: getattr(train, k) for k in train._config_keys}, argv, keys=train._config_keys,
                       verbose=False, prog='train.py')
@@ -111,6 +115,10 @@ def check_config(c):
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         fail(f"duplicate out_dir {dup[0]!r}: two runs would share one checkpoint (or one name in the tables)")
+    stems = {r['branch_from'] for r in c['runs'] if r.get('branch_from')}
+    if stems & {r['out_dir'] for r in c['runs']}:
+        fail(f"branch_from={sorted(stems & {r['out_dir'] for r in c['runs']})[0]!r} is also a run's out_dir: a stem "
+             f"(the constant-rate run branches cool down from) has an out_dir of its own")
     taken = [k for k in ('ckpts', 'judge', 'out_dir') if k in c['eval_overrides']]
     if taken:
         fail(f"eval_overrides sets {taken[0]}: sweep.py sets ckpts, judge and out_dir itself")
@@ -165,7 +173,9 @@ def training_changes(stored, settings):
     skip = {*train.NOT_TRAINING, *(f.name for f in dataclasses.fields(ModelConfig)), 'max_iters',
             *(['lr_decay_iters'] if settings['lr_decay_iters'] < 0 else []),
             *(['gradient_accumulation_steps'] if launcher else [])}  # (rounded to the launcher's ranks)
-    return [f"{k}={stored.get(k, '(unset)')!r} -> {v!r}" for k, v in want.items() if k not in skip and stored.get(k) != v]
+    # a setting the checkpoint does not store is newer than it: it trained as that setting's default does
+    was = {k: stored.get(k, getattr(train, k, '(unset)')) for k in want}
+    return [f"{k}={was[k]!r} -> {v!r}" for k, v in want.items() if k not in skip and was[k] != v]
 
 
 def train_env():
@@ -183,6 +193,10 @@ def train_run(run, log):
     out_dir = s['out_dir']
     done, _, stored = checkpoint_iter(out_dir, s)
     changes = training_changes(stored, s) if done is not None else []
+    if changes and run.get('branch_from'):
+        stem, point = stem_run(run)
+        if done == point and not training_changes(stored, train_settings(stem)[0]):
+            changes = []  # the stem's checkpoint at the branch point, copied here: the branch starts from it
     if changes:  # another run's training in this out_dir: neither finished nor to be continued
         log(f"{out_dir}: its checkpoint was trained with other settings ({'; '.join(changes)}): training it again")
         done = None
@@ -214,6 +228,91 @@ def train_run(run, log):
             'model_type': s['model_type'], 'settings': {k: s[k] for k in columns}, 'iters': iters,
             'tokens': iters * s['batch_size'] * s['block_size'] * s['gradient_accumulation_steps'],
             'train_seconds': seconds, 'curve': curve}
+
+
+# ---- branches: runs that share the first part of their training (warmup-stable-decay, train.py's lr_schedule='wsd')
+
+def stem_run(run):
+    """(stem, branch point) of a branch: a run with branch_from = the out_dir of its stem, the same run with a
+    constant learning rate (cooldown_iters = 0) trained to the branch point max_iters - cooldown_iters, from where
+    the branch cools down. Every branch of one stem differs from it only in max_iters and cooldown_iters, so the stem
+    is one run, trained in stages from one branch point to the next."""
+    s, _ = train_settings(run)
+    if s['lr_schedule'] != 'wsd' or not s['cooldown_iters']:
+        fail(f"run {run['out_dir']!r} has branch_from but lr_schedule={s['lr_schedule']!r}, cooldown_iters="
+             f"{s['cooldown_iters']}: a branch is the cooldown of a warmup-stable-decay run (lr_schedule='wsd', "
+             f"cooldown_iters > 0)")
+    point = s['max_iters'] - s['cooldown_iters']
+    stem = {k: v for k, v in run.items() if k != 'branch_from'}
+    return {**stem, 'out_dir': run['branch_from'], 'max_iters': point, 'cooldown_iters': 0}, point
+
+
+def train_stem(stem, branches, log):
+    """The stem trained (or extended) to its max_iters, a branch point, and its checkpoint there copied into the
+    out_dir of each of its branches that has none yet (atomically: the branch then resumes from it)."""
+    todo = [b for b in branches if not os.path.exists(os.path.join(b['out_dir'], 'ckpt.pt'))]
+    if not todo:
+        return  # every branch from here has started already
+    s, _ = train_settings(stem)
+    done, _, _ = checkpoint_iter(s['out_dir'], s)
+    if done is not None and done > s['max_iters']:
+        fail(f"{s['out_dir']}/ckpt.pt is at iteration {done}, past the branch point {s['max_iters']} of "
+             f"{todo[0]['out_dir']}, which has no checkpoint: train the stem again (a fresh out_dir) or drop the branch")
+    train_run(stem, log)
+    for b in todo:
+        os.makedirs(b['out_dir'], exist_ok=True)
+        write_atomic(os.path.join(b['out_dir'], 'ckpt.pt'),
+                     lambda tmp: shutil.copyfile(os.path.join(s['out_dir'], 'ckpt.pt'), tmp))
+        log(f"{b['out_dir']}: branched from {s['out_dir']} at iteration {s['max_iters']}")
+
+
+def training_tasks(todo, log):
+    """The trainings, as (key, keys it waits for, function): one per run, and for runs with branch_from one per
+    branch point of each stem, in ascending order, each waiting for the one before. Runs keep their order; a stem's
+    stages go right before its first branch."""
+    stems, tasks = {}, []
+    for i, run in enumerate(todo):
+        if run.get('branch_from'):
+            stems.setdefault(run['branch_from'], []).append((i, run))
+    for i, run in enumerate(todo):
+        after = []
+        if run.get('branch_from'):
+            branches = stems[run['branch_from']]
+            points = sorted({stem_run(b)[1] for _, b in branches})
+            if (i, run) == branches[0]:  # the stem's stages, once
+                shared = [{k: v for k, v in train_settings(stem_run(b)[0])[0].items() if k != 'max_iters'}
+                          for _, b in branches]
+                odd = next((b for (_, b), v in zip(branches, shared) if v != shared[0]), None)
+                if odd is not None:
+                    k = next(k for k in shared[0] if shared[0][k] != train_settings(stem_run(odd)[0])[0].get(k))
+                    fail(f"runs {branches[0][1]['out_dir']!r} and {odd['out_dir']!r} branch from "
+                         f"{run['branch_from']!r} with different {k}: the branches of one stem differ only in "
+                         f"max_iters and cooldown_iters")
+                for k, p in enumerate(points):
+                    stem = next(stem_run(b)[0] for _, b in branches if stem_run(b)[1] == p)
+                    mine = [b for _, b in branches if stem_run(b)[1] == p]
+                    tasks.append((('stem', run['branch_from'], p), [('stem', run['branch_from'], points[k - 1])] if k
+                                  else [], functools.partial(train_stem, stem, mine, log)))
+            after = [('stem', run['branch_from'], stem_run(run)[1])]
+        tasks.append((('run', i), after, functools.partial(train_run, run, log)))
+    return tasks
+
+
+def run_tasks(tasks, workers):
+    """Each task's function, at most `workers` at once, a task starting once those it waits for are done, the
+    first ready in list order first. Returns {key: result}; a task that fails (sweep.py's one line) stops it all."""
+    results, pending, running = {}, list(tasks), {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        while pending or running:
+            for task in [t for t in pending if all(k in results for k in t[1])][:max(1, workers) - len(running)]:
+                pending.remove(task)
+                running[pool.submit(task[2])] = task[0]
+            if not running:
+                fail(f"task {pending[0][0]} waits for one that is not in the sweep")
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in finished:
+                results[running.pop(f)] = f.result()
+    return results
 
 
 def file_identity(path):
@@ -711,6 +810,8 @@ def main(argv=None, log=print):
     if run_root:
         for r in [*runs, *([judge] if judge else [])]:
             r['out_dir'] = os.path.join(run_root, r['out_dir'])
+            if r.get('branch_from'):
+                r['branch_from'] = os.path.join(run_root, r['branch_from'])
     for r in runs + ([judge] if judge else []):  # every run's settings are checked before the first one trains
         missing = [k for k in columns if k not in train_settings(r)[0]]
         if missing:
@@ -728,8 +829,8 @@ def main(argv=None, log=print):
         if judge_dir not in [train_settings(r)[0]['out_dir'] for r in runs]:
             todo.append(judge)  # trained like the runs, not compared with them
         res['judge'] = os.path.basename(os.path.normpath(judge_dir))
-    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-        done = list(pool.map(lambda r: train_run(r, log), todo))
+    trained = run_tasks(training_tasks(todo, log), jobs)
+    done = [trained[('run', i)] for i in range(len(todo))]
     res['runs'], res['judge_run'] = done[:len(runs)], (done[len(runs):] or [None])[0]
     if score:
         ev, ev_dir = run_evaluate([r['out_dir'] for r in res['runs']], judge_dir, log)

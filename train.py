@@ -107,10 +107,14 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # clip the global gradient norm at this value; 0 disables
-# learning-rate schedule: linear warmup, then cosine decay to min_lr
+# learning-rate schedule: linear warmup, then cosine decay to min_lr, or warmup-stable-decay (wsd)
 decay_lr = True                 # False keeps learning_rate constant (no warmup either)
+lr_schedule = 'cosine'          # 'cosine' | 'wsd': constant after the warmup, then a linear cooldown to min_lr over the
+                                # last cooldown_iters steps; the stable phase does not depend on max_iters, so one run
+                                # can be extended, or branched into a cooldown at any iteration (sweep.py's branch_from)
 warmup_iters = 100
-lr_decay_iters = -1             # -1 -> max_iters
+lr_decay_iters = -1             # cosine: -1 -> max_iters
+cooldown_iters = 0              # wsd: steps of the final cooldown (0: constant to the end)
 min_lr = -1.0                   # -1 -> learning_rate / 10
 ema_decay = 0.0                 # EMA of the weights (e.g. 0.9999 as in DiT); 0 disables
 # system
@@ -150,13 +154,15 @@ def check_settings(c, rank, world_size):
     if c['compile_mode'] not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
         fail(f"compile_mode={c['compile_mode']!r}, expected 'default', 'reduce-overhead', 'max-autotune' or "
              f"'max-autotune-no-cudagraphs'")
+    if c['lr_schedule'] not in ('cosine', 'wsd'):
+        fail(f"lr_schedule={c['lr_schedule']!r}, expected 'cosine' or 'wsd'")
     if c['backend'] not in ('auto', 'nccl', 'gloo'):
         fail(f"backend={c['backend']!r}, expected 'auto', 'nccl' or 'gloo'")
     for key, v in c.items():  # a NaN from a config file passes every comparison below; inf is no setting either
         if isinstance(v, float) and not math.isfinite(v):
             fail(f"{key}={v}, expected a finite number")
     for keys, low in ((('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'), 1),
-                      (('max_iters', 'warmup_iters', 'seed', 'grad_clip', 'peak_flops'), 0)):
+                      (('max_iters', 'warmup_iters', 'cooldown_iters', 'seed', 'grad_clip', 'peak_flops'), 0)):
         for key in keys:
             if c[key] < low:
                 fail(f"{key}={c[key]}, expected >= {low}")
@@ -166,6 +172,8 @@ def check_settings(c, rank, world_size):
                       ('beta2', " (AdamW's moment decay)")):
         if not 0.0 <= c[key] < 1.0:
             fail(f"{key}={c[key]}, expected in [0, 1){what}")
+    if c['cooldown_iters'] > c['max_iters']:
+        fail(f"cooldown_iters={c['cooldown_iters']}, expected <= max_iters={c['max_iters']} (the cooldown ends there)")
     if c['seed'] >= 2 ** 64:
         fail(f"seed={c['seed']}, expected < 2**64 (torch's seeds are 64-bit)")
 
@@ -497,11 +505,18 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
 
 
 def get_lr(it, c):
-    """Linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup over warmup_iters; then 'cosine': cosine decay to min_lr at lr_decay_iters, then min_lr; or 'wsd'
+    (warmup-stable-decay, Hagele et al. 2024): learning_rate until the cooldown's first step, max_iters -
+    cooldown_iters, then linearly down to min_lr, lr(it) = min_lr + (lr - min_lr) (max_iters - it) / cooldown_iters."""
     if not c['decay_lr']:
         return c['learning_rate']
     if it < c['warmup_iters']:
         return c['learning_rate'] * (it + 1) / (c['warmup_iters'] + 1)
+    if c['lr_schedule'] == 'wsd':
+        left = c['max_iters'] - it  # steps left, this one included
+        if left >= c['cooldown_iters']:
+            return c['learning_rate']
+        return c['min_lr'] + (c['learning_rate'] - c['min_lr']) * left / c['cooldown_iters']
     if it >= c['lr_decay_iters']:
         return c['min_lr']
     ratio = (it - c['warmup_iters']) / (c['lr_decay_iters'] - c['warmup_iters'])

@@ -1,8 +1,9 @@
 # GPU: any CPU sweep at DiT-B scale. Given after the sweep's own config, it maps its runs and judge to the GPU configs
 # (config/<family>_gpu.py, embed's config/dit_tinystories.py: 12 x 768, 256-token windows, 131k tokens a step; context
 # lengths scale by 4, the batch keeping the tokens a step), 10,000 iterations each, one run at a time, out_dirs and a
-# results_dir of their own, and the GPU evaluation (config/eval_sweep_gpu.py), which sets the step counts, samples and
-# bound draws; a sweep keeps its sampler settings and position buckets.
+# results_dir of their own, and the GPU evaluation (eval_overrides below: more step counts, samples and bound draws); a
+# sweep keeps its sampler settings and position buckets. (Not for sweep_epochs.py, whose budgets are epochs of the
+# CPU sample.)
 #   python sweep.py config/sweep_families.py config/sweep_gpu.py
 #   python sweep.py config/sweep_t_values.py config/sweep_gpu.py --launcher="torchrun --standalone --nproc_per_node=8"
 import os
@@ -23,6 +24,9 @@ def _gpu(run):
 runs = [_gpu(r) for r in runs]
 judge = _gpu(judge) if judge else judge
 results_dir = results_dir + '-gpu'
-eval_config = 'config/eval_sweep_gpu.py'
-eval_overrides = {k: v for k, v in eval_overrides.items() if k in ('sample_settings', 'position_buckets')}
+eval_config = 'config/eval_sweep_common.py'
+eval_overrides = {**{k: v for k, v in eval_overrides.items() if k in ('sample_settings', 'position_buckets')},
+                  'steps': [10, 100, 1000], 'num_samples': 256, 'sample_batch_size': 128, 'eval_batch_size': 64,
+                  'mc_samples': 4, 'mc_samples_by_family': {}, 'max_windows': 0, 'device': 'auto',
+                  'dtype': 'bfloat16'}  # sampling under autocast; likelihoods always run in fp32 (model.nll)
 jobs = 1                # one run at a time: each takes the whole GPU (or all of them, with a torchrun launcher)

@@ -267,6 +267,29 @@ def test_unfinished_run_is_resumed(shared, tmp_path):
     assert curve[:2] == first['runs'][0]['curve']  # kept from the first run, not trained again from scratch
 
 
+def test_branches_of_a_stem_are_the_straight_runs_of_their_length(shared, tmp_path):
+    """Warmup-stable-decay branches (branch_from): the stem trained in stages to each branch point, each branch cooled
+    down from its copy, give the very weights of a run of that length trained straight through; a second sweep finds
+    them all finished."""
+    import torch
+    wsd = dict(config='config/mask_cpu.py', block_size=16, lr_schedule='wsd', cooldown_iters=2)
+    cfg = tmp_path / 'sweep_branches.py'
+    cfg.write_text(f"runs = [dict(out_dir='b6', branch_from='stem', max_iters=6, **{wsd!r}),\n"
+                   f"        dict(out_dir='b4', branch_from='stem', max_iters=4, **{wsd!r}),\n"
+                   f"        dict(out_dir='straight6', max_iters=6, **{wsd!r})]\n"
+                   "score = False\npanels = ['bits_tokens']\n")
+    train = {k: v for k, v in shared['train'].items() if k != 'max_iters'}
+    where = {**shared, 'runs': str(tmp_path / 'runs'), 'train': train}
+    res, log = run_sweep(where, str(cfg), str(tmp_path / 'r1'))
+    assert 'b4: branched from' in log and 'b6: branched from' in log and [r['iters'] for r in res['runs']] == [6, 4, 6]
+    weights = {d: load_checkpoint(os.path.join(where['runs'], d))[0].state_dict() for d in ('b6', 'straight6')}
+    assert all(torch.equal(v, weights['straight6'][k]) for k, v in weights['b6'].items())
+    stem = torch.load(os.path.join(where['runs'], 'stem', 'ckpt.pt'), weights_only=True)
+    assert stem['iter_num'] == 4 and stem['config']['cooldown_iters'] == 0
+    again, _ = run_sweep(where, str(cfg), str(tmp_path / 'r2'))
+    assert [r['status'] for r in again['runs']] == ['skipped'] * 3
+
+
 @pytest.mark.parametrize('args, words', [
     (["--runs=[]"], 'runs is empty'),
     (["--runz=[]"], "unknown config key 'runz'"),
@@ -296,7 +319,7 @@ def test_gpu_variant_is_the_cpu_sweep_at_gpu_scale(name, monkeypatch):
     configure(cpu, [f'config/sweep_{name}.py'], keys=sweep._config_keys, verbose=False)
     configure(gpu, [f'config/sweep_{name}.py', 'config/sweep_gpu.py'], keys=sweep._config_keys, verbose=False)
     assert len(gpu['runs']) == len(cpu['runs']) and gpu['results_dir'] == cpu['results_dir'] + '-gpu'
-    assert gpu['eval_config'] == 'config/eval_sweep_gpu.py' and gpu['judge']['out_dir'] == 'out-sweep-judge-gpu'
+    assert gpu['eval_overrides']['num_samples'] == 256 and gpu['judge']['out_dir'] == 'out-sweep-judge-gpu'
     assert sweep.train_settings(gpu['judge'])[0]['model_type'] == 'ar'
     for c, g in zip(cpu['runs'], gpu['runs']):
         assert g['out_dir'] == c['out_dir'] + '-gpu' and re.search(r'(_gpu|dit_tinystories)\.py$', g['config'])
@@ -354,6 +377,10 @@ def test_a_run_trained_with_other_settings_is_not_finished(tmp_path):
     changes = sweep.training_changes(stored, {**s, 'learning_rate': 0.125})
     assert f"learning_rate={s['learning_rate']!r} -> 0.125" in changes, changes
     assert sweep.training_changes(None, s) == ['its checkpoint stores no training config']
+    # a checkpoint from before a setting existed trained as its default: finished, unless the run asks otherwise
+    older = {k: v for k, v in stored.items() if k not in ('lr_schedule', 'cooldown_iters')}
+    assert sweep.training_changes(older, s) == []
+    assert sweep.training_changes(older, {**s, 'lr_schedule': 'wsd'}) == ["lr_schedule='cosine' -> 'wsd'"]
 
 
 @pytest.mark.parametrize('kind, words', [

@@ -96,6 +96,23 @@ def test_model_settings_are_model_configs_fields_with_its_defaults():
 # --------------------------------------------------------------------------------------------------
 # training runs
 
+def test_learning_rate_schedules_against_their_closed_forms():
+    """cosine: warmup, then min_lr + (lr - min_lr)(1 + cos(pi r)) / 2; wsd: warmup, lr until the last cooldown_iters
+    steps, then linear to min_lr, so its stable phase is the same whatever max_iters is (what lets one stem serve
+    every branch, sweep.py)."""
+    c = dict(decay_lr=True, learning_rate=1.0, min_lr=0.1, warmup_iters=4, max_iters=24, lr_decay_iters=24,
+             lr_schedule='cosine', cooldown_iters=0)
+    assert train.get_lr(1, c) == pytest.approx(2 / 5)
+    assert train.get_lr(14, c) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 10 / 20)) / 2)
+    assert train.get_lr(30, c) == 0.1
+    w = {**c, 'lr_schedule': 'wsd', 'cooldown_iters': 8}
+    assert [train.get_lr(it, w) for it in (1, 4, 16)] == pytest.approx([2 / 5, 1.0, 1.0])
+    assert [train.get_lr(it, w) for it in (17, 20, 23)] == pytest.approx([0.1 + 0.9 * k / 8 for k in (7, 4, 1)])
+    longer = {**w, 'max_iters': 100, 'cooldown_iters': 0}  # the stem: constant to its end, whatever its length
+    assert all(train.get_lr(it, longer) == train.get_lr(it, w) for it in range(16))
+    assert train.get_lr(99, longer) == 1.0
+
+
 @pytest.mark.slow
 def test_short_run_loss_falls_and_checkpoint_loads(short_run):
     out_dir, out = short_run
