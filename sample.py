@@ -405,13 +405,16 @@ def main(argv=None):
         print(text if text is not None else decode(None, row))
         records.append({'sample': i, 'text': text, 'tokens': row, 'settings': settings_out})
     print("=" * 50)
+    target = None  # the output being written (a failed write() names no file)
     try:  # (the samples are printed above: a full disk loses only the file)
         if c['out_file']:
+            target = c['out_file']
             write_samples(c['out_file'], records)
         if c['trajectory_png'] and recorded:
+            target = c['trajectory_png']
             write_trajectory(c['trajectory_png'], recorded, samples, fixed, mtype, length)
     except OSError as e:
-        fail(f"cannot write {e.filename or 'an output'}: {one_line(e)} (is the disk full?); nothing was replaced")
+        fail(f"cannot write {target}: {one_line(e)} (is the disk full?); nothing was replaced")
     generated = int((fixed[0] < 0).sum()) * len(samples)
     print(f"sampling speed: {generated} generated tokens in {dt:.2f} s = {generated / dt:.1f} tokens/s; "
           f"{nfe} network evaluations" + (f" over {-(-len(samples) // bs)} calls of up to {bs} samples"

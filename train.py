@@ -140,6 +140,8 @@ NOT_TRAINING = ('out_dir', 'eval_interval', 'log_interval', 'eval_iters', 'eval_
                 'wandb_run_name', 'clearml_log', 'clearml_project', 'clearml_task', 'clearml_offline', 'dataset',
                 'device', 'compile', 'compile_mode', 'backend', 'peak_flops')
 _EVAL_SEED = 0xE7A1  # the eval windows and noise do not depend on `seed`, so runs with different seeds compare
+_MIN_BOUND_DRAWS = 64  # draws of the val bound in all, at least: a few single right-skewed draws can read near zero
+                       # (an untrained embed over 2 windows: 0.06 bits, over 80: 18.9), so few windows take more each
 fail = functools.partial(system.fail, 'train.py')
 
 
@@ -569,15 +571,18 @@ def estimate_loss(c, data, eval_model, raw_model, ema, ctx, rank, world_size, dd
             dist.all_reduce(total)
         out[name] = total.item() / c['eval_iters']
     if c['eval_bound']:
-        # one draw of the bound per window; the windows' spread gives the standard error, because the per-window
-        # bound is right-skewed and a mean of a few dozen single draws can sit well below the test-split figure.
-        # Bits per GPT-2 token (a compact vocabulary's <|unk|> charged its share of the unseen ids, prepare.Vocab)
+        # one draw of the bound per window (more where there are under _MIN_BOUND_DRAWS windows); the windows'
+        # spread gives the standard error, because the per-window bound is right-skewed and a mean of a few dozen
+        # single draws can sit well below the test-split figure. Bits per GPT-2 token (a compact vocabulary's
+        # <|unk|> charged its share of the unseen ids, prepare.Vocab)
         m, skip = (ema if ema is not None else raw_model), raw_model.extra_tokens
+        draws = 1 if m.exact_likelihood else -(-_MIN_BOUND_DRAWS // (c['eval_iters'] * c['batch_size']))
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # windows, sum, sum of squares, bits, bytes
         for k in range(rank, c['eval_iters'], world_size):
             gen = torch.Generator(device=device).manual_seed(stream_seed(_EVAL_SEED, 1, k))
             X = get_batch(data.val, c, k, _EVAL_SEED, 0)
-            bits = m.position_nll(X, generator=gen).double() + data.vocab.gpt2_bits(X[:, skip:])
+            bits = sum(m.position_nll(X, generator=gen).double() for _ in range(draws)) / draws
+            bits = bits + data.vocab.gpt2_bits(X[:, skip:])
             nbytes = data.token_bytes.to(device)[X[:, skip:]].sum() if data.token_bytes is not None else 0.0
             window = bits.mean(1)
             sums += torch.stack([torch.tensor(float(window.numel()), dtype=torch.float64, device=device),

@@ -253,6 +253,23 @@ def test_unwritable_out_dir_stops_before_any_work(tiny_run, capsys):
     assert 'bits/token' not in capsys.readouterr().out
 
 
+def test_a_full_disk_at_the_end_is_one_line_and_replaces_nothing(tiny_run, tmp_path, monkeypatch, capsys):
+    """The scores are printed first; a write that fails (ENOSPC) then ends in one line, the earlier results.json as it
+    was. Red if the final write loses its try/except (a traceback)."""
+    import errno
+    out = tmp_path / 'eval'
+    evaluate.main(small(tiny_run, out))
+    before = (out / 'results.json').read_bytes()
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, 'No space left on device', path)
+    monkeypatch.setattr(evaluate, 'write_json', full)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(small(tiny_run, out))
+    assert str(e.value.code).startswith(f"evaluate.py: cannot write out_dir='{out}'") and 'disk full' in str(e.value.code)
+    assert 'bits/token' in capsys.readouterr().out and (out / 'results.json').read_bytes() == before
+
+
 def test_empty_judge_file_is_one_line_naming_it(tiny_run, tmp_path):
     judge = tmp_path / 'judge.pt'
     judge.write_bytes(b'')

@@ -404,3 +404,22 @@ def test_ctrl_c_is_one_line_and_exit_130_and_writes_nothing(ckpts, tmp_path):
         p.kill()  # never left running (100,000 samples) when the test fails
     assert p.returncode == 130 and err.strip().splitlines()[-1] == 'sample.py: interrupted' and 'Traceback' not in err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(ckpts, tmp_path):
+    """A full disk, for real (a file size limit fails the write as ENOSPC does): one line, no out_file, no temp file.
+    Red if sample.py's writes lose their try/except (a traceback) or write in place (a partial out_file)."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+    out_file = tmp_path / 's.jsonl'
+    p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={ckpts["mask"]}', '--num_samples=4', '--steps=2',
+                        '--device=cpu', f'--out_file={out_file}'], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, preexec_fn=limit)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sample.py: cannot write {out_file}") and 'disk full' in last, last
+    assert os.listdir(tmp_path) == []

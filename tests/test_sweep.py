@@ -11,7 +11,8 @@ One-line mutations of sweep.py each test was checked to catch:
   end_to_end[eps_x0]       `curve = []` (eval_log.jsonl not read)
   end_to_end[ctx]          `notes_ = res['skipped']` (the config's notes dropped from results.md)
   end_to_end[diversity]    `if t == 1.0:` -> `if t != 1.0:` (sample.py's temperatures skipped)
-  unfinished_run_resumed   no `--init_from=resume` for a run with a checkpoint (trained again from scratch)
+  branches_of_a_stem       no `--init_from=resume` for a run with a checkpoint (the stem's second stage refused);
+                           `'cooldown_iters': 0` dropped from stem_run (the stem cools down: other weights)
   bad_sweep_configs        `if dup:` -> `if False:` (the duplicate-out_dir case)
   gpu_variant              `base = train_config` (a run's own config file ignored)
   t_quantile               `central(theta) - (2 * p - 1)` -> `central(theta) - p` (a one-sided point)
@@ -250,23 +251,6 @@ def test_parallel_jobs_split_the_cores(monkeypatch):
     assert 'OMP_NUM_THREADS' not in sweep.train_env()
 
 
-def test_unfinished_run_is_resumed(shared, tmp_path):
-    """A run whose checkpoint is short of max_iters continues from it (its first evaluations are kept)."""
-    cfg = tmp_path / 'sweep_one.py'
-    cfg.write_text("runs = [dict(config='config/mask_cpu.py', out_dir='out-resume', block_size=16)]\n"
-                   "score = False\npanels = ['bits_tokens']\n")
-    run_root = str(tmp_path / 'runs')
-    first, _ = run_sweep({**shared, 'runs': run_root}, str(cfg), str(tmp_path / 'r1'))
-    assert first['runs'][0]['status'] == 'trained'
-    more = {**shared['train'], 'max_iters': 4}
-    res, log = run_sweep({**shared, 'runs': run_root, 'train': more}, str(cfg), str(tmp_path / 'r2'))
-    assert res['runs'][0]['status'] == 'resumed' and res['runs'][0]['iters'] == 4
-    assert 'resuming from iteration 2' in log
-    curve = res['runs'][0]['curve']
-    assert [p['iter'] for p in curve] == [0, 2, 4]
-    assert curve[:2] == first['runs'][0]['curve']  # kept from the first run, not trained again from scratch
-
-
 def test_branches_of_a_stem_are_the_straight_runs_of_their_length(shared, tmp_path):
     """Warmup-stable-decay branches (branch_from): the stem trained in stages to each branch point, each branch cooled
     down from its copy, give the very weights of a run of that length trained straight through; a second sweep finds
@@ -286,6 +270,10 @@ def test_branches_of_a_stem_are_the_straight_runs_of_their_length(shared, tmp_pa
     assert all(torch.equal(v, weights['straight6'][k]) for k, v in weights['b6'].items())
     stem = torch.load(os.path.join(where['runs'], 'stem', 'ckpt.pt'), weights_only=True)
     assert stem['iter_num'] == 4 and stem['config']['cooldown_iters'] == 0
+    # the stem's second stage resumed the first (its first evaluations kept, not trained again from scratch)
+    assert 'stem: resuming from iteration 2' in log
+    with open(os.path.join(where['runs'], 'stem', 'eval_log.jsonl')) as f:
+        assert [json.loads(line)['iter'] for line in f] == [0, 2, 4]
     again, _ = run_sweep(where, str(cfg), str(tmp_path / 'r2'))
     assert [r['status'] for r in again['runs']] == ['skipped'] * 3
 

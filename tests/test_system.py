@@ -18,7 +18,9 @@ def test_the_auto_settings_resolve_and_the_impossible_ones_are_one_line():
     assert (device, device_type, dtype) == ('cpu', 'cpu', 'float32')  # bf16 on request only: no faster on CPUs
     for device, dtype, words in (('tpu', 'auto', "device='tpu', expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
                                  ('cpu', 'fp8', "dtype='fp8', expected 'auto', 'float32', 'bfloat16' or 'float16'"),
-                                 ('cpu', 'float16', "dtype='float16' needs CUDA (loss scaling)")):
+                                 ('cpu', 'float16', "dtype='float16' needs CUDA (loss scaling)"),
+                                 *([('mps', 'auto', "device='mps' but torch.backends.mps.is_available() is False")]
+                                   if not torch.backends.mps.is_available() else [])):
         with pytest.raises(SystemExit) as e:
             resolve_device(device, dtype, prog='sample.py')
         assert str(e.value.code).startswith(f"sample.py: {words}"), e.value.code

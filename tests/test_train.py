@@ -33,7 +33,7 @@ from configurator import configure
 from conftest import ROOT, TINY_TRAIN as TINY, evals, hand_compact_data, run_train, weights
 from diffusion import stream_seed
 from model import ModelConfig, build_model
-from prepare import TokenWindows, unigram_logprobs
+from prepare import TokenWindows, Vocab, load_meta, unigram_logprobs
 from system import fingerprint
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +186,25 @@ def test_val_bits_and_the_unigram_line_per_gpt2_token_and_byte_on_a_compact_voca
     bits = model.position_nll(x).double() + charge
     assert rec['val_bits'] == pytest.approx(bits.mean().item(), rel=1e-6)
     assert rec['val_bits_per_byte'] == pytest.approx((bits.sum() / nbytes).item(), rel=1e-6)
+
+
+def test_few_val_windows_take_more_draws_of_the_bound(small_vocab, tmp_path):
+    """2 val windows: the bound is the mean of 32 draws on each (64 in all), not one right-skewed draw, which can sit
+    near zero for an untrained model. Red if every window keeps one draw."""
+    out = str(tmp_path / 'out')
+    train.main([*TINY, *small_vocab[1], '--batch_size=1', '--eval_iters=2', '--max_iters=0', f'--out_dir={out}'])
+    with open(os.path.join(out, 'eval_log.jsonl')) as f:
+        rec = json.loads(f.readline())
+    model, _ = load_checkpoint(out, use_ema=False)
+    c = {'batch_size': 1, 'device': 'cpu'}
+    d = weights(out)['config']['data_dir']
+    window = []
+    for k in range(2):
+        gen = torch.Generator().manual_seed(stream_seed(train._EVAL_SEED, 1, k))
+        x = train.get_batch(TokenWindows(d, 'val', model.config.block_size), c, k, train._EVAL_SEED, 0)
+        draws = torch.stack([model.position_nll(x, generator=gen).double() for _ in range(32)]).mean(0)
+        window.append((draws + Vocab(load_meta(d)).gpt2_bits(x)).mean())
+    assert rec['val_bits'] == pytest.approx(torch.stack(window).mean().item(), rel=1e-6)
 
 
 @pytest.mark.slow
