@@ -60,6 +60,10 @@ jobs = 1                    # runs trained at once (each its own process; more t
 results_dir = 'sweep'       # results.json, results.md and sweep.png go here (evaluate.py's own output in eval/<key>/)
 overwrite = False           # let results_dir's files replace ones sweep.py did not write (no results.json of its own)
 score = True                # score the runs with evaluate.py (likelihood, samples at each step count)
+train = True                # False: train nothing; score the runs already finished, listing the others as left out (a
+                            # long sweep's results so far, while it trains on)
+splits = ['test']           # the splits each run's likelihood is measured on; the tables report 'test', and a 'val'
+                            # beside it is what a best checkpoint is chosen on
 eval_config = 'config/eval_sweep_common.py'  # evaluate.py config file ('' = its defaults)
 eval_overrides = {}         # evaluate.py settings after eval_config (steps, num_samples, ...); not ckpts/judge/out_dir
 temperatures = []           # sample.py temperatures for the families that take one (1.0 is evaluate.py's own rows)
@@ -315,6 +319,13 @@ def run_tasks(tasks, workers):
     return results
 
 
+def finished(run):
+    """Whether a run's checkpoint is at its max_iters, trained with its settings."""
+    s, _ = train_settings(run)
+    done, _, stored = checkpoint_iter(s['out_dir'], s)
+    return done == s['max_iters'] and not training_changes(stored, s)
+
+
 def file_identity(path):
     """What tells a file apart from a rewrite of it without reading it: size and modification time."""
     st = os.stat(path)
@@ -338,12 +349,14 @@ def what_changed(old, new):
                   else [])
 
 
-def run_evaluate(ckpts, judge_dir, log):
+def run_evaluate(ckpts, judge_dir, log, split='test'):
     """evaluate.py over the runs, into results_dir/eval/<key of its inputs: arguments, config file, checkpoint
     files>: a fresh directory whenever one changes, reused only when none did (inputs.json there records them).
-    Returns its results and that directory."""
+    The likelihood is on `split` (on another split than test, with one sample per row: its samples are the test
+    evaluation's). Returns its results and that directory."""
     argv = ([eval_config] if eval_config else []) + [f"--ckpts={ckpts!r}", f"--judge={judge_dir}"]
-    argv += [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in eval_overrides.items()]
+    more = {**eval_overrides, **({'split': split, 'num_samples': 1, 'sample_batch_size': 1} if split != 'test' else {})}
+    argv += [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in more.items()]
     inputs = score_inputs(argv, [*ckpts, *([judge_dir] if judge_dir else [])])
     key = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
     out_dir = os.path.join(results_dir, 'eval', key)
@@ -627,20 +640,27 @@ def gen_ppl(row):
 
 def markdown(res):
     cols = res['columns']
-    head = ['run', 'family', *cols, 'iters', 'tokens', 'train s/iter', 'test bits/token', 'context gain (bits)']
+    other = [sp for sp in res['sweep'].get('splits', ['test']) if sp != 'test']  # e.g. val, beside test
+    head = ['run', 'family', *cols, 'iters', 'tokens', 'train s/iter', *[f'{sp} bits/token' for sp in other],
+            'test bits/token', 'context gain (bits)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     if res.get('unigram'):
         u = res['unigram']
-        cells = ['unigram (train split)', '-', *['-' for _ in cols], '-', '-', '-', f"{u['bits']:.3f} (exact)", '0']
+        cells = ['unigram (train split)', '-', *['-' for _ in cols], '-', '-', '-', *['-' for _ in other],
+                 f"{u['bits']:.3f} (exact)", '0']
         lines.append('| ' + ' | '.join(cells) + ' |')
+
+    def bits(lk):
+        return '-' if not lk else f"{lk['bits']:.3f} (exact)" if lk['exact'] else \
+            f"{pm(lk['bits'], lk['bits_se'])} (bound, {lk['mc_samples']} draw/window)"
     for r in res['runs']:
         lk = r.get('likelihood')
-        bits = '-' if not lk else f"{lk['bits']:.3f} (exact)" if lk['exact'] else \
-            f"{pm(lk['bits'], lk['bits_se'])} (bound, {lk['mc_samples']} draw/window)"
         gain = '-' if not lk else pm(lk['context_gain'], lk['context_gain_se'], '+.3f')
         spi = num(seconds_per_iter(r), '.2f')
         lines.append('| ' + ' | '.join([r['name'], r['model_type'], *[str(r['settings'][k]) for k in cols],
-                                        str(r['iters']), f"{r['tokens']:,}", spi, bits, gain]) + ' |')
+                                        str(r['iters']), f"{r['tokens']:,}", spi,
+                                        *[bits((r.get('likelihood_by_split') or {}).get(sp)) for sp in other],
+                                        bits(lk), gain]) + ' |')
     scored = [f"Scored by the code at `{res['code'] or 'unknown'}` (git describe, as evaluate.py recorded it; a "
               f"reused evaluation keeps the code that made it).", ''] if res['sweep']['score'] else []
     out = scored + ['## Runs', '', *lines]
@@ -820,6 +840,15 @@ def main(argv=None, log=print):
         fail(f"x={x!r} must be one of columns={columns!r} (the settings the tables and plot know)")
     res = {'sweep': c, 'columns': columns, 'notes': list(notes), 'skipped': [], 'runs': [], 'samples': [],
            'judge': '', 'num_samples': None, 'sample_length': None, 'code': None}
+    if not train:  # only what has finished: the rest is named under the tables
+        left = [r for r in runs if not finished(r)]
+        res['skipped'] += [f"{r['out_dir']}: not finished yet, left out (train=False)" for r in left]
+        runs[:] = [r for r in runs if r not in left]
+        if not runs:
+            fail("train=False and no run of the sweep has finished: nothing to score")
+        if judge and not finished(judge):
+            res['skipped'].append(f"{judge['out_dir']} (the judge): not finished yet, so no gen-PPL (train=False)")
+            globals()['judge'] = {}
     judge_dir, todo = '', list(runs)
     if judge:
         s, _ = train_settings(judge)
@@ -840,9 +869,13 @@ def main(argv=None, log=print):
                           for row in ev['rows'] if row['family'] != 'data']
         res['reference'] = next((row for row in ev['rows'] if row['family'] == 'data'), None)
         res.update(unigram=ev.get('unigram'), num_samples=ev['num_samples'], sample_length=ev['sample_length'],
-                   skipped=ev['skipped'], code=ev.get('code'))  # the code that scored, as evaluate.py recorded it
+                   skipped=res['skipped'] + ev['skipped'], code=ev.get('code'))  # the code that scored, as evaluate.py recorded it
         if temperatures:
             res['samples'] += temperature_rows(res['runs'], ev, judge_dir, os.path.join(ev_dir, 'samples'), log)
+        for split in (x for x in splits if x != 'test'):
+            other, _ = run_evaluate([r['out_dir'] for r in res['runs']], judge_dir, log, split)
+            for r in res['runs']:
+                r.setdefault('likelihood_by_split', {})[split] = other['likelihood'].get(r['name'])
         res['comparisons'] = comparisons(res)  # the record; the tables compute them again (comparisons())
     os.makedirs(results_dir, exist_ok=True)
     draw(res, os.path.join(results_dir, 'sweep.png'))

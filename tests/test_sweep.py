@@ -276,6 +276,16 @@ def test_branches_of_a_stem_are_the_straight_runs_of_their_length(shared, tmp_pa
         assert [json.loads(line)['iter'] for line in f] == [0, 2, 4]
     again, _ = run_sweep(where, str(cfg), str(tmp_path / 'r2'))
     assert [r['status'] for r in again['runs']] == ['skipped'] * 3
+    # train=False scores what has finished, on val and test, and names the run left out (b8: never trained)
+    cfg.write_text(cfg.read_text().replace("runs = [", f"runs = [dict(out_dir='b8', branch_from='stem', max_iters=8, "
+                                                       f"**{wsd!r}), ").replace('score = False', 'score = True'))
+    part, log = run_sweep(where, str(cfg), str(tmp_path / 'r3'), '--train=False', "--splits=['val','test']")
+    assert [r['name'] for r in part['runs']] == ['b6', 'b4', 'straight6'] and 'training' not in log
+    assert any('b8: not finished yet, left out (train=False)' in n for n in part['skipped'])
+    val, test = part['runs'][0]['likelihood_by_split']['val'], part['runs'][0]['likelihood']
+    assert val['scored']['split'] == 'val' and test['scored']['split'] == 'test' and val['bits'] != test['bits']
+    md = open(tmp_path / 'r3' / 'results.md').read()
+    assert '| val bits/token | test bits/token |' in md and f"{val['bits']:.3f} ± " in md
 
 
 @pytest.mark.parametrize('args, words', [
