@@ -73,6 +73,8 @@ panels = ['bits_tokens', 'bits_seconds', 'gen_ppl_steps', 'entropy_steps']  # wh
 notes = []                  # lines the config adds under the tables (what the sweep does not measure, and why)
 paired = 'all'              # paired per-window differences of context gain: 'all' pairs of run groups, 'within' a
                             # family only, or '' none (a group: the runs that differ only in `seed`)
+epoch_tokens = 0            # the train split's tokens: > 0 makes the runs budgets of epochs (tokens / epoch_tokens) and
+                            # adds the data-reuse tables (convergence(): each family against ar, budget by budget)
 retabulate = ''             # a results_dir: make its results.md (and results.json's comparisons) again from its
                             # results.json by this code's tables and verdicts; nothing is trained or scored
 _config_keys = [k for k, v in list(globals().items()) if not k.startswith('_') and not callable(v)
@@ -594,6 +596,103 @@ def comparison_markdown(cmp):
     return lines
 
 
+# ---- data reuse: each family's budgets against ar's (a sweep with epoch_tokens)
+
+def log_crossing(points, level):
+    """The first x at which y (over points (x, y), x ascending) reaches `level` from below, linear in log x between
+    the two points around it; None if it never does."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y0 < level <= y1:
+            return math.exp(math.log(x0) + (level - y0) / (y1 - y0) * (math.log(x1) - math.log(x0)))
+    return points[0][0] if points and points[0][1] >= level else None
+
+
+def convergence(res):
+    """The data-reuse answer, from runs that are budgets of each family (groups by family and max_iters, seeds
+    averaged): per family its budgets (epochs, tokens, training seconds, val and test bits, context gain ± SE); its
+    best budget chosen on the val split (lowest val bits, never the test split) and reported on test; that best
+    against ar's best, chosen the same way, and at every budget both have, against ar's run of that budget, as the
+    paired difference of test context gains with its seed spread (paired_difference); the tokens at which its gain
+    first reaches 1, 2 and 3 bits, and at which its test bits first reach ar's best (log-linear between budgets)."""
+    epoch = res['sweep']['epoch_tokens']
+    fams = {}
+    for rs in seed_groups(res).values():
+        g = group_stats(rs)
+        vals = [(r.get('likelihood_by_split') or {}).get('val') for r in rs]
+        g.update(tokens=rs[0]['tokens'], seconds=statistics.fmean(r['train_seconds'] or 0.0 for r in rs),
+                 val=statistics.fmean(v['bits'] for v in vals) if None not in vals else None)
+        fams.setdefault(g['family'], []).append(g)
+    for gs in fams.values():
+        gs.sort(key=lambda g: g['tokens'])
+
+    def best(gs):  # chosen on val (test where a run has no val score: then the table says so)
+        chosen = [g for g in gs if g['val'] is not None] or gs
+        return min(chosen, key=lambda g: g['val'] if g['val'] is not None else g['bits'])
+    out = {'families': {}, 'ar_best': None}
+    ar = fams.get('ar')
+    ar_best = best(ar) if ar else None
+    if ar_best:
+        out['ar_best'] = {k: ar_best[k] for k in ('tokens', 'seconds', 'val', 'bits', 'gain', 'se')}
+    for fam, gs in fams.items():
+        b = best(gs)
+        row = {'budgets': [{k: g[k] for k in ('tokens', 'seconds', 'seeds', 'val', 'bits', 'gain', 'se')} for g in gs],
+               'best': {k: b[k] for k in ('tokens', 'seconds', 'val', 'bits', 'gain', 'se')},
+               'gain_tokens': {n: log_crossing([(g['tokens'], g['gain']) for g in gs], n) for n in (1, 2, 3)}}
+        if ar and fam != 'ar':
+            row['vs_ar_best'] = paired_difference(b, ar_best)
+            by_tokens = {g['tokens']: g for g in ar}
+            row['vs_ar'] = [{'tokens': g['tokens'], **paired_difference(g, by_tokens[g['tokens']])}
+                            for g in gs if g['tokens'] in by_tokens]
+            reach = log_crossing([(g['tokens'], -g['bits']) for g in gs], -ar_best['bits'])
+            row['match_ar_best'] = None if reach is None else {'tokens': reach, 'multiplier': reach / ar_best['tokens']}
+        out['families'][fam] = row
+    out['epoch_tokens'] = epoch
+    return out
+
+
+def convergence_markdown(conv):
+    epoch = conv['epoch_tokens']
+
+    def ep(tokens):
+        return '-' if tokens is None else f"{tokens / epoch:.3g}"
+    lines = ['## Convergence: each family by epochs of the train split', '',
+             f"An epoch is {epoch:,} tokens. Each row a budget (its model cooled down to that budget); val and test "
+             "bits per GPT-2 token (seeds averaged), the context gain on test ± its SE (seeds included).", '']
+    head = ['family', 'epochs', 'tokens', 'train seconds', 'seeds', 'val bits/token', 'test bits/token',
+            'context gain ± SE']
+    lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for fam, row in conv['families'].items():
+        for g in row['budgets']:
+            lines.append('| ' + ' | '.join([fam, ep(g['tokens']), f"{g['tokens']:,}", num(g['seconds'], ',.0f'),
+                                            str(g['seeds']), num(g['val']), num(g['bits']),
+                                            pm(g['gain'], g['se'], '+.3f')]) + ' |')
+    head = ['family', 'best budget (epochs, chosen on val)', 'val bits/token', 'test bits/token', 'context gain ± SE',
+            'against ar\'s best: gain difference ± SE', 't (95%)', 'verdict', 'epochs to 1 / 2 / 3 bits of gain',
+            "epochs to ar's best test bits (x ar's tokens)"]
+    lines += ['', '## Best budgets, chosen on val', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for fam, row in conv['families'].items():
+        b, p, m = row['best'], row.get('vs_ar_best'), row.get('match_ar_best', 'ar')
+        lines.append('| ' + ' | '.join([
+            fam, ep(b['tokens']), num(b['val']), num(b['bits']), pm(b['gain'], b['se'], '+.3f'),
+            pm(p['diff'], p['se'], '+.3f') if p else '-', num(p['t'], '.2f') if p else '-',
+            verdict({**p, 'a': fam, 'b': 'ar'}) if p else '-',
+            ' / '.join(ep(row['gain_tokens'][n]) for n in (1, 2, 3)),
+            '-' if m == 'ar' else 'not within its budgets' if m is None else
+            f"{ep(m['tokens'])} ({m['multiplier']:.2g}x)"]) + ' |')
+    for fam, row in conv['families'].items():
+        if not row.get('vs_ar'):
+            continue
+        head = ['epochs', f'{fam} - ar: gain difference ± SE', 't (95%)', 'verdict']
+        lines += ['', f"## {fam} against ar, budget by budget", '', '| ' + ' | '.join(head) + ' |',
+                  '|' + '---|' * len(head)]
+        for p in row['vs_ar']:
+            lines.append('| ' + ' | '.join([ep(p['tokens']), pm(p['diff'], p['se'], '+.3f'), num(p['t'], '.2f'),
+                                            verdict({**p, 'a': fam, 'b': 'ar'})]) + ' |')
+    return lines + ['', 'Gain differences are paired over the same test windows, seed spreads included (a positive one: '
+                    'the family ahead of ar); "epochs to" reads the budgets log-linearly between the two around the '
+                    'level, "-" where no budget reaches it.', '']
+
+
 def summary_table(res):
     """One row per setting (its seeds together): the README's results table, made from results.json alone.
     Samples: the first seed's run at the largest step count, default sampler, beside the test text's."""
@@ -667,6 +766,8 @@ def markdown(res):
     cmp = comparison_markdown(comparisons(res))  # by this code's rules, whatever code wrote the file
     if cmp:
         out += [''] + cmp
+    if res['sweep'].get('epoch_tokens') and res['sweep']['score']:
+        out += [''] + convergence_markdown(convergence(res))
     if res['samples']:
         head = ['run', *cols, 'steps', 'temperature', 'NFE', 'tok/s', 'gen-PPL (judge bits/token ± SE)',
                 'entropy ± SE', 'dist-1', 'dist-2', 'dist-3', 'rep-4', 'self-BLEU ± SE']
@@ -698,6 +799,22 @@ def _curve(ax, res, key, label):
     if res['runs'] and res['runs'][0]['curve']:
         ax.axhline(res['runs'][0]['curve'][-1]['unigram_bits'], color='gray', ls='--', label='unigram')
     ax.set(xlabel=label, ylabel='val bits/token (bound; exact for ar)', yscale='log')
+
+
+def _budgets(ax, res, key, label):
+    """Each family's budgets (convergence()): test bits ± SE (solid) and val bits (dashed), against epochs or
+    training seconds, beside the unigram line."""
+    conv = convergence(res)
+    for fam, row in conv['families'].items():
+        gs = row['budgets']
+        xs = [g['tokens'] / conv['epoch_tokens'] if key == 'epochs' else g['seconds'] for g in gs]
+        line = ax.errorbar(xs, [g['bits'] for g in gs], [g['se'] for g in gs], marker='o', capsize=2,
+                           label=f"{fam} (test)")
+        if all(g['val'] is not None for g in gs):
+            ax.plot(xs, [g['val'] for g in gs], ls='--', color=line[0].get_color(), label=f"{fam} (val)")
+    if res.get('unigram'):
+        ax.axhline(res['unigram']['bits'], color='gray', ls=':', label='unigram (test)')
+    ax.set(xlabel=label, ylabel='bits/token (bound; exact for ar)', xscale='log')
 
 
 def _by_steps(ax, res, key, label):
@@ -794,6 +911,8 @@ PANELS = {
     'gen_ppl_seconds': lambda ax, res: _cost(ax, res, 'gen_ppl', 'seconds', 'gen-PPL under the judge'),
     'entropy_nfe': lambda ax, res: _cost(ax, res, 'entropy', 'nfe', 'unigram entropy per sample (bits)'),
     'bits_position': _by_position,
+    'budgets_epochs': lambda ax, res: _budgets(ax, res, 'epochs', 'epochs of the train split (each a cooled-down budget)'),
+    'budgets_seconds': lambda ax, res: _budgets(ax, res, 'seconds', 'training seconds'),
 }
 
 

@@ -10,7 +10,8 @@
 from config.sweep_common import *  # judge, evaluation, the CPU backbone
 from config.sweep_common import _run
 
-_EPOCH = 942841 / (8 * 64)  # iterations per epoch: the compact sample's train tokens / tokens per iteration (1841.5)
+epoch_tokens = 942841      # the compact sample's train split: the runs are budgets of epochs (the convergence tables)
+_EPOCH = epoch_tokens / (8 * 64)  # iterations per epoch: train tokens / tokens per iteration (1841.5)
 _COOLDOWN = 0.2             # each budget's last fifth is its cooldown
 _LADDER = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)  # budgets, epochs: log-spaced, the same for every family
 _AR_EXTRA = (12, 24)        # ar: denser where it turns (~13 epochs in a cosine pilot)
@@ -41,7 +42,7 @@ splits = ['val', 'test']  # a family's best budget is chosen on val and reported
 columns = ['seed', 'max_iters']
 x = 'max_iters'
 results_dir = 'results/sweep-epochs'
-panels = ['bits_x', 'gen_ppl_x']
+panels = ['budgets_epochs', 'budgets_seconds', 'gen_ppl_x']
 paired = ''              # the convergence tables pair each family with ar at a budget
 notes = ['Each run is a budget: max_iters / 1841.5 epochs of the train split; its model is a branch of its family\'s '
          'constant-rate stem, cooled down over its last 20% (warmup-stable-decay).']

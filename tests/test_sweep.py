@@ -229,6 +229,45 @@ def test_seed_groups_and_paired_differences_by_hand(monkeypatch):
     assert '| mask | ar | -0.500 | 0.289 | - | 3.0 | -1.73 | 3.18 | not resolved' in md, md
 
 
+def test_convergence_chooses_on_val_and_reads_budgets_log_linearly():
+    """Budgets of 1, 2 and 4 epochs (100 tokens each) of ar and mask, one seed, four test windows. ar's test gains
+    1.0, 2.0, 1.5 (it overfits), val bits 7.0, 6.0, 6.5: best at 2 epochs. mask's gains 0.5, 1.5, 2.5, val bits 7.5,
+    5.4, 5.5: chosen on val, its best is 2 epochs although test is lowest at 4. By hand: mask's gain reaches 1 bit
+    between 100 and 200 tokens, at 100 sqrt(2) in log tokens (1.41 epochs), 2 bits at 200 sqrt(2); its test bits
+    reach ar's best (6.0) at 200 sqrt(2) tokens, 1.41x ar's; at 4 epochs it leads ar's 4-epoch run by 1.0 bit.
+    Red if the best is chosen on test, or the crossings are read linearly in tokens."""
+    off_ar, off_mask = [0.1, -0.1, 0.05, -0.05], [0.2, -0.1, 0.0, -0.1]
+
+    def run(fam, epochs, gain, val, off):
+        r = _run(f'{fam}{epochs}', fam, 1, [gain + o for o in off])
+        r['likelihood']['bits'] = 8 - gain
+        return {**r, 'settings': {'seed': 1, 'max_iters': epochs}, 'tokens': 100 * epochs, 'train_seconds': 10.0 * epochs,
+                'likelihood_by_split': {'val': {'bits': val}}}
+    res = {'columns': ['seed', 'max_iters'], 'sweep': {'epoch_tokens': 100, 'score': True, 'paired': ''},
+           'runs': [run('ar', 1, 1.0, 7.0, off_ar), run('ar', 2, 2.0, 6.0, off_ar), run('ar', 4, 1.5, 6.5, off_ar),
+                    run('mask', 1, 0.5, 7.5, off_mask), run('mask', 2, 1.5, 5.4, off_mask),
+                    run('mask', 4, 2.5, 5.5, off_mask)]}
+    conv = sweep.convergence(res)
+    assert conv['ar_best']['tokens'] == 200 and conv['ar_best']['bits'] == pytest.approx(6.0)
+    mask = conv['families']['mask']
+    assert mask['best']['tokens'] == 200 and mask['best']['bits'] == pytest.approx(6.5)
+    assert mask['gain_tokens'][1] == pytest.approx(100 * math.sqrt(2)) and mask['gain_tokens'][3] is None
+    assert mask['gain_tokens'][2] == pytest.approx(200 * math.sqrt(2))
+    assert mask['match_ar_best']['multiplier'] == pytest.approx(math.sqrt(2))
+    assert mask['vs_ar_best']['diff'] == pytest.approx(-0.5)
+    last = mask['vs_ar'][-1]
+    assert last['tokens'] == 400 and last['diff'] == pytest.approx(1.0) and last['resolved']
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    sweep.PANELS['budgets_epochs'](ax, res)  # the picture reads what the tables read: x in epochs
+    assert list(ax.lines[0].get_xdata()) == [1, 2, 4]
+    plt.close(fig)
+    md = '\n'.join(sweep.convergence_markdown(conv))
+    assert '| mask | 2 | 5.400 | 6.500 |' in md and '| 1.41 / 2.83 / - | 2.83 (1.4x) |' in md
+
+
 def test_a_finished_run_with_the_datas_vocabulary_is_recognised(tmp_path):
     """vocab_size = 0 (the configs' default) means the data's: a checkpoint that holds the data's size is this run's;
     any other setting that differs, or a vocab_size asked for explicitly, is another run's model."""
