@@ -276,30 +276,29 @@ def training_tasks(todo, log):
     """The trainings, as (key, keys it waits for, function): one per run, and for runs with branch_from one per
     branch point of each stem, in ascending order, each waiting for the one before. Runs keep their order; a stem's
     stages go right before its first branch."""
+    stem_of = {i: stem_run(run) for i, run in enumerate(todo) if run.get('branch_from')}  # (stem, point), once each
     stems, tasks = {}, []
-    for i, run in enumerate(todo):
-        if run.get('branch_from'):
-            stems.setdefault(run['branch_from'], []).append((i, run))
+    for i in stem_of:
+        stems.setdefault(todo[i]['branch_from'], []).append(i)
     for i, run in enumerate(todo):
         after = []
-        if run.get('branch_from'):
+        if i in stem_of:
             branches = stems[run['branch_from']]
-            points = sorted({stem_run(b)[1] for _, b in branches})
-            if (i, run) == branches[0]:  # the stem's stages, once
-                shared = [{k: v for k, v in train_settings(stem_run(b)[0])[0].items() if k != 'max_iters'}
-                          for _, b in branches]
-                odd = next((b for (_, b), v in zip(branches, shared) if v != shared[0]), None)
+            if i == branches[0]:  # the stem's stages, once
+                shared = [{k: v for k, v in train_settings(stem_of[j][0])[0].items() if k != 'max_iters'}
+                          for j in branches]
+                odd = next((j for j, v in zip(branches, shared) if v != shared[0]), None)
                 if odd is not None:
-                    k = next(k for k in shared[0] if shared[0][k] != train_settings(stem_run(odd)[0])[0].get(k))
-                    fail(f"runs {branches[0][1]['out_dir']!r} and {odd['out_dir']!r} branch from "
+                    k = next(k for k in shared[0] if shared[0][k] != shared[branches.index(odd)].get(k))
+                    fail(f"runs {run['out_dir']!r} and {todo[odd]['out_dir']!r} branch from "
                          f"{run['branch_from']!r} with different {k}: the branches of one stem differ only in "
                          f"max_iters and cooldown_iters")
+                points = sorted({stem_of[j][1] for j in branches})
                 for k, p in enumerate(points):
-                    stem = next(stem_run(b)[0] for _, b in branches if stem_run(b)[1] == p)
-                    mine = [b for _, b in branches if stem_run(b)[1] == p]
+                    at = [j for j in branches if stem_of[j][1] == p]
                     tasks.append((('stem', run['branch_from'], p), [('stem', run['branch_from'], points[k - 1])] if k
-                                  else [], functools.partial(train_stem, stem, mine, log)))
-            after = [('stem', run['branch_from'], stem_run(run)[1])]
+                                  else [], functools.partial(train_stem, stem_of[at[0]][0], [todo[j] for j in at], log)))
+            after = [('stem', run['branch_from'], stem_of[i][1])]
         tasks.append((('run', i), after, functools.partial(train_run, run, log)))
     return tasks
 
