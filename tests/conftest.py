@@ -1,8 +1,9 @@
 """Shared test fixtures: real TinyStories text, tokenized with the project's GPT-2 encoding; prepared data and
 train.py runs (test_train.py, test_loggers.py); and the `slow` marker.
 
-    python -m pytest -q                  # everything (what CI runs)
+    python -m pytest -q                  # everything (what CI runs), one worker per core (pytest.ini: -n auto)
     python -m pytest -q -m "not slow"    # all but the end-to-end runs and the other tests over ~5 s: ~2 minutes
+    python -m pytest -q -n0 tests/test_model.py   # one process, no workers: for a debugger or a single file
 """
 import json
 import lzma
@@ -13,6 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # one thread per worker (pytest-xdist starts one per core): set before torch is imported, so the subprocesses the
+    # tests start inherit it too. Two workers of all the cores each would oversubscribe them, and torch's threads then
+    # wait on each other: a tiny model's step ran ~40x slower so.
+    os.environ['OMP_NUM_THREADS'] = '1'
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +28,8 @@ from prepare import load_meta
 from system import keep_freed_memory
 from train import configure_optimizer
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)  # in case torch was imported before this file
 keep_freed_memory()  # the tests' vocabulary-sized tensors are reused, not re-mapped at every step (system.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (this file is in tests/)
