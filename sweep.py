@@ -606,6 +606,16 @@ def log_crossing(points, level):
     return points[0][0] if points and points[0][1] >= level else None
 
 
+def final_losses(run):
+    """{'train_loss', 'val_loss'}: the training objective (nats per token) on train and val windows at the run's last
+    iteration, as train.py evaluated it (eval_log.jsonl): where train falls below val, the model has begun to
+    memorise its train split. None where the log has no evaluation at that iteration."""
+    p = next((p for p in reversed(run.get('curve') or []) if p.get('iter') == run.get('iters')), None)
+    if p is None or p.get('train') is None or p.get('val') is None:
+        return None
+    return {'train_loss': p['train'], 'val_loss': p['val']}
+
+
 def convergence(res):
     """The data-reuse answer, from runs that are budgets of each family (groups by family and max_iters, seeds
     averaged): per family its budgets (epochs, tokens, training seconds, val and test bits, context gain ± SE); its
@@ -618,8 +628,11 @@ def convergence(res):
     for rs in seed_groups(res).values():
         g = group_stats(rs)
         vals = [(r.get('likelihood_by_split') or {}).get('val') for r in rs]
+        losses = [final_losses(r) for r in rs]
         g.update(tokens=rs[0]['tokens'], seconds=statistics.fmean(r['train_seconds'] or 0.0 for r in rs),
-                 val=statistics.fmean(v['bits'] for v in vals) if None not in vals else None)
+                 val=statistics.fmean(v['bits'] for v in vals) if None not in vals else None,
+                 **{k: statistics.fmean(l[k] for l in losses) if None not in losses else None
+                    for k in ('train_loss', 'val_loss')})
         fams.setdefault(g['family'], []).append(g)
     for gs in fams.values():
         gs.sort(key=lambda g: g['tokens'])
@@ -634,7 +647,8 @@ def convergence(res):
         out['ar_best'] = {k: ar_best[k] for k in ('tokens', 'seconds', 'val', 'bits', 'gain', 'se')}
     for fam, gs in fams.items():
         b = best(gs)
-        row = {'budgets': [{k: g[k] for k in ('tokens', 'seconds', 'seeds', 'val', 'bits', 'gain', 'se')} for g in gs],
+        row = {'budgets': [{k: g[k] for k in ('tokens', 'seconds', 'seeds', 'val', 'bits', 'gain', 'se', 'train_loss',
+                                              'val_loss')} for g in gs],
                'best': {k: b[k] for k in ('tokens', 'seconds', 'val', 'bits', 'gain', 'se')},
                'gain_tokens': {n: log_crossing([(g['tokens'], g['gain']) for g in gs], n) for n in (1, 2, 3)}}
         if ar and fam != 'ar':
@@ -656,15 +670,19 @@ def convergence_markdown(conv):
         return '-' if tokens is None else f"{tokens / epoch:.3g}"
     lines = ['## Convergence: each family by epochs of the train split', '',
              f"An epoch is {epoch:,} tokens. Each row a budget (its model cooled down to that budget); val and test "
-             "bits per GPT-2 token (seeds averaged), the context gain on test ± its SE (seeds included).", '']
+             "bits per GPT-2 token (seeds averaged), the context gain on test ± its SE (seeds included), and the "
+             "training objective on train and val windows at the budget's last step (train.py's evaluation): a "
+             "train loss below the val loss is the model memorising its train split.", '']
     head = ['family', 'epochs', 'tokens', 'train seconds', 'seeds', 'val bits/token', 'test bits/token',
-            'context gain ± SE']
+            'context gain ± SE', 'loss on train / val (nats)']
     lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for fam, row in conv['families'].items():
         for g in row['budgets']:
             lines.append('| ' + ' | '.join([fam, ep(g['tokens']), f"{g['tokens']:,}", num(g['seconds'], ',.0f'),
                                             str(g['seeds']), num(g['val']), num(g['bits']),
-                                            pm(g['gain'], g['se'], '+.3f')]) + ' |')
+                                            pm(g['gain'], g['se'], '+.3f'),
+                                            '-' if g['train_loss'] is None else
+                                            f"{g['train_loss']:.3f} / {g['val_loss']:.3f}"]) + ' |')
     head = ['family', 'best budget (epochs, chosen on val)', 'val bits/token', 'test bits/token', 'context gain ± SE',
             'against ar\'s best: gain difference ± SE', 't (95%)', 'verdict', 'epochs to 1 / 2 / 3 bits of gain',
             "epochs to ar's best test bits (x ar's tokens)"]
@@ -816,6 +834,20 @@ def _budgets(ax, res, key, label):
     ax.set(xlabel=label, ylabel='bits/token (bound; exact for ar)', xscale='log')
 
 
+def _losses(ax, res):
+    """Each family's training objective on train (dotted) and val (solid) windows at each budget's last step, against
+    epochs: the gap that opens between them is overfitting."""
+    conv = convergence(res)
+    for fam, row in conv['families'].items():
+        gs = [g for g in row['budgets'] if g['train_loss'] is not None]
+        if gs:
+            xs = [g['tokens'] / conv['epoch_tokens'] for g in gs]
+            line, = ax.plot(xs, [g['val_loss'] for g in gs], marker='o', label=f"{fam} (val)")
+            ax.plot(xs, [g['train_loss'] for g in gs], ls=':', marker='.', color=line.get_color(), label=f"{fam} (train)")
+    ax.set(xlabel='epochs of the train split (each a cooled-down budget)', ylabel='training objective (nats/token)',
+           xscale='log')
+
+
 def _by_steps(ax, res, key, label):
     for name in dict.fromkeys(s['name'] for s in res['samples']):
         pts = sorted((s['steps'], s[key]) for s in res['samples']
@@ -912,6 +944,7 @@ PANELS = {
     'bits_position': _by_position,
     'budgets_epochs': lambda ax, res: _budgets(ax, res, 'epochs', 'epochs of the train split (each a cooled-down budget)'),
     'budgets_seconds': lambda ax, res: _budgets(ax, res, 'seconds', 'training seconds'),
+    'losses_epochs': _losses,
 }
 
 

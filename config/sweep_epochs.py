@@ -42,7 +42,7 @@ splits = ['val', 'test']  # a family's best budget is chosen on val and reported
 columns = ['seed', 'max_iters']
 x = 'max_iters'
 results_dir = 'results/sweep-epochs'
-panels = ['budgets_epochs', 'budgets_seconds', 'gen_ppl_x']
+panels = ['budgets_epochs', 'budgets_seconds', 'losses_epochs', 'gen_ppl_x']
 paired = ''              # the convergence tables pair each family with ar at a budget
 notes = ['Each run is a budget: max_iters / 1841.5 epochs of the train split; its model is a branch of its family\'s '
          'constant-rate stem, cooled down over its last 20% (warmup-stable-decay).']

@@ -235,14 +235,20 @@ def test_convergence_chooses_on_val_and_reads_budgets_log_linearly():
     5.4, 5.5: chosen on val, its best is 2 epochs although test is lowest at 4. By hand: mask's gain reaches 1 bit
     between 100 and 200 tokens, at 100 sqrt(2) in log tokens (1.41 epochs), 2 bits at 200 sqrt(2); its test bits
     reach ar's best (6.0) at 200 sqrt(2) tokens, 1.41x ar's; at 4 epochs it leads ar's 4-epoch run by 1.0 bit.
-    Red if the best is chosen on test, or the crossings are read linearly in tokens."""
+    Beside each budget, the training objective on train / val at its last iteration, from its eval_log curve (none
+    for a run whose log has no evaluation there). Red if the best is chosen on test, the crossings are read linearly
+    in tokens, or the losses are read from the curve's last evaluation whatever its iteration (`if p.get('iter') ==
+    run.get('iters')` dropped in final_losses), or train and val swapped."""
     off_ar, off_mask = [0.1, -0.1, 0.05, -0.05], [0.2, -0.1, 0.0, -0.1]
+    curves = {('ar', 1): [{'iter': 0, 'train': 9.0, 'val': 9.0}, {'iter': 1, 'train': 3.5, 'val': 3.6}],
+              ('ar', 2): [{'iter': 0, 'train': 9.0, 'val': 9.0}, {'iter': 2, 'train': 3.0, 'val': 3.4}],
+              ('ar', 4): [{'iter': 2, 'train': 3.0, 'val': 3.4}]}  # no evaluation at its last iteration
 
     def run(fam, epochs, gain, val, off):
         r = _run(f'{fam}{epochs}', fam, 1, [gain + o for o in off])
         r['likelihood']['bits'] = 8 - gain
         return {**r, 'settings': {'seed': 1, 'max_iters': epochs}, 'tokens': 100 * epochs, 'train_seconds': 10.0 * epochs,
-                'likelihood_by_split': {'val': {'bits': val}}}
+                'likelihood_by_split': {'val': {'bits': val}}, 'iters': epochs, 'curve': curves.get((fam, epochs), [])}
     res = {'columns': ['seed', 'max_iters'], 'sweep': {'epoch_tokens': 100, 'score': True, 'paired': ''},
            'runs': [run('ar', 1, 1.0, 7.0, off_ar), run('ar', 2, 2.0, 6.0, off_ar), run('ar', 4, 1.5, 6.5, off_ar),
                     run('mask', 1, 0.5, 7.5, off_mask), run('mask', 2, 1.5, 5.4, off_mask),
@@ -264,8 +270,15 @@ def test_convergence_chooses_on_val_and_reads_budgets_log_linearly():
     sweep.PANELS['budgets_epochs'](ax, res)  # the picture reads what the tables read: x in epochs
     assert list(ax.lines[0].get_xdata()) == [1, 2, 4]
     plt.close(fig)
+    fig, ax = plt.subplots()
+    sweep.PANELS['losses_epochs'](ax, res)  # ar's val and train lines at the budgets that have them; mask has none
+    assert [list(line.get_ydata()) for line in ax.lines] == [[3.6, 3.4], [3.5, 3.0]]
+    plt.close(fig)
     md = '\n'.join(sweep.convergence_markdown(conv))
     assert '| mask | 2 | 5.400 | 6.500 |' in md and '| 1.41 / 2.83 / - | 2.83 (1.4x) |' in md
+    rows = {tuple(line.split(' | ')[:2]): line for line in md.split('## Best budgets')[0].splitlines()}
+    assert rows[('| ar', '1')].endswith('| 3.500 / 3.600 |') and rows[('| ar', '2')].endswith('| 3.000 / 3.400 |')
+    assert rows[('| ar', '4')].endswith('| - |') and rows[('| mask', '1')].endswith('| - |')
 
 
 def test_a_finished_run_with_the_datas_vocabulary_is_recognised(tmp_path):
