@@ -75,8 +75,9 @@ paired = 'all'              # paired per-window differences of context gain: 'al
                             # family only, or '' none (a group: the runs that differ only in `seed`)
 epoch_tokens = 0            # the train split's tokens: > 0 makes the runs budgets of epochs (tokens / epoch_tokens) and
                             # adds the data-reuse tables (convergence(): each family against ar, budget by budget)
-retabulate = ''             # a results_dir: make its results.md (and results.json's comparisons) again from its
-                            # results.json by this code's tables and verdicts; nothing is trained or scored
+retabulate = ''             # a results_dir: make its results.md, sweep.png and results.json's comparisons again
+                            # from its results.json by this code's tables, verdicts and panels; nothing is trained or
+                            # scored
 _config_keys = [k for k, v in list(globals().items()) if not k.startswith('_') and not callable(v)
                 and isinstance(v, (bool, int, float, str, list, tuple, dict))]
 _DEFAULTS = copy.deepcopy({k: globals()[k] for k in _config_keys})  # main() may run twice in one process (tests)
@@ -974,6 +975,8 @@ def main(argv=None, log=print):
         if not res.get('sweep', {}).get('score', True):
             fail(f"{retabulate}/results.json holds no scores to tabulate")
         res['comparisons'] = comparisons(res)
+        globals()['panels'] = res['sweep'].get('panels', panels)  # the picture the sweep drew, from today's code
+        draw(res, os.path.join(retabulate, 'sweep.png'))
         return write_results(res, retabulate, log)
     check_config(c)
     check_output_dir(results_dir, 'results.json', ['results.md', 'sweep.png'], 'sweep.py', overwrite,

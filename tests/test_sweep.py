@@ -151,6 +151,16 @@ def test_sweep_end_to_end(shared, name):
     assert ': training: ' not in log and 'scoring: ' not in log and 'sampling: ' not in log
     assert [r['likelihood'] for r in res2['runs']] == [r['likelihood'] for r in res['runs']]
 
+    # --retabulate makes the tables and the picture again from results.json alone
+    if name == 'families':
+        for f in ('results.md', 'sweep.png'):
+            os.remove(os.path.join(results_dir, f))
+        sweep.main([f'--retabulate={results_dir}'], log=lambda *a: None)
+        with open(os.path.join(results_dir, 'results.md')) as f:
+            assert f.read() == md
+        with open(os.path.join(results_dir, 'sweep.png'), 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
 
 def _run(name, family, seed, gains, se_draws=None):
     lk = {'window_gain': gains, 'context_gain': sum(gains) / len(gains), 'bits': 8 - sum(gains) / 4}
