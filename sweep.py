@@ -599,12 +599,15 @@ def comparison_markdown(cmp):
 # ---- data reuse: each family's budgets against ar's (a sweep with epoch_tokens)
 
 def log_crossing(points, level):
-    """The first x at which y (over points (x, y), x ascending) reaches `level` from below, linear in log x between
-    the two points around it; None if it never does."""
+    """The first x at which y (over points (x, y), x ascending) reaches `level`: the first point's x if y is there
+    already (the level is reached at or before it), else linear in log x between the two points around the first
+    rise through it; None if it never does."""
+    if points and points[0][1] >= level:
+        return points[0][0]
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if y0 < level <= y1:
             return math.exp(math.log(x0) + (level - y0) / (y1 - y0) * (math.log(x1) - math.log(x0)))
-    return points[0][0] if points and points[0][1] >= level else None
+    return None
 
 
 def final_losses(run):
@@ -669,6 +672,9 @@ def convergence_markdown(conv):
 
     def ep(tokens):
         return '-' if tokens is None else f"{tokens / epoch:.3g}"
+
+    def reach(tokens, budgets):  # a level held already at the first budget was reached at or before it
+        return ep(tokens) if tokens is None or tokens > budgets[0]['tokens'] else f"≤ {ep(tokens)}"
     lines = ['## Convergence: each family by epochs of the train split', '',
              f"An epoch is {epoch:,} tokens. Each row a budget (its model cooled down to that budget); val and test "
              "bits per GPT-2 token (seeds averaged), the context gain on test ± its SE (seeds included), and the "
@@ -694,9 +700,9 @@ def convergence_markdown(conv):
             fam, ep(b['tokens']), num(b['val']), num(b['bits']), pm(b['gain'], b['se'], '+.3f'),
             pm(p['diff'], p['se'], '+.3f') if p else '-', num(p['t'], '.2f') if p else '-',
             verdict({**p, 'a': fam, 'b': 'ar'}) if p else '-',
-            ' / '.join(ep(row['gain_tokens'][n]) for n in (1, 2, 3)),
+            ' / '.join(reach(row['gain_tokens'][n], row['budgets']) for n in (1, 2, 3)),
             '-' if m == 'ar' else 'not within its budgets' if m is None else
-            f"{ep(m['tokens'])} ({m['multiplier']:.2g}x)"]) + ' |')
+            f"{reach(m['tokens'], row['budgets'])} ({m['multiplier']:.2g}x)"]) + ' |')
     for fam, row in conv['families'].items():
         if not row.get('vs_ar'):
             continue
@@ -708,7 +714,7 @@ def convergence_markdown(conv):
                                             verdict({**p, 'a': fam, 'b': 'ar'})]) + ' |')
     return lines + ['', 'Gain differences are paired over the same test windows, seed spreads included (a positive one: '
                     'the family ahead of ar); "epochs to" reads the budgets log-linearly between the two around the '
-                    'level, "-" where no budget reaches it.', '']
+                    'level, "≤" where the first budget is at it already, "-" where no budget reaches it.', '']
 
 
 def summary_table(res):

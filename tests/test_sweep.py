@@ -247,7 +247,8 @@ def test_convergence_chooses_on_val_and_reads_budgets_log_linearly():
     reach ar's best (6.0) at 200 sqrt(2) tokens, 1.41x ar's; at 4 epochs it leads ar's 4-epoch run by 1.0 bit.
     Beside each budget, the training objective on train / val at its last iteration, from its eval_log curve (none
     for a run whose log has no evaluation there). Red if the best is chosen on test, the crossings are read linearly
-    in tokens, or the losses are read from the curve's last evaluation whatever its iteration (`if p.get('iter') ==
+    in tokens, a level held at the first budget is read at a later rise through it or shown without its "≤", or the
+    losses are read from the curve's last evaluation whatever its iteration (`if p.get('iter') ==
     run.get('iters')` dropped in final_losses), or train and val swapped."""
     off_ar, off_mask = [0.1, -0.1, 0.05, -0.05], [0.2, -0.1, 0.0, -0.1]
     curves = {('ar', 1): [{'iter': 0, 'train': 9.0, 'val': 9.0}, {'iter': 1, 'train': 3.5, 'val': 3.6}],
@@ -286,6 +287,8 @@ def test_convergence_chooses_on_val_and_reads_budgets_log_linearly():
     plt.close(fig)
     md = '\n'.join(sweep.convergence_markdown(conv))
     assert '| mask | 2 | 5.400 | 6.500 |' in md and '| 1.41 / 2.83 / - | 2.83 (1.4x) |' in md
+    assert '| ≤ 1 / 2 / - | - |' in md  # ar's gain is 1 bit at its first budget already: reached at or before it
+    assert sweep.log_crossing([(1, 3.0), (2, 0.0), (4, 3.0)], 1.0) == 1  # the first reach, not a later rise
     rows = {tuple(line.split(' | ')[:2]): line for line in md.split('## Best budgets')[0].splitlines()}
     assert rows[('| ar', '1')].endswith('| 3.500 / 3.600 |') and rows[('| ar', '2')].endswith('| 3.000 / 3.400 |')
     assert rows[('| ar', '4')].endswith('| - |') and rows[('| mask', '1')].endswith('| - |')
