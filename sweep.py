@@ -981,7 +981,8 @@ def main(argv=None, log=print):
         if not res.get('sweep', {}).get('score', True):
             fail(f"{retabulate}/results.json holds no scores to tabulate")
         res['comparisons'] = comparisons(res)
-        globals()['panels'] = res['sweep'].get('panels', panels)  # the picture the sweep drew, from today's code
+        globals().update({k: copy.deepcopy(v) for k, v in res['sweep'].items()  # its own settings (panels, x):
+                          if k in _config_keys and k != 'retabulate'})   # the picture it drew, by today's code
         draw(res, os.path.join(retabulate, 'sweep.png'))
         return write_results(res, retabulate, log)
     check_config(c)

@@ -74,7 +74,7 @@ def table_rows(md, section):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', CPU_SWEEPS)
-def test_sweep_end_to_end(shared, name):
+def test_sweep_end_to_end(shared, name, monkeypatch):
     config = f'config/sweep_{name}.py'
     results_dir = str(shared['root'] / f'results-{name}')
     extra = ['--temperatures=[0.5, 1.0]'] if name == 'diversity' else []  # two of the grid's temperatures
@@ -151,11 +151,14 @@ def test_sweep_end_to_end(shared, name):
     assert ': training: ' not in log and 'scoring: ' not in log and 'sampling: ' not in log
     assert [r['likelihood'] for r in res2['runs']] == [r['likelihood'] for r in res['runs']]
 
-    # --retabulate makes the tables and the picture again from results.json alone
-    if name == 'families':
+    # --retabulate makes the tables and the picture (the sweep's own panels and x) again from results.json alone
+    if name == 'ctx':
         for f in ('results.md', 'sweep.png'):
             os.remove(os.path.join(results_dir, f))
+        drawn, real_draw = [], sweep.draw
+        monkeypatch.setattr(sweep, 'draw', lambda *a: drawn.append((sweep.panels, sweep.x)) or real_draw(*a))
         sweep.main([f'--retabulate={results_dir}'], log=lambda *a: None)
+        assert drawn == [(['bits_x', 'bits_position', 'bits_tokens', 'gen_ppl_steps'], 'block_size')]
         with open(os.path.join(results_dir, 'results.md')) as f:
             assert f.read() == md
         with open(os.path.join(results_dir, 'sweep.png'), 'rb') as f:
