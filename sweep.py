@@ -983,7 +983,6 @@ def main(argv=None, log=print):
         res['comparisons'] = comparisons(res)
         globals().update({k: copy.deepcopy(v) for k, v in res['sweep'].items()  # its own settings (panels, x):
                           if k in _config_keys and k != 'retabulate'})   # the picture it drew, by today's code
-        draw(res, os.path.join(retabulate, 'sweep.png'))
         return write_results(res, retabulate, log)
     check_config(c)
     check_output_dir(results_dir, 'results.json', ['results.md', 'sweep.png'], 'sweep.py', overwrite,
@@ -1039,11 +1038,12 @@ def main(argv=None, log=print):
                 r.setdefault('likelihood_by_split', {})[split] = other['likelihood'].get(r['name'])
         res['comparisons'] = comparisons(res)  # the record; the tables compute them again (comparisons())
     os.makedirs(results_dir, exist_ok=True)
-    draw(res, os.path.join(results_dir, 'sweep.png'))
     return write_results(res, results_dir, log)
 
 
 def write_results(res, directory, log):
+    """results.json, results.md and sweep.png (the panels of the sweep's settings) into directory."""
+    draw(res, os.path.join(directory, 'sweep.png'))
     write_json(os.path.join(directory, 'results.json'), res)
     md = markdown(res)
     write_atomic(os.path.join(directory, 'results.md'), lambda tmp: open(tmp, 'w').write(md))
